@@ -1,0 +1,413 @@
+//! The command line (DESIGN §8): argument definitions and the commands that talk to a daemon.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, ConfigError, ConfigKind, DaemonConfig, ServerConfig, EXIT_CONFIG};
+use crate::control::{self, ControlClient, ControlRequest, PushRecord, Reply, WatchLine};
+use crate::identity::Identity;
+
+/// Default control socket, as in the shipped daemon config.
+pub const DEFAULT_SOCKET: &str = "/run/handoff/control.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "handoff", version, about = "Pick up on this device what a nearby device is showing")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How a command finds the daemon: its config file (whose `control_socket` is used) or the socket.
+#[derive(Debug, Args, Clone)]
+pub struct DaemonTarget {
+    /// The daemon's config file; its `control_socket` is used.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", env = "HANDOFF_SOCKET", conflicts_with = "config")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct JsonFlag {
+    /// Print JSON Lines: one object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print this machine's identity (creating the key if missing).
+    Id {
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+    /// Run the terminal daemon in the foreground.
+    Daemon {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the content server in the foreground.
+    Server {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// List the peers discovered on the LAN.
+    Peers {
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Set, clear or show what this terminal is showing.
+    Session {
+        #[command(subcommand)]
+        action: SessionAction,
+    },
+    /// Pick up what a peer shows: fetch its interface info, ask its server, print the first push.
+    Pull {
+        /// The peer's ID, a unique ID prefix, or its unique name.
+        peer: String,
+        /// How long to wait for the first push, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Print every push as it arrives, until interrupted.
+    Watch {
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Trust a peer: it may fetch this terminal's interface info.
+    Trust {
+        /// A full ID, or the name or ID prefix of a discovered peer.
+        id: String,
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// Stop trusting a peer.
+    Untrust {
+        id: String,
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// Every push this terminal has received, oldest first.
+    Inbox {
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// The daemon's identity, server link, peers and inbox.
+    Status {
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Check configuration files.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Run a server and two terminals on loopback and show a real handoff.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionAction {
+    /// Set the session: what this terminal shows now.
+    Set {
+        #[arg(long)]
+        uri: String,
+        #[arg(long, default_value = "")]
+        title: String,
+        /// Playback position in seconds.
+        #[arg(long)]
+        position: Option<f64>,
+        /// Extra metadata, KEY=VALUE; may be repeated.
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+        meta: Vec<(String, String)>,
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// Clear the session: this terminal shows nothing.
+    Clear {
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// Show the session.
+    Show {
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate a daemon or server config: exit 0, or 78 naming the offending key.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Which program the file is for; guessed from its keys if not given.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    Daemon,
+    Server,
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// A failed command: the message for stderr and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { code: 1, message: message.into() }
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        Self { code: EXIT_CONFIG, message: e.to_string() }
+    }
+}
+
+impl From<control::ClientError> for CliError {
+    fn from(e: control::ClientError) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+impl DaemonTarget {
+    /// The control socket this command talks to.
+    pub fn socket(&self) -> Result<PathBuf, CliError> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        if let Some(config) = &self.config {
+            return Ok(DaemonConfig::load(config)?.control_socket);
+        }
+        Ok(PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+/// `handoff id`.
+pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
+    let identity = Identity::load_or_create(state_dir).map_err(|e| CliError::new(e.to_string()))?;
+    println!("{}", identity.id());
+    Ok(())
+}
+
+/// `handoff config check`.
+pub fn check_config(path: &Path, kind: Option<KindArg>) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let kind = match kind {
+        Some(KindArg::Daemon) => ConfigKind::Daemon,
+        Some(KindArg::Server) => ConfigKind::Server,
+        None => config::guess_kind(&text),
+    };
+    match kind {
+        ConfigKind::Daemon => {
+            DaemonConfig::from_toml(path, &text)?;
+            println!("{}: ok (daemon config)", path.display());
+        }
+        ConfigKind::Server => {
+            ServerConfig::from_toml(path, &text)?;
+            println!("{}: ok (server config)", path.display());
+        }
+    }
+    Ok(())
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn call(target: &DaemonTarget, request: ControlRequest) -> Result<Reply, CliError> {
+    let timeout = match &request {
+        ControlRequest::Pull { timeout_secs: Some(t), .. } => CALL_TIMEOUT + Duration::from_secs_f64(*t),
+        _ => CALL_TIMEOUT,
+    };
+    let reply = control::call(&target.socket()?, &request, timeout).await?;
+    if !reply.ok {
+        return Err(CliError::new(reply.error.unwrap_or_else(|| "the daemon refused".into())));
+    }
+    Ok(reply)
+}
+
+fn json_line<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
+    let line = serde_json::to_string(value).map_err(|e| CliError::new(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).map_err(|e| CliError::new(e.to_string()))
+}
+
+fn print_push(record: &PushRecord) {
+    let from = record.from.as_deref().map(|f| &f[..f.len().min(10)]).unwrap_or("publisher");
+    let position = record.position.map(|p| format!(" @ {p}s")).unwrap_or_default();
+    println!("{} — {}{}  (from {}, offset {})", record.title, record.uri, position, from, record.offset);
+    let _ = std::io::stdout().flush();
+}
+
+/// Runs a command that talks to the daemon.
+pub async fn run_client(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Peers { target, out } => {
+            let peers = call(&target, ControlRequest::Peers).await?.peers.unwrap_or_default();
+            if out.json {
+                for p in &peers {
+                    json_line(p)?;
+                }
+            } else if peers.is_empty() {
+                println!("no peers found yet");
+            } else {
+                println!("{:<20} {:<12} {:<8} ADDRESSES", "NAME", "ID", "TRUSTED");
+                for p in &peers {
+                    let addrs: Vec<String> = p.addrs.iter().map(|a| format!("{a}:{}", p.port)).collect();
+                    println!(
+                        "{:<20} {:<12} {:<8} {}",
+                        p.name,
+                        &p.id[..10],
+                        if p.trusted { "yes" } else { "no" },
+                        addrs.join(" ")
+                    );
+                }
+            }
+        }
+        Command::Session { action } => match action {
+            SessionAction::Set { uri, title, position, meta, target } => {
+                let meta: BTreeMap<String, String> = meta.into_iter().collect();
+                let reply = call(&target, ControlRequest::SessionSet { uri, title, position, meta }).await?;
+                if reply.server_synced == Some(false) {
+                    eprintln!("note: session set locally; the content server has not confirmed it yet");
+                }
+            }
+            SessionAction::Clear { target } => {
+                call(&target, ControlRequest::SessionClear).await?;
+            }
+            SessionAction::Show { target, out } => {
+                let session = call(&target, ControlRequest::SessionShow).await?.session.flatten();
+                if out.json {
+                    json_line(&session)?;
+                } else {
+                    match session {
+                        Some(s) => {
+                            let position = s.position.map(|p| format!(" @ {p}s")).unwrap_or_default();
+                            println!("{} — {}{}", s.title, s.uri, position);
+                            for (k, v) in &s.meta {
+                                println!("  {k} = {v}");
+                            }
+                        }
+                        None => println!("nothing is being shown"),
+                    }
+                }
+            }
+        },
+        Command::Pull { peer, timeout, target, out } => {
+            if !(timeout.is_finite() && timeout > 0.0) {
+                return Err(CliError { code: 2, message: "--timeout must be a positive number of seconds".into() });
+            }
+            let reply = call(&target, ControlRequest::Pull { peer: peer.clone(), timeout_secs: Some(timeout) }).await?;
+            match reply.push {
+                Some(push) if out.json => json_line(&push)?,
+                Some(push) => print_push(&push),
+                None => {
+                    return Err(CliError::new(format!(
+                        "linked to {peer}, but it is not showing anything now; `handoff watch` prints it when it starts"
+                    )))
+                }
+            }
+        }
+        Command::Watch { target, out } => {
+            let mut client = ControlClient::connect(&target.socket()?).await?;
+            let reply = client.call(&ControlRequest::Watch).await?;
+            if !reply.ok {
+                return Err(CliError::new(reply.error.unwrap_or_default()));
+            }
+            loop {
+                let line: WatchLine = client.read_line().await?;
+                if out.json {
+                    json_line(&line.push)?;
+                } else {
+                    print_push(&line.push);
+                }
+            }
+        }
+        Command::Trust { id, target } => {
+            let changed = call(&target, ControlRequest::Trust { id: id.clone() }).await?.changed;
+            if changed == Some(false) {
+                println!("{id} was already trusted");
+            }
+        }
+        Command::Untrust { id, target } => {
+            let changed = call(&target, ControlRequest::Untrust { id: id.clone() }).await?.changed;
+            if changed == Some(false) {
+                println!("{id} was not trusted");
+            }
+        }
+        Command::Inbox { target, out } => {
+            let items = call(&target, ControlRequest::Inbox).await?.items.unwrap_or_default();
+            if out.json {
+                for item in &items {
+                    json_line(item)?;
+                }
+            } else if items.is_empty() {
+                println!("the inbox is empty");
+            } else {
+                items.iter().for_each(print_push);
+            }
+        }
+        Command::Status { target, out } => {
+            let status = call(&target, ControlRequest::Status).await?.status;
+            let Some(s) = status else { return Err(CliError::new("the daemon sent no status")) };
+            if out.json {
+                json_line(&s)?;
+            } else {
+                println!("id:      {}", s.id);
+                println!("name:    {}", s.name);
+                println!("quic:    {}", s.quic);
+                println!("accept:  {} ({} trusted peers)", s.accept, s.trusted);
+                match &s.server {
+                    Some(server) => println!(
+                        "server:  {} at {} ({})",
+                        &server.id[..10],
+                        server.addrs.join(", "),
+                        if server.connected { "connected" } else { "not connected" }
+                    ),
+                    None => println!("server:  none configured"),
+                }
+                println!("peers:   {}", s.peers);
+                println!("inbox:   {}", s.inbox);
+                match &s.session {
+                    Some(session) => println!("session: {} — {}", session.title, session.uri),
+                    None => println!("session: none"),
+                }
+            }
+        }
+        other => return Err(CliError::new(format!("{other:?} is not a client command"))),
+    }
+    Ok(())
+}

@@ -1,0 +1,479 @@
+//! Configuration (DESIGN §8) in two layers: a serde mirror of the TOML that rejects unknown keys,
+//! and validated structs of real types. Every error names the key it is about; the binary exits
+//! with status 78 (EX_CONFIG) on any of them, so systemd does not restart into the same mistake.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::{ServerId, TerminalId};
+
+/// sysexits' EX_CONFIG.
+pub const EXIT_CONFIG: i32 = 78;
+
+pub const DEFAULT_DAEMON_PORT: u16 = 47600;
+pub const DEFAULT_SERVER_PORT: u16 = 47700;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        // toml's message names the key and shows the offending line; keep it on one line.
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+fn parse_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(key, format!("{text:?} is not an address like 0.0.0.0:47600")))
+}
+
+fn parse_id(key: &'static str, text: &str) -> Result<TerminalId, ConfigError> {
+    text.parse()
+        .map_err(|e| invalid(key, format!("{text:?} is not an id: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemon
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    name: Option<String>,
+    state_dir: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    discovery: RawDiscovery,
+    #[serde(default)]
+    quic: RawQuic,
+    server: Option<RawServerRef>,
+    #[serde(default)]
+    trust: RawTrust,
+    #[serde(default)]
+    hooks: RawHooks,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    #[serde(default)]
+    interfaces: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuic {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerRef {
+    addr: Option<String>,
+    addrs: Option<Vec<String>>,
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    accept: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    lease_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    #[serde(default)]
+    on_push: Vec<String>,
+}
+
+/// Who may fetch this terminal's interface info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptPolicy {
+    /// Only peers on the trust list (the default).
+    Trusted,
+    /// Anyone who completes the handshake (kiosks, demos; must be chosen explicitly).
+    Any,
+}
+
+/// The content server a terminal is attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRef {
+    pub id: ServerId,
+    /// `host:port` of every node; tried in order.
+    pub addrs: Vec<String>,
+}
+
+/// A validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    /// Interface names for mDNS; empty means every multicast interface.
+    pub interfaces: Vec<String>,
+    pub listen: SocketAddr,
+    pub server: Option<ServerRef>,
+    pub accept: AcceptPolicy,
+    pub trusted_peers: Vec<TerminalId>,
+    /// How long a ticket this terminal signs stays valid (the link lease).
+    pub lease: Duration,
+    /// argv run for every push; `{uri}`, `{title}` and `{from}` are substituted.
+    pub on_push: Vec<String>,
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_toml(path, &read(path)?)
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawDaemon = parse(path, text)?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawDaemon) -> Result<Self, ConfigError> {
+        let name = match raw.name {
+            Some(name) => name,
+            None => default_name(),
+        };
+        if name.is_empty() || name.len() > crate::wire::txt::MAX_NAME_LEN {
+            return Err(invalid("name", "must be 1 to 63 bytes"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(invalid("name", "must not hold control characters"));
+        }
+        let listen = match raw.quic.listen {
+            Some(text) => parse_addr("quic.listen", &text)?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_DAEMON_PORT)),
+        };
+        let server = match raw.server {
+            None => None,
+            Some(s) => {
+                let addrs = match (s.addr, s.addrs) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid("server.addrs", "give either `addr` or `addrs`"))
+                    }
+                    (Some(a), None) => vec![a],
+                    (None, Some(list)) if !list.is_empty() => list,
+                    _ => return Err(invalid("server.addr", "missing: the server's host:port")),
+                };
+                for addr in &addrs {
+                    if !addr.contains(':') {
+                        return Err(invalid(
+                            "server.addr",
+                            format!("{addr:?} has no port (host:port)"),
+                        ));
+                    }
+                }
+                let id = s.id.ok_or_else(|| invalid("server.id", "missing"))?;
+                Some(ServerRef {
+                    id: parse_id("server.id", &id)?,
+                    addrs,
+                })
+            }
+        };
+        let accept = match raw.trust.accept.as_deref() {
+            None | Some("trusted") => AcceptPolicy::Trusted,
+            Some("any") => AcceptPolicy::Any,
+            Some(other) => {
+                return Err(invalid(
+                    "trust.accept",
+                    format!("{other:?} is neither \"trusted\" nor \"any\""),
+                ))
+            }
+        };
+        let trusted_peers = raw
+            .trust
+            .peers
+            .iter()
+            .map(|p| parse_id("trust.peers", p))
+            .collect::<Result<_, _>>()?;
+        let lease = Duration::from_secs(raw.trust.lease_secs.unwrap_or(600));
+        if lease < Duration::from_secs(10) || lease > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "trust.lease_secs",
+                "must be between 10 and 86400 seconds",
+            ));
+        }
+        for ifname in &raw.discovery.interfaces {
+            if ifname.is_empty() || ifname.len() > 15 {
+                return Err(invalid(
+                    "discovery.interfaces",
+                    format!("{ifname:?} is not an interface name"),
+                ));
+            }
+        }
+        if raw.hooks.on_push.first().is_some_and(|p| p.is_empty()) {
+            return Err(invalid("hooks.on_push", "the program name is empty"));
+        }
+        Ok(Self {
+            name,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/handoff")),
+            control_socket: raw
+                .control_socket
+                .unwrap_or_else(|| PathBuf::from("/run/handoff/control.sock")),
+            interfaces: raw.discovery.interfaces,
+            listen,
+            server,
+            accept,
+            trusted_peers,
+            lease,
+            on_push: raw.hooks.on_push,
+        })
+    }
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "handoff".to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    quic: RawQuic,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    limits: RawServerLimits,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServerLimits {
+    max_lease_secs: Option<u64>,
+    max_connections: Option<usize>,
+    replay_cache: Option<usize>,
+}
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In memory: lost on restart.
+    Memory,
+}
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub store: StoreKind,
+    pub limits: ServerLimits,
+}
+
+/// Bounds on what terminals can make the server hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Longest link a ticket may ask for.
+    pub max_lease: Duration,
+    /// Terminal connections held at once.
+    pub max_connections: usize,
+    /// Live tickets remembered for replay protection.
+    pub replay_cache: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_lease: Duration::from_secs(3600),
+            max_connections: 20_000,
+            replay_cache: 100_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_toml(path, &read(path)?)
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawServer = parse(path, text)?;
+        let listen = match raw.quic.listen {
+            Some(text) => parse_addr("quic.listen", &text)?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVER_PORT)),
+        };
+        let store = match raw.store.kind.as_deref() {
+            None | Some("memory") => StoreKind::Memory,
+            Some(kind @ ("embedded" | "redis")) => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("{kind:?} is not available in this version; use \"memory\""),
+                ))
+            }
+            Some(other) => return Err(invalid("store.kind", format!("{other:?} is unknown"))),
+        };
+        if raw.store.url.is_some() {
+            return Err(invalid("store.url", "only used with kind = \"redis\""));
+        }
+        let defaults = ServerLimits::default();
+        let limits = ServerLimits {
+            max_lease: raw
+                .limits
+                .max_lease_secs
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.max_lease),
+            max_connections: raw
+                .limits
+                .max_connections
+                .unwrap_or(defaults.max_connections),
+            replay_cache: raw.limits.replay_cache.unwrap_or(defaults.replay_cache),
+        };
+        if limits.max_lease < Duration::from_secs(10) {
+            return Err(invalid("limits.max_lease_secs", "must be at least 10"));
+        }
+        if limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if limits.replay_cache == 0 {
+            return Err(invalid("limits.replay_cache", "must be at least 1"));
+        }
+        Ok(Self {
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/handoff-server")),
+            listen,
+            store,
+            limits,
+        })
+    }
+}
+
+/// Which program a config file is for, judged by its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    Daemon,
+    Server,
+}
+
+/// Guesses whether `text` configures a daemon or a server: server-only tables decide.
+pub fn guess_kind(text: &str) -> ConfigKind {
+    match text.parse::<toml::Table>() {
+        Ok(table) if ["store", "limits"].iter().any(|k| table.contains_key(*k)) => {
+            ConfigKind::Server
+        }
+        _ => ConfigKind::Daemon,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon(text: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::from_toml(Path::new("test.toml"), text)
+    }
+
+    fn server(text: &str) -> Result<ServerConfig, ConfigError> {
+        ServerConfig::from_toml(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn shipped_examples_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let d = DaemonConfig::load(&root.join("daemon.toml")).unwrap();
+        assert_eq!(d.accept, AcceptPolicy::Trusted);
+        assert!(d.server.is_some());
+        let s = ServerConfig::load(&root.join("server.toml")).unwrap();
+        assert_eq!(s.listen.port(), DEFAULT_SERVER_PORT);
+        let text = std::fs::read_to_string(root.join("server.toml")).unwrap();
+        assert_eq!(guess_kind(&text), ConfigKind::Server);
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let d = daemon("").unwrap();
+        assert_eq!(d.listen.port(), DEFAULT_DAEMON_PORT);
+        assert_eq!(d.accept, AcceptPolicy::Trusted);
+        assert!(d.server.is_none());
+        assert_eq!(d.lease, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = daemon("nmae = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("nmae"), "{err}");
+        let err = daemon("[quic]\nlisten = \"0.0.0.0:1\"\nport = 3").unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+        let err = server("[store]\nknd = \"memory\"").unwrap_err();
+        assert!(err.to_string().contains("knd"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("[quic]\nlisten = \"nope\"", "quic.listen"),
+            ("[trust]\naccept = \"everyone\"", "trust.accept"),
+            ("[trust]\npeers = [\"abc\"]", "trust.peers"),
+            ("[server]\naddr = \"127.0.0.1:1\"", "server.id"),
+            ("[server]\nid = \"x\"", "server.addr"),
+            ("name = \"\"", "name"),
+        ];
+        for (text, key) in cases {
+            match daemon(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
+        }
+        match server("[store]\nkind = \"floppy\"") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "store.kind"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_rejected_naming_the_key() {
+        let err = daemon("[trust]\npeers = \"notalist\"").unwrap_err().to_string();
+        assert!(err.contains("peers"), "{err}");
+    }
+}

@@ -1,0 +1,284 @@
+//! The control socket: a Unix stream socket (mode 0600) speaking JSON Lines, through which the CLI
+//! and local programs drive the daemon.
+//!
+//! Each request is one JSON object on one line with a `cmd` field; the daemon answers with one
+//! line `{"ok":true,...}` or `{"ok":false,"error":"..."}`. `watch` answers `{"ok":true}` and then
+//! one `{"push":{...}}` line per push until the client disconnects. The README documents every
+//! command.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::wire::{PushItem, Session};
+
+/// Longest request line the daemon reads.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    Status,
+    Peers,
+    SessionSet {
+        uri: String,
+        #[serde(default)]
+        title: String,
+        #[serde(default)]
+        position: Option<f64>,
+        #[serde(default)]
+        meta: BTreeMap<String, String>,
+    },
+    SessionClear,
+    SessionShow,
+    Pull {
+        peer: String,
+        #[serde(default)]
+        timeout_secs: Option<f64>,
+    },
+    Watch,
+    Trust {
+        id: String,
+    },
+    Untrust {
+        id: String,
+    },
+    Inbox,
+}
+
+/// A peer as printed by `handoff peers --json` (DESIGN §8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub id: String,
+    pub name: String,
+    pub addrs: Vec<String>,
+    pub port: u16,
+    pub trusted: bool,
+}
+
+/// A pushed item as printed by `--json` (DESIGN §8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushRecord {
+    pub from: Option<String>,
+    pub uri: String,
+    pub title: String,
+    pub body: Option<String>,
+    pub position: Option<f64>,
+    pub meta: BTreeMap<String, String>,
+    pub offset: u64,
+}
+
+impl From<PushItem> for PushRecord {
+    fn from(item: PushItem) -> Self {
+        Self {
+            from: item.from.map(|id| id.to_string()),
+            uri: item.uri,
+            title: item.title,
+            body: item.body,
+            position: item.position,
+            meta: item.meta,
+            offset: item.offset,
+        }
+    }
+}
+
+/// Where a pull spent its time, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullTiming {
+    /// Until the peer's interface info (with its ticket) arrived.
+    pub interface_info_ms: f64,
+    /// Until the server confirmed the link.
+    pub linked_ms: f64,
+    /// Until the first push arrived (absent when the peer shows nothing).
+    pub pushed_ms: Option<f64>,
+}
+
+/// The daemon's state as `handoff status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub id: String,
+    pub name: String,
+    pub quic: String,
+    pub accept: String,
+    pub server: Option<ServerStatus>,
+    pub peers: usize,
+    pub trusted: usize,
+    pub inbox: usize,
+    pub session: Option<Session>,
+    pub uptime_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub id: String,
+    pub addrs: Vec<String>,
+    pub connected: bool,
+}
+
+/// One reply line. Fields not set for a command are omitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// With a refusal by a peer or server: the reason, e.g. "not trusted".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<PeerRecord>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Option<Session>>,
+    /// After `session_set`/`session_clear`: whether the content server has stored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_synced: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linked_until: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<PullTiming>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<PushRecord>>,
+    /// After `trust`/`untrust`: whether the trust list changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+}
+
+impl Reply {
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(message.into()),
+            ..Self::default()
+        }
+    }
+}
+
+/// One line of a `watch` stream after the first reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchLine {
+    pub push: PushRecord,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the daemon's control socket {path}: {source} (is `handoff daemon` running?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon closed the control connection")]
+    Closed,
+    #[error("the daemon sent an unreadable line: {0}")]
+    BadLine(String),
+}
+
+/// A connection to a daemon's control socket.
+pub struct ControlClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    pub async fn connect(path: &Path) -> Result<Self, ClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (read, writer) = stream.into_split();
+        Ok(Self {
+            reader: BufReader::new(read),
+            writer,
+        })
+    }
+
+    /// Sends one request and reads its reply.
+    pub async fn call(&mut self, request: &ControlRequest) -> Result<Reply, ClientError> {
+        let mut line = serde_json::to_vec(request).map_err(|e| ClientError::BadLine(e.to_string()))?;
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        self.read_line().await
+    }
+
+    /// Reads the next line of a reply stream (`watch`).
+    pub async fn read_line<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, ClientError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Err(ClientError::Closed);
+        }
+        serde_json::from_str(&line).map_err(|e| ClientError::BadLine(format!("{e}: {line}")))
+    }
+}
+
+/// Calls one request on the socket at `path`, with a deadline.
+pub async fn call(path: &Path, request: &ControlRequest, timeout: Duration) -> Result<Reply, ClientError> {
+    tokio::time::timeout(timeout, async {
+        let mut client = ControlClient::connect(path).await?;
+        client.call(request).await
+    })
+    .await
+    .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the daemon did not answer")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_documented_json() {
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"session_set","uri":"u","title":"t","meta":{"k":"v"}}"#).unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::SessionSet {
+                uri: "u".into(),
+                title: "t".into(),
+                position: None,
+                meta: BTreeMap::from([("k".into(), "v".into())])
+            }
+        );
+        let r: ControlRequest = serde_json::from_str(r#"{"cmd":"pull","peer":"tv"}"#).unwrap();
+        assert_eq!(r, ControlRequest::Pull { peer: "tv".into(), timeout_secs: None });
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"peers","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn push_record_has_the_contract_fields() {
+        let record = PushRecord {
+            from: None,
+            uri: "u".into(),
+            title: "t".into(),
+            body: None,
+            position: Some(1.5),
+            meta: BTreeMap::new(),
+            offset: 3,
+        };
+        let v: serde_json::Value = serde_json::to_value(&record).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut expected = vec!["body", "from", "meta", "offset", "position", "title", "uri"];
+        expected.sort();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, expected);
+        assert!(v["from"].is_null());
+    }
+}

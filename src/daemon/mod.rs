@@ -1,0 +1,482 @@
+//! The terminal daemon (DESIGN §1, §5): discovery, the peer-facing QUIC service, links to content
+//! servers, pulls, and delivery of pushes.
+//!
+//! One QUIC endpoint serves both roles: it accepts peers asking for interface info
+//! ([`peer_service`]) and dials peers and servers ([`pull`], [`server_link`]).
+//!
+//! Shutdown order ([`Daemon::shutdown`]): cancel the root token (control socket and peer accept
+//! loops stop, link supervisors end), send the mDNS goodbye, close every QUIC connection with
+//! [`ErrorCode::Shutdown`], remove the control socket, then wait for the tasks to drain.
+
+mod control_server;
+mod peer_service;
+mod pull;
+mod server_link;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+pub use pull::{PullError, PullOutcome};
+
+use crate::config::{AcceptPolicy, DaemonConfig};
+use crate::control::{PeerRecord, PushRecord, ServerStatus, StatusRecord};
+use crate::discovery::{Discovery, DiscoveryEvent};
+use crate::identity::{Identity, IdentityError, ServerId, TerminalId};
+use crate::inbox::{Inbox, InboxError};
+use crate::net::varint;
+use crate::peer::{Change, Peer, PeerTable};
+use crate::tls::{self, TransportLimits};
+use crate::trust::{TrustError, TrustStore};
+use crate::wire::{self, ErrorCode, PushItem, ServerInfo, Session};
+use server_link::ServerLink;
+
+/// Pushes buffered for slow `watch` subscribers before they are told they lagged.
+const PUSH_BUFFER: usize = 256;
+/// Hook processes running at once; further pushes wait for a slot.
+const HOOK_SLOTS: usize = 8;
+
+/// What peers may make the daemon's endpoint hold.
+pub(crate) const PEER_LIMITS: TransportLimits = TransportLimits {
+    max_bidi_streams: 8,
+    max_uni_streams: 0,
+    idle_timeout: Duration::from_secs(15),
+    keep_alive: None,
+};
+
+/// Connections the daemon opens (to peers and servers): servers may open push streams.
+pub(crate) const DIAL_LIMITS: TransportLimits = TransportLimits {
+    max_bidi_streams: 0,
+    max_uni_streams: 4,
+    idle_timeout: Duration::from_secs(30),
+    keep_alive: Some(Duration::from_secs(5)),
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error(transparent)]
+    Inbox(#[from] InboxError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot bind the QUIC endpoint on {addr} ([quic] listen): {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start mDNS discovery: {0}")]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    #[error("control socket {path}: {reason}")]
+    Control {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// How the daemon is started; the binary uses the defaults.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Run mDNS discovery (tests on the host's loopback turn it off and add peers by hand).
+    pub discovery: bool,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self { discovery: true }
+    }
+}
+
+/// What the terminal shows, versioned so the server link knows what it has synced.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SessionState {
+    pub version: u64,
+    pub session: Option<Session>,
+}
+
+pub(crate) struct Shared {
+    pub identity: Identity,
+    pub config: DaemonConfig,
+    pub endpoint: quinn::Endpoint,
+    pub dial_config: Mutex<HashMap<TerminalId, quinn::ClientConfig>>,
+    pub peers: Mutex<PeerTable>,
+    pub trust: TrustStore,
+    pub session: watch::Sender<SessionState>,
+    pub home: Option<Arc<ServerLink>>,
+    pub links: Mutex<HashMap<ServerId, Arc<ServerLink>>>,
+    pub pushes: broadcast::Sender<PushRecord>,
+    pub peer_changes: watch::Sender<u64>,
+    pub inbox: Inbox,
+    pub hooks: Arc<Semaphore>,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+    pub discovery: tokio::sync::Mutex<Option<Arc<Discovery>>>,
+    pub started: Instant,
+}
+
+/// A handle to a running daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct Daemon {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Sections under these locks never leave the data half-updated, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// Starts every part of the daemon: identity, QUIC endpoint, server link, discovery and the
+    /// control socket. Returns once all are bound and registered.
+    pub async fn start(config: DaemonConfig, options: DaemonOptions) -> Result<Self, DaemonError> {
+        let identity = Identity::load_or_create(&config.state_dir)?;
+        let trust = TrustStore::open(&config.state_dir, config.accept, &config.trusted_peers)?;
+        let inbox = Inbox::open(&config.state_dir)?;
+        let server_config = tls::server_config(&identity, PEER_LIMITS)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            DaemonError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let home = config.server.as_ref().map(|s| {
+            Arc::new(ServerLink::new(
+                ServerInfo {
+                    id: s.id,
+                    addrs: s.addrs.clone(),
+                },
+                true,
+            ))
+        });
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            endpoint,
+            dial_config: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerTable::default()),
+            trust,
+            session: watch::Sender::new(SessionState::default()),
+            home,
+            links: Mutex::new(HashMap::new()),
+            pushes: broadcast::Sender::new(PUSH_BUFFER),
+            peer_changes: watch::Sender::new(0),
+            inbox,
+            hooks: Arc::new(Semaphore::new(HOOK_SLOTS)),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            discovery: tokio::sync::Mutex::new(None),
+            started: Instant::now(),
+            identity,
+        });
+        let daemon = Daemon { shared };
+        let me = daemon.id();
+        info!(id = %me, name = %config.name, quic = %daemon.quic_addr(), "daemon starting");
+
+        let listener = control_server::bind(&config.control_socket)?;
+        daemon.spawn(
+            control_server::serve(daemon.clone(), listener),
+            tracing::info_span!("control"),
+        );
+        daemon.spawn(
+            peer_service::serve(daemon.clone()),
+            tracing::info_span!("peers"),
+        );
+        if let Some(home) = daemon.shared.home.clone() {
+            let span = tracing::info_span!("server", id = %home.server.id.short());
+            daemon.spawn(server_link::supervise_home(daemon.clone(), home), span);
+        }
+        if options.discovery {
+            let advert = wire::txt::Advert {
+                version: wire::PROTOCOL_MAJOR,
+                id: me,
+                name: config.name.clone(),
+            };
+            let discovery = Arc::new(Discovery::start(
+                &config.interfaces,
+                &advert,
+                daemon.quic_addr(),
+            )?);
+            *daemon.shared.discovery.lock().await = Some(discovery.clone());
+            daemon.spawn(
+                browse(daemon.clone(), discovery),
+                tracing::info_span!("discovery"),
+            );
+            info!(interfaces = ?config.interfaces, "advertising on mDNS");
+        }
+        Ok(daemon)
+    }
+
+    pub(crate) fn spawn<F>(&self, future: F, span: tracing::Span)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.shared.tasks.spawn(future.instrument(span));
+    }
+
+    pub fn id(&self) -> TerminalId {
+        self.shared.identity.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    /// The bound UDP address of the QUIC endpoint.
+    pub fn quic_addr(&self) -> std::net::SocketAddr {
+        self.shared
+            .endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// Records a peer as discovery would; used by discovery and by tests that run without mDNS.
+    pub fn learn_peer(&self, peer: Peer) {
+        let (id, name) = (peer.id, peer.name.clone());
+        let change = lock(&self.shared.peers).upsert(peer);
+        if change == Change::Added {
+            info!(peer = %id.short(), %name, "peer discovered");
+        }
+        self.shared.peer_changes.send_modify(|n| *n += 1);
+    }
+
+    fn forget_instance(&self, instance: &str) {
+        if let Some(peer) = lock(&self.shared.peers).remove_instance(instance) {
+            info!(peer = %peer.id.short(), name = %peer.name, "peer left");
+            self.shared.peer_changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Peers as `handoff peers` lists them.
+    pub fn peers(&self) -> Vec<PeerRecord> {
+        let peers = lock(&self.shared.peers).list();
+        peers
+            .into_iter()
+            .map(|p| PeerRecord {
+                id: p.id.to_string(),
+                name: p.name,
+                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                port: p.port,
+                trusted: self.shared.trust.is_trusted(&p.id),
+            })
+            .collect()
+    }
+
+    /// Waits until the peer table changes. Cancel-safe.
+    pub async fn peers_changed(&self) {
+        let mut rx = self.shared.peer_changes.subscribe();
+        let _ = rx.changed().await;
+    }
+
+    /// Sets what this terminal shows and waits (up to `wait`) until its server stored it.
+    /// Returns whether the server has it; without a server, `false`.
+    pub async fn set_session(&self, session: Option<Session>, wait: Duration) -> bool {
+        let mut version = 0;
+        self.shared.session.send_modify(|s| {
+            s.version += 1;
+            s.session = session;
+            version = s.version;
+        });
+        info!(version, "session changed");
+        let Some(home) = &self.shared.home else {
+            return false;
+        };
+        let mut synced = home.synced.subscribe();
+        tokio::time::timeout(wait, synced.wait_for(|v| *v >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn session(&self) -> Option<Session> {
+        self.shared.session.borrow().session.clone()
+    }
+
+    /// Receives every push delivered from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<PushRecord> {
+        self.shared.pushes.subscribe()
+    }
+
+    pub fn trust(&self, id: TerminalId) -> Result<bool, TrustError> {
+        let changed = self.shared.trust.trust(id)?;
+        if changed {
+            info!(peer = %id, "peer trusted");
+        }
+        Ok(changed)
+    }
+
+    pub fn untrust(&self, id: TerminalId) -> Result<bool, TrustError> {
+        let changed = self.shared.trust.untrust(id)?;
+        if changed {
+            info!(peer = %id, "peer no longer trusted");
+        }
+        Ok(changed)
+    }
+
+    /// Resolves a CLI argument naming a peer: a known peer's name or ID prefix, or a full ID.
+    pub fn resolve_id(&self, query: &str) -> Result<TerminalId, crate::peer::FindError> {
+        if let Ok(id) = query.trim().parse() {
+            return Ok(id);
+        }
+        lock(&self.shared.peers).find(query).map(|p| p.id)
+    }
+
+    pub async fn inbox(&self) -> Result<Vec<PushRecord>, InboxError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.inbox.list())
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    pub async fn status(&self) -> StatusRecord {
+        let inbox = self.inbox().await.map(|l| l.len()).unwrap_or(0);
+        let sh = &self.shared;
+        StatusRecord {
+            id: self.id().to_string(),
+            name: sh.config.name.clone(),
+            quic: self.quic_addr().to_string(),
+            accept: match sh.trust.policy() {
+                AcceptPolicy::Trusted => "trusted".into(),
+                AcceptPolicy::Any => "any".into(),
+            },
+            server: sh.home.as_ref().map(|h| ServerStatus {
+                id: h.server.id.to_string(),
+                addrs: h.server.addrs.clone(),
+                connected: h.is_connected(),
+            }),
+            peers: lock(&sh.peers).len(),
+            trusted: sh.trust.list().len(),
+            inbox,
+            session: self.session(),
+            uptime_secs: sh.started.elapsed().as_secs(),
+        }
+    }
+
+    /// Hands a push to the user: inbox first (durably), then watchers, then the hook.
+    pub(crate) async fn deliver(&self, item: PushItem) {
+        let record = PushRecord::from(item);
+        info!(from = ?record.from, title = %record.title, offset = record.offset, "push received");
+        let shared = self.shared.clone();
+        let stored = record.clone();
+        match tokio::task::spawn_blocking(move || shared.inbox.append(&stored)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("push not kept in the inbox: {e}"),
+            Err(e) => warn!("inbox task failed: {e}"),
+        }
+        let _ = self.shared.pushes.send(record.clone());
+        if !self.shared.config.on_push.is_empty() {
+            self.run_hook(record);
+        }
+    }
+
+    fn run_hook(&self, record: PushRecord) {
+        let argv: Vec<String> = self
+            .shared
+            .config
+            .on_push
+            .iter()
+            .map(|arg| {
+                arg.replace("{uri}", &record.uri)
+                    .replace("{title}", &record.title)
+                    .replace("{from}", record.from.as_deref().unwrap_or(""))
+            })
+            .collect();
+        let slots = self.shared.hooks.clone();
+        self.spawn(
+            async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                let mut command = tokio::process::Command::new(&argv[0]);
+                command
+                    .args(&argv[1..])
+                    .stdin(std::process::Stdio::null())
+                    .kill_on_drop(false);
+                match command.status().await {
+                    Ok(status) if status.success() => debug!("on_push hook ran"),
+                    Ok(status) => warn!(program = %argv[0], %status, "on_push hook failed"),
+                    Err(e) => warn!(program = %argv[0], "cannot run on_push hook: {e}"),
+                }
+            },
+            tracing::info_span!("hook"),
+        );
+    }
+
+    /// The server link for `server`: the home link if it is our own server, else a link kept
+    /// while follows on it live.
+    pub(crate) fn link_for(&self, server: &ServerInfo) -> Arc<ServerLink> {
+        if let Some(home) = &self.shared.home {
+            if home.server.id == server.id {
+                return home.clone();
+            }
+        }
+        lock(&self.shared.links)
+            .entry(server.id)
+            .or_insert_with(|| Arc::new(ServerLink::new(server.clone(), false)))
+            .clone()
+    }
+
+    /// A client configuration pinning `expected`; built once per key.
+    pub(crate) fn dial_config(&self, expected: TerminalId) -> Result<quinn::ClientConfig, tls::TlsError> {
+        let mut cache = lock(&self.shared.dial_config);
+        if let Some(config) = cache.get(&expected) {
+            return Ok(config.clone());
+        }
+        let config = tls::client_config(&self.shared.identity, expected, DIAL_LIMITS)?;
+        // Bounded: peers come and go, but the cache is cheap to rebuild.
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+        cache.insert(expected, config.clone());
+        Ok(config)
+    }
+
+    /// A token cancelled when the daemon shuts down.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.shared.cancel.cancelled()
+    }
+
+    /// Stops the daemon in the documented order and waits for its tasks.
+    pub async fn shutdown(&self) {
+        info!("daemon shutting down");
+        self.shared.cancel.cancel();
+        if let Some(discovery) = self.shared.discovery.lock().await.take() {
+            discovery.shutdown().await;
+        }
+        self.shared
+            .endpoint
+            .close(varint(ErrorCode::Shutdown), b"shutting down");
+        let _ = std::fs::remove_file(&self.shared.config.control_socket);
+        self.shared.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(3), self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("some tasks did not finish within 3 s");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        info!("daemon stopped");
+    }
+}
+
+/// Feeds mDNS events into the peer table until shutdown.
+async fn browse(daemon: Daemon, discovery: Arc<Discovery>) {
+    loop {
+        let event = tokio::select! {
+            _ = daemon.cancelled() => break,
+            event = discovery.next() => event,
+        };
+        match event {
+            None => break,
+            Some(DiscoveryEvent::Resolved(peer)) => daemon.learn_peer(peer),
+            Some(DiscoveryEvent::Removed { instance }) => daemon.forget_instance(&instance),
+            Some(DiscoveryEvent::Ignored { instance, reason }) => {
+                debug!(%instance, %reason, "ignoring mDNS advert")
+            }
+        }
+    }
+}

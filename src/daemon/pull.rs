@@ -1,0 +1,176 @@
+//! `handoff pull`: steps 2–5 of the flow (DESIGN §5) from the second terminal's side.
+//!
+//! Dial the peer pinning the ID it advertised, fetch its interface info, check that the info and
+//! ticket are about the peer and us, send the information request to the server the info names
+//! (pinning that server's ID), and wait for the first push of the peer's session.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast::error::RecvError;
+use tracing::info;
+
+use super::server_link::{explain_connect_error, LinkError};
+use super::Daemon;
+use crate::control::{PullTiming, PushRecord};
+use crate::net::{self, varint, RequestError};
+use crate::peer::{FindError, Peer};
+use crate::tls::SERVER_NAME;
+use crate::wire::{ErrorCode, InfoRequest, Refusal, RequestBody, ResponseBody};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Find(#[from] FindError),
+    #[error("cannot reach {name}: {reason}")]
+    Unreachable { name: String, reason: String },
+    #[error("refused by {by}: {refusal}")]
+    Refused { by: String, refusal: Refusal },
+    #[error("{name} sent unusable interface info: {reason}")]
+    BadInfo { name: String, reason: String },
+    #[error("asking {name}: {source}")]
+    Request { name: String, source: RequestError },
+    #[error(transparent)]
+    Server(#[from] LinkError),
+    #[error("linked to {name}, but no push arrived within {timeout:?}")]
+    NoPush { name: String, timeout: Duration },
+    #[error("unexpected answer from {name}: {answer}")]
+    Protocol { name: String, answer: String },
+}
+
+impl PullError {
+    /// The refusal reason, when the pull was refused.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            PullError::Refused { refusal, .. } => Some(refusal),
+            _ => None,
+        }
+    }
+}
+
+/// What a pull achieved.
+#[derive(Debug, Clone)]
+pub struct PullOutcome {
+    /// The first push of the peer's session; `None` if the peer shows nothing now.
+    pub push: Option<PushRecord>,
+    /// Unix seconds until which this terminal follows the peer.
+    pub linked_until: u64,
+    pub timing: PullTiming,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Daemon {
+    /// Pulls what `query` (a peer's ID, unique ID prefix or unique name) is showing.
+    pub async fn pull(&self, query: &str, timeout: Duration) -> Result<PullOutcome, PullError> {
+        let started = Instant::now();
+        let peer = self.shared.peers.lock().unwrap_or_else(|e| e.into_inner()).find(query)?;
+        let name = peer.name.clone();
+        // Subscribe before linking: the server may push before its answer arrives.
+        let mut pushes = self.subscribe();
+
+        let conn = self.dial_peer(&peer).await?;
+        let answer = net::request(&conn, RequestBody::InterfaceInfo).await;
+        conn.close(varint(ErrorCode::Closed), b"done");
+        let info = match answer {
+            Ok(ResponseBody::InterfaceInfo(info)) => info,
+            Ok(ResponseBody::Refused(refusal)) => {
+                return Err(PullError::Refused { by: name, refusal });
+            }
+            Ok(other) => {
+                return Err(PullError::Protocol { name, answer: format!("{other:?}") });
+            }
+            Err(source) => return Err(PullError::Request { name, source }),
+        };
+        let ticket = &info.ticket.ticket;
+        let me = self.id();
+        let problem = if info.first != peer.id || ticket.first != peer.id {
+            Some("it names another terminal as first")
+        } else if ticket.second != me {
+            Some("its ticket was made for another terminal")
+        } else if ticket.server != info.server.id {
+            Some("its ticket is for another server than the one it names")
+        } else if info.server.addrs.is_empty() {
+            Some("it names no server address")
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            return Err(PullError::BadInfo { name, reason: reason.into() });
+        }
+        let interface_info_ms = ms(started.elapsed());
+        info!(peer = %peer.id.short(), server = %info.server.id.short(), "got interface info");
+
+        let link = self.link_for(&info.server);
+        let request = RequestBody::Follow(InfoRequest {
+            first: peer.id,
+            second: me,
+            ticket: info.ticket.clone(),
+        });
+        let (linked_until, has_session) = match link.request(self, request).await? {
+            ResponseBody::Linked { until, has_session } => (until, has_session),
+            ResponseBody::Refused(refusal) => {
+                return Err(PullError::Refused { by: format!("server {}", info.server.id.short()), refusal });
+            }
+            other => {
+                return Err(PullError::Protocol { name: "server".into(), answer: format!("{other:?}") });
+            }
+        };
+        link.keep_until(self, linked_until);
+        let linked_ms = ms(started.elapsed());
+        info!(peer = %peer.id.short(), until = linked_until, "following");
+        if !has_session {
+            return Ok(PullOutcome {
+                push: None,
+                linked_until,
+                timing: PullTiming { interface_info_ms, linked_ms, pushed_ms: None },
+            });
+        }
+        let from = peer.id.to_string();
+        let wait = async {
+            loop {
+                match pushes.recv().await {
+                    Ok(record) if record.from.as_deref() == Some(from.as_str()) => return Some(record),
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(record)) => Ok(PullOutcome {
+                push: Some(record),
+                linked_until,
+                timing: PullTiming { interface_info_ms, linked_ms, pushed_ms: Some(ms(started.elapsed())) },
+            }),
+            _ => Err(PullError::NoPush { name, timeout }),
+        }
+    }
+
+    /// Dials a peer at each advertised address in turn, pinning its advertised ID.
+    async fn dial_peer(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
+        let unreachable = |reason: String| PullError::Unreachable { name: peer.name.clone(), reason };
+        let config = self.dial_config(peer.id).map_err(|e| unreachable(e.to_string()))?;
+        let mut errors = Vec::new();
+        for addr in peer.dial_addrs() {
+            let connecting = match self.shared.endpoint.connect_with(config.clone(), addr, SERVER_NAME) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => errors.push(format!("{addr}: {}", explain_connect_error(&e))),
+                Err(_) => errors.push(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}")),
+            }
+        }
+        if errors.is_empty() {
+            errors.push("it advertised no address".into());
+        }
+        Err(unreachable(errors.join("; ")))
+    }
+}

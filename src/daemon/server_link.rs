@@ -1,0 +1,283 @@
+//! A terminal's connection to one content server.
+//!
+//! The home link (the `[server]` of the config) is kept up for the daemon's whole life and syncs
+//! the session on every change. A link to another server, learned from a peer's interface info,
+//! is kept while a follow on it lives. Pushes arrive on streams the server opens on the link's
+//! connection; each stream is read in order and every item is delivered before the next is read.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::Daemon;
+use crate::net::{self, unix_now, varint, FrameError, RequestError};
+use crate::tls::SERVER_NAME;
+use crate::wire::{ErrorCode, RequestBody, ResponseBody, ServerInfo, ServerPush};
+
+/// How long one connection attempt to one address may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach server {server}: {reason}")]
+    Unreachable { server: String, reason: String },
+    #[error(transparent)]
+    Request(#[from] RequestError),
+}
+
+pub(crate) struct ServerLink {
+    pub server: ServerInfo,
+    home: bool,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    connected: AtomicBool,
+    /// Unix seconds until which a non-home link is wanted (the latest follow's lease).
+    wanted_until: AtomicU64,
+    keeper_running: AtomicBool,
+    /// The highest session version the server confirmed (home link only).
+    pub synced: watch::Sender<u64>,
+}
+
+impl ServerLink {
+    pub fn new(server: ServerInfo, home: bool) -> Self {
+        Self {
+            server,
+            home,
+            conn: tokio::sync::Mutex::new(None),
+            connected: AtomicBool::new(false),
+            wanted_until: AtomicU64::new(0),
+            keeper_running: AtomicBool::new(false),
+            synced: watch::Sender::new(0),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The live connection, dialing the server if there is none. Cancel-safe.
+    pub async fn connection(&self, daemon: &Daemon) -> Result<quinn::Connection, LinkError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = self.dial(daemon).await?;
+        info!(server = %self.server.id.short(), remote = %conn.remote_address(), "connected to server");
+        self.connected.store(true, Ordering::Relaxed);
+        *slot = Some(conn.clone());
+        daemon.spawn(
+            read_pushes(daemon.clone(), conn.clone()),
+            tracing::info_span!("pushes", server = %self.server.id.short()),
+        );
+        Ok(conn)
+    }
+
+    async fn dial(&self, daemon: &Daemon) -> Result<quinn::Connection, LinkError> {
+        let unreachable = |reason: String| LinkError::Unreachable {
+            server: self.server.id.short(),
+            reason,
+        };
+        let config = daemon
+            .dial_config(self.server.id)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut errors = Vec::new();
+        for addr in &self.server.addrs {
+            let resolved = match tokio::net::lookup_host(addr.as_str()).await {
+                Ok(list) => list.collect::<Vec<_>>(),
+                Err(e) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+            };
+            for sockaddr in resolved {
+                let connecting = match daemon.shared.endpoint.connect_with(config.clone(), sockaddr, SERVER_NAME) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.push(format!("{sockaddr}: {e}"));
+                        continue;
+                    }
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Err(e)) => errors.push(format!("{sockaddr}: {}", explain_connect_error(&e))),
+                    Err(_) => errors.push(format!("{sockaddr}: no answer within {CONNECT_TIMEOUT:?}")),
+                }
+            }
+        }
+        Err(unreachable(errors.join("; ")))
+    }
+
+    /// Sends one request on the link's connection.
+    pub async fn request(&self, daemon: &Daemon, body: RequestBody) -> Result<ResponseBody, LinkError> {
+        let conn = self.connection(daemon).await?;
+        Ok(net::request(&conn, body).await?)
+    }
+
+    /// Keeps a non-home link up until `until` (Unix seconds), reconnecting if it drops.
+    pub fn keep_until(self: &Arc<Self>, daemon: &Daemon, until: u64) {
+        self.wanted_until.fetch_max(until, Ordering::Relaxed);
+        if self.home || self.keeper_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let link = self.clone();
+        daemon.spawn(
+            keep(daemon.clone(), link),
+            tracing::info_span!("follow-link", server = %self.server.id.short()),
+        );
+    }
+}
+
+/// Explains a failed handshake in words a user can act on.
+pub(crate) fn explain_connect_error(e: &quinn::ConnectionError) -> String {
+    let text = e.to_string();
+    if text.contains("ApplicationVerificationFailure") {
+        "the endpoint does not hold the expected key (wrong id, or an impersonator)".into()
+    } else {
+        text
+    }
+}
+
+/// The home link: connect, sync the session now and on every change, reconnect on loss.
+pub(crate) async fn supervise_home(daemon: Daemon, link: Arc<ServerLink>) {
+    let mut sessions = daemon.shared.session.subscribe();
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error = String::new();
+    loop {
+        let conn = tokio::select! {
+            _ = daemon.cancelled() => return,
+            conn = link.connection(&daemon) => conn,
+        };
+        let conn = match conn {
+            Ok(conn) => {
+                backoff = BACKOFF_MIN;
+                last_error.clear();
+                conn
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    warn!("{text}; retrying");
+                    last_error = text;
+                }
+                link.connected.store(false, Ordering::Relaxed);
+                tokio::select! {
+                    _ = daemon.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        // Sync until the connection fails; then reconnect and sync again.
+        loop {
+            let state = sessions.borrow_and_update().clone();
+            match net::request(&conn, RequestBody::SetSession(state.session)).await {
+                Ok(ResponseBody::SessionStored) => {
+                    debug!(version = state.version, "server stored the session");
+                    link.synced.send_replace(state.version);
+                }
+                Ok(other) => warn!("server answered SetSession with {other:?}"),
+                Err(e) => {
+                    warn!("session sync failed: {e}");
+                    conn.close(varint(ErrorCode::Closed), b"sync failed");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = daemon.cancelled() => return,
+                changed = sessions.changed() => if changed.is_err() { return },
+                _ = conn.closed() => {
+                    warn!("lost the server connection; reconnecting");
+                    break;
+                }
+            }
+        }
+        link.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A follow link: reconnect while wanted, drop the connection when the lease ends.
+async fn keep(daemon: Daemon, link: Arc<ServerLink>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let until = link.wanted_until.load(Ordering::Relaxed);
+        let now = unix_now();
+        if now >= until {
+            break;
+        }
+        let conn = match link.connection(&daemon).await {
+            Ok(conn) => {
+                backoff = BACKOFF_MIN;
+                conn
+            }
+            Err(e) => {
+                warn!("{e}; retrying");
+                tokio::select! {
+                    _ = daemon.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        tokio::select! {
+            _ = daemon.cancelled() => break,
+            _ = conn.closed() => link.connected.store(false, Ordering::Relaxed),
+            _ = tokio::time::sleep(Duration::from_secs(until.saturating_sub(now))) => {}
+        }
+    }
+    if let Some(conn) = link.conn.lock().await.take() {
+        conn.close(varint(ErrorCode::Closed), b"lease ended");
+    }
+    link.connected.store(false, Ordering::Relaxed);
+    link.keeper_running.store(false, Ordering::Release);
+    // A follow that renewed the lease while this keeper was ending needs a keeper again.
+    if link.wanted_until.load(Ordering::Relaxed) > unix_now() && !daemon.shared.cancel.is_cancelled() {
+        link.keep_until(&daemon, 0);
+    }
+}
+
+/// Reads every push stream the server opens on `conn`, delivering items in order.
+async fn read_pushes(daemon: Daemon, conn: quinn::Connection) {
+    loop {
+        let mut recv = tokio::select! {
+            _ = daemon.cancelled() => return,
+            stream = conn.accept_uni() => match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!("push streams ended: {e}");
+                    return;
+                }
+            },
+        };
+        let daemon = daemon.clone();
+        daemon.clone().spawn(
+            async move {
+                loop {
+                    // A push stream is long-lived: idle time between items is not a timeout, so the
+                    // per-frame timeout is long; connection keep-alive detects a dead server.
+                    match net::read_frame::<ServerPush>(&mut recv, Duration::from_secs(24 * 3600)).await {
+                        Ok(Some(ServerPush::Item(item))) => daemon.deliver(item).await,
+                        Ok(None) => return,
+                        Err(FrameError::Stream(e)) => {
+                            debug!("push stream closed: {e}");
+                            return;
+                        }
+                        Err(e) => {
+                            warn!("bad push frame from server: {e}");
+                            let _ = recv.stop(varint(e.code()));
+                            return;
+                        }
+                    }
+                }
+            },
+            tracing::info_span!("push-stream"),
+        );
+    }
+}

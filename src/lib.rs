@@ -1,0 +1,38 @@
+//! handoff: pick up on one device what another nearby device is showing.
+//!
+//! Module map:
+//! - [`identity`] — Ed25519 key pairs and the base32 IDs they define.
+//! - [`config`] — the daemon's and server's TOML, validated (errors name the key).
+//! - [`wire`] — pure protocol: messages, frames, the bincode config, TXT records, tickets, error codes.
+//! - [`tls`] — mutual TLS 1.3 that pins peer keys; a connection's peer ID.
+//! - [`net`] — frames on QUIC streams, with timeouts and the size cap; one-shot requests.
+//! - [`discovery`] — mDNS advertise and browse (mdns-sd).
+//! - [`peer`] — the peer table fed by discovery.
+//! - [`trust`] — the trust list; [`inbox`] — received pushes, kept on disk.
+//! - [`daemon`] — the terminal daemon: peer service, server links, pulls, delivery.
+//! - [`server`] — the content server: registry, links, ticket checks, pushes.
+//! - [`control`] — the daemon's local control socket protocol (JSON Lines) and its client.
+//! - [`cli`] — the command line; [`demo`] — the loopback demonstration; [`isolate`] — private
+//!   network namespaces for the demo.
+//!
+//! The path of one handoff: terminal B's `pull` ([`daemon::Daemon::pull`]) dials A over QUIC, A's
+//! peer service answers with interface info and a ticket it signs for B; B sends `Follow` to the
+//! server named there; the server ([`server`]) checks the ticket, links B to A and pushes A's
+//! session on a stream it opens on B's connection; B's server link delivers it to the inbox,
+//! watchers and the `on_push` hook.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
+pub mod discovery;
+pub mod identity;
+pub mod inbox;
+pub mod isolate;
+pub mod net;
+pub mod peer;
+pub mod server;
+pub mod tls;
+pub mod trust;
+pub mod wire;

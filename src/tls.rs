@@ -1,0 +1,265 @@
+//! Mutual TLS 1.3 with pinned Ed25519 keys (DESIGN §2, §4).
+//!
+//! Certificates are self-signed carriers of a key; no CA is involved. A client pins exactly the
+//! key it expects and fails the handshake for any other. A server requires a client certificate,
+//! checks that the client proves possession of its key (the TLS 1.3 CertificateVerify signature)
+//! and records the key as the peer's ID ([`peer_id`]); whether that ID may do anything is the
+//! application's decision, so it can answer with a clear refusal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::{Identity, TerminalId};
+use crate::wire::ALPN;
+
+/// The server name used in every handshake; verification ignores it (keys are pinned instead).
+pub const SERVER_NAME: &str = "handoff";
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE, AlgorithmIdentifier
+/// {1.3.101.112}, BIT STRING of 33 bytes with no unused bits. The 32 key bytes follow.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("quic crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// Limits applied to QUIC connections.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportLimits {
+    /// Concurrent bidirectional streams a peer may open towards us.
+    pub max_bidi_streams: u32,
+    /// Concurrent unidirectional streams a peer may open towards us.
+    pub max_uni_streams: u32,
+    pub idle_timeout: Duration,
+    pub keep_alive: Option<Duration>,
+}
+
+impl TransportLimits {
+    fn transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(self.max_bidi_streams.into());
+        t.max_concurrent_uni_streams(self.max_uni_streams.into());
+        // Idle timeouts fit in a VarInt for any sane value; fall back to quinn's default if not.
+        t.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
+        t.keep_alive_interval(self.keep_alive);
+        Arc::new(t)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Extracts the Ed25519 key of a certificate, which is the holder's ID.
+pub fn id_from_certificate(cert: &CertificateDer<'_>) -> Option<TerminalId> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let spki = ee.subject_public_key_info();
+    let spki = spki.as_ref();
+    let key = spki.strip_prefix(&ED25519_SPKI_PREFIX)?;
+    let key: [u8; 32] = key.try_into().ok()?;
+    Some(TerminalId::from_bytes(key))
+}
+
+/// The verified ID of the peer on a connection.
+pub fn peer_id(conn: &quinn::Connection) -> Option<TerminalId> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    id_from_certificate(certs.first()?)
+}
+
+/// A server endpoint configuration: our certificate, client certificates required.
+pub fn server_config(
+    identity: &Identity,
+    limits: TransportLimits,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(AnyKeyClientVerifier {
+            provider: provider(),
+        }))
+        .with_single_cert(vec![identity.certificate()], identity.private_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(limits.transport());
+    Ok(config)
+}
+
+/// A client configuration that accepts only a server holding `expected`'s key.
+pub fn client_config(
+    identity: &Identity,
+    expected: TerminalId,
+    limits: TransportLimits,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
+            expected,
+            provider: provider(),
+        }))
+        .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(limits.transport());
+    Ok(config)
+}
+
+fn tls13_signature(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if dss.scheme != SignatureScheme::ED25519 {
+        return Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+        ));
+    }
+    verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider.signature_verification_algorithms,
+    )
+}
+
+/// Client side: the server must hold exactly the pinned key.
+#[derive(Debug)]
+struct PinnedServerVerifier {
+    expected: TerminalId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match id_from_certificate(end_entity) {
+            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(_) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            None => Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls13_signature(&self.provider, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Server side: any client holding an Ed25519 key may finish the handshake; the key is its ID.
+#[derive(Debug)]
+struct AnyKeyClientVerifier {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyKeyClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match id_from_certificate(end_entity) {
+            Some(_) => Ok(ClientCertVerified::assertion()),
+            None => Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls13_signature(&self.provider, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_carries_the_id() {
+        let identity = Identity::generate().unwrap();
+        assert_eq!(
+            id_from_certificate(&identity.certificate()),
+            Some(identity.id())
+        );
+    }
+
+    #[test]
+    fn garbage_certificate_has_no_id() {
+        assert_eq!(
+            id_from_certificate(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])),
+            None
+        );
+    }
+}

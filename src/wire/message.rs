@@ -1,0 +1,208 @@
+//! Message types. Every enum here is append-only (bincode encodes variants by position).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{ServerId, TerminalId};
+
+/// What a terminal is showing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub uri: String,
+    pub title: String,
+    /// Playback position in seconds, where it applies.
+    pub position: Option<f64>,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// A request; the response echoes `id`. One request per bidirectional stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Terminal → terminal: "give me your interface info" (patent S110).
+    InterfaceInfo,
+    /// Terminal → its server: what this terminal shows now (`None`: nothing).
+    SetSession(Option<Session>),
+    /// Terminal → server: "push me what `first` shows" (patent S120).
+    Follow(InfoRequest),
+}
+
+/// The information request of patent S120: both identifiers and the ticket `first` signed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InfoRequest {
+    pub first: TerminalId,
+    pub second: TerminalId,
+    pub ticket: SignedTicket,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub body: ResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    InterfaceInfo(InterfaceInfo),
+    Refused(Refusal),
+    /// The server stored the session sent with `SetSession`.
+    SessionStored,
+    /// The server linked the requester to `first` until `until` (Unix seconds).
+    Linked { until: u64, has_session: bool },
+}
+
+/// A refusal the requester can show its user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub message: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The peer's trust policy does not accept the requester.
+    NotTrusted,
+    /// The peer is not attached to a content server, so there is nothing to hand off.
+    NoServer,
+    /// The ticket failed a check.
+    BadTicket,
+    /// This endpoint does not serve that request.
+    WrongEndpoint,
+    /// Over a limit; try later.
+    Busy,
+}
+
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotTrusted => "not trusted",
+            Self::NoServer => "no content server",
+            Self::BadTicket => "bad ticket",
+            Self::WrongEndpoint => "wrong endpoint",
+            Self::Busy => "busy",
+        })
+    }
+}
+
+/// Interface info of patent S110: where the first terminal's server is, who it is, and a ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    pub server: ServerInfo,
+    pub first: TerminalId,
+    /// What the first terminal shows now, as a preview; the server's push is authoritative.
+    pub session: Option<Session>,
+    pub ticket: SignedTicket,
+}
+
+/// A content server: its identity (pinned by whoever connects) and addresses (`host:port`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub id: ServerId,
+    pub addrs: Vec<String>,
+}
+
+/// A ticket: `first` lets `second` follow it on `server` until `not_after`, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub first: TerminalId,
+    pub second: TerminalId,
+    pub server: ServerId,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub nonce: [u8; 16],
+}
+
+/// A ticket with `first`'s signature over [`Ticket::signing_bytes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTicket {
+    pub ticket: Ticket,
+    pub signature: Signature,
+}
+
+/// An Ed25519 signature (serde has no derive for 64-byte arrays, so bytes by hand).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Signature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 signature bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Signature, E> {
+                let bytes: [u8; 64] = v
+                    .try_into()
+                    .map_err(|_| E::invalid_length(v.len(), &self))?;
+                Ok(Signature(bytes))
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Signature, E> {
+                self.visit_bytes(v)
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Signature, E> {
+                self.visit_bytes(&v)
+            }
+        }
+        d.deserialize_bytes(Visitor)
+    }
+}
+
+/// Server → terminal, on the push stream the server opens on the terminal's connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerPush {
+    Item(PushItem),
+}
+
+/// One pushed item. `from` is the terminal whose session it is (`None` for a publisher's own push).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushItem {
+    /// Position in the recipient's push log.
+    pub offset: u64,
+    pub from: Option<TerminalId>,
+    pub uri: String,
+    pub title: String,
+    pub body: Option<String>,
+    pub position: Option<f64>,
+    pub meta: BTreeMap<String, String>,
+}
+
+impl PushItem {
+    /// The push that carries `from`'s session.
+    pub fn from_session(offset: u64, from: TerminalId, session: &Session) -> Self {
+        Self {
+            offset,
+            from: Some(from),
+            uri: session.uri.clone(),
+            title: session.title.clone(),
+            body: None,
+            position: session.position,
+            meta: session.meta.clone(),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Tickets (DESIGN §5, §7): made and signed by the first terminal, checked by the server.
+//!
+//! A ticket is bound to one second terminal, one server, a short lifetime and a single-use nonce.
+//! The signature covers a domain-separated encoding, so it cannot be confused with any other
+//! signature the same key makes.
+
+use std::collections::HashMap;
+
+use super::{Signature, SignedTicket, Ticket};
+use crate::identity::{Identity, ServerId, TerminalId};
+
+/// Prefix of the signed bytes: protocol, purpose, separator.
+const DOMAIN: &[u8] = b"handoff/1 ticket\0";
+
+impl Ticket {
+    /// The exact bytes the first terminal signs: the domain, then the fields in order.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(DOMAIN.len() + 32 * 3 + 8 + 16);
+        out.extend_from_slice(DOMAIN);
+        out.extend_from_slice(self.first.as_bytes());
+        out.extend_from_slice(self.second.as_bytes());
+        out.extend_from_slice(self.server.as_bytes());
+        out.extend_from_slice(&self.not_after.to_be_bytes());
+        out.extend_from_slice(&self.nonce);
+        out
+    }
+
+    /// Signs the ticket with `signer`, which must be the ticket's `first`.
+    pub fn sign(self, signer: &Identity) -> SignedTicket {
+        let signature = Signature(signer.sign(&self.signing_bytes()));
+        SignedTicket {
+            ticket: self,
+            signature,
+        }
+    }
+}
+
+/// Why a ticket is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    #[error("the ticket is not signed by the first terminal")]
+    BadSignature,
+    #[error("the request's first terminal is not the ticket's")]
+    WrongFirst,
+    #[error("the ticket was made for another second terminal")]
+    WrongSecond,
+    #[error("the ticket was made for another server")]
+    WrongServer,
+    #[error("the ticket has expired")]
+    Expired,
+    #[error("the ticket's lifetime exceeds the server's maximum lease")]
+    LeaseTooLong,
+    #[error("the ticket was already used")]
+    Replayed,
+    #[error("too many live tickets; try again later")]
+    ReplayCacheFull,
+}
+
+/// What the server expects of a ticket presented on one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Expectation {
+    /// The first terminal named in the request.
+    pub first: TerminalId,
+    /// The TLS identity of the connection the request came on.
+    pub second: TerminalId,
+    /// The server's own ID.
+    pub server: ServerId,
+    /// Now, in Unix seconds.
+    pub now: u64,
+    /// The longest lease the server grants, in seconds.
+    pub max_lease: u64,
+}
+
+impl SignedTicket {
+    /// Checks everything about a ticket except replay (see [`ReplayCache`]).
+    pub fn check(&self, expect: &Expectation) -> Result<(), TicketError> {
+        let t = &self.ticket;
+        if t.first != expect.first {
+            return Err(TicketError::WrongFirst);
+        }
+        if !t.first.verify(&t.signing_bytes(), &self.signature.0) {
+            return Err(TicketError::BadSignature);
+        }
+        if t.second != expect.second {
+            return Err(TicketError::WrongSecond);
+        }
+        if t.server != expect.server {
+            return Err(TicketError::WrongServer);
+        }
+        if t.not_after <= expect.now {
+            return Err(TicketError::Expired);
+        }
+        if t.not_after - expect.now > expect.max_lease {
+            return Err(TicketError::LeaseTooLong);
+        }
+        Ok(())
+    }
+}
+
+/// Remembers used nonces until their tickets expire; bounded in size.
+#[derive(Debug)]
+pub struct ReplayCache {
+    used: HashMap<(TerminalId, [u8; 16]), u64>,
+    capacity: usize,
+}
+
+impl ReplayCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            used: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Records the ticket's nonce, or refuses it if it was seen before.
+    ///
+    /// Expired entries are dropped when the cache is full; a ticket can never be replayed after
+    /// its entry is dropped, because by then it has expired too.
+    pub fn check_and_insert(&mut self, ticket: &Ticket, now: u64) -> Result<(), TicketError> {
+        let key = (ticket.first, ticket.nonce);
+        if self.used.contains_key(&key) {
+            return Err(TicketError::Replayed);
+        }
+        if self.used.len() >= self.capacity {
+            self.used.retain(|_, not_after| *not_after > now);
+            if self.used.len() >= self.capacity {
+                return Err(TicketError::ReplayCacheFull);
+            }
+        }
+        self.used.insert(key, ticket.not_after);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        a: Identity,
+        b: Identity,
+        server: Identity,
+    }
+
+    fn fixture() -> Fixture {
+        Fixture {
+            a: Identity::generate().unwrap(),
+            b: Identity::generate().unwrap(),
+            server: Identity::generate().unwrap(),
+        }
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn ticket(f: &Fixture) -> Ticket {
+        Ticket {
+            first: f.a.id(),
+            second: f.b.id(),
+            server: f.server.id(),
+            not_after: NOW + 600,
+            nonce: [7; 16],
+        }
+    }
+
+    fn expect(f: &Fixture) -> Expectation {
+        Expectation {
+            first: f.a.id(),
+            second: f.b.id(),
+            server: f.server.id(),
+            now: NOW,
+            max_lease: 3600,
+        }
+    }
+
+    #[test]
+    fn good_ticket_passes() {
+        let f = fixture();
+        assert_eq!(ticket(&f).sign(&f.a).check(&expect(&f)), Ok(()));
+    }
+
+    #[test]
+    fn wrong_signer_is_refused() {
+        let f = fixture();
+        // B signs a ticket that claims to come from A.
+        let forged = ticket(&f).sign(&f.b);
+        assert_eq!(forged.check(&expect(&f)), Err(TicketError::BadSignature));
+    }
+
+    #[test]
+    fn tampered_ticket_is_refused() {
+        let f = fixture();
+        let mut signed = ticket(&f).sign(&f.a);
+        signed.ticket.not_after += 1;
+        assert_eq!(signed.check(&expect(&f)), Err(TicketError::BadSignature));
+    }
+
+    #[test]
+    fn wrong_second_terminal_is_refused() {
+        let f = fixture();
+        let c = Identity::generate().unwrap();
+        let signed = ticket(&f).sign(&f.a);
+        let e = Expectation {
+            second: c.id(),
+            ..expect(&f)
+        };
+        assert_eq!(signed.check(&e), Err(TicketError::WrongSecond));
+    }
+
+    #[test]
+    fn wrong_first_terminal_is_refused() {
+        let f = fixture();
+        let signed = ticket(&f).sign(&f.a);
+        let e = Expectation {
+            first: f.b.id(),
+            ..expect(&f)
+        };
+        assert_eq!(signed.check(&e), Err(TicketError::WrongFirst));
+    }
+
+    #[test]
+    fn wrong_server_is_refused() {
+        let f = fixture();
+        let other = Identity::generate().unwrap();
+        let signed = ticket(&f).sign(&f.a);
+        let e = Expectation {
+            server: other.id(),
+            ..expect(&f)
+        };
+        assert_eq!(signed.check(&e), Err(TicketError::WrongServer));
+    }
+
+    #[test]
+    fn expired_ticket_is_refused() {
+        let f = fixture();
+        let signed = ticket(&f).sign(&f.a);
+        let e = Expectation {
+            now: NOW + 600,
+            ..expect(&f)
+        };
+        assert_eq!(signed.check(&e), Err(TicketError::Expired));
+    }
+
+    #[test]
+    fn overlong_lease_is_refused() {
+        let f = fixture();
+        let signed = ticket(&f).sign(&f.a);
+        let e = Expectation {
+            max_lease: 599,
+            ..expect(&f)
+        };
+        assert_eq!(signed.check(&e), Err(TicketError::LeaseTooLong));
+    }
+
+    #[test]
+    fn replayed_nonce_is_refused() {
+        let f = fixture();
+        let t = ticket(&f);
+        let mut cache = ReplayCache::new(16);
+        assert_eq!(cache.check_and_insert(&t, NOW), Ok(()));
+        assert_eq!(cache.check_and_insert(&t, NOW), Err(TicketError::Replayed));
+        let fresh = Ticket {
+            nonce: [8; 16],
+            ..t.clone()
+        };
+        assert_eq!(cache.check_and_insert(&fresh, NOW), Ok(()));
+    }
+
+    #[test]
+    fn replay_cache_is_bounded_and_forgets_only_expired_tickets() {
+        let f = fixture();
+        let mut cache = ReplayCache::new(2);
+        let mk = |n: u8, not_after: u64| Ticket {
+            nonce: [n; 16],
+            not_after,
+            ..ticket(&f)
+        };
+        cache.check_and_insert(&mk(1, NOW + 10), NOW).unwrap();
+        cache.check_and_insert(&mk(2, NOW + 1000), NOW).unwrap();
+        assert_eq!(
+            cache.check_and_insert(&mk(3, NOW + 1000), NOW),
+            Err(TicketError::ReplayCacheFull)
+        );
+        // Once ticket 1 has expired its slot is reused; ticket 2 is still remembered.
+        cache.check_and_insert(&mk(3, NOW + 1000), NOW + 20).unwrap();
+        assert_eq!(
+            cache.check_and_insert(&mk(2, NOW + 1000), NOW + 20),
+            Err(TicketError::Replayed)
+        );
+        assert_eq!(cache.len(), 2);
+    }
+}
