@@ -15,7 +15,11 @@ use crate::identity::Identity;
 pub const DEFAULT_SOCKET: &str = "/run/handoff/control.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "handoff", version, about = "Pick up on this device what a nearby device is showing")]
+#[command(
+    name = "handoff",
+    version,
+    about = "Pick up on this device what a nearby device is showing"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,7 +32,12 @@ pub struct DaemonTarget {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", env = "HANDOFF_SOCKET", conflicts_with = "config")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "HANDOFF_SOCKET",
+        conflicts_with = "config"
+    )]
     pub socket: Option<PathBuf>,
 }
 
@@ -188,13 +197,19 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(message: impl Into<String>) -> Self {
-        Self { code: 1, message: message.into() }
+        Self {
+            code: 1,
+            message: message.into(),
+        }
     }
 }
 
 impl From<ConfigError> for CliError {
     fn from(e: ConfigError) -> Self {
-        Self { code: EXIT_CONFIG, message: e.to_string() }
+        Self {
+            code: EXIT_CONFIG,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -226,7 +241,10 @@ pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
 
 /// `handoff config check`.
 pub fn check_config(path: &Path, kind: Option<KindArg>) -> Result<(), CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     let kind = match kind {
         Some(KindArg::Daemon) => ConfigKind::Daemon,
         Some(KindArg::Server) => ConfigKind::Server,
@@ -249,12 +267,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 async fn call(target: &DaemonTarget, request: ControlRequest) -> Result<Reply, CliError> {
     let timeout = match &request {
-        ControlRequest::Pull { timeout_secs: Some(t), .. } => CALL_TIMEOUT + Duration::from_secs_f64(*t),
+        ControlRequest::Pull {
+            timeout_secs: Some(t),
+            ..
+        } => CALL_TIMEOUT + Duration::from_secs_f64(*t),
         _ => CALL_TIMEOUT,
     };
     let reply = control::call(&target.socket()?, &request, timeout).await?;
     if !reply.ok {
-        return Err(CliError::new(reply.error.unwrap_or_else(|| "the daemon refused".into())));
+        return Err(CliError::new(
+            reply.error.unwrap_or_else(|| "the daemon refused".into()),
+        ));
     }
     Ok(reply)
 }
@@ -262,13 +285,25 @@ async fn call(target: &DaemonTarget, request: ControlRequest) -> Result<Reply, C
 fn json_line<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     let line = serde_json::to_string(value).map_err(|e| CliError::new(e.to_string()))?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}").and_then(|()| out.flush()).map_err(|e| CliError::new(e.to_string()))
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::new(e.to_string()))
 }
 
 fn print_push(record: &PushRecord) {
-    let from = record.from.as_deref().map(|f| &f[..f.len().min(10)]).unwrap_or("publisher");
-    let position = record.position.map(|p| format!(" @ {p}s")).unwrap_or_default();
-    println!("{} — {}{}  (from {}, offset {})", record.title, record.uri, position, from, record.offset);
+    let from = record
+        .from
+        .as_deref()
+        .map(|f| &f[..f.len().min(10)])
+        .unwrap_or("publisher");
+    let position = record
+        .position
+        .map(|p| format!(" @ {p}s"))
+        .unwrap_or_default();
+    println!(
+        "{} — {}{}  (from {}, offset {})",
+        record.title, record.uri, position, from, record.offset
+    );
     let _ = std::io::stdout().flush();
 }
 
@@ -276,7 +311,10 @@ fn print_push(record: &PushRecord) {
 pub async fn run_client(command: Command) -> Result<(), CliError> {
     match command {
         Command::Peers { target, out } => {
-            let peers = call(&target, ControlRequest::Peers).await?.peers.unwrap_or_default();
+            let peers = call(&target, ControlRequest::Peers)
+                .await?
+                .peers
+                .unwrap_or_default();
             if out.json {
                 for p in &peers {
                     json_line(p)?;
@@ -286,7 +324,8 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             } else {
                 println!("{:<20} {:<12} {:<8} ADDRESSES", "NAME", "ID", "TRUSTED");
                 for p in &peers {
-                    let addrs: Vec<String> = p.addrs.iter().map(|a| format!("{a}:{}", p.port)).collect();
+                    let addrs: Vec<String> =
+                        p.addrs.iter().map(|a| format!("{a}:{}", p.port)).collect();
                     println!(
                         "{:<20} {:<12} {:<8} {}",
                         p.name,
@@ -297,40 +336,76 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Session { action } => match action {
-            SessionAction::Set { uri, title, position, meta, target } => {
-                let meta: BTreeMap<String, String> = meta.into_iter().collect();
-                let reply = call(&target, ControlRequest::SessionSet { uri, title, position, meta }).await?;
-                if reply.server_synced == Some(false) {
-                    eprintln!("note: session set locally; the content server has not confirmed it yet");
+        Command::Session { action } => {
+            match action {
+                SessionAction::Set {
+                    uri,
+                    title,
+                    position,
+                    meta,
+                    target,
+                } => {
+                    let meta: BTreeMap<String, String> = meta.into_iter().collect();
+                    let reply = call(
+                        &target,
+                        ControlRequest::SessionSet {
+                            uri,
+                            title,
+                            position,
+                            meta,
+                        },
+                    )
+                    .await?;
+                    if reply.server_synced == Some(false) {
+                        eprintln!("note: session set locally; the content server has not confirmed it yet");
+                    }
                 }
-            }
-            SessionAction::Clear { target } => {
-                call(&target, ControlRequest::SessionClear).await?;
-            }
-            SessionAction::Show { target, out } => {
-                let session = call(&target, ControlRequest::SessionShow).await?.session.flatten();
-                if out.json {
-                    json_line(&session)?;
-                } else {
-                    match session {
-                        Some(s) => {
-                            let position = s.position.map(|p| format!(" @ {p}s")).unwrap_or_default();
-                            println!("{} — {}{}", s.title, s.uri, position);
-                            for (k, v) in &s.meta {
-                                println!("  {k} = {v}");
+                SessionAction::Clear { target } => {
+                    call(&target, ControlRequest::SessionClear).await?;
+                }
+                SessionAction::Show { target, out } => {
+                    let session = call(&target, ControlRequest::SessionShow)
+                        .await?
+                        .session
+                        .flatten();
+                    if out.json {
+                        json_line(&session)?;
+                    } else {
+                        match session {
+                            Some(s) => {
+                                let position =
+                                    s.position.map(|p| format!(" @ {p}s")).unwrap_or_default();
+                                println!("{} — {}{}", s.title, s.uri, position);
+                                for (k, v) in &s.meta {
+                                    println!("  {k} = {v}");
+                                }
                             }
+                            None => println!("nothing is being shown"),
                         }
-                        None => println!("nothing is being shown"),
                     }
                 }
             }
-        },
-        Command::Pull { peer, timeout, target, out } => {
+        }
+        Command::Pull {
+            peer,
+            timeout,
+            target,
+            out,
+        } => {
             if !(timeout.is_finite() && timeout > 0.0) {
-                return Err(CliError { code: 2, message: "--timeout must be a positive number of seconds".into() });
+                return Err(CliError {
+                    code: 2,
+                    message: "--timeout must be a positive number of seconds".into(),
+                });
             }
-            let reply = call(&target, ControlRequest::Pull { peer: peer.clone(), timeout_secs: Some(timeout) }).await?;
+            let reply = call(
+                &target,
+                ControlRequest::Pull {
+                    peer: peer.clone(),
+                    timeout_secs: Some(timeout),
+                },
+            )
+            .await?;
             match reply.push {
                 Some(push) if out.json => json_line(&push)?,
                 Some(push) => print_push(&push),
@@ -357,19 +432,26 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             }
         }
         Command::Trust { id, target } => {
-            let changed = call(&target, ControlRequest::Trust { id: id.clone() }).await?.changed;
+            let changed = call(&target, ControlRequest::Trust { id: id.clone() })
+                .await?
+                .changed;
             if changed == Some(false) {
                 println!("{id} was already trusted");
             }
         }
         Command::Untrust { id, target } => {
-            let changed = call(&target, ControlRequest::Untrust { id: id.clone() }).await?.changed;
+            let changed = call(&target, ControlRequest::Untrust { id: id.clone() })
+                .await?
+                .changed;
             if changed == Some(false) {
                 println!("{id} was not trusted");
             }
         }
         Command::Inbox { target, out } => {
-            let items = call(&target, ControlRequest::Inbox).await?.items.unwrap_or_default();
+            let items = call(&target, ControlRequest::Inbox)
+                .await?
+                .items
+                .unwrap_or_default();
             if out.json {
                 for item in &items {
                     json_line(item)?;
@@ -382,7 +464,9 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
         }
         Command::Status { target, out } => {
             let status = call(&target, ControlRequest::Status).await?.status;
-            let Some(s) = status else { return Err(CliError::new("the daemon sent no status")) };
+            let Some(s) = status else {
+                return Err(CliError::new("the daemon sent no status"));
+            };
             if out.json {
                 json_line(&s)?;
             } else {
@@ -395,7 +479,11 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                         "server:  {} at {} ({})",
                         &server.id[..10],
                         server.addrs.join(", "),
-                        if server.connected { "connected" } else { "not connected" }
+                        if server.connected {
+                            "connected"
+                        } else {
+                            "not connected"
+                        }
                     ),
                     None => println!("server:  none configured"),
                 }

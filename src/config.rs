@@ -52,8 +52,12 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, C
 }
 
 fn parse_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse()
-        .map_err(|_| invalid(key, format!("{text:?} is not an address like 0.0.0.0:47600")))
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an address like 0.0.0.0:47600"),
+        )
+    })
 }
 
 fn parse_id(key: &'static str, text: &str) -> Result<TerminalId, ConfigError> {
@@ -473,7 +477,9 @@ mod tests {
 
     #[test]
     fn wrong_types_are_rejected_naming_the_key() {
-        let err = daemon("[trust]\npeers = \"notalist\"").unwrap_err().to_string();
+        let err = daemon("[trust]\npeers = \"notalist\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("peers"), "{err}");
     }
 }

@@ -212,7 +212,8 @@ impl ControlClient {
 
     /// Sends one request and reads its reply.
     pub async fn call(&mut self, request: &ControlRequest) -> Result<Reply, ClientError> {
-        let mut line = serde_json::to_vec(request).map_err(|e| ClientError::BadLine(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(request).map_err(|e| ClientError::BadLine(e.to_string()))?;
         line.push(b'\n');
         self.writer.write_all(&line).await?;
         self.read_line().await
@@ -229,13 +230,22 @@ impl ControlClient {
 }
 
 /// Calls one request on the socket at `path`, with a deadline.
-pub async fn call(path: &Path, request: &ControlRequest, timeout: Duration) -> Result<Reply, ClientError> {
+pub async fn call(
+    path: &Path,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<Reply, ClientError> {
     tokio::time::timeout(timeout, async {
         let mut client = ControlClient::connect(path).await?;
         client.call(request).await
     })
     .await
-    .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the daemon did not answer")))?
+    .map_err(|_| {
+        ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the daemon did not answer",
+        ))
+    })?
 }
 
 #[cfg(test)]
@@ -245,7 +255,8 @@ mod tests {
     #[test]
     fn requests_parse_from_documented_json() {
         let r: ControlRequest =
-            serde_json::from_str(r#"{"cmd":"session_set","uri":"u","title":"t","meta":{"k":"v"}}"#).unwrap();
+            serde_json::from_str(r#"{"cmd":"session_set","uri":"u","title":"t","meta":{"k":"v"}}"#)
+                .unwrap();
         assert_eq!(
             r,
             ControlRequest::SessionSet {
@@ -256,9 +267,19 @@ mod tests {
             }
         );
         let r: ControlRequest = serde_json::from_str(r#"{"cmd":"pull","peer":"tv"}"#).unwrap();
-        assert_eq!(r, ControlRequest::Pull { peer: "tv".into(), timeout_secs: None });
+        assert_eq!(
+            r,
+            ControlRequest::Pull {
+                peer: "tv".into(),
+                timeout_secs: None
+            }
+        );
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"peers","x":1}"#).is_err());
+        // A misspelt field is an error, not silently dropped.
+        assert!(serde_json::from_str::<ControlRequest>(
+            r#"{"cmd":"session_set","uri":"u","titel":"x"}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -28,7 +28,12 @@ impl Timeline {
     }
 }
 
-fn terminal_config(dir: &Path, name: &str, server: Option<ServerRef>, trusted: Vec<crate::identity::TerminalId>) -> DaemonConfig {
+fn terminal_config(
+    dir: &Path,
+    name: &str,
+    server: Option<ServerRef>,
+    trusted: Vec<crate::identity::TerminalId>,
+) -> DaemonConfig {
     DaemonConfig {
         name: name.to_string(),
         state_dir: dir.join(name),
@@ -45,7 +50,9 @@ fn terminal_config(dir: &Path, name: &str, server: Option<ServerRef>, trusted: V
 
 /// Runs the demo in `dir` (which it may fill), printing the timeline to stdout.
 pub async fn run(dir: &Path) -> anyhow::Result<()> {
-    let t = Timeline { start: Instant::now() };
+    let t = Timeline {
+        start: Instant::now(),
+    };
     println!("handoff demo: a content server and two terminals on loopback (mDNS on lo only)\n");
 
     let server_config = ServerConfig {
@@ -56,20 +63,42 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     };
     let server_identity = Identity::load_or_create(&server_config.state_dir)?;
     let server = Server::start(server_identity, &server_config)?;
-    t.say(format!("server S {} listening on {}", server.id().short(), server.local_addr()));
+    t.say(format!(
+        "server S {} listening on {}",
+        server.id().short(),
+        server.local_addr()
+    ));
 
     // B's identity exists first so that A's config can trust it, as a paired pair would.
     let b_id = Identity::load_or_create(&dir.join("phone"))?.id();
-    let home = ServerRef { id: server.id(), addrs: vec![server.local_addr().to_string()] };
+    let home = ServerRef {
+        id: server.id(),
+        addrs: vec![server.local_addr().to_string()],
+    };
     let a_config = terminal_config(dir, "living-room-pc", Some(home), vec![b_id]);
     let b_config = terminal_config(dir, "phone", None, Vec::new());
-    let (a_socket, b_socket) = (a_config.control_socket.clone(), b_config.control_socket.clone());
+    let (a_socket, b_socket) = (
+        a_config.control_socket.clone(),
+        b_config.control_socket.clone(),
+    );
 
-    let a = Daemon::start(a_config, DaemonOptions::default()).await.context("starting terminal A")?;
-    t.say(format!("terminal A \"living-room-pc\" {} advertised on mDNS, QUIC on {}", a.id().short(), a.quic_addr()));
-    let b = Daemon::start(b_config, DaemonOptions::default()).await.context("starting terminal B")?;
+    let a = Daemon::start(a_config, DaemonOptions::default())
+        .await
+        .context("starting terminal A")?;
+    t.say(format!(
+        "terminal A \"living-room-pc\" {} advertised on mDNS, QUIC on {}",
+        a.id().short(),
+        a.quic_addr()
+    ));
+    let b = Daemon::start(b_config, DaemonOptions::default())
+        .await
+        .context("starting terminal B")?;
     let b_started = Instant::now();
-    t.say(format!("terminal B \"phone\" {} browsing, QUIC on {}", b.id().short(), b.quic_addr()));
+    t.say(format!(
+        "terminal B \"phone\" {} browsing, QUIC on {}",
+        b.id().short(),
+        b.quic_addr()
+    ));
 
     let title = "Big Buck Bunny";
     let set = ControlRequest::SessionSet {
@@ -80,7 +109,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     };
     let reply = control::call(&a_socket, &set, STEP_TIMEOUT).await?;
     if !reply.ok || reply.server_synced != Some(true) {
-        bail!("A could not store its session on the server: {:?}", reply.error);
+        bail!(
+            "A could not store its session on the server: {:?}",
+            reply.error
+        );
     }
     t.say(format!("A shows \"{title}\" at 12 s; S stored A's session"));
 
@@ -92,9 +124,15 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     })
     .await
     .context("B did not discover A over mDNS")?;
-    t.say(format!("B discovered A after {:.0} ms", b_started.elapsed().as_secs_f64() * 1000.0));
+    t.say(format!(
+        "B discovered A after {:.0} ms",
+        b_started.elapsed().as_secs_f64() * 1000.0
+    ));
 
-    let pull = ControlRequest::Pull { peer: "living-room-pc".into(), timeout_secs: Some(10.0) };
+    let pull = ControlRequest::Pull {
+        peer: "living-room-pc".into(),
+        timeout_secs: Some(10.0),
+    };
     let reply = control::call(&b_socket, &pull, STEP_TIMEOUT).await?;
     if !reply.ok {
         bail!("pull failed: {}", reply.error.unwrap_or_default());
@@ -106,7 +144,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         "B fetched A's interface info (server S, a ticket signed for B) in {:.1} ms",
         timing.interface_info_ms
     ));
-    t.say(format!("S checked the ticket and linked B to A ({:.1} ms into the pull)", timing.linked_ms));
+    t.say(format!(
+        "S checked the ticket and linked B to A ({:.1} ms into the pull)",
+        timing.linked_ms
+    ));
     t.say(format!(
         "S pushed \"{}\" to B after {:.1} ms: {} @ {}s",
         push.title,
@@ -145,12 +186,18 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     })
     .await
     .context("B did not see A leave")?;
-    t.say(format!("A stopped and said goodbye; B dropped it after {:.0} ms", leaving.elapsed().as_secs_f64() * 1000.0));
+    t.say(format!(
+        "A stopped and said goodbye; B dropped it after {:.0} ms",
+        leaving.elapsed().as_secs_f64() * 1000.0
+    ));
 
     let inbox = b.inbox().await?;
     b.shutdown().await;
     server.shutdown().await;
-    t.say(format!("done: B's inbox holds {} pushes from A", inbox.len()));
+    t.say(format!(
+        "done: B's inbox holds {} pushes from A",
+        inbox.len()
+    ));
     Ok(())
 }
 

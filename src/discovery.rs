@@ -47,7 +47,11 @@ impl Discovery {
     /// Registers `advert` on `port` and starts browsing, on `interfaces` only (empty: all that the
     /// crate selects). `listen` decides the advertised addresses: a specific IP is advertised as
     /// is, an unspecified one lets mdns-sd advertise each interface's addresses.
-    pub fn start(interfaces: &[String], advert: &Advert, listen: SocketAddr) -> Result<Self, DiscoveryError> {
+    pub fn start(
+        interfaces: &[String],
+        advert: &Advert,
+        listen: SocketAddr,
+    ) -> Result<Self, DiscoveryError> {
         let mdns = ServiceDaemon::new()?;
         if !interfaces.is_empty() {
             mdns.disable_interface(IfKind::All)?;
@@ -60,14 +64,34 @@ impl Discovery {
         let props: Vec<(&str, String)> = advert.properties();
         let props: Vec<(&str, &str)> = props.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let info = if listen.ip().is_unspecified() {
-            ServiceInfo::new(SERVICE_TYPE, &instance, &host, "", listen.port(), &props[..])?.enable_addr_auto()
+            ServiceInfo::new(
+                SERVICE_TYPE,
+                &instance,
+                &host,
+                "",
+                listen.port(),
+                &props[..],
+            )?
+            .enable_addr_auto()
         } else {
-            ServiceInfo::new(SERVICE_TYPE, &instance, &host, listen.ip(), listen.port(), &props[..])?
+            ServiceInfo::new(
+                SERVICE_TYPE,
+                &instance,
+                &host,
+                listen.ip(),
+                listen.port(),
+                &props[..],
+            )?
         };
         let fullname = info.get_fullname().to_string();
         mdns.register(info)?;
         let events = mdns.browse(SERVICE_TYPE)?;
-        Ok(Self { mdns, fullname, events, me: advert.id })
+        Ok(Self {
+            mdns,
+            fullname,
+            events,
+            me: advert.id,
+        })
     }
 
     /// The next browse event about another daemon; `None` when mdns-sd has stopped.
@@ -85,7 +109,10 @@ impl Discovery {
                     let advert = match Advert::parse(props) {
                         Ok(a) => a,
                         Err(e) => {
-                            return Some(DiscoveryEvent::Ignored { instance: svc.fullname.clone(), reason: e.to_string() })
+                            return Some(DiscoveryEvent::Ignored {
+                                instance: svc.fullname.clone(),
+                                reason: e.to_string(),
+                            })
                         }
                     };
                     if advert.id == self.me {
@@ -129,6 +156,9 @@ fn peer_addr(ip: &ScopedIp) -> PeerAddr {
             ip: IpAddr::V6(*v6.addr()),
             scope_id: v6.scope_id().index,
         },
-        other => PeerAddr { ip: other.to_ip_addr(), scope_id: 0 },
+        other => PeerAddr {
+            ip: other.to_ip_addr(),
+            scope_id: 0,
+        },
     }
 }

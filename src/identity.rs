@@ -178,11 +178,12 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
                     .map_err(|e| IdentityError::Certificate(e.to_string()))?;
-                write_private_file(&path, key.serialize_pem().as_bytes())
-                    .map_err(|source| IdentityError::Write {
+                write_private_file(&path, key.serialize_pem().as_bytes()).map_err(|source| {
+                    IdentityError::Write {
                         path: path.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 Self::from_pkcs8(key.serialize_der(), &path)
             }
             Err(source) => Err(IdentityError::Read { path, source }),

@@ -34,8 +34,14 @@ impl Inbox {
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| InboxError { path: path.clone(), source })?;
-        Ok(Self { path, file: Mutex::new(file) })
+            .map_err(|source| InboxError {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self {
+            path,
+            file: Mutex::new(file),
+        })
     }
 
     /// Appends one record durably. Blocking: call from a blocking context.
@@ -46,15 +52,24 @@ impl Inbox {
         (&*file)
             .write_all(&line)
             .and_then(|()| file.sync_data())
-            .map_err(|source| InboxError { path: self.path.clone(), source })
+            .map_err(|source| InboxError {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Every record, oldest first. Blocking.
     pub fn list(&self) -> Result<Vec<PushRecord>, InboxError> {
-        let file = File::open(&self.path).map_err(|source| InboxError { path: self.path.clone(), source })?;
+        let file = File::open(&self.path).map_err(|source| InboxError {
+            path: self.path.clone(),
+            source,
+        })?;
         let mut out = Vec::new();
         for line in BufReader::new(file).lines() {
-            let line = line.map_err(|source| InboxError { path: self.path.clone(), source })?;
+            let line = line.map_err(|source| InboxError {
+                path: self.path.clone(),
+                source,
+            })?;
             // A torn or foreign line is skipped rather than hiding everything after it.
             if let Ok(record) = serde_json::from_str(&line) {
                 out.push(record);

@@ -41,7 +41,8 @@ fn fail(e: CliError) -> ExitCode {
 }
 
 fn init_logging(default_level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let is_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -53,7 +54,9 @@ fn init_logging(default_level: &str) {
 async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Result<(), CliError> {
     match command {
         Command::Id { state_dir } => cli::print_id(&state_dir),
-        Command::Config { action: ConfigAction::Check { config, kind } } => cli::check_config(&config, kind),
+        Command::Config {
+            action: ConfigAction::Check { config, kind },
+        } => cli::check_config(&config, kind),
         Command::Daemon { config } => {
             let config = DaemonConfig::load(&config)?;
             let daemon = Daemon::start(config, DaemonOptions::default())
@@ -65,8 +68,10 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
         }
         Command::Server { config } => {
             let config = ServerConfig::load(&config)?;
-            let identity = Identity::load_or_create(&config.state_dir).map_err(|e| CliError::new(e.to_string()))?;
-            let server = Server::start(identity, &config).map_err(|e| CliError::new(e.to_string()))?;
+            let identity = Identity::load_or_create(&config.state_dir)
+                .map_err(|e| CliError::new(e.to_string()))?;
+            let server =
+                Server::start(identity, &config).map_err(|e| CliError::new(e.to_string()))?;
             wait_for_signal().await;
             server.shutdown().await;
             Ok(())
@@ -95,7 +100,10 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
 /// Waits for SIGTERM or SIGINT.
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process still dies on the default action.
         return std::future::pending().await;
     };
@@ -104,4 +112,3 @@ async fn wait_for_signal() {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }
-

@@ -53,9 +53,14 @@ pub async fn read_frame<T: DeserializeOwned>(
         Ok(Ok(())) => {}
         Ok(Err(quinn::ReadExactError::FinishedEarly(0))) => return Ok(None),
         Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
-            return Err(WireError::Malformed(format!("stream ended inside a frame header ({n} bytes)")).into())
+            return Err(WireError::Malformed(format!(
+                "stream ended inside a frame header ({n} bytes)"
+            ))
+            .into())
         }
-        Ok(Err(quinn::ReadExactError::ReadError(e))) => return Err(FrameError::Stream(e.to_string())),
+        Ok(Err(quinn::ReadExactError::ReadError(e))) => {
+            return Err(FrameError::Stream(e.to_string()))
+        }
     }
     // The cap is checked here, before the payload buffer exists.
     let len = wire::decode_header(header)?;
@@ -64,14 +69,22 @@ pub async fn read_frame<T: DeserializeOwned>(
         Err(_) => return Err(FrameError::Timeout),
         Ok(Ok(())) => {}
         Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
-            return Err(WireError::Malformed(format!("stream ended after {n} of {len} payload bytes")).into())
+            return Err(WireError::Malformed(format!(
+                "stream ended after {n} of {len} payload bytes"
+            ))
+            .into())
         }
-        Ok(Err(quinn::ReadExactError::ReadError(e))) => return Err(FrameError::Stream(e.to_string())),
+        Ok(Err(quinn::ReadExactError::ReadError(e))) => {
+            return Err(FrameError::Stream(e.to_string()))
+        }
     }
     Ok(Some(wire::decode_payload(&payload)?))
 }
 
-pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, message: &T) -> Result<(), FrameError> {
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &T,
+) -> Result<(), FrameError> {
     let frame = wire::encode_frame(message)?;
     send.write_all(&frame)
         .await
@@ -101,20 +114,31 @@ pub enum RequestError {
 }
 
 /// Sends one request on a new bidirectional stream and waits for its response.
-pub async fn request(conn: &quinn::Connection, body: RequestBody) -> Result<ResponseBody, RequestError> {
+pub async fn request(
+    conn: &quinn::Connection,
+    body: RequestBody,
+) -> Result<ResponseBody, RequestError> {
     tokio::time::timeout(REQUEST_TIMEOUT, request_inner(conn, body))
         .await
         .map_err(|_| RequestError::Timeout(REQUEST_TIMEOUT))?
 }
 
-async fn request_inner(conn: &quinn::Connection, body: RequestBody) -> Result<ResponseBody, RequestError> {
+async fn request_inner(
+    conn: &quinn::Connection,
+    body: RequestBody,
+) -> Result<ResponseBody, RequestError> {
     let id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, &Request { id, body }).await?;
     let _ = send.finish();
-    let response: Response = read_frame(&mut recv, READ_TIMEOUT).await?.ok_or(RequestError::NoAnswer)?;
+    let response: Response = read_frame(&mut recv, READ_TIMEOUT)
+        .await?
+        .ok_or(RequestError::NoAnswer)?;
     if response.id != id {
-        return Err(RequestError::WrongId { expected: id, got: response.id });
+        return Err(RequestError::WrongId {
+            expected: id,
+            got: response.id,
+        });
     }
     Ok(response.body)
 }

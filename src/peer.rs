@@ -48,7 +48,11 @@ pub struct Peer {
 impl Peer {
     /// Addresses to dial, IPv4 first (no scope to get wrong), then IPv6.
     pub fn dial_addrs(&self) -> Vec<SocketAddr> {
-        let mut out: Vec<SocketAddr> = self.addrs.iter().map(|a| a.socket_addr(self.port)).collect();
+        let mut out: Vec<SocketAddr> = self
+            .addrs
+            .iter()
+            .map(|a| a.socket_addr(self.port))
+            .collect();
         out.sort_by_key(|a| a.is_ipv6());
         out
     }
@@ -117,16 +121,27 @@ impl PeerTable {
     pub fn find(&self, query: &str) -> Result<Peer, FindError> {
         let query = query.trim();
         if let Ok(id) = query.parse::<TerminalId>() {
-            return self.peers.get(&id).cloned().ok_or_else(|| FindError::NotFound(query.into()));
+            return self
+                .peers
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| FindError::NotFound(query.into()));
         }
         let by_name: Vec<&Peer> = self.peers.values().filter(|p| p.name == query).collect();
         let lower = query.to_ascii_lowercase();
         let by_prefix: Vec<&Peer> = if query.len() >= 4 {
-            self.peers.values().filter(|p| p.id.to_string().starts_with(&lower)).collect()
+            self.peers
+                .values()
+                .filter(|p| p.id.to_string().starts_with(&lower))
+                .collect()
         } else {
             Vec::new()
         };
-        let matches = if by_name.is_empty() { by_prefix } else { by_name };
+        let matches = if by_name.is_empty() {
+            by_prefix
+        } else {
+            by_name
+        };
         match matches.as_slice() {
             [] => Err(FindError::NotFound(query.into())),
             [one] => Ok((*one).clone()),
@@ -151,7 +166,10 @@ mod tests {
             id: TerminalId::from_bytes([byte; 32]),
             name: name.into(),
             instance: format!("{name}._handoff._udp.local."),
-            addrs: BTreeSet::from([PeerAddr { ip: "10.0.0.1".parse().unwrap(), scope_id: 0 }]),
+            addrs: BTreeSet::from([PeerAddr {
+                ip: "10.0.0.1".parse().unwrap(),
+                scope_id: 0,
+            }]),
             port: 1,
             last_seen: Instant::now(),
         }
@@ -168,7 +186,10 @@ mod tests {
         assert_eq!(table.find("tv").unwrap().id, tv);
         assert_eq!(table.find(&tv.to_string()).unwrap().id, tv);
         assert_eq!(table.find(&tv.to_string()[..6]).unwrap().id, tv);
-        assert!(matches!(table.find("phone"), Err(FindError::Ambiguous { .. })));
+        assert!(matches!(
+            table.find("phone"),
+            Err(FindError::Ambiguous { .. })
+        ));
         assert!(matches!(table.find("radio"), Err(FindError::NotFound(_))));
         assert!(table.remove_instance("tv._handoff._udp.local.").is_some());
         assert!(table.find("tv").is_err());
@@ -176,7 +197,10 @@ mod tests {
 
     #[test]
     fn link_local_keeps_scope() {
-        let a = PeerAddr { ip: "fe80::1".parse().unwrap(), scope_id: 3 };
+        let a = PeerAddr {
+            ip: "fe80::1".parse().unwrap(),
+            scope_id: 3,
+        };
         assert_eq!(a.to_string(), "fe80::1%3");
         assert_eq!(a.socket_addr(5).to_string(), "[fe80::1%3]:5");
     }

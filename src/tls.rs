@@ -161,7 +161,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
             Some(_) => Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             )),
-            None => Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding)),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::BadEncoding,
+            )),
         }
     }
 
@@ -209,7 +211,9 @@ impl ClientCertVerifier for AnyKeyClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         match id_from_certificate(end_entity) {
             Some(_) => Ok(ClientCertVerified::assertion()),
-            None => Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding)),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::BadEncoding,
+            )),
         }
     }
 

@@ -17,7 +17,10 @@ pub enum TrustError {
     #[error("cannot read trust list {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("cannot write trust list {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is trusted by the config file ([trust] peers); remove it there")]
     InConfig(TerminalId),
 }
@@ -36,14 +39,19 @@ pub struct TrustStore {
 }
 
 impl TrustStore {
-    pub fn open(state_dir: &Path, policy: AcceptPolicy, from_config: &[TerminalId]) -> Result<Self, TrustError> {
+    pub fn open(
+        state_dir: &Path,
+        policy: AcceptPolicy,
+        from_config: &[TerminalId],
+    ) -> Result<Self, TrustError> {
         let path = state_dir.join(TRUST_FILE);
         let added = match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let file: TrustFile = serde_json::from_str(&text).map_err(|e| TrustError::Read {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+                let file: TrustFile =
+                    serde_json::from_str(&text).map_err(|e| TrustError::Read {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 file.peers
                     .iter()
                     .map(|p| p.parse())
@@ -54,7 +62,12 @@ impl TrustStore {
                     })?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-            Err(e) => return Err(TrustError::Read { path, reason: e.to_string() }),
+            Err(e) => {
+                return Err(TrustError::Read {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
         };
         Ok(Self {
             policy,
@@ -123,7 +136,9 @@ impl TrustStore {
     }
 
     fn persist(&self, added: &BTreeSet<TerminalId>) -> Result<(), TrustError> {
-        let file = TrustFile { peers: added.iter().map(|id| id.to_string()).collect() };
+        let file = TrustFile {
+            peers: added.iter().map(|id| id.to_string()).collect(),
+        };
         let mut text = serde_json::to_string_pretty(&file).unwrap_or_default();
         text.push('\n');
         write_private_file(&self.path, text.as_bytes()).map_err(|source| TrustError::Write {

@@ -23,18 +23,24 @@ const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the socket with mode 0600, replacing a stale socket file left by a crash.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
-    let err = |reason: String| DaemonError::Control { path: path.to_path_buf(), reason };
+    let err = |reason: String| DaemonError::Control {
+        path: path.to_path_buf(),
+        reason,
+    };
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(err("another daemon is listening on it".into()));
         }
-        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
     Ok(listener)
 }
 
@@ -83,7 +89,11 @@ async fn serve_client(daemon: Daemon, stream: UnixStream) -> std::io::Result<()>
             return Ok(());
         }
         if n > MAX_LINE {
-            send(&mut write, &Reply::error(format!("request line longer than {MAX_LINE} bytes"))).await?;
+            send(
+                &mut write,
+                &Reply::error(format!("request line longer than {MAX_LINE} bytes")),
+            )
+            .await?;
             return Ok(());
         }
         if line.trim().is_empty() {
@@ -104,7 +114,10 @@ async fn serve_client(daemon: Daemon, stream: UnixStream) -> std::io::Result<()>
     }
 }
 
-async fn send<T: serde::Serialize>(write: &mut tokio::net::unix::OwnedWriteHalf, value: &T) -> std::io::Result<()> {
+async fn send<T: serde::Serialize>(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    value: &T,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     line.push(b'\n');
     write.write_all(&line).await
@@ -130,24 +143,49 @@ async fn watch(daemon: Daemon, mut write: tokio::net::unix::OwnedWriteHalf) -> s
 
 async fn handle(daemon: &Daemon, request: ControlRequest) -> Reply {
     match request {
-        ControlRequest::Status => Reply { status: Some(daemon.status().await), ..Reply::ok() },
-        ControlRequest::Peers => Reply { peers: Some(daemon.peers()), ..Reply::ok() },
-        ControlRequest::SessionSet { uri, title, position, meta } => {
+        ControlRequest::Status => Reply {
+            status: Some(daemon.status().await),
+            ..Reply::ok()
+        },
+        ControlRequest::Peers => Reply {
+            peers: Some(daemon.peers()),
+            ..Reply::ok()
+        },
+        ControlRequest::SessionSet {
+            uri,
+            title,
+            position,
+            meta,
+        } => {
             if uri.is_empty() {
                 return Reply::error("the session needs a uri");
             }
             if position.is_some_and(|p| !p.is_finite() || p < 0.0) {
                 return Reply::error("position must be a non-negative number of seconds");
             }
-            let session = Session { uri, title, position, meta };
+            let session = Session {
+                uri,
+                title,
+                position,
+                meta,
+            };
             let synced = daemon.set_session(Some(session), SYNC_WAIT).await;
-            Reply { server_synced: Some(synced), ..Reply::ok() }
+            Reply {
+                server_synced: Some(synced),
+                ..Reply::ok()
+            }
         }
         ControlRequest::SessionClear => {
             let synced = daemon.set_session(None, SYNC_WAIT).await;
-            Reply { server_synced: Some(synced), ..Reply::ok() }
+            Reply {
+                server_synced: Some(synced),
+                ..Reply::ok()
+            }
         }
-        ControlRequest::SessionShow => Reply { session: Some(daemon.session()), ..Reply::ok() },
+        ControlRequest::SessionShow => Reply {
+            session: Some(daemon.session()),
+            ..Reply::ok()
+        },
         ControlRequest::Pull { peer, timeout_secs } => {
             let timeout = timeout_secs
                 .filter(|t| t.is_finite() && *t > 0.0 && *t < 86_400.0)
@@ -169,20 +207,29 @@ async fn handle(daemon: &Daemon, request: ControlRequest) -> Reply {
         ControlRequest::Watch => Reply::error("watch is handled as a stream"),
         ControlRequest::Trust { id } => match daemon.resolve_id(&id) {
             Ok(id) => match daemon.trust(id) {
-                Ok(changed) => Reply { changed: Some(changed), ..Reply::ok() },
+                Ok(changed) => Reply {
+                    changed: Some(changed),
+                    ..Reply::ok()
+                },
                 Err(e) => Reply::error(e.to_string()),
             },
             Err(e) => Reply::error(e.to_string()),
         },
         ControlRequest::Untrust { id } => match daemon.resolve_id(&id) {
             Ok(id) => match daemon.untrust(id) {
-                Ok(changed) => Reply { changed: Some(changed), ..Reply::ok() },
+                Ok(changed) => Reply {
+                    changed: Some(changed),
+                    ..Reply::ok()
+                },
                 Err(e) => Reply::error(e.to_string()),
             },
             Err(e) => Reply::error(e.to_string()),
         },
         ControlRequest::Inbox => match daemon.inbox().await {
-            Ok(items) => Reply { items: Some(items), ..Reply::ok() },
+            Ok(items) => Reply {
+                items: Some(items),
+                ..Reply::ok()
+            },
             Err(e) => Reply::error(e.to_string()),
         },
     }

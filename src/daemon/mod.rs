@@ -421,7 +421,10 @@ impl Daemon {
     }
 
     /// A client configuration pinning `expected`; built once per key.
-    pub(crate) fn dial_config(&self, expected: TerminalId) -> Result<quinn::ClientConfig, tls::TlsError> {
+    pub(crate) fn dial_config(
+        &self,
+        expected: TerminalId,
+    ) -> Result<quinn::ClientConfig, tls::TlsError> {
         let mut cache = lock(&self.shared.dial_config);
         if let Some(config) = cache.get(&expected) {
             return Ok(config.clone());
@@ -458,7 +461,8 @@ impl Daemon {
         {
             warn!("some tasks did not finish within 3 s");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
         info!("daemon stopped");
     }
 }

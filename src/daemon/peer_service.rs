@@ -94,7 +94,10 @@ async fn serve_connection(daemon: Daemon, conn: quinn::Connection, peer: Termina
                         })
                     }
                 };
-                let response = Response { id: request.id, body };
+                let response = Response {
+                    id: request.id,
+                    body,
+                };
                 if write_frame(&mut send, &response).await.is_ok() {
                     let _ = send.finish();
                     let _ = send.stopped().await;
@@ -135,11 +138,10 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
     }
     .sign(&shared.identity);
     info!(peer = %peer.short(), "gave interface info");
-    ResponseBody::InterfaceInfo(InterfaceInfo {
+    ResponseBody::InterfaceInfo(Box::new(InterfaceInfo {
         server: home.server.clone(),
         first: daemon.id(),
         session: daemon.session(),
         ticket,
-    })
+    }))
 }
-

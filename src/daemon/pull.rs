@@ -67,7 +67,12 @@ impl Daemon {
     /// Pulls what `query` (a peer's ID, unique ID prefix or unique name) is showing.
     pub async fn pull(&self, query: &str, timeout: Duration) -> Result<PullOutcome, PullError> {
         let started = Instant::now();
-        let peer = self.shared.peers.lock().unwrap_or_else(|e| e.into_inner()).find(query)?;
+        let peer = self
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .find(query)?;
         let name = peer.name.clone();
         // Subscribe before linking: the server may push before its answer arrives.
         let mut pushes = self.subscribe();
@@ -81,7 +86,10 @@ impl Daemon {
                 return Err(PullError::Refused { by: name, refusal });
             }
             Ok(other) => {
-                return Err(PullError::Protocol { name, answer: format!("{other:?}") });
+                return Err(PullError::Protocol {
+                    name,
+                    answer: format!("{other:?}"),
+                });
             }
             Err(source) => return Err(PullError::Request { name, source }),
         };
@@ -99,7 +107,10 @@ impl Daemon {
             None
         };
         if let Some(reason) = problem {
-            return Err(PullError::BadInfo { name, reason: reason.into() });
+            return Err(PullError::BadInfo {
+                name,
+                reason: reason.into(),
+            });
         }
         let interface_info_ms = ms(started.elapsed());
         info!(peer = %peer.id.short(), server = %info.server.id.short(), "got interface info");
@@ -113,10 +124,16 @@ impl Daemon {
         let (linked_until, has_session) = match link.request(self, request).await? {
             ResponseBody::Linked { until, has_session } => (until, has_session),
             ResponseBody::Refused(refusal) => {
-                return Err(PullError::Refused { by: format!("server {}", info.server.id.short()), refusal });
+                return Err(PullError::Refused {
+                    by: format!("server {}", info.server.id.short()),
+                    refusal,
+                });
             }
             other => {
-                return Err(PullError::Protocol { name: "server".into(), answer: format!("{other:?}") });
+                return Err(PullError::Protocol {
+                    name: "server".into(),
+                    answer: format!("{other:?}"),
+                });
             }
         };
         link.keep_until(self, linked_until);
@@ -126,14 +143,20 @@ impl Daemon {
             return Ok(PullOutcome {
                 push: None,
                 linked_until,
-                timing: PullTiming { interface_info_ms, linked_ms, pushed_ms: None },
+                timing: PullTiming {
+                    interface_info_ms,
+                    linked_ms,
+                    pushed_ms: None,
+                },
             });
         }
         let from = peer.id.to_string();
         let wait = async {
             loop {
                 match pushes.recv().await {
-                    Ok(record) if record.from.as_deref() == Some(from.as_str()) => return Some(record),
+                    Ok(record) if record.from.as_deref() == Some(from.as_str()) => {
+                        return Some(record)
+                    }
                     Ok(_) | Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => return None,
                 }
@@ -143,7 +166,11 @@ impl Daemon {
             Ok(Some(record)) => Ok(PullOutcome {
                 push: Some(record),
                 linked_until,
-                timing: PullTiming { interface_info_ms, linked_ms, pushed_ms: Some(ms(started.elapsed())) },
+                timing: PullTiming {
+                    interface_info_ms,
+                    linked_ms,
+                    pushed_ms: Some(ms(started.elapsed())),
+                },
             }),
             _ => Err(PullError::NoPush { name, timeout }),
         }
@@ -151,17 +178,27 @@ impl Daemon {
 
     /// Dials a peer at each advertised address in turn, pinning its advertised ID.
     async fn dial_peer(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
-        let unreachable = |reason: String| PullError::Unreachable { name: peer.name.clone(), reason };
-        let config = self.dial_config(peer.id).map_err(|e| unreachable(e.to_string()))?;
+        let unreachable = |reason: String| PullError::Unreachable {
+            name: peer.name.clone(),
+            reason,
+        };
+        let config = self
+            .dial_config(peer.id)
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut errors = Vec::new();
         for addr in peer.dial_addrs() {
-            let connecting = match self.shared.endpoint.connect_with(config.clone(), addr, SERVER_NAME) {
-                Ok(c) => c,
-                Err(e) => {
-                    errors.push(format!("{addr}: {e}"));
-                    continue;
-                }
-            };
+            let connecting =
+                match self
+                    .shared
+                    .endpoint
+                    .connect_with(config.clone(), addr, SERVER_NAME)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.push(format!("{addr}: {e}"));
+                        continue;
+                    }
+                };
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(e)) => errors.push(format!("{addr}: {}", explain_connect_error(&e))),

@@ -96,17 +96,24 @@ impl ServerLink {
                 }
             };
             for sockaddr in resolved {
-                let connecting = match daemon.shared.endpoint.connect_with(config.clone(), sockaddr, SERVER_NAME) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        errors.push(format!("{sockaddr}: {e}"));
-                        continue;
-                    }
-                };
+                let connecting =
+                    match daemon
+                        .shared
+                        .endpoint
+                        .connect_with(config.clone(), sockaddr, SERVER_NAME)
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            errors.push(format!("{sockaddr}: {e}"));
+                            continue;
+                        }
+                    };
                 match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                     Ok(Ok(conn)) => return Ok(conn),
                     Ok(Err(e)) => errors.push(format!("{sockaddr}: {}", explain_connect_error(&e))),
-                    Err(_) => errors.push(format!("{sockaddr}: no answer within {CONNECT_TIMEOUT:?}")),
+                    Err(_) => {
+                        errors.push(format!("{sockaddr}: no answer within {CONNECT_TIMEOUT:?}"))
+                    }
                 }
             }
         }
@@ -114,7 +121,11 @@ impl ServerLink {
     }
 
     /// Sends one request on the link's connection.
-    pub async fn request(&self, daemon: &Daemon, body: RequestBody) -> Result<ResponseBody, LinkError> {
+    pub async fn request(
+        &self,
+        daemon: &Daemon,
+        body: RequestBody,
+    ) -> Result<ResponseBody, LinkError> {
         let conn = self.connection(daemon).await?;
         Ok(net::request(&conn, body).await?)
     }
@@ -238,7 +249,9 @@ async fn keep(daemon: Daemon, link: Arc<ServerLink>) {
     link.connected.store(false, Ordering::Relaxed);
     link.keeper_running.store(false, Ordering::Release);
     // A follow that renewed the lease while this keeper was ending needs a keeper again.
-    if link.wanted_until.load(Ordering::Relaxed) > unix_now() && !daemon.shared.cancel.is_cancelled() {
+    if link.wanted_until.load(Ordering::Relaxed) > unix_now()
+        && !daemon.shared.cancel.is_cancelled()
+    {
         link.keep_until(&daemon, 0);
     }
 }
@@ -262,7 +275,9 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection) {
                 loop {
                     // A push stream is long-lived: idle time between items is not a timeout, so the
                     // per-frame timeout is long; connection keep-alive detects a dead server.
-                    match net::read_frame::<ServerPush>(&mut recv, Duration::from_secs(24 * 3600)).await {
+                    match net::read_frame::<ServerPush>(&mut recv, Duration::from_secs(24 * 3600))
+                        .await
+                    {
                         Ok(Some(ServerPush::Item(item))) => daemon.deliver(item).await,
                         Ok(None) => return,
                         Err(FrameError::Stream(e)) => {

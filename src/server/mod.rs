@@ -48,7 +48,10 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot bind the QUIC endpoint on {addr} ([quic] listen): {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 struct Shared {
@@ -71,8 +74,12 @@ impl Server {
     /// Binds the QUIC endpoint and starts accepting terminals.
     pub fn start(identity: Identity, config: &ServerConfig) -> Result<Self, ServerError> {
         let server_config = tls::server_config(&identity, TERMINAL_LIMITS)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
         let server = Server {
             shared: Arc::new(Shared {
                 identity,
@@ -85,7 +92,10 @@ impl Server {
             }),
         };
         info!(id = %server.id(), quic = %server.local_addr(), "server listening");
-        server.shared.tasks.spawn(accept(server.clone()).instrument(tracing::info_span!("accept")));
+        server
+            .shared
+            .tasks
+            .spawn(accept(server.clone()).instrument(tracing::info_span!("accept")));
         server.shared.tasks.spawn(expire_links(server.clone()));
         Ok(server)
     }
@@ -95,7 +105,10 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.shared.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.shared
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Terminals connected now.
@@ -105,19 +118,28 @@ impl Server {
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         // Registry operations never leave it half-updated; a poisoned lock is still consistent.
-        self.shared.registry.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops accepting, closes every connection, and waits for the tasks.
     pub async fn shutdown(&self) {
         info!("server shutting down");
         self.shared.cancel.cancel();
-        self.shared.endpoint.close(varint(ErrorCode::Shutdown), b"shutting down");
+        self.shared
+            .endpoint
+            .close(varint(ErrorCode::Shutdown), b"shutting down");
         self.shared.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(3), self.shared.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(3), self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
             warn!("some connections did not finish within 3 s");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
         info!("server stopped");
     }
 
@@ -129,7 +151,9 @@ impl Server {
                     warn!(terminal = %to.short(), "push queue full; disconnecting the slow terminal");
                     slot.conn.close(varint(ErrorCode::Busy), b"push queue full");
                 }
-                mpsc::error::TrySendError::Closed(_) => debug!(terminal = %to.short(), "connection gone"),
+                mpsc::error::TrySendError::Closed(_) => {
+                    debug!(terminal = %to.short(), "connection gone")
+                }
             }
         }
     }
@@ -171,12 +195,25 @@ async fn accept(server: Server) {
 async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
     let conn_id = server.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(PUSH_QUEUE);
-    let replaced = server.registry().attach(id, ConnSlot { conn_id, tx, conn: conn.clone() });
+    let replaced = server.registry().attach(
+        id,
+        ConnSlot {
+            conn_id,
+            tx,
+            conn: conn.clone(),
+        },
+    );
     if let Some(old) = replaced {
-        old.conn.close(varint(ErrorCode::Replaced), b"replaced by a newer connection");
+        old.conn.close(
+            varint(ErrorCode::Replaced),
+            b"replaced by a newer connection",
+        );
     }
     debug!(remote = %conn.remote_address(), "terminal connected");
-    server.shared.tasks.spawn(write_pushes(conn.clone(), rx).in_current_span());
+    server
+        .shared
+        .tasks
+        .spawn(write_pushes(conn.clone(), rx).in_current_span());
     loop {
         let (mut send, mut recv) = tokio::select! {
             _ = server.shared.cancel.cancelled() => break,
@@ -202,7 +239,16 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                     }
                 };
                 let body = s.handle(id, request.body);
-                if write_frame(&mut send, &Response { id: request.id, body }).await.is_ok() {
+                if write_frame(
+                    &mut send,
+                    &Response {
+                        id: request.id,
+                        body,
+                    },
+                )
+                .await
+                .is_ok()
+                {
                     let _ = send.finish();
                     let _ = send.stopped().await;
                 }
@@ -236,10 +282,15 @@ impl Server {
     fn follow(&self, second: TerminalId, request: InfoRequest) -> ResponseBody {
         let refuse = |message: String| {
             warn!(second = %second, first = %request.first, "refused follow: {message}");
-            ResponseBody::Refused(Refusal { reason: RefusalReason::BadTicket, message })
+            ResponseBody::Refused(Refusal {
+                reason: RefusalReason::BadTicket,
+                message,
+            })
         };
         if request.second != second {
-            return refuse("the request names another second terminal than the connection's identity".into());
+            return refuse(
+                "the request names another second terminal than the connection's identity".into(),
+            );
         }
         let now = unix_now();
         let expect = Expectation {

@@ -59,12 +59,15 @@ impl Registry {
     /// Forgets `id`'s connection if it is still `conn_id`. A terminal with nothing left to
     /// remember (no session, not followed, not following) is dropped entirely.
     pub fn detach(&mut self, id: TerminalId, conn_id: u64) {
-        let Some(t) = self.terminals.get_mut(&id) else { return };
+        let Some(t) = self.terminals.get_mut(&id) else {
+            return;
+        };
         if t.conn.as_ref().is_some_and(|c| c.conn_id == conn_id) {
             t.conn = None;
         }
         let follows = self.followers.values().any(|f| f.contains_key(&id));
-        if t.conn.is_none() && t.session.is_none() && !self.followers.contains_key(&id) && !follows {
+        if t.conn.is_none() && t.session.is_none() && !self.followers.contains_key(&id) && !follows
+        {
             self.terminals.remove(&id);
         }
     }
@@ -78,9 +81,16 @@ impl Registry {
     }
 
     /// Stores `id`'s session and returns the pushes for its live followers.
-    pub fn set_session(&mut self, id: TerminalId, session: Option<Session>, now: u64) -> Vec<Delivery> {
+    pub fn set_session(
+        &mut self,
+        id: TerminalId,
+        session: Option<Session>,
+        now: u64,
+    ) -> Vec<Delivery> {
         self.terminals.entry(id).or_default().session = session.clone();
-        let Some(session) = session else { return Vec::new() };
+        let Some(session) = session else {
+            return Vec::new();
+        };
         let followers: Vec<TerminalId> = match self.followers.get_mut(&id) {
             Some(f) => {
                 f.retain(|_, until| *until > now);
@@ -100,9 +110,19 @@ impl Registry {
     }
 
     /// Links `second` to `first` until `until`; returns the push of `first`'s current session.
-    pub fn follow(&mut self, second: TerminalId, first: TerminalId, until: u64) -> (bool, Option<Delivery>) {
-        self.followers.entry(first).or_default().insert(second, until);
-        let Some(session) = self.session(&first).cloned() else { return (false, None) };
+    pub fn follow(
+        &mut self,
+        second: TerminalId,
+        first: TerminalId,
+        until: u64,
+    ) -> (bool, Option<Delivery>) {
+        self.followers
+            .entry(first)
+            .or_default()
+            .insert(second, until);
+        let Some(session) = self.session(&first).cloned() else {
+            return (false, None);
+        };
         (true, self.push_to(second, first, &session))
     }
 

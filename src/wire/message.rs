@@ -50,12 +50,15 @@ pub struct Response {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ResponseBody {
-    InterfaceInfo(InterfaceInfo),
+    InterfaceInfo(Box<InterfaceInfo>),
     Refused(Refusal),
     /// The server stored the session sent with `SetSession`.
     SessionStored,
     /// The server linked the requester to `first` until `until` (Unix seconds).
-    Linked { until: u64, has_session: bool },
+    Linked {
+        until: u64,
+        has_session: bool,
+    },
 }
 
 /// A refusal the requester can show its user.

@@ -289,7 +289,9 @@ mod tests {
             Err(TicketError::ReplayCacheFull)
         );
         // Once ticket 1 has expired its slot is reused; ticket 2 is still remembered.
-        cache.check_and_insert(&mk(3, NOW + 1000), NOW + 20).unwrap();
+        cache
+            .check_and_insert(&mk(3, NOW + 1000), NOW + 20)
+            .unwrap();
         assert_eq!(
             cache.check_and_insert(&mk(2, NOW + 1000), NOW + 20),
             Err(TicketError::Replayed)

@@ -38,7 +38,9 @@ impl Advert {
     }
 
     /// Parses TXT properties as received; unknown keys are ignored (later versions may add some).
-    pub fn parse<'a>(props: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, TxtError> {
+    pub fn parse<'a>(
+        props: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, TxtError> {
         let (mut version, mut id, mut name) = (None, None, None);
         for (key, value) in props {
             match key.to_ascii_lowercase().as_str() {
@@ -48,23 +50,21 @@ impl Advert {
                 _ => {}
             }
         }
-        let version: u32 = version
-            .ok_or(TxtError::Missing("v"))?
-            .parse()
-            .map_err(|e: std::num::ParseIntError| TxtError::Invalid {
+        let version: u32 = version.ok_or(TxtError::Missing("v"))?.parse().map_err(
+            |e: std::num::ParseIntError| TxtError::Invalid {
                 key: "v",
                 reason: e.to_string(),
-            })?;
+            },
+        )?;
         if version != super::PROTOCOL_MAJOR {
             return Err(TxtError::Version(version));
         }
-        let id = id
-            .ok_or(TxtError::Missing("id"))?
-            .parse()
-            .map_err(|e: crate::identity::IdParseError| TxtError::Invalid {
+        let id = id.ok_or(TxtError::Missing("id"))?.parse().map_err(
+            |e: crate::identity::IdParseError| TxtError::Invalid {
                 key: "id",
                 reason: e.to_string(),
-            })?;
+            },
+        )?;
         let name = name.ok_or(TxtError::Missing("name"))?;
         if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
             return Err(TxtError::Invalid {
