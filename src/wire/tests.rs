@@ -286,29 +286,28 @@ fn arb_response() -> impl Strategy<Value = Response> {
         Just(RefusalReason::WrongEndpoint),
         Just(RefusalReason::Busy),
     ];
-    let body =
-        prop_oneof![
-            (
-                arb_id(),
-                proptest::collection::vec(".{0,20}", 0..3),
-                arb_id(),
-                proptest::option::of(arb_session()),
-                arb_ticket()
-            )
-                .prop_map(|(sid, addrs, first, session, ticket)| {
-                    ResponseBody::InterfaceInfo(Box::new(InterfaceInfo {
-                        server: ServerInfo { id: sid, addrs },
-                        first,
-                        session,
-                        ticket,
-                    }))
-                }),
-            (reason, ".{0,40}")
-                .prop_map(|(reason, message)| ResponseBody::Refused(Refusal { reason, message })),
-            Just(ResponseBody::SessionStored),
-            (any::<u64>(), any::<bool>())
-                .prop_map(|(until, has_session)| ResponseBody::Linked { until, has_session }),
-        ];
+    let body = prop_oneof![
+        (
+            arb_id(),
+            proptest::collection::vec(".{0,20}", 0..3),
+            arb_id(),
+            proptest::option::of(arb_session()),
+            arb_ticket()
+        )
+            .prop_map(|(sid, addrs, first, session, ticket)| {
+                ResponseBody::InterfaceInfo(Box::new(InterfaceInfo {
+                    server: ServerInfo { id: sid, addrs },
+                    first,
+                    session,
+                    ticket,
+                }))
+            }),
+        (reason, ".{0,40}")
+            .prop_map(|(reason, message)| ResponseBody::Refused(Refusal { reason, message })),
+        Just(ResponseBody::SessionStored),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(until, has_session)| ResponseBody::Linked { until, has_session }),
+    ];
     (any::<u64>(), body).prop_map(|(id, body)| Response { id, body })
 }
 

@@ -1,0 +1,492 @@
+//! In-process integration tests on the host's loopback: real QUIC endpoints on port 0, real mutual
+//! TLS, real tickets. Discovery (mDNS) is off here; peers are added to the table by hand, as mDNS
+//! would. The namespace LAN tests (tests/lan.rs) cover discovery.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use handoff::config::{
+    AcceptPolicy, DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind,
+};
+use handoff::daemon::{Daemon, DaemonOptions, PullError};
+use handoff::identity::{Identity, TerminalId};
+use handoff::net::{self, read_frame, unix_now, write_frame};
+use handoff::peer::{Peer, PeerAddr};
+use handoff::server::Server;
+use handoff::tls::{self, TransportLimits};
+use handoff::wire::{
+    self, ErrorCode, InfoRequest, RefusalReason, Request, RequestBody, Response, ResponseBody,
+    Session, Ticket,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn start_server(dir: &Path) -> Server {
+    let config = ServerConfig {
+        state_dir: dir.join("server"),
+        listen: loopback(),
+        store: StoreKind::Memory,
+        limits: ServerLimits::default(),
+    };
+    Server::start(
+        Identity::load_or_create(&config.state_dir).unwrap(),
+        &config,
+    )
+    .unwrap()
+}
+
+fn terminal(
+    dir: &Path,
+    name: &str,
+    server: Option<&Server>,
+    trusted: Vec<TerminalId>,
+) -> DaemonConfig {
+    DaemonConfig {
+        name: name.into(),
+        state_dir: dir.join(name),
+        control_socket: dir.join(format!("{name}.sock")),
+        interfaces: vec![],
+        listen: loopback(),
+        server: server.map(|s| ServerRef {
+            id: s.id(),
+            addrs: vec![s.local_addr().to_string()],
+        }),
+        accept: AcceptPolicy::Trusted,
+        trusted_peers: trusted,
+        lease: Duration::from_secs(600),
+        on_push: vec![],
+    }
+}
+
+async fn start(config: DaemonConfig) -> Daemon {
+    Daemon::start(config, DaemonOptions { discovery: false })
+        .await
+        .unwrap()
+}
+
+/// Tells `who` that `peer` is at `addr`, claiming `id` (as an mDNS advert would).
+fn introduce(who: &Daemon, name: &str, id: TerminalId, addr: SocketAddr) {
+    who.learn_peer(Peer {
+        id,
+        name: name.into(),
+        instance: format!("{name}._handoff._udp.local."),
+        addrs: BTreeSet::from([PeerAddr {
+            ip: addr.ip(),
+            scope_id: 0,
+        }]),
+        port: addr.port(),
+        last_seen: Instant::now(),
+    });
+}
+
+fn session(title: &str) -> Session {
+    Session {
+        uri: format!("https://media.example/{title}"),
+        title: title.into(),
+        position: Some(3.0),
+        meta: BTreeMap::new(),
+    }
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    server: Server,
+    a: Daemon,
+    b: Daemon,
+    c: Daemon,
+}
+
+/// A server; A attached to it and trusting B only; B and C with no server of their own.
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let c = start(terminal(dir.path(), "c", None, vec![])).await;
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b.id()])).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    introduce(&c, "a", a.id(), a.quic_addr());
+    World {
+        _dir: dir,
+        server,
+        a,
+        b,
+        c,
+    }
+}
+
+#[tokio::test]
+async fn pull_pushes_the_session_and_every_change() {
+    let w = world().await;
+    assert!(
+        w.a.set_session(Some(session("first")), WAIT).await,
+        "server did not store A's session"
+    );
+    let outcome = w.b.pull("a", WAIT).await.unwrap();
+    let push = outcome.push.expect("a push");
+    assert_eq!(push.title, "first");
+    assert_eq!(push.from.as_deref(), Some(w.a.id().to_string().as_str()));
+    assert!(outcome.linked_until > unix_now());
+
+    let mut pushes = w.b.subscribe();
+    assert!(w.a.set_session(Some(session("second")), WAIT).await);
+    let next = tokio::time::timeout(WAIT, pushes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.title, "second");
+    assert!(next.offset > push.offset);
+
+    let inbox = w.b.inbox().await.unwrap();
+    let titles: Vec<&str> = inbox.iter().map(|r| r.title.as_str()).collect();
+    assert_eq!(titles, ["first", "second"]);
+    w.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn untrusted_peer_is_refused_with_a_reason() {
+    let w = world().await;
+    w.a.set_session(Some(session("x")), WAIT).await;
+    let err = w.c.pull("a", WAIT).await.unwrap_err();
+    let refusal = err.refusal().expect("a refusal");
+    assert_eq!(refusal.reason, RefusalReason::NotTrusted);
+    let text = err.to_string();
+    assert!(
+        text.contains("refused by a") && text.contains("not trusted"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&w.c.id().to_string()),
+        "the refusal tells how to fix it: {text}"
+    );
+
+    // Once A trusts C, the same pull works.
+    w.a.trust(w.c.id()).unwrap();
+    assert!(w.c.pull("a", WAIT).await.unwrap().push.is_some());
+    // And untrusting refuses again.
+    w.a.untrust(w.c.id()).unwrap();
+    assert!(w.c.pull("a", WAIT).await.unwrap_err().refusal().is_some());
+}
+
+#[tokio::test]
+async fn pinned_tls_rejects_a_peer_with_another_key() {
+    let w = world().await;
+    // B believes "impostor" claims A's ID, but the endpoint at that address is C's.
+    introduce(&w.b, "impostor", w.a.id(), w.c.quic_addr());
+    // The table is keyed by ID, so the impostor's claim replaced A's address.
+    let err = w.b.pull("impostor", WAIT).await.unwrap_err();
+    assert!(matches!(err, PullError::Unreachable { .. }), "{err}");
+    assert!(
+        err.to_string().contains("does not hold the expected key"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn pinned_tls_rejects_a_server_with_another_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let impostor = Identity::generate().unwrap();
+    let client = Identity::generate().unwrap();
+    let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    // Expect a key the server does not hold.
+    let config = tls::client_config(&client, impostor.id(), limits()).unwrap();
+    let err = endpoint
+        .connect_with(config, server.local_addr(), tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("ApplicationVerificationFailure"),
+        "{err}"
+    );
+    // Expecting the right key works.
+    let config = tls::client_config(&client, server.id(), limits()).unwrap();
+    let conn = endpoint
+        .connect_with(config, server.local_addr(), tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(tls::peer_id(&conn), Some(server.id()));
+}
+
+fn limits() -> TransportLimits {
+    TransportLimits {
+        max_bidi_streams: 0,
+        max_uni_streams: 4,
+        idle_timeout: Duration::from_secs(10),
+        keep_alive: None,
+    }
+}
+
+/// A raw QUIC client holding `identity`, connected to `addr` pinned to `expected`.
+async fn raw_connect(
+    identity: &Identity,
+    expected: TerminalId,
+    addr: SocketAddr,
+) -> quinn::Connection {
+    let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    let config = tls::client_config(identity, expected, limits()).unwrap();
+    endpoint
+        .connect_with(config, addr, tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// Sends raw bytes on a new stream and returns the error code the stream was reset with.
+async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Option<u64> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    match tokio::time::timeout(WAIT, recv.read_to_end(wire::MAX_FRAME))
+        .await
+        .unwrap()
+    {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => Some(code.into_inner()),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
+fn bad_frames() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
+    let mut oversized = ((wire::MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+    oversized.extend_from_slice(&[0; 16]);
+    vec![
+        (
+            "garbage",
+            vec![0, 0, 0, 3, 0xff, 0xff, 0xff],
+            ErrorCode::Malformed,
+        ),
+        (
+            "unknown variant",
+            vec![0, 0, 0, 2, 1, 77],
+            ErrorCode::Malformed,
+        ),
+        (
+            "truncated payload",
+            vec![0, 0, 0, 40, 1, 2],
+            ErrorCode::Malformed,
+        ),
+        ("truncated header", vec![0, 0], ErrorCode::Malformed),
+        ("oversized", oversized, ErrorCode::FrameTooLarge),
+        ("empty frame", vec![0, 0, 0, 0], ErrorCode::Malformed),
+    ]
+}
+
+#[tokio::test]
+async fn bad_frames_to_a_daemon_reset_the_stream_and_others_are_still_served() {
+    let w = world().await;
+    w.a.set_session(Some(session("still-here")), WAIT).await;
+    // B is trusted by A: bad input from a trusted peer must not hurt either.
+    let b_identity = Identity::load_or_create(&w._dir.path().join("b")).unwrap();
+    let conn = raw_connect(&b_identity, w.a.id(), w.a.quic_addr()).await;
+    for (what, bytes, code) in bad_frames() {
+        assert_eq!(send_raw(&conn, &bytes).await, Some(code as u64), "{what}");
+    }
+    // The same connection still gets answers to a good request.
+    match net::request(&conn, RequestBody::InterfaceInfo)
+        .await
+        .unwrap()
+    {
+        ResponseBody::InterfaceInfo(info) => assert_eq!(info.first, w.a.id()),
+        other => panic!("{other:?}"),
+    }
+    // A request a terminal does not serve gets a refusal, not a crash.
+    match net::request(&conn, RequestBody::SetSession(None))
+        .await
+        .unwrap()
+    {
+        ResponseBody::Refused(r) => assert_eq!(r.reason, RefusalReason::WrongEndpoint),
+        other => panic!("{other:?}"),
+    }
+    // And the daemon still serves everyone else.
+    assert_eq!(
+        w.b.pull("a", WAIT).await.unwrap().push.unwrap().title,
+        "still-here"
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_to_the_server_reset_the_stream_and_others_are_still_served() {
+    let w = world().await;
+    w.a.set_session(Some(session("still-here")), WAIT).await;
+    let stranger = Identity::generate().unwrap();
+    let conn = raw_connect(&stranger, w.server.id(), w.server.local_addr()).await;
+    for (what, bytes, code) in bad_frames() {
+        assert_eq!(send_raw(&conn, &bytes).await, Some(code as u64), "{what}");
+    }
+    assert!(matches!(
+        net::request(&conn, RequestBody::SetSession(None))
+            .await
+            .unwrap(),
+        ResponseBody::SessionStored
+    ));
+    assert_eq!(
+        w.b.pull("a", WAIT).await.unwrap().push.unwrap().title,
+        "still-here"
+    );
+}
+
+/// Sends a Follow for `first` signed by `signer` on `conn`, whose identity is `second`.
+async fn follow(
+    conn: &quinn::Connection,
+    ticket: Ticket,
+    signer: &Identity,
+    second: TerminalId,
+) -> ResponseBody {
+    let first = ticket.first;
+    let signed = ticket.sign(signer);
+    net::request(
+        conn,
+        RequestBody::Follow(InfoRequest {
+            first,
+            second,
+            ticket: signed,
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+fn assert_refused(body: ResponseBody, needle: &str) {
+    match body {
+        ResponseBody::Refused(r) => {
+            assert_eq!(r.reason, RefusalReason::BadTicket);
+            assert!(
+                r.message.contains(needle),
+                "{} does not mention {needle}",
+                r.message
+            );
+        }
+        other => panic!("expected a refusal mentioning {needle}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_refuses_forged_replayed_expired_and_misdirected_tickets() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let a = Identity::generate().unwrap();
+    let b = Identity::generate().unwrap();
+    let mallory = Identity::generate().unwrap();
+    let conn = raw_connect(&b, server.id(), server.local_addr()).await;
+    let good = |nonce: u8| Ticket {
+        first: a.id(),
+        second: b.id(),
+        server: server.id(),
+        not_after: unix_now() + 60,
+        nonce: [nonce; 16],
+    };
+    // Forged: claims to be A's, signed by Mallory.
+    assert_refused(
+        follow(&conn, good(1), &mallory, b.id()).await,
+        "not signed by the first terminal",
+    );
+    // Made for another second terminal (Mallory), presented by B.
+    let for_mallory = Ticket {
+        second: mallory.id(),
+        ..good(2)
+    };
+    assert_refused(
+        follow(&conn, for_mallory, &a, mallory.id()).await,
+        "another second terminal",
+    );
+    // For another server.
+    let elsewhere = Ticket {
+        server: mallory.id(),
+        ..good(3)
+    };
+    assert_refused(follow(&conn, elsewhere, &a, b.id()).await, "another server");
+    // Expired.
+    let expired = Ticket {
+        not_after: unix_now() - 1,
+        ..good(4)
+    };
+    assert_refused(follow(&conn, expired, &a, b.id()).await, "expired");
+    // Longer than the server's maximum lease.
+    let too_long = Ticket {
+        not_after: unix_now() + 10 * 3600,
+        ..good(5)
+    };
+    assert_refused(follow(&conn, too_long, &a, b.id()).await, "maximum lease");
+    // Good, then replayed.
+    assert!(matches!(
+        follow(&conn, good(6), &a, b.id()).await,
+        ResponseBody::Linked { .. }
+    ));
+    assert_refused(follow(&conn, good(6), &a, b.id()).await, "already used");
+    // A good ticket stolen by Mallory is useless: her TLS identity is not the ticket's second.
+    let m_conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    assert_refused(
+        follow(&m_conn, good(7), &a, b.id()).await,
+        "another second terminal",
+    );
+}
+
+#[tokio::test]
+async fn control_socket_speaks_json_lines() {
+    let w = world().await;
+    let socket = w._dir.path().join("b.sock");
+    let mode = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    write.write_all(b"{\"cmd\":\"peers\"}\n").await.unwrap();
+    let reply: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(reply["ok"], true);
+    assert_eq!(reply["peers"][0]["name"], "a");
+    assert_eq!(reply["peers"][0]["trusted"], false);
+    // A bad line gets an error and the connection keeps working.
+    write
+        .write_all(b"not json\n{\"cmd\":\"session_show\"}\n")
+        .await
+        .unwrap();
+    let bad: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("bad request"));
+    let shown: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(shown["ok"], true);
+    assert!(shown["session"].is_null());
+}
+
+#[tokio::test]
+async fn raw_frames_are_what_the_wire_module_says() {
+    // A hand-built request frame gets a hand-checked response frame: the framing is the documented
+    // one (u32 big-endian length, bincode payload), not something the helpers hide.
+    let w = world().await;
+    let b_identity = Identity::load_or_create(&w._dir.path().join("b")).unwrap();
+    let conn = raw_connect(&b_identity, w.a.id(), w.a.quic_addr()).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Request {
+            id: 42,
+            body: RequestBody::InterfaceInfo,
+        },
+    )
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    let response: Response = read_frame(&mut recv, WAIT).await.unwrap().unwrap();
+    assert_eq!(response.id, 42);
+    let ResponseBody::InterfaceInfo(info) = response.body else {
+        panic!("{:?}", response.body)
+    };
+    assert_eq!(info.ticket.ticket.second, b_identity.id());
+    assert_eq!(info.server.id, w.server.id());
+    assert!(info.ticket.signature.0 != [0; 64]);
+}
