@@ -1,0 +1,122 @@
+//! The command-line contract (DESIGN §8) that needs no network: `id`, `config check`, exit codes
+//! and error lines.
+
+mod support;
+
+use support::{handoff, BIN};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn id_is_stable_base32() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let first = support::id_of(&state);
+    assert_eq!(first.len(), 52);
+    assert!(
+        first
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c)),
+        "{first}"
+    );
+    assert_eq!(support::id_of(&state), first);
+    let key = std::fs::metadata(state.join("identity.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn shipped_configs_check_ok() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (file, kind) in [("daemon.toml", "daemon"), ("server.toml", "server")] {
+        let out = handoff(&[
+            "config",
+            "check",
+            "--config",
+            &format!("{root}/config/{file}"),
+        ]);
+        assert!(out.status.success(), "{file}: {}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(kind));
+    }
+}
+
+#[test]
+fn bad_configs_exit_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("unknown.toml", "name = \"x\"\ncolour = \"red\"\n", "colour"),
+        (
+            "nested.toml",
+            "[trust]\naccept = \"trusted\"\npeerz = []\n",
+            "peerz",
+        ),
+        (
+            "value.toml",
+            "[quic]\nlisten = \"not an address\"\n",
+            "quic.listen",
+        ),
+        (
+            "policy.toml",
+            "[trust]\naccept = \"everyone\"\n",
+            "trust.accept",
+        ),
+        ("server.toml", "[store]\nkind = \"tape\"\n", "store.kind"),
+        ("syntax.toml", "name = \n", "test"),
+    ];
+    for (file, text, key) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let out = handoff(&["config", "check", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(78), "{file}");
+        let err = stderr(&out);
+        assert!(err.starts_with("error:"), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        if key != "test" {
+            assert!(err.contains(key), "{file}: {err}");
+        }
+    }
+}
+
+#[test]
+fn daemon_and_server_with_bad_config_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "bogus = 1\n").unwrap();
+    for program in ["daemon", "server"] {
+        let out = handoff(&[program, "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(78), "{program}: {}", stderr(&out));
+        assert!(stderr(&out).contains("bogus"));
+    }
+}
+
+#[test]
+fn client_without_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = handoff(&["peers", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error:") && err.contains("is `handoff daemon` running?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for command in [
+        "id", "daemon", "server", "peers", "session", "pull", "watch", "trust", "untrust", "inbox",
+        "status", "config", "demo",
+    ] {
+        assert!(text.contains(command), "{command} missing from --help");
+    }
+}

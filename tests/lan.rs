@@ -1,0 +1,274 @@
+//! End to end with the built binary on a LAN of network namespaces (DESIGN §10): a server host and
+//! terminal hosts A, B, C; real mDNS across a bridge, real QUIC, the CLI driving the daemons
+//! through their control sockets.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
+
+fn write_daemon_config(lan: &Lan, name: &str, extra: &str) -> String {
+    let path = lan.path(&format!("{name}.toml"));
+    let text = format!(
+        "name = \"{name}\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"eth0\"]\n[quic]\nlisten = \"0.0.0.0:47600\"\n{extra}",
+        lan.path(name).display(),
+        lan.path(&format!("{name}.sock")).display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn socket(lan: &Lan, name: &str) -> String {
+    lan.path(&format!("{name}.sock"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+fn peers(lan: &Lan, on: &str) -> Vec<serde_json::Value> {
+    let out = handoff(&["peers", "--json", "--socket", &socket(lan, on)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_lines(&out.stdout)
+}
+
+#[test]
+fn handoff_across_a_namespace_lan() {
+    if !require_root("handoff_across_a_namespace_lan") {
+        return;
+    }
+    let mut lan = Lan::new("e2e", &["srv", "a", "b", "c"]);
+    let server_id = id_of(&lan.path("srv"));
+    let b_id = id_of(&lan.path("b"));
+    let server_ip = lan.host("srv").ip.clone();
+
+    let server_config = lan.path("srv.toml");
+    std::fs::write(
+        &server_config,
+        format!("state_dir = \"{}\"\n[quic]\nlisten = \"{server_ip}:47700\"\n[store]\nkind = \"memory\"\n", lan.path("srv").display()),
+    )
+    .unwrap();
+    let a_config = write_daemon_config(
+        &lan,
+        "a",
+        &format!("[server]\naddr = \"{server_ip}:47700\"\nid = \"{server_id}\"\n[trust]\naccept = \"trusted\"\npeers = [\"{b_id}\"]\n"),
+    );
+    let hook_file = lan.path("hook.txt");
+    let b_config = write_daemon_config(
+        &lan,
+        "b",
+        &format!(
+            "[hooks]\non_push = [\"/bin/sh\", \"-c\", \"printf '%s|%s\\\\n' \\\"$1\\\" \\\"$2\\\" >> {}\", \"hook\", \"{{uri}}\", \"{{title}}\"]\n",
+            hook_file.display()
+        ),
+    );
+    let c_config = write_daemon_config(&lan, "c", "");
+    for config in [&a_config, &b_config, &c_config] {
+        let out = handoff(&["config", "check", "--config", config]);
+        assert!(
+            out.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    lan.spawn(
+        "srv",
+        &["server", "--config", server_config.to_str().unwrap()],
+        "srv",
+    );
+    let a = lan.spawn("a", &["daemon", "--config", &a_config], "a");
+    lan.spawn("b", &["daemon", "--config", &b_config], "b");
+    lan.spawn("c", &["daemon", "--config", &c_config], "c");
+    for name in ["a", "b", "c"] {
+        assert!(
+            wait_for_socket(&lan.path(&format!("{name}.sock")), Duration::from_secs(10)),
+            "{name} did not start:\n{}",
+            lan.log(name)
+        );
+    }
+    let a_id = handoff(&["status", "--json", "--socket", &socket(&lan, "a")]);
+    let a_status: serde_json::Value = serde_json::from_slice(&a_id.stdout).unwrap();
+    let a_id = a_status["id"].as_str().unwrap().to_string();
+
+    // A sets a session; its server stores it.
+    let out = handoff(&[
+        "session",
+        "set",
+        "--socket",
+        &socket(&lan, "a"),
+        "--uri",
+        "https://media.example/bbb.mp4",
+        "--title",
+        "Big Buck Bunny",
+        "--position",
+        "12",
+        "--meta",
+        "kind=video",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "server did not confirm: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lan.log("a")
+    );
+
+    // B lists A, over real mDNS across the bridge.
+    let a_peer = wait_for(DISCOVERY_WAIT, || {
+        peers(&lan, "b")
+            .into_iter()
+            .find(|p| p["id"] == a_id.as_str())
+    })
+    .unwrap_or_else(|| panic!("B never listed A\n{}", lan.log("b")));
+    assert_eq!(a_peer["name"], "a");
+    assert_eq!(a_peer["port"], 47600);
+    assert_eq!(a_peer["trusted"], false);
+    assert!(
+        a_peer["addrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == "10.99.0.2"),
+        "{a_peer}"
+    );
+
+    // B pulls A: the first push is A's session.
+    let out = handoff(&["pull", "a", "--json", "--socket", &socket(&lan, "b")]);
+    assert!(
+        out.status.success(),
+        "pull failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lan.log("b")
+    );
+    let pushed = json_lines(&out.stdout);
+    assert_eq!(pushed.len(), 1);
+    let first = &pushed[0];
+    assert_eq!(first["from"], a_id.as_str());
+    assert_eq!(first["uri"], "https://media.example/bbb.mp4");
+    assert_eq!(first["title"], "Big Buck Bunny");
+    assert_eq!(first["position"], 12.0);
+    assert_eq!(first["meta"]["kind"], "video");
+    assert!(first["body"].is_null());
+
+    // B's watch prints A's next change.
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--json", "--socket", &socket(&lan, "b")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the watcher time to subscribe before the change it must see.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = handoff(&[
+        "session",
+        "set",
+        "--socket",
+        &socket(&lan, "a"),
+        "--uri",
+        "https://media.example/sintel.mp4",
+        "--title",
+        "Sintel",
+    ]);
+    assert!(out.status.success());
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("watch printed nothing\n{}", lan.log("b")));
+    let change: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(change["title"], "Sintel");
+    assert_eq!(change["from"], a_id.as_str());
+    assert!(change["offset"].as_u64() > first["offset"].as_u64());
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // The on_push hook ran for both pushes.
+    let hooked = wait_for(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&hook_file).unwrap_or_default();
+        (text.lines().count() >= 2).then_some(text)
+    })
+    .unwrap_or_else(|| panic!("hook did not run\n{}", lan.log("b")));
+    assert_eq!(
+        hooked.lines().collect::<Vec<_>>(),
+        [
+            "https://media.example/bbb.mp4|Big Buck Bunny",
+            "https://media.example/sintel.mp4|Sintel"
+        ]
+    );
+
+    // The inbox kept both, oldest first.
+    let out = handoff(&["inbox", "--json", "--socket", &socket(&lan, "b")]);
+    let inbox = json_lines(&out.stdout);
+    let titles: Vec<&str> = inbox.iter().map(|i| i["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, ["Big Buck Bunny", "Sintel"]);
+
+    // C, which A does not trust, is refused with a clear error.
+    wait_for(DISCOVERY_WAIT, || {
+        peers(&lan, "c")
+            .into_iter()
+            .find(|p| p["id"] == a_id.as_str())
+    })
+    .expect("C lists A");
+    let out = handoff(&["pull", "a", "--socket", &socket(&lan, "c")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error:")
+            && stderr.contains("refused")
+            && stderr.contains("not trusted"),
+        "{stderr}"
+    );
+    assert!(
+        lan.log("a").contains("not trusted"),
+        "A logs the refusal with C's id"
+    );
+
+    // SIGTERM of A: B drops it within 3 s, and A exits cleanly.
+    let before = Instant::now();
+    lan.signal(a, libc::SIGTERM);
+    let gone = wait_for(Duration::from_secs(3), || {
+        (!peers(&lan, "b").iter().any(|p| p["id"] == a_id.as_str())).then_some(())
+    });
+    let elapsed = before.elapsed();
+    assert!(
+        gone.is_some(),
+        "B still lists A {elapsed:?} after SIGTERM\n{}",
+        lan.log("b")
+    );
+    assert_eq!(
+        lan.wait(a, Duration::from_secs(10)),
+        Some(0),
+        "A's exit\n{}",
+        lan.log("a")
+    );
+    eprintln!("A left B's peers {elapsed:?} after SIGTERM");
+}

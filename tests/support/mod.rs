@@ -1,0 +1,214 @@
+//! A LAN of network namespaces that a test builds for itself (DESIGN §10).
+//!
+//! One namespace per host plus one holding a bridge; each host has `eth0`, a veth whose other end
+//! is on the bridge, with address 10.99.0.N/24 (N = 1, 2, ... in the order given) and its IPv6
+//! link-local address. Names carry the process id and a tag, so parallel tests never collide; the
+//! namespaces (and every process started in them) are removed on drop, also when a test fails.
+//! Nothing here touches the host's own interfaces.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+
+/// Whether this process may build namespaces. Without root, a test says so and skips, except
+/// under CI (`CI=true`), where a missing privilege is a failure.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} needs root to build network namespaces, and CI=true forbids skipping it");
+    }
+    eprintln!("SKIPPED {test}: needs root to build network namespaces (run the tests as root)");
+    false
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Host {
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+}
+
+pub struct Lan {
+    bridge_ns: String,
+    pub hosts: Vec<Host>,
+    children: Vec<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Lan {
+    /// Builds the LAN with one host per name.
+    pub fn new(tag: &str, names: &[&str]) -> Lan {
+        let prefix = format!("ho{}{tag}", std::process::id());
+        let bridge_ns = format!("{prefix}-br");
+        let mut lan = Lan {
+            bridge_ns: bridge_ns.clone(),
+            hosts: Vec::new(),
+            children: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        ip(&["netns", "add", &bridge_ns]);
+        ip(&["-n", &bridge_ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &bridge_ns, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &bridge_ns, "link", "set", "br0", "up"]);
+        for (i, name) in names.iter().enumerate() {
+            let ns = format!("{prefix}-{name}");
+            ip(&["netns", "add", &ns]);
+            // Record the host at once, so drop removes it even if a later step fails.
+            let host_ip = format!("10.99.0.{}", i + 1);
+            lan.hosts.push(Host {
+                name: name.to_string(),
+                ns: ns.clone(),
+                ip: host_ip.clone(),
+            });
+            let port = format!("p{i}");
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n", &bridge_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            ip(&[
+                "-n", &bridge_ns, "link", "set", &port, "master", "br0", "up",
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{host_ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        }
+        lan
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .expect("host exists")
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Starts `handoff ARGS` inside `host`'s namespace, logging to `<dir>/<log>.log`.
+    /// Returns the index to use with [`Lan::signal`] and [`Lan::wait`].
+    pub fn spawn(&mut self, host: &str, args: &[&str], log: &str) -> usize {
+        let ns = self.host(host).ns.clone();
+        let log = std::fs::File::create(self.path(&format!("{log}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, BIN])
+            .args(args)
+            .env("RUST_LOG", "handoff=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn handoff");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Sends a signal to a spawned process (`ip netns exec` execs, so the pid is handoff's).
+    pub fn signal(&self, index: usize, signal: i32) {
+        let pid = self.children[index].id() as i32;
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+    }
+
+    /// Waits for a spawned process to exit, returning its exit code.
+    pub fn wait(&mut self, index: usize, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.children[index].try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for host in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &host.ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.bridge_ns])
+            .status();
+    }
+}
+
+/// Runs `handoff ARGS` in the test's own namespace (for CLI commands that only use a socket).
+pub fn handoff(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run handoff")
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until a daemon answers on its control socket.
+pub fn wait_for_socket(socket: &Path, timeout: Duration) -> bool {
+    let socket = socket.to_str().unwrap().to_string();
+    wait_for(timeout, || {
+        handoff(&["status", "--socket", &socket])
+            .status
+            .success()
+            .then_some(())
+    })
+    .is_some()
+}
+
+/// The ID of the identity in `dir` (created if missing).
+pub fn id_of(dir: &Path) -> String {
+    let out = handoff(&["id", "--state-dir", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
