@@ -24,7 +24,16 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(default_level);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Long-running programs get worker threads; a one-shot client command starts faster on one.
+    let runtime = match cli.command {
+        Command::Daemon { .. } | Command::Server { .. } | Command::Demo => {
+            tokio::runtime::Runtime::new()
+        }
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => return fail(CliError::new(format!("cannot start the runtime: {e}"))),
     };
