@@ -25,6 +25,15 @@ pub const ID_TEXT_LEN: usize = 52;
 /// The identifier of a terminal or a server: its Ed25519 public key.
 ///
 /// On the wire it is 32 raw bytes; for humans it is lowercase base32 without padding.
+///
+/// ```
+/// use handoff::identity::TerminalId;
+///
+/// let id = TerminalId::from_bytes([0; 32]);
+/// let text = id.to_string();
+/// assert_eq!(text.len(), 52);
+/// assert_eq!(text.parse::<TerminalId>().unwrap(), id);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TerminalId([u8; 32]);
 

@@ -57,6 +57,16 @@ impl WireError {
 }
 
 /// Encodes `message` as one frame: header and payload.
+///
+/// ```
+/// use handoff::wire::{decode_frame, encode_frame, Request, RequestBody};
+///
+/// let frame = encode_frame(&Request { id: 7, body: RequestBody::InterfaceInfo }).unwrap();
+/// // A u32 big-endian length, then the bincode payload: id 7, variant 0.
+/// assert_eq!(frame, [0, 0, 0, 2, 7, 0]);
+/// let back: Request = decode_frame(&frame).unwrap();
+/// assert_eq!(back.id, 7);
+/// ```
 pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
     let mut out = vec![0u8; HEADER_LEN];
     bincode::serde::encode_into_std_write(message, &mut out, config())
