@@ -103,7 +103,25 @@ pub enum Command {
         #[command(flatten)]
         target: DaemonTarget,
     },
-    /// Stop trusting a peer.
+    /// Pair with a peer: run it on both terminals, compare the 6-digit codes, confirm; each
+    /// terminal then trusts the other.
+    Pair {
+        /// The peer's ID, unique ID prefix, or unique name.
+        peer: String,
+        /// Confirm without asking (for scripts, once the codes were compared another way).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// List the trust list.
+    Trusted {
+        #[command(flatten)]
+        target: DaemonTarget,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Stop trusting a peer (its live link at this terminal's server ends too).
     Untrust {
         id: String,
         #[command(flatten)]
@@ -439,12 +457,72 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 println!("{id} was already trusted");
             }
         }
-        Command::Untrust { id, target } => {
-            let changed = call(&target, ControlRequest::Untrust { id: id.clone() })
+        Command::Pair { peer, yes, target } => {
+            let timeout = crate::daemon::PAIR_TIMEOUT + CALL_TIMEOUT;
+            let reply = control::call(
+                &target.socket()?,
+                &ControlRequest::Pair { peer: peer.clone() },
+                timeout,
+            )
+            .await?;
+            if !reply.ok {
+                return Err(CliError::new(
+                    reply.error.unwrap_or_else(|| "pairing failed".into()),
+                ));
+            }
+            let (Some(peer_id), Some(code)) = (reply.peer_id, reply.code) else {
+                return Err(CliError::new("the daemon sent no pairing code"));
+            };
+            println!("Pairing code: {} {}", &code[..3], &code[3..]);
+            println!("Check that {peer} shows the same code.");
+            if !yes {
+                print!("Same code on both? [y/N] ");
+                let _ = std::io::stdout().flush();
+                let mut answer = String::new();
+                let _ = std::io::stdin().read_line(&mut answer);
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    return Err(CliError::new("pairing cancelled"));
+                }
+            }
+            call(
+                &target,
+                ControlRequest::PairConfirm {
+                    peer: peer_id,
+                    code,
+                },
+            )
+            .await?;
+            println!("{peer} is now trusted");
+        }
+        Command::Trusted { target, out } => {
+            let trusted = call(&target, ControlRequest::Trusted)
                 .await?
-                .changed;
-            if changed == Some(false) {
+                .trusted
+                .unwrap_or_default();
+            if out.json {
+                for t in &trusted {
+                    json_line(t)?;
+                }
+            } else if trusted.is_empty() {
+                println!("no trusted peers");
+            } else {
+                for t in &trusted {
+                    println!(
+                        "{}  {:<7} {}",
+                        t.id,
+                        t.source,
+                        t.name.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Untrust { id, target } => {
+            let reply = call(&target, ControlRequest::Untrust { id: id.clone() }).await?;
+            if reply.changed == Some(false) {
                 println!("{id} was not trusted");
+            }
+            if reply.revoked == Some(true) {
+                println!("its link to this terminal at the content server was ended");
             }
         }
         Command::Inbox { target, out } => {

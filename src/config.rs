@@ -83,6 +83,32 @@ struct RawDaemon {
     trust: RawTrust,
     #[serde(default)]
     hooks: RawHooks,
+    #[serde(default)]
+    follow: RawFollow,
+    #[serde(default)]
+    limits: RawDaemonLimits,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFollow {
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default)]
+    auto: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemonLimits {
+    max_frame: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    handshakes_per_sec_per_source: Option<u32>,
+    unknown_handshakes_per_sec: Option<u32>,
+    requests_per_sec_per_peer: Option<u32>,
+    pending_pairings: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -155,9 +181,85 @@ pub struct DaemonConfig {
     pub lease: Duration,
     /// argv run for every push; `{uri}`, `{title}` and `{from}` are substituted.
     pub on_push: Vec<String>,
+    /// Peers followed automatically whenever they are on the LAN.
+    pub follow_peers: Vec<TerminalId>,
+    /// Follow every trusted peer automatically.
+    pub follow_auto: bool,
+    pub limits: DaemonLimits,
+}
+
+/// Bounds on what peers can make a daemon do; over a limit a request is refused or a connection
+/// closed with an error code, counted in `handoff_limit_hits_total{limit=...}`, and logged at
+/// most once per 10 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonLimits {
+    /// Largest frame accepted, in bytes (at most the protocol's 65536).
+    pub max_frame: usize,
+    /// Concurrent request streams one peer connection may open.
+    pub max_streams_per_connection: u32,
+    /// Peer connections held at once.
+    pub max_connections: usize,
+    /// Peer connections held at once from one source address.
+    pub max_connections_per_source: usize,
+    /// New handshakes accepted per second from one source address (before any key is known).
+    pub handshakes_per_sec_per_source: u32,
+    /// Completed handshakes per second from keys that are not on the trust list.
+    pub unknown_handshakes_per_sec: u32,
+    /// Requests per second from one peer ID.
+    pub requests_per_sec_per_peer: u32,
+    /// Unsolicited pairing requests remembered at once.
+    pub pending_pairings: usize,
+}
+
+impl Default for DaemonLimits {
+    fn default() -> Self {
+        Self {
+            max_frame: crate::wire::MAX_FRAME,
+            max_streams_per_connection: 8,
+            max_connections: 64,
+            max_connections_per_source: 8,
+            handshakes_per_sec_per_source: 20,
+            unknown_handshakes_per_sec: 20,
+            requests_per_sec_per_peer: 20,
+            pending_pairings: 16,
+        }
+    }
+}
+
+fn check_frame(key: &'static str, value: usize) -> Result<usize, ConfigError> {
+    if !(256..=crate::wire::MAX_FRAME).contains(&value) {
+        return Err(invalid(
+            key,
+            format!("must be between 256 and {}", crate::wire::MAX_FRAME),
+        ));
+    }
+    Ok(value)
+}
+
+fn at_least_one<T: PartialOrd + From<u8> + Copy>(
+    key: &'static str,
+    value: T,
+) -> Result<T, ConfigError> {
+    if value < T::from(1) {
+        return Err(invalid(key, "must be at least 1"));
+    }
+    Ok(value)
 }
 
 impl DaemonConfig {
+    /// A configuration with every default, for programs that build one in code (the demo,
+    /// tests): `interfaces` empty, listening on `0.0.0.0:47600`, no server, trusting nobody.
+    pub fn with_defaults(name: &str, state_dir: PathBuf, control_socket: PathBuf) -> Self {
+        let mut config = Self::validate(RawDaemon {
+            name: Some(name.to_string()),
+            ..RawDaemon::default()
+        })
+        .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"));
+        config.state_dir = state_dir;
+        config.control_socket = control_socket;
+        config
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::from_toml(path, &read(path)?)
     }
@@ -242,6 +344,50 @@ impl DaemonConfig {
         if raw.hooks.on_push.first().is_some_and(|p| p.is_empty()) {
             return Err(invalid("hooks.on_push", "the program name is empty"));
         }
+        let follow_peers = raw
+            .follow
+            .peers
+            .iter()
+            .map(|p| parse_id("follow.peers", p))
+            .collect::<Result<_, _>>()?;
+        let d = DaemonLimits::default();
+        let l = raw.limits;
+        let limits = DaemonLimits {
+            max_frame: check_frame("limits.max_frame", l.max_frame.unwrap_or(d.max_frame))?,
+            max_streams_per_connection: at_least_one(
+                "limits.max_streams_per_connection",
+                l.max_streams_per_connection
+                    .unwrap_or(d.max_streams_per_connection),
+            )?,
+            max_connections: at_least_one(
+                "limits.max_connections",
+                l.max_connections.unwrap_or(d.max_connections),
+            )?,
+            max_connections_per_source: at_least_one(
+                "limits.max_connections_per_source",
+                l.max_connections_per_source
+                    .unwrap_or(d.max_connections_per_source),
+            )?,
+            handshakes_per_sec_per_source: at_least_one(
+                "limits.handshakes_per_sec_per_source",
+                l.handshakes_per_sec_per_source
+                    .unwrap_or(d.handshakes_per_sec_per_source),
+            )?,
+            unknown_handshakes_per_sec: at_least_one(
+                "limits.unknown_handshakes_per_sec",
+                l.unknown_handshakes_per_sec
+                    .unwrap_or(d.unknown_handshakes_per_sec),
+            )?,
+            requests_per_sec_per_peer: at_least_one(
+                "limits.requests_per_sec_per_peer",
+                l.requests_per_sec_per_peer
+                    .unwrap_or(d.requests_per_sec_per_peer),
+            )?,
+            pending_pairings: at_least_one(
+                "limits.pending_pairings",
+                l.pending_pairings.unwrap_or(d.pending_pairings),
+            )?,
+        };
         Ok(Self {
             name,
             state_dir: raw
@@ -257,6 +403,9 @@ impl DaemonConfig {
             trusted_peers,
             lease,
             on_push: raw.hooks.on_push,
+            follow_peers,
+            follow_auto: raw.follow.auto,
+            limits,
         })
     }
 }
@@ -297,6 +446,11 @@ struct RawServerLimits {
     max_lease_secs: Option<u64>,
     max_connections: Option<usize>,
     replay_cache: Option<usize>,
+    max_frame: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_connections_per_source: Option<usize>,
+    handshakes_per_sec_per_source: Option<u32>,
+    requests_per_sec_per_terminal: Option<u32>,
 }
 
 /// Where the server keeps its state.
@@ -324,6 +478,16 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// Live tickets remembered for replay protection.
     pub replay_cache: usize,
+    /// Largest frame accepted, in bytes (at most the protocol's 65536).
+    pub max_frame: usize,
+    /// Concurrent request streams one terminal connection may open.
+    pub max_streams_per_connection: u32,
+    /// Connections held at once from one source address.
+    pub max_connections_per_source: usize,
+    /// New handshakes accepted per second from one source address.
+    pub handshakes_per_sec_per_source: u32,
+    /// Requests per second from one terminal ID.
+    pub requests_per_sec_per_terminal: u32,
 }
 
 impl Default for ServerLimits {
@@ -332,6 +496,11 @@ impl Default for ServerLimits {
             max_lease: Duration::from_secs(3600),
             max_connections: 20_000,
             replay_cache: 100_000,
+            max_frame: crate::wire::MAX_FRAME,
+            max_streams_per_connection: 16,
+            max_connections_per_source: 256,
+            handshakes_per_sec_per_source: 200,
+            requests_per_sec_per_terminal: 100,
         }
     }
 }
@@ -372,6 +541,34 @@ impl ServerConfig {
                 .max_connections
                 .unwrap_or(defaults.max_connections),
             replay_cache: raw.limits.replay_cache.unwrap_or(defaults.replay_cache),
+            max_frame: check_frame(
+                "limits.max_frame",
+                raw.limits.max_frame.unwrap_or(defaults.max_frame),
+            )?,
+            max_streams_per_connection: at_least_one(
+                "limits.max_streams_per_connection",
+                raw.limits
+                    .max_streams_per_connection
+                    .unwrap_or(defaults.max_streams_per_connection),
+            )?,
+            max_connections_per_source: at_least_one(
+                "limits.max_connections_per_source",
+                raw.limits
+                    .max_connections_per_source
+                    .unwrap_or(defaults.max_connections_per_source),
+            )?,
+            handshakes_per_sec_per_source: at_least_one(
+                "limits.handshakes_per_sec_per_source",
+                raw.limits
+                    .handshakes_per_sec_per_source
+                    .unwrap_or(defaults.handshakes_per_sec_per_source),
+            )?,
+            requests_per_sec_per_terminal: at_least_one(
+                "limits.requests_per_sec_per_terminal",
+                raw.limits
+                    .requests_per_sec_per_terminal
+                    .unwrap_or(defaults.requests_per_sec_per_terminal),
+            )?,
         };
         if limits.max_lease < Duration::from_secs(10) {
             return Err(invalid("limits.max_lease_secs", "must be at least 10"));

@@ -49,6 +49,35 @@ pub enum ControlRequest {
         id: String,
     },
     Inbox,
+    /// Start pairing with a peer; answers once both sides show the code.
+    Pair {
+        peer: String,
+    },
+    /// Confirm the code shown for a peer: it joins the trust list.
+    PairConfirm {
+        peer: String,
+        code: String,
+    },
+    /// The trust list.
+    Trusted,
+}
+
+/// An entry of the trust list as `handoff trusted --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedRecord {
+    pub id: String,
+    /// `"config"` (from `[trust] peers`) or `"added"` (`handoff trust`, pairing).
+    pub source: String,
+    /// The peer's name, if it is on the LAN now.
+    pub name: Option<String>,
+}
+
+/// A followed peer in `handoff status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowRecord {
+    pub id: String,
+    /// Unix seconds the link lasts until.
+    pub until: u64,
 }
 
 /// A peer as printed by `handoff peers --json` (DESIGN §8).
@@ -111,6 +140,12 @@ pub struct StatusRecord {
     pub inbox: usize,
     pub session: Option<Session>,
     pub uptime_secs: u64,
+    /// Peers followed automatically, with their link's end.
+    pub follows: Vec<FollowRecord>,
+    /// Peers that asked to pair in the last 30 s without this terminal's user starting it.
+    pub pair_requests: Vec<String>,
+    /// Counters (the same as the daemon's metrics): refusals, limit hits, pushes, ...
+    pub counters: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +184,16 @@ pub struct Reply {
     /// After `trust`/`untrust`: whether the trust list changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed: Option<bool>,
+    /// After `untrust`: whether the server ended a live link (absent: no server reached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<bool>,
+    /// After `pair`: the peer's full ID and the 6-digit code to compare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted: Option<Vec<TrustedRecord>>,
 }
 
 impl Reply {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::config::{AcceptPolicy, DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind};
+use crate::config::{DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind};
 use crate::control::{self, ControlClient, ControlRequest, WatchLine};
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::identity::Identity;
@@ -34,18 +34,13 @@ fn terminal_config(
     server: Option<ServerRef>,
     trusted: Vec<crate::identity::TerminalId>,
 ) -> DaemonConfig {
-    DaemonConfig {
-        name: name.to_string(),
-        state_dir: dir.join(name),
-        control_socket: dir.join(format!("{name}.sock")),
-        interfaces: vec!["lo".to_string()],
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        server,
-        accept: AcceptPolicy::Trusted,
-        trusted_peers: trusted,
-        lease: Duration::from_secs(600),
-        on_push: Vec::new(),
-    }
+    let mut config =
+        DaemonConfig::with_defaults(name, dir.join(name), dir.join(format!("{name}.sock")));
+    config.interfaces = vec!["lo".to_string()];
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.server = server;
+    config.trusted_peers = trusted;
+    config
 }
 
 /// Runs the demo in `dir` (which it may fill), printing the timeline to stdout.

@@ -30,6 +30,8 @@ pub mod discovery;
 pub mod identity;
 pub mod inbox;
 pub mod isolate;
+pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod peer;
 pub mod server;

@@ -40,12 +40,14 @@ pub fn varint(code: ErrorCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(code as u32)
 }
 
-/// Reads one frame; `Ok(None)` when the peer finished the stream cleanly before a new frame.
+/// Reads one frame of at most `max` bytes; `Ok(None)` when the peer finished the stream cleanly
+/// before a new frame.
 ///
 /// Cancel-safe only between frames: dropping it mid-frame loses the partial frame.
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     timeout: Duration,
+    max: usize,
 ) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; wire::HEADER_LEN];
     match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
@@ -64,6 +66,9 @@ pub async fn read_frame<T: DeserializeOwned>(
     }
     // The cap is checked here, before the payload buffer exists.
     let len = wire::decode_header(header)?;
+    if len > max {
+        return Err(WireError::TooLarge(len).into());
+    }
     let mut payload = vec![0u8; len];
     match tokio::time::timeout(timeout, recv.read_exact(&mut payload)).await {
         Err(_) => return Err(FrameError::Timeout),
@@ -131,7 +136,7 @@ async fn request_inner(
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, &Request { id, body }).await?;
     let _ = send.finish();
-    let response: Response = read_frame(&mut recv, READ_TIMEOUT)
+    let response: Response = read_frame(&mut recv, READ_TIMEOUT, wire::MAX_FRAME)
         .await?
         .ok_or(RequestError::NoAnswer)?;
     if response.id != id {

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+
 use std::time::Instant;
 
 use crate::identity::TerminalId;
@@ -67,54 +68,94 @@ pub enum FindError {
     Ambiguous { query: String, candidates: String },
 }
 
+/// The peer table, keyed by mDNS instance: several instances may claim one ID (a terminal on two
+/// networks, or an impostor). Lookups merge them by ID, so an impostor's claim cannot hide the
+/// real terminal's addresses; a dial that fails the key check drops the instance that claimed it.
 #[derive(Debug, Default)]
 pub struct PeerTable {
-    peers: HashMap<TerminalId, Peer>,
+    instances: HashMap<String, Peer>,
 }
 
 /// What an update did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
+    /// The ID was not in the table before.
     Added,
     Updated,
 }
 
 impl PeerTable {
-    /// Records a resolution of `peer`; addresses are replaced by the latest resolution.
+    /// Records a resolution; an instance's addresses are replaced by its latest resolution.
     pub fn upsert(&mut self, peer: Peer) -> Change {
-        match self.peers.insert(peer.id, peer) {
-            None => Change::Added,
-            Some(_) => Change::Updated,
+        let known = self.instances.values().any(|p| p.id == peer.id);
+        self.instances.insert(peer.instance.clone(), peer);
+        if known {
+            Change::Updated
+        } else {
+            Change::Added
         }
     }
 
-    /// Removes the peer registered under an mDNS instance name (a goodbye).
+    /// Removes an mDNS instance (a goodbye); returns the peer if no other instance claims its ID.
     pub fn remove_instance(&mut self, instance: &str) -> Option<Peer> {
-        let id = self.peers.values().find(|p| p.instance == instance)?.id;
-        self.peers.remove(&id)
+        let peer = self.instances.remove(instance)?;
+        (!self.instances.values().any(|p| p.id == peer.id)).then_some(peer)
     }
 
+    /// Drops every instance claiming `id` at `addr` (it failed the key check there).
+    pub fn drop_claim(&mut self, id: &TerminalId, addr: &SocketAddr) -> Vec<String> {
+        let bad: Vec<String> = self
+            .instances
+            .values()
+            .filter(|p| p.id == *id && p.dial_addrs().contains(addr))
+            .map(|p| p.instance.clone())
+            .collect();
+        for instance in &bad {
+            self.instances.remove(instance);
+        }
+        bad
+    }
+
+    /// Removes every instance claiming `id`.
     pub fn remove(&mut self, id: &TerminalId) -> Option<Peer> {
-        self.peers.remove(id)
+        let merged = self.get(id);
+        self.instances.retain(|_, p| p.id != *id);
+        merged
     }
 
-    pub fn get(&self, id: &TerminalId) -> Option<&Peer> {
-        self.peers.get(id)
+    /// The peer with `id`, its instances merged: all addresses, the latest name and port.
+    pub fn get(&self, id: &TerminalId) -> Option<Peer> {
+        let mut claims: Vec<&Peer> = self.instances.values().filter(|p| p.id == *id).collect();
+        claims.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
+        let (latest, rest) = claims.split_first()?;
+        let mut merged = (*latest).clone();
+        for other in rest {
+            if other.port == merged.port {
+                merged.addrs.extend(other.addrs.iter().copied());
+            }
+        }
+        Some(merged)
     }
 
-    /// Peers sorted by name, then ID.
+    /// Peers (merged by ID), sorted by name, then ID.
     pub fn list(&self) -> Vec<Peer> {
-        let mut out: Vec<Peer> = self.peers.values().cloned().collect();
+        let ids: BTreeSet<TerminalId> = self.instances.values().map(|p| p.id).collect();
+        let mut out: Vec<Peer> = ids.iter().filter_map(|id| self.get(id)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         out
     }
 
+    /// Number of distinct IDs.
     pub fn len(&self) -> usize {
-        self.peers.len()
+        self.instances
+            .values()
+            .map(|p| p.id)
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
+        self.instances.is_empty()
     }
 
     /// Finds a peer by full ID, unique ID prefix or unique name.
@@ -122,16 +163,15 @@ impl PeerTable {
         let query = query.trim();
         if let Ok(id) = query.parse::<TerminalId>() {
             return self
-                .peers
                 .get(&id)
-                .cloned()
                 .ok_or_else(|| FindError::NotFound(query.into()));
         }
-        let by_name: Vec<&Peer> = self.peers.values().filter(|p| p.name == query).collect();
+        let peers = self.list();
+        let by_name: Vec<&Peer> = peers.iter().filter(|p| p.name == query).collect();
         let lower = query.to_ascii_lowercase();
         let by_prefix: Vec<&Peer> = if query.len() >= 4 {
-            self.peers
-                .values()
+            peers
+                .iter()
                 .filter(|p| p.id.to_string().starts_with(&lower))
                 .collect()
         } else {
@@ -165,7 +205,7 @@ mod tests {
         Peer {
             id: TerminalId::from_bytes([byte; 32]),
             name: name.into(),
-            instance: format!("{name}._handoff._udp.local."),
+            instance: format!("{name}-{byte}._handoff._udp.local."),
             addrs: BTreeSet::from([PeerAddr {
                 ip: "10.0.0.1".parse().unwrap(),
                 scope_id: 0,
@@ -180,6 +220,7 @@ mod tests {
         let mut table = PeerTable::default();
         assert_eq!(table.upsert(peer(1, "tv")), Change::Added);
         assert_eq!(table.upsert(peer(1, "tv")), Change::Updated);
+        assert_eq!(table.len(), 1);
         table.upsert(peer(2, "phone"));
         table.upsert(peer(3, "phone"));
         let tv = TerminalId::from_bytes([1; 32]);
@@ -191,8 +232,33 @@ mod tests {
             Err(FindError::Ambiguous { .. })
         ));
         assert!(matches!(table.find("radio"), Err(FindError::NotFound(_))));
-        assert!(table.remove_instance("tv._handoff._udp.local.").is_some());
+        assert!(table.remove_instance("tv-1._handoff._udp.local.").is_some());
         assert!(table.find("tv").is_err());
+    }
+
+    #[test]
+    fn an_impostor_claim_does_not_hide_the_real_peer() {
+        let mut table = PeerTable::default();
+        table.upsert(peer(1, "tv"));
+        let mut impostor = peer(1, "tv");
+        impostor.instance = "evil._handoff._udp.local.".into();
+        impostor.addrs = BTreeSet::from([PeerAddr {
+            ip: "10.0.0.66".parse().unwrap(),
+            scope_id: 0,
+        }]);
+        table.upsert(impostor);
+        let merged = table.find("tv").unwrap();
+        assert_eq!(
+            merged.addrs.len(),
+            2,
+            "both claims are dialled; the handshake decides"
+        );
+        let bad = table.drop_claim(&merged.id, &"10.0.0.66:1".parse().unwrap());
+        assert_eq!(bad, ["evil._handoff._udp.local."]);
+        assert_eq!(table.find("tv").unwrap().addrs.len(), 1);
+        // A goodbye of one instance keeps the ID while another instance still claims it.
+        table.upsert(peer(1, "tv"));
+        assert!(table.remove_instance("nope").is_none());
     }
 
     #[test]

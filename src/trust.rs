@@ -123,6 +123,15 @@ impl TrustStore {
         Ok(true)
     }
 
+    /// Every trusted ID with where it comes from: `"config"` or `"added"`.
+    pub fn entries(&self) -> Vec<(TerminalId, &'static str)> {
+        let mut out: Vec<(TerminalId, &'static str)> =
+            self.from_config.iter().map(|id| (*id, "config")).collect();
+        out.extend(self.lock().iter().map(|id| (*id, "added")));
+        out.sort();
+        out
+    }
+
     /// Every trusted ID (config and added).
     pub fn list(&self) -> BTreeSet<TerminalId> {
         let mut all = self.lock().clone();

@@ -7,9 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use handoff::config::{
-    AcceptPolicy, DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind,
-};
+use handoff::config::{DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind};
 use handoff::daemon::{Daemon, DaemonOptions, PullError};
 use handoff::identity::{Identity, TerminalId};
 use handoff::net::{self, read_frame, unix_now, write_frame};
@@ -47,21 +45,15 @@ fn terminal(
     server: Option<&Server>,
     trusted: Vec<TerminalId>,
 ) -> DaemonConfig {
-    DaemonConfig {
-        name: name.into(),
-        state_dir: dir.join(name),
-        control_socket: dir.join(format!("{name}.sock")),
-        interfaces: vec![],
-        listen: loopback(),
-        server: server.map(|s| ServerRef {
-            id: s.id(),
-            addrs: vec![s.local_addr().to_string()],
-        }),
-        accept: AcceptPolicy::Trusted,
-        trusted_peers: trusted,
-        lease: Duration::from_secs(600),
-        on_push: vec![],
-    }
+    let mut config =
+        DaemonConfig::with_defaults(name, dir.join(name), dir.join(format!("{name}.sock")));
+    config.listen = loopback();
+    config.server = server.map(|s| ServerRef {
+        id: s.id(),
+        addrs: vec![s.local_addr().to_string()],
+    });
+    config.trusted_peers = trusted;
+    config
 }
 
 async fn start(config: DaemonConfig) -> Daemon {
@@ -169,7 +161,7 @@ async fn untrusted_peer_is_refused_with_a_reason() {
     w.a.trust(w.c.id()).unwrap();
     assert!(w.c.pull("a", WAIT).await.unwrap().push.is_some());
     // And untrusting refuses again.
-    w.a.untrust(w.c.id()).unwrap();
+    w.a.untrust(w.c.id()).await.unwrap();
     assert!(w.c.pull("a", WAIT).await.unwrap_err().refusal().is_some());
 }
 
@@ -408,12 +400,24 @@ async fn server_refuses_forged_replayed_expired_and_misdirected_tickets() {
         ..good(4)
     };
     assert_refused(follow(&conn, expired, &a, b.id()).await, "expired");
-    // Longer than the server's maximum lease.
-    let too_long = Ticket {
+    // Longer than the server's maximum lease (1 h by default): linked, but capped.
+    let long = Ticket {
         not_after: unix_now() + 10 * 3600,
         ..good(5)
     };
-    assert_refused(follow(&conn, too_long, &a, b.id()).await, "maximum lease");
+    match follow(&conn, long, &a, b.id()).await {
+        ResponseBody::Linked { until, .. } => assert!(until <= unix_now() + 3600, "{until}"),
+        other => panic!("{other:?}"),
+    }
+    // Valid for longer than any ticket may be (a week): refused.
+    let absurd = Ticket {
+        not_after: unix_now() + 30 * 24 * 3600,
+        ..good(8)
+    };
+    assert_refused(
+        follow(&conn, absurd, &a, b.id()).await,
+        "longer than the server accepts",
+    );
     // Good, then replayed.
     assert!(matches!(
         follow(&conn, good(6), &a, b.id()).await,
@@ -481,7 +485,10 @@ async fn raw_frames_are_what_the_wire_module_says() {
     .await
     .unwrap();
     send.finish().unwrap();
-    let response: Response = read_frame(&mut recv, WAIT).await.unwrap().unwrap();
+    let response: Response = read_frame(&mut recv, WAIT, wire::MAX_FRAME)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(response.id, 42);
     let ResponseBody::InterfaceInfo(info) = response.body else {
         panic!("{:?}", response.body)

@@ -216,7 +216,34 @@ async fn handle(daemon: &Daemon, request: ControlRequest) -> Reply {
             Err(e) => Reply::error(e.to_string()),
         },
         ControlRequest::Untrust { id } => match daemon.resolve_id(&id) {
-            Ok(id) => match daemon.untrust(id) {
+            Ok(id) => match daemon.untrust(id).await {
+                Ok((changed, revoked)) => Reply {
+                    changed: Some(changed),
+                    revoked,
+                    ..Reply::ok()
+                },
+                Err(e) => Reply::error(e.to_string()),
+            },
+            Err(e) => Reply::error(e.to_string()),
+        },
+        ControlRequest::Pair { peer } => match daemon.pair(&peer).await {
+            Ok(code) => Reply {
+                peer_id: Some(code.peer.to_string()),
+                code: Some(code.code),
+                ..Reply::ok()
+            },
+            Err(e) => Reply {
+                refused: match &e {
+                    crate::daemon::PairError::Refused { refusal, .. } => {
+                        Some(refusal.reason.to_string())
+                    }
+                    _ => None,
+                },
+                ..Reply::error(e.to_string())
+            },
+        },
+        ControlRequest::PairConfirm { peer, code } => match daemon.resolve_id(&peer) {
+            Ok(id) => match daemon.confirm_pair(id, &code) {
                 Ok(changed) => Reply {
                     changed: Some(changed),
                     ..Reply::ok()
@@ -224,6 +251,10 @@ async fn handle(daemon: &Daemon, request: ControlRequest) -> Reply {
                 Err(e) => Reply::error(e.to_string()),
             },
             Err(e) => Reply::error(e.to_string()),
+        },
+        ControlRequest::Trusted => Reply {
+            trusted: Some(daemon.trusted()),
+            ..Reply::ok()
         },
         ControlRequest::Inbox => match daemon.inbox().await {
             Ok(items) => Reply {

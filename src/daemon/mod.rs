@@ -9,6 +9,8 @@
 //! [`ErrorCode::Shutdown`], remove the control socket, then wait for the tasks to drain.
 
 mod control_server;
+mod follow;
+mod pairing;
 mod peer_service;
 mod pull;
 mod server_link;
@@ -22,13 +24,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-pub use pull::{PullError, PullOutcome};
+pub use pairing::{PairCode, PairError, PAIR_TIMEOUT};
+pub use pull::{LinkOutcome, PullError, PullOutcome};
 
 use crate::config::{AcceptPolicy, DaemonConfig};
 use crate::control::{PeerRecord, PushRecord, ServerStatus, StatusRecord};
 use crate::discovery::{Discovery, DiscoveryEvent};
 use crate::identity::{Identity, IdentityError, ServerId, TerminalId};
 use crate::inbox::{Inbox, InboxError};
+use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
+use crate::metrics::Metrics;
 use crate::net::varint;
 use crate::peer::{Change, Peer, PeerTable};
 use crate::tls::{self, TransportLimits};
@@ -40,14 +45,6 @@ use server_link::ServerLink;
 const PUSH_BUFFER: usize = 256;
 /// Hook processes running at once; further pushes wait for a slot.
 const HOOK_SLOTS: usize = 8;
-
-/// What peers may make the daemon's endpoint hold.
-pub(crate) const PEER_LIMITS: TransportLimits = TransportLimits {
-    max_bidi_streams: 8,
-    max_uni_streams: 0,
-    idle_timeout: Duration::from_secs(15),
-    keep_alive: None,
-};
 
 /// Connections the daemon opens (to peers and servers): servers may open push streams.
 pub(crate) const DIAL_LIMITS: TransportLimits = TransportLimits {
@@ -119,6 +116,20 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     pub discovery: tokio::sync::Mutex<Option<Arc<Discovery>>>,
     pub started: Instant,
+    pub metrics: Metrics,
+    pub guards: Guards,
+    pub pairings: Mutex<pairing::Pairings>,
+    pub pair_changes: watch::Sender<u64>,
+    pub follows: Mutex<HashMap<TerminalId, follow::FollowState>>,
+}
+
+/// The limiters of DESIGN §7, built from `[limits]`.
+pub(crate) struct Guards {
+    pub handshakes_per_source: KeyedLimiter<std::net::IpAddr>,
+    pub per_source: SourceCounter,
+    pub unknown_handshakes: KeyedLimiter<()>,
+    pub requests_per_peer: KeyedLimiter<TerminalId>,
+    pub log: LogLimiter,
 }
 
 /// A handle to a running daemon. Cheap to clone.
@@ -139,7 +150,14 @@ impl Daemon {
         let identity = Identity::load_or_create(&config.state_dir)?;
         let trust = TrustStore::open(&config.state_dir, config.accept, &config.trusted_peers)?;
         let inbox = Inbox::open(&config.state_dir)?;
-        let server_config = tls::server_config(&identity, PEER_LIMITS)?;
+        let limits = config.limits;
+        let peer_transport = TransportLimits {
+            max_bidi_streams: limits.max_streams_per_connection,
+            max_uni_streams: 0,
+            idle_timeout: Duration::from_secs(15),
+            keep_alive: None,
+        };
+        let server_config = tls::server_config(&identity, peer_transport)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             DaemonError::Bind {
                 addr: config.listen,
@@ -173,6 +191,20 @@ impl Daemon {
             discovery: tokio::sync::Mutex::new(None),
             started: Instant::now(),
             identity,
+            metrics: Metrics::new(),
+            guards: Guards {
+                handshakes_per_source: KeyedLimiter::new(
+                    limits.handshakes_per_sec_per_source,
+                    4096,
+                ),
+                per_source: SourceCounter::new(limits.max_connections_per_source),
+                unknown_handshakes: KeyedLimiter::new(limits.unknown_handshakes_per_sec, 1),
+                requests_per_peer: KeyedLimiter::new(limits.requests_per_sec_per_peer, 4096),
+                log: LogLimiter::new(Duration::from_secs(10)),
+            },
+            pairings: Mutex::new(pairing::Pairings::default()),
+            pair_changes: watch::Sender::new(0),
+            follows: Mutex::new(HashMap::new()),
         });
         let daemon = Daemon { shared };
         let me = daemon.id();
@@ -190,6 +222,9 @@ impl Daemon {
         if let Some(home) = daemon.shared.home.clone() {
             let span = tracing::info_span!("server", id = %home.server.id.short());
             daemon.spawn(server_link::supervise_home(daemon.clone(), home), span);
+        }
+        if !config.follow_peers.is_empty() || config.follow_auto {
+            daemon.spawn(follow::run(daemon.clone()), tracing::info_span!("follow"));
         }
         if options.discovery {
             let advert = wire::txt::Advert {
@@ -210,6 +245,21 @@ impl Daemon {
             info!(interfaces = ?config.interfaces, "advertising on mDNS");
         }
         Ok(daemon)
+    }
+
+    /// Counts a hit on `limit` and logs it at most once per interval.
+    pub(crate) fn over_limit(&self, limit: &'static str, detail: std::fmt::Arguments<'_>) {
+        self.shared
+            .metrics
+            .inc("handoff_limit_hits_total", Some(("limit", limit)));
+        if let Some(suppressed) = self.shared.guards.log.check(limit) {
+            warn!(limit, suppressed, "over limit: {detail}");
+        }
+    }
+
+    /// The daemon's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     pub(crate) fn spawn<F>(&self, future: F, span: tracing::Span)
@@ -309,12 +359,56 @@ impl Daemon {
         Ok(changed)
     }
 
-    pub fn untrust(&self, id: TerminalId) -> Result<bool, TrustError> {
+    /// Removes `id` from the trust list and asks the home server to end its link to this
+    /// terminal at once. Returns whether the list changed and whether the server removed a link
+    /// (`None`: no server, or it could not be reached; the link then lapses at its lease end).
+    pub async fn untrust(&self, id: TerminalId) -> Result<(bool, Option<bool>), TrustError> {
         let changed = self.shared.trust.untrust(id)?;
         if changed {
             info!(peer = %id, "peer no longer trusted");
         }
-        Ok(changed)
+        let Some(home) = self.shared.home.clone() else {
+            return Ok((changed, None));
+        };
+        let revoked = match tokio::time::timeout(
+            Duration::from_secs(2),
+            home.request(self, wire::RequestBody::Revoke { second: id }),
+        )
+        .await
+        {
+            Ok(Ok(wire::ResponseBody::Revoked { removed })) => Some(removed),
+            Ok(Ok(other)) => {
+                warn!("server answered Revoke with {other:?}");
+                None
+            }
+            Ok(Err(e)) => {
+                warn!("could not revoke {}'s link at the server: {e}", id.short());
+                None
+            }
+            Err(_) => {
+                warn!(
+                    "the server did not answer the revocation of {} in time",
+                    id.short()
+                );
+                None
+            }
+        };
+        Ok((changed, revoked))
+    }
+
+    /// The trust list: each ID with its source (`"config"` or `"added"`) and name, if discovered.
+    pub fn trusted(&self) -> Vec<crate::control::TrustedRecord> {
+        let peers = lock(&self.shared.peers);
+        self.shared
+            .trust
+            .entries()
+            .into_iter()
+            .map(|(id, source)| crate::control::TrustedRecord {
+                id: id.to_string(),
+                source: source.to_string(),
+                name: peers.get(&id).map(|p| p.name),
+            })
+            .collect()
     }
 
     /// Resolves a CLI argument naming a peer: a known peer's name or ID prefix, or a full ID.
@@ -353,6 +447,20 @@ impl Daemon {
             inbox,
             session: self.session(),
             uptime_secs: sh.started.elapsed().as_secs(),
+            follows: self
+                .follows()
+                .into_iter()
+                .map(|(id, until)| crate::control::FollowRecord {
+                    id: id.to_string(),
+                    until,
+                })
+                .collect(),
+            pair_requests: self
+                .pair_requests()
+                .iter()
+                .map(|id| id.to_string())
+                .collect(),
+            counters: sh.metrics.snapshot(),
         }
     }
 

@@ -1,7 +1,11 @@
-//! The peer-facing side of the endpoint: answers interface-info requests (patent S110).
+//! The peer-facing side of the endpoint: answers interface-info requests (patent S110) and
+//! pairing steps.
 //!
 //! Any peer that completes the mutual-TLS handshake may ask; the trust policy decides whether it
-//! gets interface info with a ticket or a refusal it can show its user.
+//! gets interface info with a ticket or a refusal it can show its user. Limits (DESIGN §7) apply
+//! before the handshake (per-source handshake rate, connections per source, connections in all)
+//! and after it (handshakes from keys not on the trust list, requests per peer, streams per
+//! connection, frame size).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +23,11 @@ use crate::wire::{
     Ticket,
 };
 
-/// Peer connections held at once; more are refused before the handshake.
-const MAX_PEER_CONNECTIONS: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn serve(daemon: Daemon) {
-    let slots = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    let limits = daemon.shared.config.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let incoming = tokio::select! {
             _ = daemon.cancelled() => return,
@@ -33,24 +36,62 @@ pub(crate) async fn serve(daemon: Daemon) {
                 None => return,
             },
         };
+        let ip = incoming.remote_address().ip();
+        if !daemon.shared.guards.handshakes_per_source.allow(&ip) {
+            daemon.over_limit(
+                "handshakes_per_sec_per_source",
+                format_args!("handshakes from {ip}"),
+            );
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!(remote = %incoming.remote_address(), "refusing peer connection: at the limit");
+            daemon.over_limit("max_connections", format_args!("refusing {ip}"));
+            incoming.refuse();
+            continue;
+        };
+        let Some(source) = daemon.shared.guards.per_source.acquire(ip) else {
+            daemon.over_limit("max_connections_per_source", format_args!("refusing {ip}"));
             incoming.refuse();
             continue;
         };
         let d = daemon.clone();
         daemon.spawn(
             async move {
-                let _permit = permit;
+                let _slots = (permit, source);
                 let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                     Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => return debug!("peer handshake failed: {e}"),
-                    Err(_) => return debug!("peer handshake timed out"),
+                    Ok(Err(e)) => {
+                        d.shared
+                            .metrics
+                            .inc("handoff_handshakes_failed_total", Some(("reason", "tls")));
+                        return debug!("peer handshake failed: {e}");
+                    }
+                    Err(_) => {
+                        d.shared.metrics.inc(
+                            "handoff_handshakes_failed_total",
+                            Some(("reason", "timeout")),
+                        );
+                        return debug!("peer handshake timed out");
+                    }
                 };
                 let Some(peer) = peer_id(&conn) else {
                     conn.close(varint(ErrorCode::Unexpected), b"no usable certificate");
                     return;
                 };
+                if !d.shared.trust.is_trusted(&peer)
+                    && !d.shared.guards.unknown_handshakes.allow(&())
+                {
+                    d.over_limit(
+                        "unknown_handshakes_per_sec",
+                        format_args!("closing {}", peer.short()),
+                    );
+                    conn.close(
+                        varint(ErrorCode::Busy),
+                        b"too many handshakes from unknown keys",
+                    );
+                    return;
+                }
                 let span = tracing::info_span!("peer", id = %peer.short());
                 serve_connection(d, conn, peer).instrument(span).await;
             },
@@ -71,27 +112,48 @@ async fn serve_connection(daemon: Daemon, conn: quinn::Connection, peer: Termina
                 Err(_) => return,
             },
         };
-        // Streams are capped by the transport (PEER_LIMITS), so this spawns a bounded number.
+        // Streams are capped by the transport (limits.max_streams_per_connection).
         let d = daemon.clone();
         tokio::spawn(
             async move {
-                let request: Request = match read_frame(&mut recv, READ_TIMEOUT).await {
+                let max_frame = d.shared.config.limits.max_frame;
+                let request: Request = match read_frame(&mut recv, READ_TIMEOUT, max_frame).await {
                     Ok(Some(r)) => r,
                     Ok(None) => return,
                     Err(e) => {
-                        warn!("bad request from peer: {e}");
+                        d.shared
+                            .metrics
+                            .inc("handoff_bad_frames_total", Some(("code", e.code().name())));
+                        if let Some(suppressed) = d.shared.guards.log.check("bad_frame") {
+                            warn!(suppressed, "bad request from peer: {e}");
+                        }
                         refuse_stream(&mut send, &mut recv, e.code());
                         return;
                     }
                 };
-                let body = match request.body {
-                    RequestBody::InterfaceInfo => interface_info(&d, peer),
-                    other => {
-                        debug!("peer sent a server request: {other:?}");
-                        ResponseBody::Refused(Refusal {
-                            reason: RefusalReason::WrongEndpoint,
-                            message: "a terminal only answers interface-info requests".into(),
-                        })
+                let body = if !d.shared.guards.requests_per_peer.allow(&peer) {
+                    d.over_limit(
+                        "requests_per_sec_per_peer",
+                        format_args!("from {}", peer.short()),
+                    );
+                    refusal(
+                        &d,
+                        RefusalReason::Busy,
+                        "too many requests; slow down".into(),
+                    )
+                } else {
+                    match request.body {
+                        RequestBody::InterfaceInfo => interface_info(&d, peer),
+                        RequestBody::Pair(step) => d.answer_pair_step(peer, step),
+                        other => {
+                            debug!("peer sent a server request: {other:?}");
+                            refusal(
+                                &d,
+                                RefusalReason::WrongEndpoint,
+                                "a terminal only answers interface-info and pairing requests"
+                                    .into(),
+                            )
+                        }
                     }
                 };
                 let response = Response {
@@ -108,24 +170,36 @@ async fn serve_connection(daemon: Daemon, conn: quinn::Connection, peer: Termina
     }
 }
 
+/// A refusal, counted by reason.
+pub(crate) fn refusal(daemon: &Daemon, reason: RefusalReason, message: String) -> ResponseBody {
+    let label = reason.to_string().replace(' ', "_");
+    daemon
+        .shared
+        .metrics
+        .inc("handoff_refusals_total", Some(("reason", &label)));
+    ResponseBody::Refused(Refusal { reason, message })
+}
+
 /// Builds interface info for `peer`, or the refusal it gets.
 fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
     let shared = &daemon.shared;
     if !shared.trust.accepts(&peer) {
         warn!(peer = %peer, "refused interface info: peer is not trusted");
-        return ResponseBody::Refused(Refusal {
-            reason: RefusalReason::NotTrusted,
-            message: format!(
+        return refusal(
+            daemon,
+            RefusalReason::NotTrusted,
+            format!(
                 "{} does not trust this terminal; on it, run `handoff trust {peer}`",
                 shared.config.name
             ),
-        });
+        );
     }
     let Some(home) = &shared.home else {
-        return ResponseBody::Refused(Refusal {
-            reason: RefusalReason::NoServer,
-            message: format!("{} is not attached to a content server", shared.config.name),
-        });
+        return refusal(
+            daemon,
+            RefusalReason::NoServer,
+            format!("{} is not attached to a content server", shared.config.name),
+        );
     };
     let mut nonce = [0u8; 16];
     rand::rng().fill_bytes(&mut nonce);
@@ -138,6 +212,7 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
     }
     .sign(&shared.identity);
     info!(peer = %peer.short(), "gave interface info");
+    shared.metrics.inc("handoff_interface_info_total", None);
     ResponseBody::InterfaceInfo(Box::new(InterfaceInfo {
         server: home.server.clone(),
         first: daemon.id(),

@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::RecvError;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::server_link::{explain_connect_error, LinkError};
+use super::server_link::{explain_connect_error, is_key_mismatch, LinkError};
 use super::Daemon;
 use crate::control::{PullTiming, PushRecord};
 use crate::net::{self, varint, RequestError};
@@ -63,6 +63,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What linking to a peer achieved (steps 2–5 without waiting for the push).
+#[derive(Debug, Clone)]
+pub struct LinkOutcome {
+    /// Unix seconds until which this terminal follows the peer.
+    pub until: u64,
+    /// Whether the peer showed something when the link was made (then a push follows).
+    pub has_session: bool,
+    pub interface_info_ms: f64,
+    pub linked_ms: f64,
+}
+
 impl Daemon {
     /// Pulls what `query` (a peer's ID, unique ID prefix or unique name) is showing.
     pub async fn pull(&self, query: &str, timeout: Duration) -> Result<PullOutcome, PullError> {
@@ -73,11 +84,51 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .find(query)?;
-        let name = peer.name.clone();
         // Subscribe before linking: the server may push before its answer arrives.
         let mut pushes = self.subscribe();
+        let link = self.link_to(&peer).await?;
+        let timing = |pushed: Option<f64>| PullTiming {
+            interface_info_ms: link.interface_info_ms,
+            linked_ms: link.linked_ms,
+            pushed_ms: pushed,
+        };
+        if !link.has_session {
+            return Ok(PullOutcome {
+                push: None,
+                linked_until: link.until,
+                timing: timing(None),
+            });
+        }
+        let from = peer.id.to_string();
+        let wait = async {
+            loop {
+                match pushes.recv().await {
+                    Ok(record) if record.from.as_deref() == Some(from.as_str()) => {
+                        return Some(record)
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(record)) => Ok(PullOutcome {
+                push: Some(record),
+                linked_until: link.until,
+                timing: timing(Some(ms(started.elapsed()))),
+            }),
+            _ => Err(PullError::NoPush {
+                name: peer.name,
+                timeout,
+            }),
+        }
+    }
 
-        let conn = self.dial_peer(&peer).await?;
+    /// Fetches `peer`'s interface info and asks the server it names to link us to it.
+    pub(crate) async fn link_to(&self, peer: &Peer) -> Result<LinkOutcome, PullError> {
+        let started = Instant::now();
+        let name = peer.name.clone();
+        let conn = self.dial_peer(peer).await?;
         let answer = net::request(&conn, RequestBody::InterfaceInfo).await;
         conn.close(varint(ErrorCode::Closed), b"done");
         let info = match answer {
@@ -121,7 +172,7 @@ impl Daemon {
             second: me,
             ticket: info.ticket.clone(),
         });
-        let (linked_until, has_session) = match link.request(self, request).await? {
+        let (until, has_session) = match link.request(self, request).await? {
             ResponseBody::Linked { until, has_session } => (until, has_session),
             ResponseBody::Refused(refusal) => {
                 return Err(PullError::Refused {
@@ -136,48 +187,20 @@ impl Daemon {
                 });
             }
         };
-        link.keep_until(self, linked_until);
-        let linked_ms = ms(started.elapsed());
-        info!(peer = %peer.id.short(), until = linked_until, "following");
-        if !has_session {
-            return Ok(PullOutcome {
-                push: None,
-                linked_until,
-                timing: PullTiming {
-                    interface_info_ms,
-                    linked_ms,
-                    pushed_ms: None,
-                },
-            });
-        }
-        let from = peer.id.to_string();
-        let wait = async {
-            loop {
-                match pushes.recv().await {
-                    Ok(record) if record.from.as_deref() == Some(from.as_str()) => {
-                        return Some(record)
-                    }
-                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
-                    Err(RecvError::Closed) => return None,
-                }
-            }
-        };
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(Some(record)) => Ok(PullOutcome {
-                push: Some(record),
-                linked_until,
-                timing: PullTiming {
-                    interface_info_ms,
-                    linked_ms,
-                    pushed_ms: Some(ms(started.elapsed())),
-                },
-            }),
-            _ => Err(PullError::NoPush { name, timeout }),
-        }
+        link.keep_until(self, until);
+        info!(peer = %peer.id.short(), until, "following");
+        self.shared.metrics.inc("handoff_links_total", None);
+        Ok(LinkOutcome {
+            until,
+            has_session,
+            interface_info_ms,
+            linked_ms: ms(started.elapsed()),
+        })
     }
 
-    /// Dials a peer at each advertised address in turn, pinning its advertised ID.
-    async fn dial_peer(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
+    /// Dials a peer at each advertised address in turn, pinning its advertised ID. An address
+    /// whose endpoint holds another key is an impostor's claim: it is dropped from the table.
+    pub(crate) async fn dial_peer(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
         let unreachable = |reason: String| PullError::Unreachable {
             name: peer.name.clone(),
             reason,
@@ -201,7 +224,23 @@ impl Daemon {
                 };
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => return Ok(conn),
-                Ok(Err(e)) => errors.push(format!("{addr}: {}", explain_connect_error(&e))),
+                Ok(Err(e)) => {
+                    let text = explain_connect_error(&e);
+                    if is_key_mismatch(&e) {
+                        let dropped = self
+                            .shared
+                            .peers
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .drop_claim(&peer.id, &addr);
+                        self.shared.metrics.inc(
+                            "handoff_handshakes_failed_total",
+                            Some(("reason", "wrong_key")),
+                        );
+                        warn!(peer = %peer.id, %addr, ?dropped, "an endpoint claiming this id holds another key; ignoring its claim");
+                    }
+                    errors.push(format!("{addr}: {text}"));
+                }
                 Err(_) => errors.push(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}")),
             }
         }

@@ -144,10 +144,15 @@ impl ServerLink {
     }
 }
 
+/// Whether a handshake failed because the endpoint holds another key than the pinned one.
+pub(crate) fn is_key_mismatch(e: &quinn::ConnectionError) -> bool {
+    e.to_string().contains("ApplicationVerificationFailure")
+}
+
 /// Explains a failed handshake in words a user can act on.
 pub(crate) fn explain_connect_error(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
-    if text.contains("ApplicationVerificationFailure") {
+    if is_key_mismatch(e) {
         "the endpoint does not hold the expected key (wrong id, or an impersonator)".into()
     } else {
         text
@@ -275,8 +280,12 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection) {
                 loop {
                     // A push stream is long-lived: idle time between items is not a timeout, so the
                     // per-frame timeout is long; connection keep-alive detects a dead server.
-                    match net::read_frame::<ServerPush>(&mut recv, Duration::from_secs(24 * 3600))
-                        .await
+                    match net::read_frame::<ServerPush>(
+                        &mut recv,
+                        Duration::from_secs(24 * 3600),
+                        crate::wire::MAX_FRAME,
+                    )
+                    .await
                     {
                         Ok(Some(ServerPush::Item(item))) => daemon.deliver(item).await,
                         Ok(None) => return,

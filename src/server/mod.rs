@@ -23,6 +23,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{ServerConfig, ServerLimits};
 use crate::identity::{Identity, TerminalId};
+use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
+use crate::metrics::Metrics;
 use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_TIMEOUT};
 use crate::tls::{self, peer_id, TransportLimits};
 use crate::wire::ticket::Expectation;
@@ -36,12 +38,8 @@ use registry::{ConnSlot, Delivery, Registry};
 const PUSH_QUEUE: usize = 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const TERMINAL_LIMITS: TransportLimits = TransportLimits {
-    max_bidi_streams: 16,
-    max_uni_streams: 0,
-    idle_timeout: Duration::from_secs(30),
-    keep_alive: None,
-};
+/// The longest a ticket may be valid; bounds how long its nonce is remembered.
+const MAX_TICKET_LIFETIME: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -62,6 +60,11 @@ struct Shared {
     cancel: CancellationToken,
     tasks: TaskTracker,
     next_conn_id: AtomicU64,
+    metrics: Metrics,
+    per_source: SourceCounter,
+    handshakes: KeyedLimiter<std::net::IpAddr>,
+    requests: KeyedLimiter<TerminalId>,
+    log_limit: LogLimiter,
 }
 
 /// A running server. Cheap to clone.
@@ -73,7 +76,13 @@ pub struct Server {
 impl Server {
     /// Binds the QUIC endpoint and starts accepting terminals.
     pub fn start(identity: Identity, config: &ServerConfig) -> Result<Self, ServerError> {
-        let server_config = tls::server_config(&identity, TERMINAL_LIMITS)?;
+        let transport = TransportLimits {
+            max_bidi_streams: config.limits.max_streams_per_connection,
+            max_uni_streams: 0,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: None,
+        };
+        let server_config = tls::server_config(&identity, transport)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             ServerError::Bind {
                 addr: config.listen,
@@ -89,6 +98,11 @@ impl Server {
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 next_conn_id: AtomicU64::new(1),
+                metrics: Metrics::new(),
+                per_source: SourceCounter::new(config.limits.max_connections_per_source),
+                handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
+                requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
+                log_limit: LogLimiter::new(Duration::from_secs(10)),
             }),
         };
         info!(id = %server.id(), quic = %server.local_addr(), "server listening");
@@ -114,6 +128,21 @@ impl Server {
     /// Terminals connected now.
     pub fn connected(&self) -> usize {
         self.registry().connected()
+    }
+
+    /// The server's counters (for `/metrics` and tests).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Counts a hit on `limit` and logs it at most once per interval.
+    fn over_limit(&self, limit: &'static str, detail: std::fmt::Arguments<'_>) {
+        self.shared
+            .metrics
+            .inc("handoff_limit_hits_total", Some(("limit", limit)));
+        if let Some(suppressed) = self.shared.log_limit.check(limit) {
+            warn!(limit, suppressed, "over limit: {detail}");
+        }
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -148,7 +177,10 @@ impl Server {
         if let Err(e) = slot.tx.try_send(item) {
             match e {
                 mpsc::error::TrySendError::Full(_) => {
-                    warn!(terminal = %to.short(), "push queue full; disconnecting the slow terminal");
+                    self.over_limit(
+                        "push_queue",
+                        format_args!("push queue of {} full; disconnecting it", to.short()),
+                    );
                     slot.conn.close(varint(ErrorCode::Busy), b"push queue full");
                 }
                 mpsc::error::TrySendError::Closed(_) => {
@@ -169,18 +201,43 @@ async fn accept(server: Server) {
                 None => return,
             },
         };
+        let ip = incoming.remote_address().ip();
+        if !server.shared.handshakes.allow(&ip) {
+            server.over_limit(
+                "handshakes_per_sec_per_source",
+                format_args!("handshakes from {ip}"),
+            );
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!(remote = %incoming.remote_address(), "refusing connection: at max_connections");
+            server.over_limit("max_connections", format_args!("refusing {ip}"));
+            incoming.refuse();
+            continue;
+        };
+        let Some(source) = server.shared.per_source.acquire(ip) else {
+            server.over_limit("max_connections_per_source", format_args!("refusing {ip}"));
             incoming.refuse();
             continue;
         };
         let s = server.clone();
         server.shared.tasks.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, source);
             let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                 Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => return debug!("handshake failed: {e}"),
-                Err(_) => return debug!("handshake timed out"),
+                Ok(Err(e)) => {
+                    s.shared
+                        .metrics
+                        .inc("handoff_handshakes_failed_total", Some(("reason", "tls")));
+                    return debug!("handshake failed: {e}");
+                }
+                Err(_) => {
+                    s.shared.metrics.inc(
+                        "handoff_handshakes_failed_total",
+                        Some(("reason", "timeout")),
+                    );
+                    return debug!("handshake timed out");
+                }
             };
             let Some(id) = peer_id(&conn) else {
                 conn.close(varint(ErrorCode::Unexpected), b"no usable certificate");
@@ -225,20 +282,37 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                 }
             },
         };
-        // The transport caps concurrent streams per connection (TERMINAL_LIMITS).
+        // The transport caps concurrent streams per connection (`limits.max_streams_per_connection`).
         let s = server.clone();
         tokio::spawn(
             async move {
-                let request: Request = match read_frame(&mut recv, READ_TIMEOUT).await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        warn!("bad request: {e}");
-                        refuse_stream(&mut send, &mut recv, e.code());
-                        return;
-                    }
+                let request: Request =
+                    match read_frame(&mut recv, READ_TIMEOUT, s.shared.limits.max_frame).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return,
+                        Err(e) => {
+                            s.shared
+                                .metrics
+                                .inc("handoff_bad_frames_total", Some(("code", e.code().name())));
+                            if let Some(suppressed) = s.shared.log_limit.check("bad_frame") {
+                                warn!(suppressed, "bad request: {e}");
+                            }
+                            refuse_stream(&mut send, &mut recv, e.code());
+                            return;
+                        }
+                    };
+                let body = if s.shared.requests.allow(&id) {
+                    s.handle(id, request.body)
+                } else {
+                    s.over_limit(
+                        "requests_per_sec_per_terminal",
+                        format_args!("from {}", id.short()),
+                    );
+                    ResponseBody::Refused(Refusal {
+                        reason: RefusalReason::Busy,
+                        message: "too many requests; slow down".into(),
+                    })
                 };
-                let body = s.handle(id, request.body);
                 if write_frame(
                     &mut send,
                     &Response {
@@ -271,9 +345,14 @@ impl Server {
                 ResponseBody::SessionStored
             }
             RequestBody::Follow(request) => self.follow(id, request),
-            RequestBody::InterfaceInfo => ResponseBody::Refused(Refusal {
+            RequestBody::Revoke { second } => {
+                let removed = self.registry().unlink(id, second);
+                info!(second = %second.short(), removed, "link revoked by its first terminal");
+                ResponseBody::Revoked { removed }
+            }
+            RequestBody::InterfaceInfo | RequestBody::Pair(_) => ResponseBody::Refused(Refusal {
                 reason: RefusalReason::WrongEndpoint,
-                message: "a server does not serve interface info".into(),
+                message: "a server does not serve terminal-to-terminal requests".into(),
             }),
         }
     }
@@ -298,7 +377,7 @@ impl Server {
             second,
             server: self.id(),
             now,
-            max_lease: self.shared.limits.max_lease.as_secs(),
+            max_lifetime: MAX_TICKET_LIFETIME,
         };
         if let Err(e) = request.ticket.check(&expect) {
             return refuse(e.to_string());
@@ -308,7 +387,12 @@ impl Server {
             drop(registry);
             return refuse(e.to_string());
         }
-        let until = request.ticket.ticket.not_after;
+        // The link lasts as long as the ticket, capped by the server's maximum lease.
+        let until = request
+            .ticket
+            .ticket
+            .not_after
+            .min(now + self.shared.limits.max_lease.as_secs());
         let (has_session, delivery) = registry.follow(second, request.first, until);
         drop(registry);
         info!(first = %request.first.short(), until, "linked");

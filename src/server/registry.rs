@@ -134,6 +134,18 @@ impl Registry {
         Some(Delivery { to, slot, item })
     }
 
+    /// Ends the link of `second` following `first`; returns whether there was one.
+    pub fn unlink(&mut self, first: TerminalId, second: TerminalId) -> bool {
+        let Some(followers) = self.followers.get_mut(&first) else {
+            return false;
+        };
+        let removed = followers.remove(&second).is_some();
+        if followers.is_empty() {
+            self.followers.remove(&first);
+        }
+        removed
+    }
+
     /// Drops links whose lease ended.
     pub fn expire(&mut self, now: u64) {
         self.followers.retain(|_, f| {

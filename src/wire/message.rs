@@ -32,6 +32,20 @@ pub enum RequestBody {
     SetSession(Option<Session>),
     /// Terminal → server: "push me what `first` shows" (patent S120).
     Follow(InfoRequest),
+    /// Terminal → terminal: one step of pairing (see [`PairStep`]).
+    Pair(PairStep),
+    /// Terminal → its server: end the link of `second` following this terminal (revocation).
+    Revoke { second: TerminalId },
+}
+
+/// Pairing is commit-then-reveal, so neither side can choose its nonce after seeing the other's:
+/// the terminal with the smaller ID sends `Commit` (a hash of its nonce), the other answers with
+/// its own nonce ([`ResponseBody::PairNonce`]), then the first reveals its nonce. Both derive the
+/// 6-digit code from both keys and both nonces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PairStep {
+    Commit { commitment: [u8; 32] },
+    Reveal { nonce: [u8; 16] },
 }
 
 /// The information request of patent S120: both identifiers and the ticket `first` signed.
@@ -58,6 +72,16 @@ pub enum ResponseBody {
     Linked {
         until: u64,
         has_session: bool,
+    },
+    /// Pairing: the responder's nonce, answering a `Commit`.
+    PairNonce {
+        nonce: [u8; 16],
+    },
+    /// Pairing: the reveal matched the commitment; both sides can show the code.
+    Paired,
+    /// The server ended the link (`removed`: there was one).
+    Revoked {
+        removed: bool,
     },
 }
 
@@ -86,6 +110,10 @@ pub enum RefusalReason {
     WrongEndpoint,
     /// Over a limit; try later.
     Busy,
+    /// A pairing request the receiving terminal's user has not started (or that expired).
+    NotPairing,
+    /// A pairing reveal that does not match its commitment.
+    BadPairing,
 }
 
 impl fmt::Display for RefusalReason {
@@ -96,6 +124,8 @@ impl fmt::Display for RefusalReason {
             Self::BadTicket => "bad ticket",
             Self::WrongEndpoint => "wrong endpoint",
             Self::Busy => "busy",
+            Self::NotPairing => "not pairing",
+            Self::BadPairing => "pairing failed",
         })
     }
 }

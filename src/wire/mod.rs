@@ -161,6 +161,20 @@ impl ErrorCode {
         })
     }
 
+    /// A short snake_case name, for metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::Malformed => "malformed",
+            Self::Timeout => "timeout",
+            Self::Unexpected => "unexpected",
+            Self::Busy => "busy",
+            Self::Shutdown => "shutdown",
+            Self::Replaced => "replaced",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Self::Closed => "closed",

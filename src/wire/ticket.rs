@@ -48,7 +48,7 @@ pub enum TicketError {
     WrongServer,
     #[error("the ticket has expired")]
     Expired,
-    #[error("the ticket's lifetime exceeds the server's maximum lease")]
+    #[error("the ticket is valid for longer than the server accepts")]
     LeaseTooLong,
     #[error("the ticket was already used")]
     Replayed,
@@ -67,8 +67,9 @@ pub struct Expectation {
     pub server: ServerId,
     /// Now, in Unix seconds.
     pub now: u64,
-    /// The longest lease the server grants, in seconds.
-    pub max_lease: u64,
+    /// The longest a ticket may be valid, in seconds. It bounds how long a nonce must be
+    /// remembered; the link itself is capped separately by the server's maximum lease.
+    pub max_lifetime: u64,
 }
 
 impl SignedTicket {
@@ -90,7 +91,7 @@ impl SignedTicket {
         if t.not_after <= expect.now {
             return Err(TicketError::Expired);
         }
-        if t.not_after - expect.now > expect.max_lease {
+        if t.not_after - expect.now > expect.max_lifetime {
             return Err(TicketError::LeaseTooLong);
         }
         Ok(())
@@ -176,7 +177,7 @@ mod tests {
             second: f.b.id(),
             server: f.server.id(),
             now: NOW,
-            max_lease: 3600,
+            max_lifetime: 3600,
         }
     }
 
@@ -253,7 +254,7 @@ mod tests {
         let f = fixture();
         let signed = ticket(&f).sign(&f.a);
         let e = Expectation {
-            max_lease: 599,
+            max_lifetime: 599,
             ..expect(&f)
         };
         assert_eq!(signed.check(&e), Err(TicketError::LeaseTooLong));

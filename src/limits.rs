@@ -1,0 +1,218 @@
+//! Bounds on what strangers can make an endpoint do (DESIGN §7): token buckets, per-key buckets
+//! with a bounded key set, per-source connection counts, and a log limiter so an attack produces
+//! one line per interval rather than one per packet.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+}
+
+/// One token bucket per key (a source address, a terminal ID), with a bounded number of keys.
+#[derive(Debug)]
+pub struct KeyedLimiter<K> {
+    buckets: Mutex<HashMap<K, TokenBucket>>,
+    rate: f64,
+    burst: f64,
+    max_keys: usize,
+}
+
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
+    /// `rate` per second per key, bursts of up to `rate` (at least 1).
+    pub fn new(rate: u32, max_keys: usize) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            buckets: Mutex::new(HashMap::new()),
+            rate,
+            burst: rate,
+            max_keys,
+        }
+    }
+
+    /// Whether `key` may act now (and counts the act).
+    pub fn allow(&self, key: &K) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
+            // Forget keys whose buckets refilled: they hold no information.
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= self.max_keys {
+                return false;
+            }
+        }
+        buckets
+            .entry(key.clone())
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
+            .try_take(now)
+    }
+}
+
+/// Counts connections per source address; a slot is released when its guard drops.
+#[derive(Debug, Clone)]
+pub struct SourceCounter {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max: usize,
+}
+
+pub struct SourceGuard {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl SourceCounter {
+    pub fn new(max: usize) -> Self {
+        Self {
+            counts: Arc::new(Mutex::new(HashMap::new())),
+            max,
+        }
+    }
+
+    /// Takes a slot for `ip`, or `None` if it holds `max` already.
+    pub fn acquire(&self, ip: IpAddr) -> Option<SourceGuard> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard {
+            counts: self.counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Lets a message through at most once per interval per key, counting what it held back.
+#[derive(Debug)]
+pub struct LogLimiter {
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    interval: Duration,
+}
+
+impl LogLimiter {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            last: Mutex::new(HashMap::new()),
+            interval,
+        }
+    }
+
+    /// `Some(suppressed)` when a line about `key` may be logged now; `suppressed` is how many were
+    /// held back since the last one.
+    pub fn check(&self, key: &'static str) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get_mut(key) {
+            Some((at, held)) if now.duration_since(*at) < self.interval => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let suppressed = *held;
+                *at = now;
+                *held = 0;
+                Some(suppressed)
+            }
+            None => {
+                last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_at_its_rate() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(10.0, 2.0);
+        b.last = start;
+        assert!(b.try_take(start));
+        assert!(b.try_take(start));
+        assert!(!b.try_take(start));
+        assert!(b.try_take(start + Duration::from_millis(100)));
+        assert!(!b.try_take(start + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn keyed_limiter_separates_keys_and_bounds_them() {
+        let l = KeyedLimiter::new(2, 2);
+        assert!(l.allow(&1) && l.allow(&1));
+        assert!(!l.allow(&1));
+        assert!(l.allow(&2));
+        // A third key while both buckets are drained: refused rather than growing the map.
+        assert!(!l.allow(&3));
+    }
+
+    #[test]
+    fn source_counter_releases_on_drop() {
+        let c = SourceCounter::new(1);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let g = c.acquire(ip).unwrap();
+        assert!(c.acquire(ip).is_none());
+        drop(g);
+        assert!(c.acquire(ip).is_some());
+    }
+
+    #[test]
+    fn log_limiter_counts_what_it_holds_back() {
+        let l = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(l.check("x"), Some(0));
+        assert_eq!(l.check("x"), None);
+        assert_eq!(l.check("x"), None);
+        assert_eq!(l.check("y"), Some(0));
+    }
+}
