@@ -6,10 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+/// A counter's name and its optional label (`key`, value).
+type SeriesKey = (&'static str, Option<(&'static str, String)>);
+
 /// A registry of counters. `inc` never blocks for long: one map update under a mutex.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, Option<(&'static str, String)>), u64>>,
+    counters: Mutex<BTreeMap<SeriesKey, u64>>,
 }
 
 impl Metrics {
@@ -60,10 +63,7 @@ impl Metrics {
         out
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<(&'static str, Option<(&'static str, String)>), u64>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SeriesKey, u64>> {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
