@@ -123,9 +123,19 @@ pub async fn request(
     conn: &quinn::Connection,
     body: RequestBody,
 ) -> Result<ResponseBody, RequestError> {
-    tokio::time::timeout(REQUEST_TIMEOUT, request_inner(conn, body))
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, request_inner(conn, body))
         .await
-        .map_err(|_| RequestError::Timeout(REQUEST_TIMEOUT))?
+        .map_err(|_| RequestError::Timeout(REQUEST_TIMEOUT))?;
+    match result {
+        // A stream failing because the connection closed: report why it closed.
+        Err(RequestError::Frame(FrameError::Stream(_))) if conn.close_reason().is_some() => {
+            Err(RequestError::Connection(
+                conn.close_reason()
+                    .unwrap_or(quinn::ConnectionError::LocallyClosed),
+            ))
+        }
+        other => other,
+    }
 }
 
 async fn request_inner(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use handoff::config::{DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind};
 use handoff::daemon::{Daemon, DaemonOptions, PullError};
 use handoff::identity::{Identity, TerminalId};
-use handoff::net::{self, read_frame, unix_now, write_frame};
+use handoff::net::{self, read_frame, unix_now, write_frame, RequestError};
 use handoff::peer::{Peer, PeerAddr};
 use handoff::server::Server;
 use handoff::tls::{self, TransportLimits};
@@ -496,4 +496,164 @@ async fn raw_frames_are_what_the_wire_module_says() {
     assert_eq!(info.ticket.ticket.second, b_identity.id());
     assert_eq!(info.server.id, w.server.id());
     assert!(info.ticket.signature.0 != [0; 64]);
+}
+
+#[tokio::test]
+async fn pairing_shows_one_code_on_both_sides_and_trusts_only_when_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let c = start(terminal(dir.path(), "c", None, vec![])).await;
+    introduce(&b, "c", c.id(), c.quic_addr());
+    introduce(&c, "b", b.id(), b.quic_addr());
+    let (on_b, on_c) = tokio::join!(b.pair("c"), c.pair("b"));
+    let (on_b, on_c) = (on_b.unwrap(), on_c.unwrap());
+    assert_eq!(on_b.code, on_c.code, "both sides show the same code");
+    assert_eq!(on_b.peer, c.id());
+    assert_eq!(on_c.peer, b.id());
+    // Nothing is trusted before the users confirm.
+    assert!(b.trusted().is_empty() && c.trusted().is_empty());
+    assert!(b.confirm_pair(c.id(), &on_b.code).unwrap());
+    assert_eq!(b.trusted()[0].id, c.id().to_string());
+    assert_eq!(b.trusted()[0].source, "added");
+    // A wrong code on C cancels C's side: C does not trust B, and cannot confirm afterwards.
+    let wrong = if on_c.code == "000000" {
+        "000001"
+    } else {
+        "000000"
+    };
+    assert!(c.confirm_pair(b.id(), wrong).is_err());
+    assert!(c.confirm_pair(b.id(), &on_c.code).is_err());
+    assert!(c.trusted().is_empty());
+    // A second pairing gives a fresh code (fresh nonces).
+    let (again_b, again_c) = tokio::join!(b.pair("c"), c.pair("b"));
+    assert_eq!(
+        again_b.as_ref().unwrap().code,
+        again_c.as_ref().unwrap().code
+    );
+    assert!(c.confirm_pair(b.id(), &again_c.unwrap().code).unwrap());
+    assert_eq!(c.trusted().len(), 1);
+}
+
+#[tokio::test]
+async fn unsolicited_pairing_requests_change_nothing() {
+    let w = world().await;
+    let stranger = Identity::generate().unwrap();
+    let conn = raw_connect(&stranger, w.a.id(), w.a.quic_addr()).await;
+    let commit = RequestBody::Pair(wire::PairStep::Commit {
+        commitment: [9; 32],
+    });
+    match net::request(&conn, commit).await.unwrap() {
+        ResponseBody::Refused(r) => assert_eq!(r.reason, RefusalReason::NotPairing),
+        other => panic!("{other:?}"),
+    }
+    let reveal = RequestBody::Pair(wire::PairStep::Reveal { nonce: [9; 16] });
+    assert!(matches!(
+        net::request(&conn, reveal).await.unwrap(),
+        ResponseBody::Refused(_)
+    ));
+    assert!(!w
+        .a
+        .trusted()
+        .iter()
+        .any(|t| t.id == stranger.id().to_string()));
+    assert_eq!(w.a.pair_requests(), vec![stranger.id()]);
+}
+
+#[tokio::test]
+async fn untrust_ends_the_live_link_and_refuses_later_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![])).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    a.trust(b.id()).unwrap();
+    a.set_session(Some(session("before")), WAIT).await;
+    b.pull("a", WAIT).await.unwrap();
+    let mut pushes = b.subscribe();
+    let (changed, revoked) = a.untrust(b.id()).await.unwrap();
+    assert!(changed);
+    assert_eq!(revoked, Some(true), "the server ended B's live link");
+    // A's next change no longer reaches B.
+    a.set_session(Some(session("after")), WAIT).await;
+    let got = tokio::time::timeout(Duration::from_secs(1), pushes.recv()).await;
+    assert!(got.is_err(), "B still received {got:?}");
+    let err = b.pull("a", WAIT).await.unwrap_err();
+    assert_eq!(err.refusal().unwrap().reason, RefusalReason::NotTrusted);
+}
+
+#[tokio::test]
+async fn auto_follow_links_without_a_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let b_id = Identity::load_or_create(&dir.path().join("b"))
+        .unwrap()
+        .id();
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b_id])).await;
+    let mut b_config = terminal(dir.path(), "b", None, vec![]);
+    b_config.follow_peers = vec![a.id()];
+    let b = start(b_config).await;
+    let mut pushes = b.subscribe();
+    a.set_session(Some(session("followed")), WAIT).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    let push = tokio::time::timeout(WAIT, pushes.recv())
+        .await
+        .expect("auto-follow push")
+        .unwrap();
+    assert_eq!(push.title, "followed");
+    assert_eq!(b.follows().len(), 1);
+    assert!(b.follows()[0].1 > unix_now());
+    // Later changes arrive too.
+    a.set_session(Some(session("next")), WAIT).await;
+    let push = tokio::time::timeout(WAIT, pushes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(push.title, "next");
+}
+
+#[tokio::test]
+async fn request_rate_per_peer_is_limited_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let b_identity = Identity::load_or_create(&dir.path().join("b")).unwrap();
+    let mut a_config = terminal(dir.path(), "a", Some(&server), vec![b_identity.id()]);
+    a_config.limits.requests_per_sec_per_peer = 2;
+    let a = start(a_config).await;
+    let conn = raw_connect(&b_identity, a.id(), a.quic_addr()).await;
+    let mut busy = 0;
+    for _ in 0..6 {
+        if let ResponseBody::Refused(r) = net::request(&conn, RequestBody::InterfaceInfo)
+            .await
+            .unwrap()
+        {
+            assert_eq!(r.reason, RefusalReason::Busy);
+            busy += 1;
+        }
+    }
+    assert!(busy >= 3, "only {busy} of 6 requests were refused");
+    assert_eq!(
+        a.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "requests_per_sec_per_peer"))
+        ),
+        busy
+    );
+}
+
+#[tokio::test]
+async fn handshakes_from_unknown_keys_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a_config = terminal(dir.path(), "a", None, vec![]);
+    a_config.limits.unknown_handshakes_per_sec = 1;
+    let a = start(a_config).await;
+    let mut closed = 0;
+    for _ in 0..4 {
+        let conn = raw_connect(&Identity::generate().unwrap(), a.id(), a.quic_addr()).await;
+        let r = net::request(&conn, RequestBody::InterfaceInfo).await;
+        if let Err(RequestError::Connection(quinn::ConnectionError::ApplicationClosed(close))) = r {
+            assert_eq!(close.error_code.into_inner(), ErrorCode::Busy as u64);
+            closed += 1;
+        }
+    }
+    assert!(closed >= 2, "only {closed} of 4 strangers were turned away");
 }
