@@ -13,42 +13,6 @@ use support::*;
 
 const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
 
-fn write_daemon_config(lan: &Lan, name: &str, extra: &str) -> String {
-    let path = lan.path(&format!("{name}.toml"));
-    let text = format!(
-        "name = \"{name}\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"eth0\"]\n[quic]\nlisten = \"0.0.0.0:47600\"\n{extra}",
-        lan.path(name).display(),
-        lan.path(&format!("{name}.sock")).display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-fn socket(lan: &Lan, name: &str) -> String {
-    lan.path(&format!("{name}.sock"))
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-        .collect()
-}
-
-fn peers(lan: &Lan, on: &str) -> Vec<serde_json::Value> {
-    let out = handoff(&["peers", "--json", "--socket", &socket(lan, on)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    json_lines(&out.stdout)
-}
-
 #[test]
 fn handoff_across_a_namespace_lan() {
     if !require_root("handoff_across_a_namespace_lan") {
@@ -65,21 +29,17 @@ fn handoff_across_a_namespace_lan() {
         format!("state_dir = \"{}\"\n[quic]\nlisten = \"{server_ip}:47700\"\n[store]\nkind = \"memory\"\n", lan.path("srv").display()),
     )
     .unwrap();
-    let a_config = write_daemon_config(
-        &lan,
-        "a",
+    let a_config = lan.daemon_config("a",
         &format!("[server]\naddr = \"{server_ip}:47700\"\nid = \"{server_id}\"\n[trust]\naccept = \"trusted\"\npeers = [\"{b_id}\"]\n"),
     );
     let hook_file = lan.path("hook.txt");
-    let b_config = write_daemon_config(
-        &lan,
-        "b",
+    let b_config = lan.daemon_config("b",
         &format!(
             "[hooks]\non_push = [\"/bin/sh\", \"-c\", \"printf '%s|%s\\\\n' \\\"$1\\\" \\\"$2\\\" >> {}\", \"hook\", \"{{uri}}\", \"{{title}}\"]\n",
             hook_file.display()
         ),
     );
-    let c_config = write_daemon_config(&lan, "c", "");
+    let c_config = lan.daemon_config("c", "");
     for config in [&a_config, &b_config, &c_config] {
         let out = handoff(&["config", "check", "--config", config]);
         assert!(
@@ -104,7 +64,7 @@ fn handoff_across_a_namespace_lan() {
             lan.log(name)
         );
     }
-    let a_id = handoff(&["status", "--json", "--socket", &socket(&lan, "a")]);
+    let a_id = handoff(&["status", "--json", "--socket", &lan.socket("a")]);
     let a_status: serde_json::Value = serde_json::from_slice(&a_id.stdout).unwrap();
     let a_id = a_status["id"].as_str().unwrap().to_string();
 
@@ -113,7 +73,7 @@ fn handoff_across_a_namespace_lan() {
         "session",
         "set",
         "--socket",
-        &socket(&lan, "a"),
+        &lan.socket("a"),
         "--uri",
         "https://media.example/bbb.mp4",
         "--title",
@@ -137,7 +97,7 @@ fn handoff_across_a_namespace_lan() {
 
     // B lists A, over real mDNS across the bridge.
     let a_peer = wait_for(DISCOVERY_WAIT, || {
-        peers(&lan, "b")
+        lan.peers("b")
             .into_iter()
             .find(|p| p["id"] == a_id.as_str())
     })
@@ -155,7 +115,7 @@ fn handoff_across_a_namespace_lan() {
     );
 
     // B pulls A: the first push is A's session.
-    let out = handoff(&["pull", "a", "--json", "--socket", &socket(&lan, "b")]);
+    let out = handoff(&["pull", "a", "--json", "--socket", &lan.socket("b")]);
     assert!(
         out.status.success(),
         "pull failed: {}\n{}",
@@ -174,7 +134,7 @@ fn handoff_across_a_namespace_lan() {
 
     // B's watch prints A's next change.
     let mut watch = Command::new(BIN)
-        .args(["watch", "--json", "--socket", &socket(&lan, "b")])
+        .args(["watch", "--json", "--socket", &lan.socket("b")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -194,7 +154,7 @@ fn handoff_across_a_namespace_lan() {
         "session",
         "set",
         "--socket",
-        &socket(&lan, "a"),
+        &lan.socket("a"),
         "--uri",
         "https://media.example/sintel.mp4",
         "--title",
@@ -226,19 +186,19 @@ fn handoff_across_a_namespace_lan() {
     );
 
     // The inbox kept both, oldest first.
-    let out = handoff(&["inbox", "--json", "--socket", &socket(&lan, "b")]);
+    let out = handoff(&["inbox", "--json", "--socket", &lan.socket("b")]);
     let inbox = json_lines(&out.stdout);
     let titles: Vec<&str> = inbox.iter().map(|i| i["title"].as_str().unwrap()).collect();
     assert_eq!(titles, ["Big Buck Bunny", "Sintel"]);
 
     // C, which A does not trust, is refused with a clear error.
     wait_for(DISCOVERY_WAIT, || {
-        peers(&lan, "c")
+        lan.peers("c")
             .into_iter()
             .find(|p| p["id"] == a_id.as_str())
     })
     .expect("C lists A");
-    let out = handoff(&["pull", "a", "--socket", &socket(&lan, "c")]);
+    let out = handoff(&["pull", "a", "--socket", &lan.socket("c")]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -256,7 +216,7 @@ fn handoff_across_a_namespace_lan() {
     let before = Instant::now();
     lan.signal(a, libc::SIGTERM);
     let gone = wait_for(Duration::from_secs(3), || {
-        (!peers(&lan, "b").iter().any(|p| p["id"] == a_id.as_str())).then_some(())
+        (!lan.peers("b").iter().any(|p| p["id"] == a_id.as_str())).then_some(())
     });
     let elapsed = before.elapsed();
     assert!(

@@ -158,6 +158,17 @@ impl Lan {
         host: &str,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> T {
+        self.spawn_in(host, f)
+            .join()
+            .expect("thread in namespace panicked")
+    }
+
+    /// Like [`Lan::run_in`], without waiting for the thread.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.host(host).ns);
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("open netns");
@@ -167,8 +178,105 @@ impl Lan {
             assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("thread in namespace panicked")
+    }
+
+    /// Writes a daemon config for host `name` (mDNS on its eth0, QUIC on 47600, state and
+    /// socket in the test's directory) with `extra` TOML appended; returns its path.
+    pub fn daemon_config(&self, name: &str, extra: &str) -> String {
+        let path = self.path(&format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"eth0\"]\n[quic]\nlisten = \"0.0.0.0:47600\"\n{extra}",
+            self.path(name).display(),
+            self.path(&format!("{name}.sock")).display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    /// Writes a server config for host `name`, listening on its address, port 47700.
+    pub fn server_config(&self, name: &str, extra: &str) -> String {
+        let path = self.path(&format!("{name}.toml"));
+        let text = format!(
+            "state_dir = \"{}\"\n[quic]\nlisten = \"{}:47700\"\n{extra}",
+            self.path(name).display(),
+            self.host(name).ip
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    /// The control socket of the daemon on host `name`.
+    pub fn socket(&self, name: &str) -> String {
+        self.path(&format!("{name}.sock"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Starts `handoff daemon` on host `name` with `extra` config and waits for its socket.
+    pub fn start_daemon(&mut self, name: &str, extra: &str) -> usize {
+        let config = self.daemon_config(name, extra);
+        let index = self.spawn(name, &["daemon", "--config", &config], name);
+        assert!(
+            wait_for_socket(&self.path(&format!("{name}.sock")), Duration::from_secs(10)),
+            "{name} did not start:\n{}",
+            self.log(name)
+        );
+        index
+    }
+
+    /// Starts `handoff server` on host `name`; returns its process index and ID.
+    pub fn start_server(&mut self, name: &str) -> (usize, String) {
+        let id = id_of(&self.path(name));
+        let config = self.server_config(name, "");
+        let index = self.spawn(name, &["server", "--config", &config], name);
+        let ready = wait_for(Duration::from_secs(10), || {
+            self.log(name).contains("server listening").then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "server {name} did not start:\n{}",
+            self.log(name)
+        );
+        (index, id)
+    }
+
+    /// The `[server]` section for a terminal attached to the server on host `name`.
+    pub fn server_section(&self, name: &str, id: &str) -> String {
+        format!(
+            "[server]\naddr = \"{}:47700\"\nid = \"{id}\"\n",
+            self.host(name).ip
+        )
+    }
+
+    /// `handoff peers --json` on host `on`.
+    pub fn peers(&self, on: &str) -> Vec<serde_json::Value> {
+        let out = handoff(&["peers", "--json", "--socket", &self.socket(on)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_lines(&out.stdout)
+    }
+
+    /// `handoff status --json` on host `on`.
+    pub fn status(&self, on: &str) -> serde_json::Value {
+        let out = handoff(&["status", "--json", "--socket", &self.socket(on)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits until `on` lists the peer `id`, returning its entry.
+    pub fn wait_for_peer(&self, on: &str, id: &str) -> serde_json::Value {
+        wait_for(Duration::from_secs(20), || {
+            self.peers(on).into_iter().find(|p| p["id"] == id)
+        })
+        .unwrap_or_else(|| panic!("{on} never listed {id}\n{}", self.log(on)))
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -231,4 +339,13 @@ pub fn id_of(dir: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Parses JSON Lines output.
+pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
 }
