@@ -431,6 +431,23 @@ struct RawServer {
     store: RawStore,
     #[serde(default)]
     limits: RawServerLimits,
+    http: Option<RawHttp>,
+    #[serde(default)]
+    push: RawPush,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPush {
+    default_ttl_secs: Option<u64>,
+    max_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -456,8 +473,37 @@ struct RawServerLimits {
 /// Where the server keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
-    /// In memory: lost on restart.
+    /// In memory: lost on restart (tests, demos).
     Memory,
+    /// redb in `state_dir/store.redb`: durable, one process (the default).
+    Embedded,
+}
+
+/// The HTTP listener: publish API, `/healthz`, `/metrics`.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// File holding the publish API's bearer token (mode 0600). Without it the publish API
+    /// answers 401 to everyone; `/healthz` and `/metrics` need no token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Lifetimes of pushes in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushConfig {
+    /// TTL of a push that names none (session pushes included).
+    pub default_ttl: Duration,
+    /// Longest TTL a publisher may ask for.
+    pub max_ttl: Duration,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(86_400),
+            max_ttl: Duration::from_secs(7 * 86_400),
+        }
+    }
 }
 
 /// A validated server configuration.
@@ -467,6 +513,22 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub store: StoreKind,
     pub limits: ServerLimits,
+    pub http: Option<HttpConfig>,
+    pub push: PushConfig,
+}
+
+impl ServerConfig {
+    /// A configuration with every default but the store (tests, the demo, benchmarks).
+    pub fn with_defaults(state_dir: PathBuf, listen: SocketAddr, store: StoreKind) -> Self {
+        Self {
+            state_dir,
+            listen,
+            store,
+            limits: ServerLimits::default(),
+            http: None,
+            push: PushConfig::default(),
+        }
+    }
 }
 
 /// Bounds on what terminals can make the server hold.
@@ -517,15 +579,53 @@ impl ServerConfig {
             None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVER_PORT)),
         };
         let store = match raw.store.kind.as_deref() {
-            None | Some("memory") => StoreKind::Memory,
-            Some(kind @ ("embedded" | "redis")) => {
+            None | Some("embedded") => StoreKind::Embedded,
+            Some("memory") => StoreKind::Memory,
+            Some("redis") => {
                 return Err(invalid(
                     "store.kind",
-                    format!("{kind:?} is not available in this version; use \"memory\""),
+                    "\"redis\" is not available in this version; use \"embedded\"",
                 ))
             }
-            Some(other) => return Err(invalid("store.kind", format!("{other:?} is unknown"))),
+            Some(other) => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("{other:?} is neither \"embedded\" nor \"memory\""),
+                ))
+            }
         };
+        let http = match raw.http {
+            None => None,
+            Some(h) => Some(HttpConfig {
+                listen: parse_addr(
+                    "http.listen",
+                    h.listen.as_deref().unwrap_or("127.0.0.1:47780"),
+                )?,
+                token_file: h.token_file,
+            }),
+        };
+        let push_defaults = PushConfig::default();
+        let push = PushConfig {
+            default_ttl: raw
+                .push
+                .default_ttl_secs
+                .map(Duration::from_secs)
+                .unwrap_or(push_defaults.default_ttl),
+            max_ttl: raw
+                .push
+                .max_ttl_secs
+                .map(Duration::from_secs)
+                .unwrap_or(push_defaults.max_ttl),
+        };
+        if push.default_ttl.is_zero() {
+            return Err(invalid("push.default_ttl_secs", "must be at least 1"));
+        }
+        if push.max_ttl < push.default_ttl {
+            return Err(invalid(
+                "push.max_ttl_secs",
+                "must be at least push.default_ttl_secs",
+            ));
+        }
         if raw.store.url.is_some() {
             return Err(invalid("store.url", "only used with kind = \"redis\""));
         }
@@ -586,6 +686,8 @@ impl ServerConfig {
             listen,
             store,
             limits,
+            http,
+            push,
         })
     }
 }
@@ -600,7 +702,11 @@ pub enum ConfigKind {
 /// Guesses whether `text` configures a daemon or a server: server-only tables decide.
 pub fn guess_kind(text: &str) -> ConfigKind {
     match text.parse::<toml::Table>() {
-        Ok(table) if ["store", "limits"].iter().any(|k| table.contains_key(*k)) => {
+        Ok(table)
+            if ["store", "http", "push"]
+                .iter()
+                .any(|k| table.contains_key(*k)) =>
+        {
             ConfigKind::Server
         }
         _ => ConfigKind::Daemon,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::config::{DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind};
+use crate::config::{DaemonConfig, ServerConfig, ServerRef, StoreKind};
 use crate::control::{self, ControlClient, ControlRequest, WatchLine};
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::identity::Identity;
@@ -50,14 +50,13 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     };
     println!("handoff demo: a content server and two terminals on loopback (mDNS on lo only)\n");
 
-    let server_config = ServerConfig {
-        state_dir: dir.join("server"),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        store: StoreKind::Memory,
-        limits: ServerLimits::default(),
-    };
+    let server_config = ServerConfig::with_defaults(
+        dir.join("server"),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        StoreKind::Embedded,
+    );
     let server_identity = Identity::load_or_create(&server_config.state_dir)?;
-    let server = Server::start(server_identity, &server_config)?;
+    let server = Server::start(server_identity, &server_config).await?;
     t.say(format!(
         "server S {} listening on {}",
         server.id().short(),

@@ -79,8 +79,9 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
             let config = ServerConfig::load(&config)?;
             let identity = Identity::load_or_create(&config.state_dir)
                 .map_err(|e| CliError::new(e.to_string()))?;
-            let server =
-                Server::start(identity, &config).map_err(|e| CliError::new(e.to_string()))?;
+            let server = Server::start(identity, &config)
+                .await
+                .map_err(|e| CliError::new(e.to_string()))?;
             wait_for_signal().await;
             server.shutdown().await;
             Ok(())

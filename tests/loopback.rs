@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use handoff::config::{DaemonConfig, ServerConfig, ServerLimits, ServerRef, StoreKind};
+use handoff::config::{DaemonConfig, ServerConfig, ServerRef, StoreKind};
 use handoff::daemon::{Daemon, DaemonOptions, PullError};
 use handoff::identity::{Identity, TerminalId};
 use handoff::net::{self, read_frame, unix_now, write_frame, RequestError};
@@ -25,17 +25,13 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn start_server(dir: &Path) -> Server {
-    let config = ServerConfig {
-        state_dir: dir.join("server"),
-        listen: loopback(),
-        store: StoreKind::Memory,
-        limits: ServerLimits::default(),
-    };
+async fn start_server(dir: &Path) -> Server {
+    let config = ServerConfig::with_defaults(dir.join("server"), loopback(), StoreKind::Embedded);
     Server::start(
         Identity::load_or_create(&config.state_dir).unwrap(),
         &config,
     )
+    .await
     .unwrap()
 }
 
@@ -97,7 +93,7 @@ struct World {
 /// A server; A attached to it and trusting B only; B and C with no server of their own.
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
+    let server = start_server(dir.path()).await;
     let b = start(terminal(dir.path(), "b", None, vec![])).await;
     let c = start(terminal(dir.path(), "c", None, vec![])).await;
     let a = start(terminal(dir.path(), "a", Some(&server), vec![b.id()])).await;
@@ -182,7 +178,7 @@ async fn pinned_tls_rejects_a_peer_with_another_key() {
 #[tokio::test]
 async fn pinned_tls_rejects_a_server_with_another_key() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
+    let server = start_server(dir.path()).await;
     let impostor = Identity::generate().unwrap();
     let client = Identity::generate().unwrap();
     let endpoint = quinn::Endpoint::client(loopback()).unwrap();
@@ -362,7 +358,7 @@ fn assert_refused(body: ResponseBody, needle: &str) {
 #[tokio::test]
 async fn server_refuses_forged_replayed_expired_and_misdirected_tickets() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
+    let server = start_server(dir.path()).await;
     let a = Identity::generate().unwrap();
     let b = Identity::generate().unwrap();
     let mallory = Identity::generate().unwrap();
@@ -562,7 +558,7 @@ async fn unsolicited_pairing_requests_change_nothing() {
 #[tokio::test]
 async fn untrust_ends_the_live_link_and_refuses_later_pulls() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
+    let server = start_server(dir.path()).await;
     let b = start(terminal(dir.path(), "b", None, vec![])).await;
     let a = start(terminal(dir.path(), "a", Some(&server), vec![])).await;
     introduce(&b, "a", a.id(), a.quic_addr());
@@ -584,7 +580,7 @@ async fn untrust_ends_the_live_link_and_refuses_later_pulls() {
 #[tokio::test]
 async fn auto_follow_links_without_a_pull() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
+    let server = start_server(dir.path()).await;
     let b_id = Identity::load_or_create(&dir.path().join("b"))
         .unwrap()
         .id();
@@ -614,7 +610,7 @@ async fn auto_follow_links_without_a_pull() {
 #[tokio::test]
 async fn request_rate_per_peer_is_limited_and_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path());
+    let server = start_server(dir.path()).await;
     let b_identity = Identity::load_or_create(&dir.path().join("b")).unwrap();
     let mut a_config = terminal(dir.path(), "a", Some(&server), vec![b_identity.id()]);
     a_config.limits.requests_per_sec_per_peer = 2;

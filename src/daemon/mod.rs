@@ -48,8 +48,8 @@ const HOOK_SLOTS: usize = 8;
 
 /// Connections the daemon opens (to peers and servers): servers may open push streams.
 pub(crate) const DIAL_LIMITS: TransportLimits = TransportLimits {
-    max_bidi_streams: 0,
-    max_uni_streams: 4,
+    max_bidi_streams: 4,
+    max_uni_streams: 0,
     idle_timeout: Duration::from_secs(30),
     keep_alive: Some(Duration::from_secs(5)),
 };
@@ -427,7 +427,7 @@ impl Daemon {
     }
 
     pub async fn status(&self) -> StatusRecord {
-        let inbox = self.inbox().await.map(|l| l.len()).unwrap_or(0);
+        let inbox = self.shared.inbox.len();
         let sh = &self.shared;
         StatusRecord {
             id: self.id().to_string(),
@@ -464,17 +464,37 @@ impl Daemon {
         }
     }
 
-    /// Hands a push to the user: inbox first (durably), then watchers, then the hook.
-    pub(crate) async fn deliver(&self, item: PushItem) {
+    /// Hands a push from `server` to the user, exactly once: inbox first (durably, skipping a
+    /// push already delivered), then watchers, then the hook.
+    pub(crate) async fn deliver(&self, server: ServerId, epoch: u64, item: PushItem) {
         let record = PushRecord::from(item);
-        info!(from = ?record.from, title = %record.title, offset = record.offset, "push received");
         let shared = self.shared.clone();
         let stored = record.clone();
-        match tokio::task::spawn_blocking(move || shared.inbox.append(&stored)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!("push not kept in the inbox: {e}"),
-            Err(e) => warn!("inbox task failed: {e}"),
+        let fresh =
+            match tokio::task::spawn_blocking(move || shared.inbox.append(&server, epoch, &stored))
+                .await
+            {
+                Ok(Ok(fresh)) => fresh,
+                Ok(Err(e)) => {
+                    warn!("push not kept in the inbox: {e}");
+                    true
+                }
+                Err(e) => {
+                    warn!("inbox task failed: {e}");
+                    true
+                }
+            };
+        if !fresh {
+            debug!(offset = record.offset, "push delivered before; not again");
+            self.shared
+                .metrics
+                .inc("handoff_pushes_duplicate_total", None);
+            return;
         }
+        info!(from = ?record.from, title = %record.title, offset = record.offset, "push received");
+        self.shared
+            .metrics
+            .inc("handoff_pushes_received_total", None);
         let _ = self.shared.pushes.send(record.clone());
         if !self.shared.config.on_push.is_empty() {
             self.run_hook(record);

@@ -13,9 +13,10 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::Daemon;
+use crate::identity::ServerId;
 use crate::net::{self, unix_now, varint, FrameError, RequestError};
 use crate::tls::SERVER_NAME;
-use crate::wire::{ErrorCode, RequestBody, ResponseBody, ServerInfo, ServerPush};
+use crate::wire::{ErrorCode, PushAck, RequestBody, ResponseBody, ServerInfo, ServerPush};
 
 /// How long one connection attempt to one address may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,7 +60,7 @@ impl ServerLink {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// The live connection, dialing the server if there is none. Cancel-safe.
+    /// The live connection, dialing the server (and saying hello) if there is none. Cancel-safe.
     pub async fn connection(&self, daemon: &Daemon) -> Result<quinn::Connection, LinkError> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_ref() {
@@ -68,11 +69,34 @@ impl ServerLink {
             }
         }
         let conn = self.dial(daemon).await?;
-        info!(server = %self.server.id.short(), remote = %conn.remote_address(), "connected to server");
+        let cursor = daemon.shared.inbox.cursor(&self.server.id);
+        let (epoch, start, window_lost) =
+            match net::request(&conn, RequestBody::Hello { cursor }).await? {
+                ResponseBody::Welcome {
+                    epoch,
+                    start,
+                    window_lost,
+                } => (epoch, start, window_lost),
+                other => {
+                    conn.close(varint(ErrorCode::Unexpected), b"expected welcome");
+                    return Err(LinkError::Unreachable {
+                        server: self.server.id.short(),
+                        reason: format!("answered hello with {other:?}"),
+                    });
+                }
+            };
+        if window_lost {
+            daemon
+                .shared
+                .metrics
+                .inc("handoff_push_windows_lost_total", None);
+            warn!(server = %self.server.id.short(), ?cursor, epoch, "the server could not resume this terminal's pushes; it resends the current state");
+        }
+        info!(server = %self.server.id.short(), remote = %conn.remote_address(), epoch, start, "connected to server");
         self.connected.store(true, Ordering::Relaxed);
         *slot = Some(conn.clone());
         daemon.spawn(
-            read_pushes(daemon.clone(), conn.clone()),
+            read_pushes(daemon.clone(), conn.clone(), self.server.id, epoch),
             tracing::info_span!("pushes", server = %self.server.id.short()),
         );
         Ok(conn)
@@ -261,12 +285,16 @@ async fn keep(daemon: Daemon, link: Arc<ServerLink>) {
     }
 }
 
-/// Reads every push stream the server opens on `conn`, delivering items in order.
-async fn read_pushes(daemon: Daemon, conn: quinn::Connection) {
+/// How long acknowledgements are held to be sent together.
+const ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// Reads the push stream the server opens on `conn`, delivering items in order and
+/// acknowledging them once they are in the inbox.
+async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, epoch: u64) {
     loop {
-        let mut recv = tokio::select! {
+        let (send, mut recv) = tokio::select! {
             _ = daemon.cancelled() => return,
-            stream = conn.accept_uni() => match stream {
+            stream = conn.accept_bi() => match stream {
                 Ok(s) => s,
                 Err(e) => {
                     debug!("push streams ended: {e}");
@@ -274,34 +302,51 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection) {
                 }
             },
         };
-        let daemon = daemon.clone();
-        daemon.clone().spawn(
-            async move {
-                loop {
-                    // A push stream is long-lived: idle time between items is not a timeout, so the
-                    // per-frame timeout is long; connection keep-alive detects a dead server.
-                    match net::read_frame::<ServerPush>(
-                        &mut recv,
-                        Duration::from_secs(24 * 3600),
-                        crate::wire::MAX_FRAME,
-                    )
-                    .await
-                    {
-                        Ok(Some(ServerPush::Item(item))) => daemon.deliver(item).await,
-                        Ok(None) => return,
-                        Err(FrameError::Stream(e)) => {
-                            debug!("push stream closed: {e}");
-                            return;
-                        }
-                        Err(e) => {
-                            warn!("bad push frame from server: {e}");
-                            let _ = recv.stop(varint(e.code()));
-                            return;
-                        }
-                    }
-                }
-            },
-            tracing::info_span!("push-stream"),
+        let acked = watch::Sender::new(0u64);
+        daemon.spawn(
+            send_acks(send, acked.subscribe()),
+            tracing::info_span!("acks"),
         );
+        loop {
+            // A push stream is long-lived: idle time between items is not a timeout, so the
+            // per-frame timeout is long; connection keep-alive detects a dead server.
+            match net::read_frame::<ServerPush>(
+                &mut recv,
+                Duration::from_secs(24 * 3600),
+                crate::wire::MAX_FRAME,
+            )
+            .await
+            {
+                Ok(Some(ServerPush::Item(item))) => {
+                    let next = item.offset + 1;
+                    daemon.deliver(server, epoch, item).await;
+                    acked.send_replace(next);
+                }
+                Ok(None) => break,
+                Err(FrameError::Stream(e)) => {
+                    debug!("push stream closed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    warn!("bad push frame from server: {e}");
+                    let _ = recv.stop(varint(e.code()));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the latest delivered offset back on the push stream, at most every [`ACK_DELAY`].
+async fn send_acks(mut send: quinn::SendStream, mut acked: watch::Receiver<u64>) {
+    while acked.changed().await.is_ok() {
+        tokio::time::sleep(ACK_DELAY).await;
+        let next = *acked.borrow_and_update();
+        if net::write_frame(&mut send, &PushAck::Ack { next })
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }

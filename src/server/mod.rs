@@ -1,27 +1,34 @@
 //! The content server's push hub (DESIGN §5, §6).
 //!
-//! Terminals connect with mutual TLS; the connection's certificate key is the terminal's ID. On a
-//! connection a terminal sets its session (`SetSession`) and asks to follow another terminal
-//! (`Follow`, patent S120/S210). The server checks the ticket, records the link, and pushes the
-//! first terminal's session to the follower on a stream it opens on the follower's connection
-//! (S220), then every later change while the link lives.
+//! Terminals connect with mutual TLS; the connection's certificate key is the terminal's ID. A
+//! terminal first says `Hello` with its cursor; the server answers where its push log resumes
+//! and opens the push stream. On the connection a terminal sets its session (`SetSession`), asks
+//! to follow another terminal (`Follow`, patent S120/S210) and revokes followers (`Revoke`).
+//! Content backends publish through the HTTP API ([`http`]).
+//!
+//! Every push is appended to the recipient's log in the [`store`] before it is sent (S220): the
+//! log is the truth, and each connection's writer sends it in order from the terminal's cursor,
+//! taking new items from a fast-path queue and re-reading the log whenever it fell behind.
+//! Terminals acknowledge offsets on the push stream; acknowledged items leave the log.
 //!
 //! Shutdown: cancel (stop accepting), close every connection with [`ErrorCode::Shutdown`], wait
-//! for the tasks.
+//! for the tasks, then the store thread finishes its queue.
 
-mod registry;
+pub mod http;
+pub mod store;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{ServerConfig, ServerLimits};
+use crate::config::{PushConfig, ServerConfig, ServerLimits};
 use crate::identity::{Identity, TerminalId};
 use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
 use crate::metrics::Metrics;
@@ -29,17 +36,20 @@ use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_
 use crate::tls::{self, peer_id, TransportLimits};
 use crate::wire::ticket::Expectation;
 use crate::wire::{
-    ErrorCode, InfoRequest, PushItem, Refusal, RefusalReason, Request, RequestBody, Response,
-    ResponseBody, ServerPush,
+    self, Cursor, ErrorCode, InfoRequest, PushAck, Refusal, RefusalReason, Request, RequestBody,
+    Response, ResponseBody, ServerPush, Session,
 };
-use registry::{ConnSlot, Delivery, Registry};
+use store::{NewPush, Op, Outcome, Store, StoreError, StoredPush};
 
-/// Pushes queued per connection; a terminal that falls this far behind is disconnected.
-const PUSH_QUEUE: usize = 1024;
+/// Items queued per connection on the fast path; past that the writer reads the log instead.
+const FAST_PATH: usize = 1024;
+/// Items read from the log at a time when catching up.
+const PAGE: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The longest a ticket may be valid; bounds how long its nonce is remembered.
 const MAX_TICKET_LIFETIME: u64 = 7 * 24 * 3600;
+/// How often expired items, links and nonces are swept from the store.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -50,13 +60,29 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+}
+
+/// Where a connected terminal's pushes go.
+struct ConnSlot {
+    conn_id: u64,
+    conn: quinn::Connection,
+    fast: mpsc::Sender<StoredPush>,
+    /// One past the newest offset appended for this terminal.
+    latest: Arc<AtomicU64>,
+    wake: Arc<Notify>,
 }
 
 struct Shared {
     identity: Identity,
     endpoint: quinn::Endpoint,
-    registry: Mutex<Registry>,
+    store: Store,
+    conns: Mutex<HashMap<TerminalId, ConnSlot>>,
     limits: ServerLimits,
+    push: PushConfig,
     cancel: CancellationToken,
     tasks: TaskTracker,
     next_conn_id: AtomicU64,
@@ -65,6 +91,7 @@ struct Shared {
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
     log_limit: LogLimiter,
+    http_addr: Mutex<Option<SocketAddr>>,
 }
 
 /// A running server. Cheap to clone.
@@ -73,9 +100,38 @@ pub struct Server {
     shared: Arc<Shared>,
 }
 
+/// Why a publish was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("terminal {0} has never connected to this server")]
+    UnknownTerminal(TerminalId),
+    #[error("ttl_secs must be between 1 and {0}")]
+    BadTtl(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a publisher sends (the HTTP body of DESIGN §8).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Publication {
+    pub uri: String,
+    pub title: String,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub meta: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub collapse_key: Option<String>,
+}
+
 impl Server {
-    /// Binds the QUIC endpoint and starts accepting terminals.
-    pub fn start(identity: Identity, config: &ServerConfig) -> Result<Self, ServerError> {
+    /// Opens the store, binds the QUIC endpoint (and the HTTP listener, if configured) and starts
+    /// accepting terminals. Returns once all are ready.
+    pub async fn start(identity: Identity, config: &ServerConfig) -> Result<Self, ServerError> {
+        let store = Store::open(&config.store, &config.state_dir)?;
         let transport = TransportLimits {
             max_bidi_streams: config.limits.max_streams_per_connection,
             max_uni_streams: 0,
@@ -93,8 +149,10 @@ impl Server {
             shared: Arc::new(Shared {
                 identity,
                 endpoint,
-                registry: Mutex::new(Registry::new(config.limits.replay_cache)),
+                store,
+                conns: Mutex::new(HashMap::new()),
                 limits: config.limits,
+                push: config.push,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 next_conn_id: AtomicU64::new(1),
@@ -103,14 +161,29 @@ impl Server {
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
                 log_limit: LogLimiter::new(Duration::from_secs(10)),
+                http_addr: Mutex::new(None),
             }),
         };
-        info!(id = %server.id(), quic = %server.local_addr(), "server listening");
+        if let Some(http) = &config.http {
+            let addr = http::serve(server.clone(), http).await?;
+            *server
+                .shared
+                .http_addr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        }
+        info!(
+            id = %server.id(),
+            quic = %server.local_addr(),
+            epoch = server.shared.store.epoch(),
+            store = ?config.store,
+            "server listening"
+        );
         server
             .shared
             .tasks
             .spawn(accept(server.clone()).instrument(tracing::info_span!("accept")));
-        server.shared.tasks.spawn(expire_links(server.clone()));
+        server.shared.tasks.spawn(sweep(server.clone()));
         Ok(server)
     }
 
@@ -125,14 +198,33 @@ impl Server {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The bound HTTP address, if the HTTP API is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        *self
+            .shared
+            .http_addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The push logs' epoch.
+    pub fn epoch(&self) -> u64 {
+        self.shared.store.epoch()
+    }
+
     /// Terminals connected now.
     pub fn connected(&self) -> usize {
-        self.registry().connected()
+        self.conns().len()
     }
 
     /// The server's counters (for `/metrics` and tests).
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<TerminalId, ConnSlot>> {
+        // The map is never left half-updated; a poisoned lock is still consistent.
+        self.shared.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts a hit on `limit` and logs it at most once per interval.
@@ -143,14 +235,6 @@ impl Server {
         if let Some(suppressed) = self.shared.log_limit.check(limit) {
             warn!(limit, suppressed, "over limit: {detail}");
         }
-    }
-
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // Registry operations never leave it half-updated; a poisoned lock is still consistent.
-        self.shared
-            .registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops accepting, closes every connection, and waits for the tasks.
@@ -169,25 +253,141 @@ impl Server {
         }
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        // Everything queued before this read has been committed when it returns.
+        let _ = self.shared.store.read(|_| Ok(())).await;
         info!("server stopped");
     }
 
-    fn send(&self, delivery: Delivery) {
-        let Delivery { to, slot, item } = delivery;
-        if let Err(e) = slot.tx.try_send(item) {
-            match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    self.over_limit(
-                        "push_queue",
-                        format_args!("push queue of {} full; disconnecting it", to.short()),
-                    );
-                    slot.conn.close(varint(ErrorCode::Busy), b"push queue full");
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    debug!(terminal = %to.short(), "connection gone")
-                }
-            }
+    /// Hands freshly stored pushes to the connections of their recipients.
+    fn announce(&self, pushes: Vec<(TerminalId, StoredPush)>) {
+        let conns = self.conns();
+        for (to, push) in pushes {
+            self.shared.metrics.inc("handoff_pushes_stored_total", None);
+            let Some(slot) = conns.get(&to) else { continue };
+            slot.latest.fetch_max(push.offset + 1, Ordering::AcqRel);
+            // A full fast path is fine: the writer notices it is behind and reads the log.
+            let _ = slot.fast.try_send(push);
+            slot.wake.notify_one();
         }
+    }
+
+    /// Appends pushes (each to its recipient's log, in one commit) and announces them.
+    async fn store_pushes(
+        &self,
+        items: Vec<(TerminalId, NewPush)>,
+        mut extra: Vec<Op>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let now = unix_now();
+        let n_extra = extra.len();
+        let stored: Vec<(TerminalId, NewPush)> = items.clone();
+        extra.extend(
+            items
+                .into_iter()
+                .map(|(to, push)| Op::Append { to, push, now }),
+        );
+        let outcomes = self.shared.store.write(extra).await?;
+        let offsets: Vec<u64> = outcomes[n_extra..]
+            .iter()
+            .map(|o| match o {
+                Outcome::Offset(off) => *off,
+                _ => 0,
+            })
+            .collect();
+        self.announce(
+            stored
+                .into_iter()
+                .zip(&offsets)
+                .map(|((to, p), off)| (to, p.stored(*off, now)))
+                .collect(),
+        );
+        Ok(offsets)
+    }
+
+    /// Publishes to one terminal (HTTP API). Resolves once the push is durably stored.
+    pub async fn publish(&self, to: TerminalId, p: Publication) -> Result<u64, PublishError> {
+        let push = self.new_push(p)?;
+        let store = self.shared.store.clone();
+        if !store.read(move |b| b.known(&to)).await? {
+            return Err(PublishError::UnknownTerminal(to));
+        }
+        Ok(self.store_pushes(vec![(to, push)], Vec::new()).await?[0])
+    }
+
+    /// Publishes to every terminal following `first`; returns each follower's offset.
+    pub async fn publish_to_followers(
+        &self,
+        first: TerminalId,
+        p: Publication,
+    ) -> Result<Vec<(TerminalId, u64)>, PublishError> {
+        let push = self.new_push(p)?;
+        let now = unix_now();
+        let (known, followers) = self
+            .shared
+            .store
+            .read(move |b| Ok((b.known(&first)?, b.followers(&first, now)?)))
+            .await?;
+        if !known {
+            return Err(PublishError::UnknownTerminal(first));
+        }
+        let items: Vec<(TerminalId, NewPush)> =
+            followers.iter().map(|(f, _)| (*f, push.clone())).collect();
+        let offsets = self.store_pushes(items, Vec::new()).await?;
+        Ok(followers.into_iter().map(|(f, _)| f).zip(offsets).collect())
+    }
+
+    /// Sets what `id` shows and pushes it to its followers (a terminal's `SetSession`, or a
+    /// content backend through HTTP). Returns the number of followers pushed to.
+    pub async fn set_session(
+        &self,
+        id: TerminalId,
+        session: Option<Session>,
+    ) -> Result<usize, StoreError> {
+        let now = unix_now();
+        let followers = self
+            .shared
+            .store
+            .read(move |b| b.followers(&id, now))
+            .await?;
+        let set = Op::SetSession {
+            id,
+            session: session.clone(),
+        };
+        let Some(session) = session else {
+            self.shared.store.write(vec![set]).await?;
+            return Ok(0);
+        };
+        let ttl = self.shared.push.default_ttl;
+        let items: Vec<(TerminalId, NewPush)> = followers
+            .iter()
+            .map(|(f, _)| (*f, NewPush::session(id, &session, ttl)))
+            .collect();
+        let n = items.len();
+        self.store_pushes(items, vec![set]).await?;
+        Ok(n)
+    }
+
+    /// Whether the server has ever seen `id`.
+    pub async fn known(&self, id: TerminalId) -> Result<bool, StoreError> {
+        self.shared.store.read(move |b| b.known(&id)).await
+    }
+
+    fn new_push(&self, p: Publication) -> Result<NewPush, PublishError> {
+        let max = self.shared.push.max_ttl.as_secs();
+        let ttl = match p.ttl_secs {
+            None => self.shared.push.default_ttl,
+            Some(t) if (1..=max).contains(&t) => Duration::from_secs(t),
+            Some(_) => return Err(PublishError::BadTtl(max)),
+        };
+        Ok(NewPush {
+            from: None,
+            uri: p.uri,
+            title: p.title,
+            body: p.body,
+            position: None,
+            meta: p.meta,
+            ttl,
+            collapse_key: p.collapse_key,
+        })
     }
 }
 
@@ -222,7 +422,7 @@ async fn accept(server: Server) {
         };
         let s = server.clone();
         server.shared.tasks.spawn(async move {
-            let _permit = (permit, source);
+            let _slots = (permit, source);
             let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
@@ -250,27 +450,40 @@ async fn accept(server: Server) {
 }
 
 async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
+    if let Err(e) = server
+        .shared
+        .store
+        .write_one(Op::Touch {
+            id,
+            now: unix_now(),
+        })
+        .await
+    {
+        warn!("store: {e}");
+        conn.close(varint(ErrorCode::Busy), b"store unavailable");
+        return;
+    }
     let conn_id = server.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(PUSH_QUEUE);
-    let replaced = server.registry().attach(
-        id,
-        ConnSlot {
-            conn_id,
-            tx,
-            conn: conn.clone(),
-        },
-    );
-    if let Some(old) = replaced {
+    let (fast, fast_rx) = mpsc::channel(FAST_PATH);
+    let latest = Arc::new(AtomicU64::new(0));
+    let wake = Arc::new(Notify::new());
+    let slot = ConnSlot {
+        conn_id,
+        conn: conn.clone(),
+        fast,
+        latest: latest.clone(),
+        wake: wake.clone(),
+    };
+    if let Some(old) = server.conns().insert(id, slot) {
         old.conn.close(
             varint(ErrorCode::Replaced),
             b"replaced by a newer connection",
         );
     }
+    server.shared.metrics.inc("handoff_connections_total", None);
     debug!(remote = %conn.remote_address(), "terminal connected");
-    server
-        .shared
-        .tasks
-        .spawn(write_pushes(conn.clone(), rx).in_current_span());
+    // Taken by the first `Hello`, which starts the push stream.
+    let writer = Arc::new(Mutex::new(Some((fast_rx, latest, wake))));
     loop {
         let (mut send, mut recv) = tokio::select! {
             _ = server.shared.cancel.cancelled() => break,
@@ -282,8 +495,8 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                 }
             },
         };
-        // The transport caps concurrent streams per connection (`limits.max_streams_per_connection`).
-        let s = server.clone();
+        // Each stream in its own task; the transport caps how many are open at once.
+        let (s, conn, writer) = (server.clone(), conn.clone(), writer.clone());
         tokio::spawn(
             async move {
                 let request: Request =
@@ -301,9 +514,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                             return;
                         }
                     };
-                let body = if s.shared.requests.allow(&id) {
-                    s.handle(id, request.body)
-                } else {
+                let body = if !s.shared.requests.allow(&id) {
                     s.over_limit(
                         "requests_per_sec_per_terminal",
                         format_args!("from {}", id.short()),
@@ -312,63 +523,167 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                         reason: RefusalReason::Busy,
                         message: "too many requests; slow down".into(),
                     })
+                } else if let RequestBody::Hello { cursor } = request.body {
+                    let taken = writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    match taken {
+                        None => ResponseBody::Refused(Refusal {
+                            reason: RefusalReason::WrongEndpoint,
+                            message: "hello was already said on this connection".into(),
+                        }),
+                        Some((fast_rx, latest, wake)) => match s.hello(id, cursor).await {
+                            Ok((start, window_lost)) => {
+                                latest.fetch_max(start, Ordering::AcqRel);
+                                let push =
+                                    write_pushes(s.clone(), conn, id, start, fast_rx, latest, wake);
+                                s.shared.tasks.spawn(push.in_current_span());
+                                ResponseBody::Welcome {
+                                    epoch: s.epoch(),
+                                    start,
+                                    window_lost,
+                                }
+                            }
+                            Err(e) => {
+                                warn!("store: {e}");
+                                conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                                return;
+                            }
+                        },
+                    }
+                } else {
+                    s.handle(id, request.body).await
                 };
-                if write_frame(
-                    &mut send,
-                    &Response {
-                        id: request.id,
-                        body,
-                    },
-                )
-                .await
-                .is_ok()
-                {
-                    let _ = send.finish();
-                    let _ = send.stopped().await;
-                }
+                respond(send, request.id, body).await;
             }
             .in_current_span(),
         );
     }
-    server.registry().detach(id, conn_id);
+    let mut conns = server.conns();
+    if conns.get(&id).is_some_and(|slot| slot.conn_id == conn_id) {
+        conns.remove(&id);
+    }
+}
+
+async fn respond(mut send: quinn::SendStream, id: u64, body: ResponseBody) {
+    if write_frame(&mut send, &Response { id, body }).await.is_ok() {
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
 }
 
 impl Server {
-    fn handle(&self, id: TerminalId, body: RequestBody) -> ResponseBody {
-        match body {
+    /// Decides where `id`'s push stream starts, and whether its cursor could be honoured. When
+    /// it could not, the current sessions of the terminals it follows are appended so it gets
+    /// the current state.
+    async fn hello(
+        &self,
+        id: TerminalId,
+        cursor: Option<Cursor>,
+    ) -> Result<(u64, bool), StoreError> {
+        let epoch = self.epoch();
+        let now = unix_now();
+        let log = self
+            .shared
+            .store
+            .read(move |b| b.log(&id, 0, 0, now))
+            .await?;
+        let (start, window_lost) = match cursor {
+            Some(c) if c.epoch == epoch && c.next >= log.acked && c.next <= log.next => {
+                (c.next, false)
+            }
+            Some(c) => {
+                info!(
+                    cursor_epoch = c.epoch,
+                    cursor = c.next,
+                    epoch,
+                    acked = log.acked,
+                    next = log.next,
+                    "cursor not honoured; resyncing"
+                );
+                (log.acked, true)
+            }
+            None => (log.acked, log.acked > 0),
+        };
+        if window_lost {
+            self.shared.metrics.inc("handoff_resyncs_total", None);
+            let followed = self
+                .shared
+                .store
+                .read(move |b| {
+                    let mut out = Vec::new();
+                    for (first, _) in b.following(&id, now)? {
+                        if let Some(session) = b.session(&first)? {
+                            out.push((first, session));
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?;
+            let ttl = self.shared.push.default_ttl;
+            let items = followed
+                .iter()
+                .map(|(first, s)| (id, NewPush::session(*first, s, ttl)))
+                .collect();
+            self.store_pushes(items, Vec::new()).await?;
+        }
+        Ok((start, window_lost))
+    }
+
+    async fn handle(&self, id: TerminalId, body: RequestBody) -> ResponseBody {
+        let result = match body {
             RequestBody::SetSession(session) => {
                 debug!(title = ?session.as_ref().map(|s| &s.title), "session set");
-                let deliveries = self.registry().set_session(id, session, unix_now());
-                for d in deliveries {
-                    self.send(d);
-                }
-                ResponseBody::SessionStored
+                self.set_session(id, session)
+                    .await
+                    .map(|_| ResponseBody::SessionStored)
             }
-            RequestBody::Follow(request) => self.follow(id, request),
-            RequestBody::Revoke { second } => {
-                let removed = self.registry().unlink(id, second);
-                info!(second = %second.short(), removed, "link revoked by its first terminal");
-                ResponseBody::Revoked { removed }
+            RequestBody::Follow(request) => self.follow(id, request).await,
+            RequestBody::Revoke { second } => self
+                .shared
+                .store
+                .write_one(Op::Unlink { first: id, second })
+                .await
+                .map(|o| {
+                    let removed = o == Outcome::Removed(true);
+                    info!(second = %second.short(), removed, "link revoked by its first terminal");
+                    ResponseBody::Revoked { removed }
+                }),
+            RequestBody::Hello { .. } => unreachable!("hello is handled by the connection loop"),
+            RequestBody::InterfaceInfo | RequestBody::Pair(_) => {
+                Ok(ResponseBody::Refused(Refusal {
+                    reason: RefusalReason::WrongEndpoint,
+                    message: "a server does not serve terminal-to-terminal requests".into(),
+                }))
             }
-            RequestBody::InterfaceInfo | RequestBody::Pair(_) => ResponseBody::Refused(Refusal {
-                reason: RefusalReason::WrongEndpoint,
-                message: "a server does not serve terminal-to-terminal requests".into(),
-            }),
-        }
+        };
+        result.unwrap_or_else(|e| {
+            warn!("store: {e}");
+            ResponseBody::Refused(Refusal {
+                reason: RefusalReason::Busy,
+                message: "the server's store failed; try again".into(),
+            })
+        })
     }
 
     /// Patent S210: check the request and ticket, record the link, push the current session.
-    fn follow(&self, second: TerminalId, request: InfoRequest) -> ResponseBody {
+    async fn follow(
+        &self,
+        second: TerminalId,
+        request: InfoRequest,
+    ) -> Result<ResponseBody, StoreError> {
         let refuse = |message: String| {
+            self.shared
+                .metrics
+                .inc("handoff_refusals_total", Some(("reason", "bad_ticket")));
             warn!(second = %second, first = %request.first, "refused follow: {message}");
-            ResponseBody::Refused(Refusal {
+            Ok(ResponseBody::Refused(Refusal {
                 reason: RefusalReason::BadTicket,
                 message,
-            })
+            }))
         };
         if request.second != second {
             return refuse(
-                "the request names another second terminal than the connection's identity".into(),
+                "the ticket was made for another second terminal than the connection's identity"
+                    .into(),
             );
         }
         let now = unix_now();
@@ -382,50 +697,173 @@ impl Server {
         if let Err(e) = request.ticket.check(&expect) {
             return refuse(e.to_string());
         }
-        let mut registry = self.registry();
-        if let Err(e) = registry.use_nonce(&request.ticket.ticket, now) {
-            drop(registry);
-            return refuse(e.to_string());
+        let ticket = &request.ticket.ticket;
+        let use_nonce = Op::UseNonce {
+            first: ticket.first,
+            nonce: ticket.nonce,
+            not_after: ticket.not_after,
+            now,
+            capacity: self.shared.limits.replay_cache,
+        };
+        match self.shared.store.write_one(use_nonce).await? {
+            Outcome::Fresh(Some(true)) => {}
+            Outcome::Fresh(None) => {
+                return refuse(wire::ticket::TicketError::ReplayCacheFull.to_string())
+            }
+            _ => return refuse(wire::ticket::TicketError::Replayed.to_string()),
         }
         // The link lasts as long as the ticket, capped by the server's maximum lease.
-        let until = request
-            .ticket
-            .ticket
+        let until = ticket
             .not_after
             .min(now + self.shared.limits.max_lease.as_secs());
-        let (has_session, delivery) = registry.follow(second, request.first, until);
-        drop(registry);
-        info!(first = %request.first.short(), until, "linked");
-        if let Some(d) = delivery {
-            self.send(d);
-        }
-        ResponseBody::Linked { until, has_session }
-    }
-}
-
-/// Writes queued pushes, in order, on one stream opened on the terminal's connection.
-async fn write_pushes(conn: quinn::Connection, mut rx: mpsc::Receiver<PushItem>) {
-    let mut stream: Option<quinn::SendStream> = None;
-    while let Some(item) = rx.recv().await {
-        let send = match stream.as_mut() {
-            Some(s) => s,
-            None => match conn.open_uni().await {
-                Ok(s) => stream.insert(s),
-                Err(e) => return debug!("cannot open push stream: {e}"),
-            },
+        let first = request.first;
+        let session = self.shared.store.read(move |b| b.session(&first)).await?;
+        let link = Op::Link {
+            first,
+            second,
+            until,
         };
-        if let Err(e) = write_frame(send, &ServerPush::Item(item)).await {
-            return debug!("push stream failed: {e}");
+        let ttl = self.shared.push.default_ttl;
+        let items = session
+            .iter()
+            .map(|s| (second, NewPush::session(first, s, ttl)))
+            .collect();
+        self.store_pushes(items, vec![link]).await?;
+        info!(first = %first.short(), until, "linked");
+        self.shared.metrics.inc("handoff_links_total", None);
+        Ok(ResponseBody::Linked {
+            until,
+            has_session: session.is_some(),
+        })
+    }
+}
+
+/// The push stream of one connection: sends `id`'s log in order from `start`, then every new
+/// item, and reads the terminal's acknowledgements.
+async fn write_pushes(
+    server: Server,
+    conn: quinn::Connection,
+    id: TerminalId,
+    start: u64,
+    mut fast: mpsc::Receiver<StoredPush>,
+    latest: Arc<AtomicU64>,
+    wake: Arc<Notify>,
+) {
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return debug!("cannot open the push stream: {e}"),
+    };
+    server
+        .shared
+        .tasks
+        .spawn(read_acks(server.clone(), id, recv).in_current_span());
+    let mut next = start;
+    loop {
+        // Catch up from the log while behind (after a reconnect, or when the fast path overflowed).
+        while next < latest.load(Ordering::Acquire) {
+            let now = unix_now();
+            let read = match server
+                .shared
+                .store
+                .read(move |b| b.log(&id, next, PAGE, now))
+                .await
+            {
+                Ok(read) => read,
+                Err(e) => {
+                    warn!("store: {e}");
+                    conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                    return;
+                }
+            };
+            if read.items.is_empty() {
+                // Everything up to the log's end was collapsed, expired or acknowledged.
+                next = next.max(read.next.min(latest.load(Ordering::Acquire)));
+                break;
+            }
+            for push in read.items {
+                if send_push(&server, &mut send, &push).await.is_err() {
+                    return;
+                }
+                next = push.offset + 1;
+            }
+        }
+        tokio::select! {
+            _ = server.shared.cancel.cancelled() => return,
+            _ = conn.closed() => return,
+            item = fast.recv() => {
+                let Some(push) = item else { return };
+                if push.offset < next {
+                    continue;
+                }
+                if push.offset == next {
+                    if send_push(&server, &mut send, &push).await.is_err() {
+                        return;
+                    }
+                    next += 1;
+                }
+                // A gap: the loop reads the log from `next`, which holds this item too.
+            }
+            _ = wake.notified() => {}
         }
     }
 }
 
-/// Drops expired links once a minute.
-async fn expire_links(server: Server) {
+async fn send_push(
+    server: &Server,
+    send: &mut quinn::SendStream,
+    push: &StoredPush,
+) -> Result<(), ()> {
+    match write_frame(send, &ServerPush::Item(push.item())).await {
+        Ok(()) => {
+            server.shared.metrics.inc("handoff_pushes_sent_total", None);
+            Ok(())
+        }
+        Err(e) => {
+            debug!("push stream failed: {e}");
+            Err(())
+        }
+    }
+}
+
+/// Reads acknowledgements from the push stream; acknowledged items leave the log.
+async fn read_acks(server: Server, id: TerminalId, mut recv: quinn::RecvStream) {
+    loop {
+        // The push stream lives as long as the connection; silence is not an error.
+        match read_frame::<PushAck>(&mut recv, Duration::from_secs(24 * 3600), 64).await {
+            Ok(Some(PushAck::Ack { next })) => {
+                server
+                    .shared
+                    .metrics
+                    .inc("handoff_pushes_acked_total", None);
+                if let Err(e) = server
+                    .shared
+                    .store
+                    .write_one(Op::Ack { to: id, next })
+                    .await
+                {
+                    warn!("store: {e}");
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                debug!("ack stream ended: {e}");
+                let _ = recv.stop(varint(e.code()));
+                return;
+            }
+        }
+    }
+}
+
+/// Sweeps expired items, links and nonces from the store once a minute.
+async fn sweep(server: Server) {
     loop {
         tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(60)) => server.registry().expire(unix_now()),
+            _ = tokio::time::sleep(SWEEP_EVERY) => {
+                if let Err(e) = server.shared.store.write_one(Op::Sweep { now: unix_now() }).await {
+                    warn!("store sweep: {e}");
+                }
+            }
         }
     }
 }

@@ -36,6 +36,16 @@ pub enum RequestBody {
     Pair(PairStep),
     /// Terminal → its server: end the link of `second` following this terminal (revocation).
     Revoke { second: TerminalId },
+    /// Terminal → server, first on every connection: where its push log left off. The server
+    /// answers [`ResponseBody::Welcome`] and then opens the push stream.
+    Hello { cursor: Option<Cursor> },
+}
+
+/// A position in a recipient's push log: everything below `next` in `epoch` was received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub next: u64,
 }
 
 /// Pairing is commit-then-reveal, so neither side can choose its nonce after seeing the other's:
@@ -82,6 +92,14 @@ pub enum ResponseBody {
     /// The server ended the link (`removed`: there was one).
     Revoked {
         removed: bool,
+    },
+    /// Answer to `Hello`: pushes follow from offset `start` of `epoch`. `window_lost`: the
+    /// cursor could not be honoured (unknown, too old, or from another epoch); the terminal then
+    /// gets the current state instead of what it missed.
+    Welcome {
+        epoch: u64,
+        start: u64,
+        window_lost: bool,
     },
 }
 
@@ -204,6 +222,12 @@ impl<'de> Deserialize<'de> for Signature {
         }
         d.deserialize_bytes(Visitor)
     }
+}
+
+/// Terminal → server on the push stream: everything below `next` is safely delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushAck {
+    Ack { next: u64 },
 }
 
 /// Server → terminal, on the push stream the server opens on the terminal's connection.

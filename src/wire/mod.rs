@@ -91,6 +91,12 @@ pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<usize, WireError> {
     Ok(len)
 }
 
+/// Encodes `message` as a bare payload (no header), e.g. for storage.
+pub fn encode_payload<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
+    let frame = encode_frame(message)?;
+    Ok(frame[HEADER_LEN..].to_vec())
+}
+
 /// Decodes one payload; every byte must belong to the message.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
     if payload.len() > MAX_FRAME {

@@ -1,0 +1,371 @@
+//! The conformance suite every backend passes (run by `conformance_tests!` for each backend).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+use crate::identity::TerminalId;
+
+const NOW: u64 = 1_800_000_000;
+
+fn id(b: u8) -> TerminalId {
+    TerminalId::from_bytes([b; 32])
+}
+
+fn push(title: &str, key: Option<&str>, ttl: u64) -> NewPush {
+    NewPush {
+        from: Some(id(9)),
+        uri: format!("u://{title}"),
+        title: title.into(),
+        body: Some("b".into()),
+        position: Some(1.5),
+        meta: BTreeMap::from([("k".into(), "v".into())]),
+        ttl: Duration::from_secs(ttl),
+        collapse_key: key.map(str::to_string),
+    }
+}
+
+fn append(b: &mut dyn Backend, to: TerminalId, p: NewPush) -> u64 {
+    match b
+        .apply(&[Op::Append {
+            to,
+            push: p,
+            now: NOW,
+        }])
+        .unwrap()[0]
+    {
+        Outcome::Offset(o) => o,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn titles(b: &dyn Backend, to: TerminalId, from: u64, now: u64) -> Vec<String> {
+    b.log(&to, from, 100, now)
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.title)
+        .collect()
+}
+
+pub fn offsets_are_monotonic_per_recipient(b: &mut dyn Backend) {
+    assert_ne!(b.epoch(), 0);
+    assert_eq!(append(b, id(1), push("a", None, 60)), 0);
+    assert_eq!(append(b, id(1), push("b", None, 60)), 1);
+    assert_eq!(append(b, id(2), push("x", None, 60)), 0);
+    assert_eq!(append(b, id(1), push("c", None, 60)), 2);
+    let read = b.log(&id(1), 0, 100, NOW).unwrap();
+    assert_eq!(read.next, 3);
+    assert_eq!(read.acked, 0);
+    let offsets: Vec<u64> = read.items.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [0, 1, 2]);
+    let first = &read.items[0];
+    assert_eq!(first.item().from, Some(id(9)));
+    assert_eq!(first.body.as_deref(), Some("b"));
+    assert_eq!(first.position, Some(1.5));
+    assert_eq!(first.meta.get("k").map(String::as_str), Some("v"));
+    assert_eq!(titles(b, id(1), 1, NOW), ["b", "c"]);
+    assert_eq!(b.log(&id(1), 0, 2, NOW).unwrap().items.len(), 2);
+    // A recipient without a log reads empty, not an error.
+    let empty = b.log(&id(7), 0, 10, NOW).unwrap();
+    assert!(empty.items.is_empty() && empty.next == 0);
+}
+
+pub fn acks_trim_and_never_go_back(b: &mut dyn Backend) {
+    for t in ["a", "b", "c", "d"] {
+        append(b, id(1), push(t, None, 60));
+    }
+    b.apply(&[Op::Ack { to: id(1), next: 2 }]).unwrap();
+    let read = b.log(&id(1), 0, 100, NOW).unwrap();
+    assert_eq!(read.acked, 2);
+    assert_eq!(
+        read.items
+            .iter()
+            .map(|p| p.title.as_str())
+            .collect::<Vec<_>>(),
+        ["c", "d"]
+    );
+    // An older ack does not move the cursor back; an ack past the end is clamped.
+    b.apply(&[Op::Ack { to: id(1), next: 1 }]).unwrap();
+    assert_eq!(b.log(&id(1), 0, 100, NOW).unwrap().acked, 2);
+    b.apply(&[Op::Ack {
+        to: id(1),
+        next: 99,
+    }])
+    .unwrap();
+    let read = b.log(&id(1), 0, 100, NOW).unwrap();
+    assert_eq!((read.acked, read.next), (4, 4));
+    assert!(read.items.is_empty());
+    // Offsets continue after trimming.
+    assert_eq!(append(b, id(1), push("e", None, 60)), 4);
+}
+
+pub fn collapse_keys_keep_only_the_latest_unacked(b: &mut dyn Backend) {
+    append(b, id(1), push("v1", Some("k"), 60));
+    append(b, id(1), push("other", Some("j"), 60));
+    append(b, id(1), push("v2", Some("k"), 60));
+    append(b, id(1), push("plain", None, 60));
+    assert_eq!(titles(b, id(1), 0, NOW), ["other", "v2", "plain"]);
+    // Once acknowledged, an item is not touched by later collapses.
+    b.apply(&[Op::Ack { to: id(1), next: 4 }]).unwrap();
+    append(b, id(1), push("v3", Some("k"), 60));
+    assert_eq!(titles(b, id(1), 0, NOW), ["v3"]);
+    // Other recipients are unaffected.
+    append(b, id(2), push("w1", Some("k"), 60));
+    assert_eq!(titles(b, id(2), 0, NOW), ["w1"]);
+    assert_eq!(titles(b, id(1), 0, NOW), ["v3"]);
+}
+
+pub fn expired_items_are_not_delivered(b: &mut dyn Backend) {
+    append(b, id(1), push("short", None, 10));
+    append(b, id(1), push("long", None, 1000));
+    assert_eq!(titles(b, id(1), 0, NOW + 5), ["short", "long"]);
+    assert_eq!(titles(b, id(1), 0, NOW + 10), ["long"]);
+    b.apply(&[Op::Sweep { now: NOW + 10 }]).unwrap();
+    assert_eq!(
+        titles(b, id(1), 0, NOW),
+        ["long"],
+        "the sweep removed the expired item for good"
+    );
+}
+
+pub fn links_expire_and_can_be_revoked(b: &mut dyn Backend) {
+    b.apply(&[
+        Op::Link {
+            first: id(1),
+            second: id(2),
+            until: NOW + 100,
+        },
+        Op::Link {
+            first: id(1),
+            second: id(3),
+            until: NOW + 10,
+        },
+        Op::Link {
+            first: id(4),
+            second: id(2),
+            until: NOW + 100,
+        },
+    ])
+    .unwrap();
+    let mut f = b.followers(&id(1), NOW).unwrap();
+    f.sort();
+    assert_eq!(f, [(id(2), NOW + 100), (id(3), NOW + 10)]);
+    assert_eq!(b.followers(&id(1), NOW + 10).unwrap(), [(id(2), NOW + 100)]);
+    let mut g = b.following(&id(2), NOW).unwrap();
+    g.sort();
+    assert_eq!(g, [(id(1), NOW + 100), (id(4), NOW + 100)]);
+    // Renewing replaces the lease.
+    b.apply(&[Op::Link {
+        first: id(1),
+        second: id(3),
+        until: NOW + 500,
+    }])
+    .unwrap();
+    assert!(b
+        .followers(&id(1), NOW + 200)
+        .unwrap()
+        .contains(&(id(3), NOW + 500)));
+    assert_eq!(
+        b.apply(&[Op::Unlink {
+            first: id(1),
+            second: id(2)
+        }])
+        .unwrap(),
+        [Outcome::Removed(true)]
+    );
+    assert_eq!(
+        b.apply(&[Op::Unlink {
+            first: id(1),
+            second: id(2)
+        }])
+        .unwrap(),
+        [Outcome::Removed(false)]
+    );
+    assert_eq!(b.following(&id(2), NOW).unwrap(), [(id(4), NOW + 100)]);
+}
+
+pub fn nonces_are_single_use_and_bounded(b: &mut dyn Backend) {
+    let use_nonce = |b: &mut dyn Backend, n: u8, not_after: u64, now: u64| match b
+        .apply(&[Op::UseNonce {
+            first: id(1),
+            nonce: [n; 16],
+            not_after,
+            now,
+            capacity: 2,
+        }])
+        .unwrap()[0]
+    {
+        Outcome::Fresh(f) => f,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(use_nonce(b, 1, NOW + 10, NOW), Some(true));
+    assert_eq!(use_nonce(b, 1, NOW + 10, NOW), Some(false));
+    assert_eq!(use_nonce(b, 2, NOW + 100, NOW), Some(true));
+    assert_eq!(use_nonce(b, 3, NOW + 100, NOW), None, "full of live nonces");
+    // Once nonce 1 expired, its slot is reused; nonce 2 is still remembered.
+    assert_eq!(use_nonce(b, 3, NOW + 100, NOW + 20), Some(true));
+    assert_eq!(use_nonce(b, 2, NOW + 100, NOW + 20), Some(false));
+}
+
+pub fn sessions_and_known_terminals(b: &mut dyn Backend) {
+    assert!(!b.known(&id(1)).unwrap());
+    b.apply(&[Op::Touch {
+        id: id(1),
+        now: NOW,
+    }])
+    .unwrap();
+    assert!(b.known(&id(1)).unwrap());
+    let session = Session {
+        uri: "u".into(),
+        title: "t".into(),
+        position: None,
+        meta: BTreeMap::new(),
+    };
+    b.apply(&[Op::SetSession {
+        id: id(1),
+        session: Some(session.clone()),
+    }])
+    .unwrap();
+    assert_eq!(b.session(&id(1)).unwrap(), Some(session));
+    b.apply(&[Op::SetSession {
+        id: id(1),
+        session: None,
+    }])
+    .unwrap();
+    assert_eq!(b.session(&id(1)).unwrap(), None);
+}
+
+/// Many concurrent writers through the actor: every append gets its own offset, in one epoch.
+pub async fn concurrent_appends_through_the_actor(store: Store) {
+    let mut tasks = Vec::new();
+    for i in 0..64u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for j in 0..16 {
+                let op = Op::Append {
+                    to: id(1),
+                    push: push(&format!("{i}-{j}"), None, 60),
+                    now: NOW,
+                };
+                match store.write_one(op).await.unwrap() {
+                    Outcome::Offset(o) => got.push(o),
+                    other => panic!("{other:?}"),
+                }
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "one writer's offsets are increasing"
+        );
+        all.extend(got);
+    }
+    all.sort();
+    assert_eq!(all, (0..1024).collect::<Vec<u64>>());
+    let read = store.read(|b| b.log(&id(1), 0, 2000, NOW)).await.unwrap();
+    assert_eq!(read.items.len(), 1024);
+}
+
+macro_rules! conformance_tests {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn offsets_are_monotonic_per_recipient() {
+                let (_guard, mut b) = $make;
+                super::offsets_are_monotonic_per_recipient(b.as_mut());
+            }
+            #[test]
+            fn acks_trim_and_never_go_back() {
+                let (_guard, mut b) = $make;
+                super::acks_trim_and_never_go_back(b.as_mut());
+            }
+            #[test]
+            fn collapse_keys_keep_only_the_latest_unacked() {
+                let (_guard, mut b) = $make;
+                super::collapse_keys_keep_only_the_latest_unacked(b.as_mut());
+            }
+            #[test]
+            fn expired_items_are_not_delivered() {
+                let (_guard, mut b) = $make;
+                super::expired_items_are_not_delivered(b.as_mut());
+            }
+            #[test]
+            fn links_expire_and_can_be_revoked() {
+                let (_guard, mut b) = $make;
+                super::links_expire_and_can_be_revoked(b.as_mut());
+            }
+            #[test]
+            fn nonces_are_single_use_and_bounded() {
+                let (_guard, mut b) = $make;
+                super::nonces_are_single_use_and_bounded(b.as_mut());
+            }
+            #[test]
+            fn sessions_and_known_terminals() {
+                let (_guard, mut b) = $make;
+                super::sessions_and_known_terminals(b.as_mut());
+            }
+            #[tokio::test]
+            async fn concurrent_appends_through_the_actor() {
+                let (_guard, b) = $make;
+                super::concurrent_appends_through_the_actor(Store::start(b)).await;
+            }
+        }
+    };
+}
+
+fn memory() -> ((), Box<dyn Backend>) {
+    ((), Box::new(MemoryBackend::new()))
+}
+
+fn embedded() -> (tempfile::TempDir, Box<dyn Backend>) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = EmbeddedBackend::open(&dir.path().join("store.redb")).unwrap();
+    (dir, Box::new(b))
+}
+
+conformance_tests!(memory_backend, memory());
+conformance_tests!(embedded_backend, embedded());
+
+#[test]
+fn embedded_store_survives_reopening_with_its_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let epoch = {
+        let mut b = EmbeddedBackend::open(&path).unwrap();
+        append(&mut b, id(1), push("kept", None, 3600));
+        b.apply(&[
+            Op::Touch {
+                id: id(1),
+                now: NOW,
+            },
+            Op::Link {
+                first: id(2),
+                second: id(1),
+                until: NOW + 60,
+            },
+        ])
+        .unwrap();
+        b.epoch()
+    };
+    let b = EmbeddedBackend::open(&path).unwrap();
+    assert_eq!(b.epoch(), epoch);
+    assert_eq!(titles(&b, id(1), 0, NOW), ["kept"]);
+    assert!(b.known(&id(1)).unwrap());
+    assert_eq!(b.followers(&id(2), NOW).unwrap(), [(id(1), NOW + 60)]);
+    // A new file is a new epoch.
+    let other = EmbeddedBackend::open(&dir.path().join("other.redb")).unwrap();
+    assert_ne!(other.epoch(), epoch);
+}
+
+#[test]
+fn memory_backends_have_distinct_epochs() {
+    assert_ne!(MemoryBackend::new().epoch(), MemoryBackend::new().epoch());
+}

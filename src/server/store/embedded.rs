@@ -1,0 +1,344 @@
+//! The embedded backend: one redb file in the server's `state_dir` (`store.redb`). Every batch
+//! of writes is one transaction committed with immediate durability (one fsync), so a write
+//! acknowledged by [`super::Store::write`] survives a crash of the process or the machine.
+
+use std::path::Path;
+
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+
+use super::{new_epoch, Backend, LogRead, Op, Outcome, StoreError, StoredPush};
+use crate::identity::TerminalId;
+use crate::wire::{self, Session};
+
+const SCHEMA: u64 = 1;
+
+type Id<'a> = &'a [u8; 32];
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const KNOWN: TableDefinition<Id, u64> = TableDefinition::new("known");
+const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("sessions");
+/// (first, second) → until, and the same reversed for lookups by follower.
+const LINKS: TableDefinition<(Id, Id), u64> = TableDefinition::new("links");
+const LINKS_BY_SECOND: TableDefinition<(Id, Id), u64> = TableDefinition::new("links_by_second");
+const NONCES: TableDefinition<(Id, &[u8; 16]), u64> = TableDefinition::new("nonces");
+/// (recipient, offset) → encoded [`StoredPush`].
+const LOG: TableDefinition<(Id, u64), &[u8]> = TableDefinition::new("log");
+/// recipient → (next offset, acknowledged below).
+const CURSORS: TableDefinition<Id, (u64, u64)> = TableDefinition::new("cursors");
+/// (recipient, collapse key) → offset of the latest item with that key.
+const COLLAPSE: TableDefinition<(Id, &str), u64> = TableDefinition::new("collapse");
+
+pub struct EmbeddedBackend {
+    db: Database,
+    epoch: u64,
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::backend(e)
+}
+
+impl EmbeddedBackend {
+    /// Opens (or creates) the store file; a new file starts a new epoch.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let db = Database::create(path).map_err(|e| open_err(&e))?;
+        let txn = db.begin_write().map_err(|e| open_err(&e))?;
+        let epoch = {
+            let mut meta = txn.open_table(META).map_err(|e| open_err(&e))?;
+            let schema = meta
+                .get("schema")
+                .map_err(|e| open_err(&e))?
+                .map(|v| v.value());
+            match schema {
+                Some(SCHEMA) | None => {}
+                Some(other) => {
+                    return Err(open_err(&format!(
+                        "schema version {other}, this build reads {SCHEMA}"
+                    )))
+                }
+            }
+            meta.insert("schema", SCHEMA).map_err(|e| open_err(&e))?;
+            let existing = meta
+                .get("epoch")
+                .map_err(|e| open_err(&e))?
+                .map(|v| v.value());
+            match existing {
+                Some(epoch) => epoch,
+                None => {
+                    let epoch = new_epoch();
+                    meta.insert("epoch", epoch).map_err(|e| open_err(&e))?;
+                    epoch
+                }
+            }
+        };
+        // Create every table, so reads never meet a missing one.
+        txn.open_table(KNOWN).map_err(|e| open_err(&e))?;
+        txn.open_table(SESSIONS).map_err(|e| open_err(&e))?;
+        txn.open_table(LINKS).map_err(|e| open_err(&e))?;
+        txn.open_table(LINKS_BY_SECOND).map_err(|e| open_err(&e))?;
+        txn.open_table(NONCES).map_err(|e| open_err(&e))?;
+        txn.open_table(LOG).map_err(|e| open_err(&e))?;
+        txn.open_table(CURSORS).map_err(|e| open_err(&e))?;
+        txn.open_table(COLLAPSE).map_err(|e| open_err(&e))?;
+        txn.commit().map_err(|e| open_err(&e))?;
+        // The file holds the identity-free server state; keep it private like the key.
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        Ok(Self { db, epoch })
+    }
+}
+
+impl Backend for EmbeddedBackend {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(apply_one(&txn, op)?);
+        }
+        txn.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        Ok(txn
+            .open_table(KNOWN)
+            .map_err(err)?
+            .get(id.as_bytes())
+            .map_err(err)?
+            .is_some())
+    }
+
+    fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(SESSIONS).map_err(err)?;
+        let Some(bytes) = table.get(id.as_bytes()).map_err(err)? else {
+            return Ok(None);
+        };
+        Ok(Some(wire::decode_payload(bytes.value()).map_err(err)?))
+    }
+
+    fn followers(
+        &self,
+        first: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        links_of(&txn.open_table(LINKS).map_err(err)?, first, now)
+    }
+
+    fn following(
+        &self,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        links_of(&txn.open_table(LINKS_BY_SECOND).map_err(err)?, second, now)
+    }
+
+    fn log(
+        &self,
+        to: &TerminalId,
+        from: u64,
+        limit: usize,
+        now: u64,
+    ) -> Result<LogRead, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let (next, acked) = txn
+            .open_table(CURSORS)
+            .map_err(err)?
+            .get(to.as_bytes())
+            .map_err(err)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0));
+        let log = txn.open_table(LOG).map_err(err)?;
+        let mut items = Vec::new();
+        for entry in log
+            .range((to.as_bytes(), from)..=(to.as_bytes(), u64::MAX))
+            .map_err(err)?
+        {
+            let (_, value) = entry.map_err(err)?;
+            let push: StoredPush = wire::decode_payload(value.value()).map_err(err)?;
+            if push.expires_at > now {
+                items.push(push);
+                if items.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(LogRead { items, acked, next })
+    }
+}
+
+fn links_of(
+    table: &impl ReadableTable<(Id<'static>, Id<'static>), u64>,
+    key: &TerminalId,
+    now: u64,
+) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in table
+        .range((key.as_bytes(), &[0u8; 32])..=(key.as_bytes(), &[255u8; 32]))
+        .map_err(err)?
+    {
+        let (k, until) = entry.map_err(err)?;
+        let until = until.value();
+        if until > now {
+            out.push((TerminalId::from_bytes(*k.value().1), until));
+        }
+    }
+    Ok(out)
+}
+
+fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
+    Ok(match op {
+        Op::Touch { id, now } => {
+            let mut t = txn.open_table(KNOWN).map_err(err)?;
+            if t.get(id.as_bytes()).map_err(err)?.is_none() {
+                t.insert(id.as_bytes(), *now).map_err(err)?;
+            }
+            Outcome::Done
+        }
+        Op::SetSession { id, session } => {
+            let mut t = txn.open_table(SESSIONS).map_err(err)?;
+            match session {
+                Some(s) => {
+                    let bytes = wire::encode_payload(s).map_err(err)?;
+                    t.insert(id.as_bytes(), bytes.as_slice()).map_err(err)?;
+                }
+                None => {
+                    t.remove(id.as_bytes()).map_err(err)?;
+                }
+            }
+            Outcome::Done
+        }
+        Op::Link {
+            first,
+            second,
+            until,
+        } => {
+            txn.open_table(LINKS)
+                .map_err(err)?
+                .insert((first.as_bytes(), second.as_bytes()), *until)
+                .map_err(err)?;
+            txn.open_table(LINKS_BY_SECOND)
+                .map_err(err)?
+                .insert((second.as_bytes(), first.as_bytes()), *until)
+                .map_err(err)?;
+            Outcome::Done
+        }
+        Op::Unlink { first, second } => {
+            let removed = txn
+                .open_table(LINKS)
+                .map_err(err)?
+                .remove((first.as_bytes(), second.as_bytes()))
+                .map_err(err)?
+                .is_some();
+            txn.open_table(LINKS_BY_SECOND)
+                .map_err(err)?
+                .remove((second.as_bytes(), first.as_bytes()))
+                .map_err(err)?;
+            Outcome::Removed(removed)
+        }
+        Op::UseNonce {
+            first,
+            nonce,
+            not_after,
+            now,
+            capacity,
+        } => {
+            let mut t = txn.open_table(NONCES).map_err(err)?;
+            if t.get((first.as_bytes(), nonce)).map_err(err)?.is_some() {
+                return Ok(Outcome::Fresh(Some(false)));
+            }
+            if t.len().map_err(err)? as usize >= *capacity {
+                t.retain(|_, n| n > *now).map_err(err)?;
+                if t.len().map_err(err)? as usize >= *capacity {
+                    return Ok(Outcome::Fresh(None));
+                }
+            }
+            t.insert((first.as_bytes(), nonce), *not_after)
+                .map_err(err)?;
+            Outcome::Fresh(Some(true))
+        }
+        Op::Append { to, push, now } => {
+            let mut cursors = txn.open_table(CURSORS).map_err(err)?;
+            let (next, acked) = cursors
+                .get(to.as_bytes())
+                .map_err(err)?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            let mut log = txn.open_table(LOG).map_err(err)?;
+            if let Some(key) = &push.collapse_key {
+                let mut collapse = txn.open_table(COLLAPSE).map_err(err)?;
+                let previous = collapse
+                    .get((to.as_bytes(), key.as_str()))
+                    .map_err(err)?
+                    .map(|v| v.value());
+                if let Some(old) = previous.filter(|old| *old >= acked) {
+                    log.remove((to.as_bytes(), old)).map_err(err)?;
+                }
+                collapse
+                    .insert((to.as_bytes(), key.as_str()), next)
+                    .map_err(err)?;
+            }
+            let bytes = wire::encode_payload(&push.stored(next, *now)).map_err(err)?;
+            log.insert((to.as_bytes(), next), bytes.as_slice())
+                .map_err(err)?;
+            cursors
+                .insert(to.as_bytes(), (next + 1, acked))
+                .map_err(err)?;
+            Outcome::Offset(next)
+        }
+        Op::Ack { to, next } => {
+            let mut cursors = txn.open_table(CURSORS).map_err(err)?;
+            let Some((end, acked)) = cursors.get(to.as_bytes()).map_err(err)?.map(|v| v.value())
+            else {
+                return Ok(Outcome::Done);
+            };
+            let new_acked = acked.max((*next).min(end));
+            if new_acked > acked {
+                cursors
+                    .insert(to.as_bytes(), (end, new_acked))
+                    .map_err(err)?;
+                let mut log = txn.open_table(LOG).map_err(err)?;
+                log.retain_in(
+                    (to.as_bytes(), acked)..(to.as_bytes(), new_acked),
+                    |_, _| false,
+                )
+                .map_err(err)?;
+            }
+            Outcome::Done
+        }
+        Op::Sweep { now } => {
+            let mut log = txn.open_table(LOG).map_err(err)?;
+            log.retain(|_, bytes| {
+                wire::decode_payload::<StoredPush>(bytes)
+                    .map(|p| p.expires_at > *now)
+                    .unwrap_or(false)
+            })
+            .map_err(err)?;
+            txn.open_table(LINKS)
+                .map_err(err)?
+                .retain(|_, until| until > *now)
+                .map_err(err)?;
+            txn.open_table(LINKS_BY_SECOND)
+                .map_err(err)?
+                .retain(|_, until| until > *now)
+                .map_err(err)?;
+            txn.open_table(NONCES)
+                .map_err(err)?
+                .retain(|_, n| n > *now)
+                .map_err(err)?;
+            Outcome::Done
+        }
+    })
+}

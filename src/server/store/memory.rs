@@ -1,0 +1,197 @@
+//! The in-memory backend: everything is lost on restart (a new epoch every start).
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{new_epoch, Backend, LogRead, Op, Outcome, StoreError, StoredPush};
+use crate::identity::TerminalId;
+use crate::wire::Session;
+
+#[derive(Debug, Default)]
+struct Log {
+    items: BTreeMap<u64, StoredPush>,
+    next: u64,
+    acked: u64,
+}
+
+#[derive(Debug)]
+pub struct MemoryBackend {
+    epoch: u64,
+    known: HashMap<TerminalId, u64>,
+    sessions: HashMap<TerminalId, Session>,
+    /// (first, second) → until.
+    links: BTreeMap<(TerminalId, TerminalId), u64>,
+    nonces: HashMap<(TerminalId, [u8; 16]), u64>,
+    logs: HashMap<TerminalId, Log>,
+}
+
+impl MemoryBackend {
+    pub fn new() -> Self {
+        Self {
+            epoch: new_epoch(),
+            known: HashMap::new(),
+            sessions: HashMap::new(),
+            links: BTreeMap::new(),
+            nonces: HashMap::new(),
+            logs: HashMap::new(),
+        }
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
+        Ok(ops.iter().map(|op| self.apply_one(op)).collect())
+    }
+
+    fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {
+        Ok(self.known.contains_key(id))
+    }
+
+    fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError> {
+        Ok(self.sessions.get(id).cloned())
+    }
+
+    fn followers(
+        &self,
+        first: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+        let lo = (*first, TerminalId::from_bytes([0; 32]));
+        let hi = (*first, TerminalId::from_bytes([255; 32]));
+        Ok(self
+            .links
+            .range(lo..=hi)
+            .filter(|(_, until)| **until > now)
+            .map(|((_, s), u)| (*s, *u))
+            .collect())
+    }
+
+    fn following(
+        &self,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+        Ok(self
+            .links
+            .iter()
+            .filter(|((_, s), until)| s == second && **until > now)
+            .map(|((f, _), u)| (*f, *u))
+            .collect())
+    }
+
+    fn log(
+        &self,
+        to: &TerminalId,
+        from: u64,
+        limit: usize,
+        now: u64,
+    ) -> Result<LogRead, StoreError> {
+        let Some(log) = self.logs.get(to) else {
+            return Ok(LogRead {
+                items: Vec::new(),
+                acked: 0,
+                next: 0,
+            });
+        };
+        let items = log
+            .items
+            .range(from..)
+            .map(|(_, p)| p)
+            .filter(|p| p.expires_at > now)
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok(LogRead {
+            items,
+            acked: log.acked,
+            next: log.next,
+        })
+    }
+}
+
+impl MemoryBackend {
+    fn apply_one(&mut self, op: &Op) -> Outcome {
+        match op {
+            Op::Touch { id, now } => {
+                self.known.entry(*id).or_insert(*now);
+                Outcome::Done
+            }
+            Op::SetSession { id, session } => {
+                match session {
+                    Some(s) => self.sessions.insert(*id, s.clone()),
+                    None => self.sessions.remove(id),
+                };
+                Outcome::Done
+            }
+            Op::Link {
+                first,
+                second,
+                until,
+            } => {
+                self.links.insert((*first, *second), *until);
+                Outcome::Done
+            }
+            Op::Unlink { first, second } => {
+                Outcome::Removed(self.links.remove(&(*first, *second)).is_some())
+            }
+            Op::UseNonce {
+                first,
+                nonce,
+                not_after,
+                now,
+                capacity,
+            } => {
+                let key = (*first, *nonce);
+                if self.nonces.contains_key(&key) {
+                    return Outcome::Fresh(Some(false));
+                }
+                if self.nonces.len() >= *capacity {
+                    self.nonces.retain(|_, n| *n > *now);
+                    if self.nonces.len() >= *capacity {
+                        return Outcome::Fresh(None);
+                    }
+                }
+                self.nonces.insert(key, *not_after);
+                Outcome::Fresh(Some(true))
+            }
+            Op::Append { to, push, now } => {
+                let log = self.logs.entry(*to).or_default();
+                if let Some(key) = &push.collapse_key {
+                    let acked = log.acked;
+                    log.items.retain(|offset, p| {
+                        *offset < acked || p.collapse_key.as_ref() != Some(key)
+                    });
+                }
+                let offset = log.next;
+                log.next += 1;
+                log.items.insert(offset, push.stored(offset, *now));
+                Outcome::Offset(offset)
+            }
+            Op::Ack { to, next } => {
+                if let Some(log) = self.logs.get_mut(to) {
+                    log.acked = log.acked.max((*next).min(log.next));
+                    let keep = log.items.split_off(&log.acked);
+                    log.items = keep;
+                }
+                Outcome::Done
+            }
+            Op::Sweep { now } => {
+                for log in self.logs.values_mut() {
+                    log.items.retain(|_, p| p.expires_at > *now);
+                }
+                self.links.retain(|_, until| *until > *now);
+                self.nonces.retain(|_, n| *n > *now);
+                Outcome::Done
+            }
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The server's state behind one trait (DESIGN §6): sessions, known terminals, links, used ticket
+//! nonces, and a per-recipient push log with monotonic offsets inside an epoch.
+//!
+//! Backends implement [`Backend`] with operations that are each atomic on their own and never
+//! span recipients (so a Redis backend can implement them as scripts on hash-tagged keys). The
+//! [`Store`] actor owns the backend on a dedicated thread and applies every run of consecutive
+//! writes in one commit: many pushes share one fsync (group commit), and a write's future
+//! resolves only once that commit is durable.
+
+mod embedded;
+mod memory;
+
+#[cfg(test)]
+mod conformance;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::identity::TerminalId;
+use crate::wire::{PushItem, Session};
+
+pub use embedded::EmbeddedBackend;
+pub use memory::MemoryBackend;
+
+/// Messages queued for the store thread before senders wait.
+const QUEUE: usize = 65_536;
+/// Most write operations applied in one commit.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("store: {0}")]
+    Backend(String),
+    #[error("the store has stopped")]
+    Stopped,
+}
+
+impl StoreError {
+    pub fn backend(e: impl std::fmt::Display) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// A push as the log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPush {
+    pub offset: u64,
+    pub from: Option<TerminalId>,
+    pub uri: String,
+    pub title: String,
+    pub body: Option<String>,
+    pub position: Option<f64>,
+    pub meta: BTreeMap<String, String>,
+    /// Unix seconds after which the item is no longer delivered.
+    pub expires_at: u64,
+    pub collapse_key: Option<String>,
+}
+
+impl StoredPush {
+    pub fn item(&self) -> PushItem {
+        PushItem {
+            offset: self.offset,
+            from: self.from,
+            uri: self.uri.clone(),
+            title: self.title.clone(),
+            body: self.body.clone(),
+            position: self.position,
+            meta: self.meta.clone(),
+        }
+    }
+}
+
+/// A push to append; the store assigns its offset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPush {
+    pub from: Option<TerminalId>,
+    pub uri: String,
+    pub title: String,
+    pub body: Option<String>,
+    pub position: Option<f64>,
+    pub meta: BTreeMap<String, String>,
+    pub ttl: Duration,
+    /// A newer push with the same key replaces an older one not yet acknowledged.
+    pub collapse_key: Option<String>,
+}
+
+impl NewPush {
+    /// The push that carries `from`'s session; sessions collapse per sender.
+    pub fn session(from: TerminalId, session: &Session, ttl: Duration) -> Self {
+        Self {
+            from: Some(from),
+            uri: session.uri.clone(),
+            title: session.title.clone(),
+            body: None,
+            position: session.position,
+            meta: session.meta.clone(),
+            ttl,
+            collapse_key: Some(format!("session:{from}")),
+        }
+    }
+
+    pub(crate) fn stored(&self, offset: u64, now: u64) -> StoredPush {
+        StoredPush {
+            offset,
+            from: self.from,
+            uri: self.uri.clone(),
+            title: self.title.clone(),
+            body: self.body.clone(),
+            position: self.position,
+            meta: self.meta.clone(),
+            expires_at: now.saturating_add(self.ttl.as_secs().max(1)),
+            collapse_key: self.collapse_key.clone(),
+        }
+    }
+}
+
+/// One write; each is atomic on its own.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Marks a terminal as seen (the HTTP API answers 404 for terminals never seen).
+    Touch { id: TerminalId, now: u64 },
+    SetSession {
+        id: TerminalId,
+        session: Option<Session>,
+    },
+    Link {
+        first: TerminalId,
+        second: TerminalId,
+        until: u64,
+    },
+    Unlink {
+        first: TerminalId,
+        second: TerminalId,
+    },
+    /// Records a ticket nonce; `Fresh(false)` if it was used before.
+    UseNonce {
+        first: TerminalId,
+        nonce: [u8; 16],
+        not_after: u64,
+        now: u64,
+        capacity: usize,
+    },
+    /// Appends to `to`'s log; an older unacknowledged item with the same collapse key is removed.
+    Append {
+        to: TerminalId,
+        push: NewPush,
+        now: u64,
+    },
+    /// `to` has everything below `next`: those items may go.
+    Ack { to: TerminalId, next: u64 },
+    /// Drops expired items, links and nonces.
+    Sweep { now: u64 },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Offset(u64),
+    Removed(bool),
+    /// For `UseNonce`: `Some(true)` fresh, `Some(false)` replayed, `None` cache full.
+    Fresh(Option<bool>),
+}
+
+/// A slice of a recipient's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRead {
+    /// Live items with offset ≥ the requested start, in order.
+    pub items: Vec<StoredPush>,
+    /// Everything below this was acknowledged (and may be gone).
+    pub acked: u64,
+    /// The offset the next append will get.
+    pub next: u64,
+}
+
+/// A storage backend. Writes come in batches that the backend makes durable together.
+pub trait Backend: Send + 'static {
+    /// The epoch of the push logs: a new value whenever they were lost (a new store).
+    fn epoch(&self) -> u64;
+    /// Applies `ops` in order and makes them durable before returning.
+    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError>;
+    fn known(&self, id: &TerminalId) -> Result<bool, StoreError>;
+    fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError>;
+    /// Terminals following `first` with links alive at `now`.
+    fn followers(&self, first: &TerminalId, now: u64)
+        -> Result<Vec<(TerminalId, u64)>, StoreError>;
+    /// Terminals `second` follows with links alive at `now`.
+    fn following(
+        &self,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError>;
+    /// Up to `limit` live items of `to`'s log from offset `from`.
+    fn log(
+        &self,
+        to: &TerminalId,
+        from: u64,
+        limit: usize,
+        now: u64,
+    ) -> Result<LogRead, StoreError>;
+}
+
+type ReadFn = Box<dyn FnOnce(&dyn Backend) + Send>;
+
+enum Msg {
+    Write {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+    },
+    Read(ReadFn),
+}
+
+/// A handle to the store thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Msg>,
+    epoch: u64,
+}
+
+impl Store {
+    /// Starts the store thread over `backend`.
+    pub fn start(backend: Box<dyn Backend>) -> Self {
+        let epoch = backend.epoch();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("handoff-store".into())
+            .spawn(move || run(backend, rx))
+            .unwrap_or_else(|e| panic!("cannot start the store thread: {e}"));
+        Self { tx, epoch }
+    }
+
+    /// Opens the backend named by the config.
+    pub fn open(kind: &crate::config::StoreKind, state_dir: &Path) -> Result<Self, StoreError> {
+        let backend: Box<dyn Backend> = match kind {
+            crate::config::StoreKind::Memory => Box::new(MemoryBackend::new()),
+            crate::config::StoreKind::Embedded => {
+                crate::identity::create_state_dir(state_dir).map_err(|e| StoreError::Open {
+                    path: state_dir.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Box::new(EmbeddedBackend::open(&state_dir.join("store.redb"))?)
+            }
+        };
+        Ok(Self::start(backend))
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Applies writes; resolves once they are durable. Cancel-safe (the writes still happen).
+    pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Write { ops, reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub async fn write_one(&self, op: Op) -> Result<Outcome, StoreError> {
+        self.write(vec![op]).await?.pop().ok_or(StoreError::Stopped)
+    }
+
+    /// Runs a read on the store thread, after every write queued before it.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Backend) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job: ReadFn = Box::new(move |b| {
+            let _ = reply.send(f(b));
+        });
+        self.tx
+            .send(Msg::Read(job))
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+}
+
+/// The store thread: applies runs of writes as one batch, reads in queue order.
+fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
+    let mut pending: Option<Msg> = None;
+    loop {
+        let msg = match pending.take() {
+            Some(m) => m,
+            None => match rx.blocking_recv() {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        match msg {
+            Msg::Read(job) => job(backend.as_ref()),
+            Msg::Write { ops, reply } => {
+                let mut ops_all = ops;
+                let mut replies = vec![(reply, ops_all.len())];
+                // Gather the writes already queued behind this one into the same commit.
+                while ops_all.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Msg::Write { ops, reply }) => {
+                            replies.push((reply, ops.len()));
+                            ops_all.extend(ops);
+                        }
+                        Ok(read) => {
+                            pending = Some(read);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match backend.apply(&ops_all) {
+                    Ok(outcomes) => {
+                        let mut outcomes = outcomes.into_iter();
+                        for (reply, n) in replies {
+                            let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
+                        }
+                    }
+                    Err(e) => {
+                        for (reply, _) in replies {
+                            let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A random epoch for a new store.
+pub(crate) fn new_epoch() -> u64 {
+    // Never 0, so "no epoch" stays distinguishable.
+    rand::random::<u64>().max(1)
+}
