@@ -2,85 +2,20 @@
 //! TLS, real tickets. Discovery (mDNS) is off here; peers are added to the table by hand, as mDNS
 //! would. The namespace LAN tests (tests/lan.rs) cover discovery.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod support;
 
-use handoff::config::{DaemonConfig, ServerConfig, ServerRef, StoreKind};
-use handoff::daemon::{Daemon, DaemonOptions, PullError};
+use std::time::Duration;
+
+use handoff::daemon::{Daemon, PullError};
 use handoff::identity::{Identity, TerminalId};
 use handoff::net::{self, read_frame, unix_now, write_frame, RequestError};
-use handoff::peer::{Peer, PeerAddr};
 use handoff::server::Server;
-use handoff::tls::{self, TransportLimits};
+use handoff::tls;
 use handoff::wire::{
     self, ErrorCode, InfoRequest, RefusalReason, Request, RequestBody, Response, ResponseBody,
-    Session, Ticket,
+    Ticket,
 };
-
-const WAIT: Duration = Duration::from_secs(10);
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-async fn start_server(dir: &Path) -> Server {
-    let config = ServerConfig::with_defaults(dir.join("server"), loopback(), StoreKind::Embedded);
-    Server::start(
-        Identity::load_or_create(&config.state_dir).unwrap(),
-        &config,
-    )
-    .await
-    .unwrap()
-}
-
-fn terminal(
-    dir: &Path,
-    name: &str,
-    server: Option<&Server>,
-    trusted: Vec<TerminalId>,
-) -> DaemonConfig {
-    let mut config =
-        DaemonConfig::with_defaults(name, dir.join(name), dir.join(format!("{name}.sock")));
-    config.listen = loopback();
-    config.server = server.map(|s| ServerRef {
-        id: s.id(),
-        addrs: vec![s.local_addr().to_string()],
-    });
-    config.trusted_peers = trusted;
-    config
-}
-
-async fn start(config: DaemonConfig) -> Daemon {
-    Daemon::start(config, DaemonOptions { discovery: false })
-        .await
-        .unwrap()
-}
-
-/// Tells `who` that `peer` is at `addr`, claiming `id` (as an mDNS advert would).
-fn introduce(who: &Daemon, name: &str, id: TerminalId, addr: SocketAddr) {
-    who.learn_peer(Peer {
-        id,
-        name: name.into(),
-        instance: format!("{name}._handoff._udp.local."),
-        addrs: BTreeSet::from([PeerAddr {
-            ip: addr.ip(),
-            scope_id: 0,
-        }]),
-        port: addr.port(),
-        last_seen: Instant::now(),
-    });
-}
-
-fn session(title: &str) -> Session {
-    Session {
-        uri: format!("https://media.example/{title}"),
-        title: title.into(),
-        position: Some(3.0),
-        meta: BTreeMap::new(),
-    }
-}
+use support::inproc::*;
 
 struct World {
     _dir: tempfile::TempDir,
@@ -201,30 +136,6 @@ async fn pinned_tls_rejects_a_server_with_another_key() {
         .await
         .unwrap();
     assert_eq!(tls::peer_id(&conn), Some(server.id()));
-}
-
-fn limits() -> TransportLimits {
-    TransportLimits {
-        max_bidi_streams: 0,
-        max_uni_streams: 4,
-        idle_timeout: Duration::from_secs(10),
-        keep_alive: None,
-    }
-}
-
-/// A raw QUIC client holding `identity`, connected to `addr` pinned to `expected`.
-async fn raw_connect(
-    identity: &Identity,
-    expected: TerminalId,
-    addr: SocketAddr,
-) -> quinn::Connection {
-    let endpoint = quinn::Endpoint::client(loopback()).unwrap();
-    let config = tls::client_config(identity, expected, limits()).unwrap();
-    endpoint
-        .connect_with(config, addr, tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap()
 }
 
 /// Sends raw bytes on a new stream and returns the error code the stream was reset with.

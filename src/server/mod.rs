@@ -66,6 +66,14 @@ pub enum ServerError {
     Http(#[from] http::HttpError),
 }
 
+/// Where a terminal's push stream starts (see [`Server::hello`]).
+struct Hello {
+    start: u64,
+    window_lost: bool,
+    /// The log's end when the terminal said hello.
+    end: u64,
+}
+
 /// Where a connected terminal's pushes go.
 struct ConnSlot {
     conn_id: u64,
@@ -253,8 +261,8 @@ impl Server {
         }
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
-        // Everything queued before this read has been committed when it returns.
-        let _ = self.shared.store.read(|_| Ok(())).await;
+        // Commit what is queued, then release the store (its file lock too).
+        self.shared.store.close().await;
         info!("server stopped");
     }
 
@@ -531,8 +539,13 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                             message: "hello was already said on this connection".into(),
                         }),
                         Some((fast_rx, latest, wake)) => match s.hello(id, cursor).await {
-                            Ok((start, window_lost)) => {
-                                latest.fetch_max(start, Ordering::AcqRel);
+                            Ok(Hello {
+                                start,
+                                window_lost,
+                                end,
+                            }) => {
+                                // The writer sends the log from `start` up to at least its end.
+                                latest.fetch_max(end.max(start), Ordering::AcqRel);
                                 let push =
                                     write_pushes(s.clone(), conn, id, start, fast_rx, latest, wake);
                                 s.shared.tasks.spawn(push.in_current_span());
@@ -574,11 +587,7 @@ impl Server {
     /// Decides where `id`'s push stream starts, and whether its cursor could be honoured. When
     /// it could not, the current sessions of the terminals it follows are appended so it gets
     /// the current state.
-    async fn hello(
-        &self,
-        id: TerminalId,
-        cursor: Option<Cursor>,
-    ) -> Result<(u64, bool), StoreError> {
+    async fn hello(&self, id: TerminalId, cursor: Option<Cursor>) -> Result<Hello, StoreError> {
         let epoch = self.epoch();
         let now = unix_now();
         let log = self
@@ -625,7 +634,11 @@ impl Server {
                 .collect();
             self.store_pushes(items, Vec::new()).await?;
         }
-        Ok((start, window_lost))
+        Ok(Hello {
+            start,
+            window_lost,
+            end: log.next,
+        })
     }
 
     async fn handle(&self, id: TerminalId, body: RequestBody) -> ResponseBody {

@@ -7,6 +7,8 @@
 //! Nothing here touches the host's own interfaces.
 #![allow(dead_code)]
 
+pub mod inproc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

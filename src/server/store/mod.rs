@@ -214,6 +214,8 @@ enum Msg {
         reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
     },
     Read(ReadFn),
+    /// Finish the queue before this, drop the backend, confirm.
+    Close(oneshot::Sender<()>),
 }
 
 /// A handle to the store thread. Cheap to clone.
@@ -268,6 +270,15 @@ impl Store {
         self.write(vec![op]).await?.pop().ok_or(StoreError::Stopped)
     }
 
+    /// Applies everything queued, then closes the backend (releasing its file). Later calls
+    /// fail with [`StoreError::Stopped`].
+    pub async fn close(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(reply)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Runs a read on the store thread, after every write queued before it.
     pub async fn read<T: Send + 'static>(
         &self,
@@ -298,6 +309,11 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
         };
         match msg {
             Msg::Read(job) => job(backend.as_ref()),
+            Msg::Close(reply) => {
+                drop(backend);
+                let _ = reply.send(());
+                return;
+            }
             Msg::Write { ops, reply } => {
                 let mut ops_all = ops;
                 let mut replies = vec![(reply, ops_all.len())];

@@ -1,0 +1,414 @@
+//! Delivery as a promise (issue 4), in process on loopback: the HTTP publish API, offline
+//! terminals resuming from their cursor, collapse keys, TTLs, server restarts and stale cursors.
+
+mod support;
+
+use std::time::Duration;
+
+use handoff::daemon::Daemon;
+use handoff::identity::Identity;
+use handoff::net::{self, read_frame, unix_now};
+use handoff::server::Server;
+use handoff::wire::{self, Cursor, InfoRequest, RequestBody, ResponseBody, ServerPush, Ticket};
+use support::inproc::*;
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+async fn next_push(
+    rx: &mut tokio::sync::broadcast::Receiver<handoff::control::PushRecord>,
+) -> handoff::control::PushRecord {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a push in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http_api_answers_each_case_with_the_documented_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    let mut pushes = b.subscribe();
+    let path = format!("/v1/terminals/{}/push", b.id());
+    let good = br#"{"uri":"https://media.example/a","title":"A","body":"hello","meta":{"k":"v"}}"#;
+
+    let (status, body) = http(http_addr, "POST", &path, None, good).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(json(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("bearer token"));
+    assert_eq!(
+        http(http_addr, "POST", &path, Some("wrong"), good).await.0,
+        401
+    );
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        "/v1/terminals/nope/push",
+        Some(&token),
+        good,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        http(http_addr, "POST", &path, Some(&token), b"{not json")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        http(
+            http_addr,
+            "POST",
+            &path,
+            Some(&token),
+            br#"{"uri":"u","title":"t","ttl_secs":0}"#
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        http(
+            http_addr,
+            "POST",
+            &path,
+            Some(&token),
+            br#"{"uri":"u","title":"t","extra":1}"#
+        )
+        .await
+        .0,
+        400
+    );
+    let stranger = Identity::generate().unwrap().id();
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{stranger}/push"),
+        Some(&token),
+        good,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(json(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("never connected"));
+    let huge = format!(r#"{{"uri":"u","title":"{}"}}"#, "x".repeat(70 * 1024));
+    let (status, body) = http(http_addr, "POST", &path, Some(&token), huge.as_bytes()).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(json(&body)["error"].is_string());
+
+    // None of those reached B; the good one does, once stored.
+    let (status, body) = http(http_addr, "POST", &path, Some(&token), good).await;
+    assert_eq!(status, 200, "{body}");
+    let answer = json(&body);
+    assert_eq!(answer["offset"], 0);
+    assert_eq!(answer["epoch"], server.epoch());
+    let push = next_push(&mut pushes).await;
+    assert_eq!(
+        (
+            push.title.as_str(),
+            push.body.as_deref(),
+            push.from.as_deref()
+        ),
+        ("A", Some("hello"), None)
+    );
+    assert_eq!(push.meta.get("k").map(String::as_str), Some("v"));
+    assert_eq!(
+        b.inbox().await.unwrap().len(),
+        1,
+        "the failed requests stored nothing"
+    );
+
+    let (status, body) = http(http_addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["status"], "ok");
+    let (status, metrics) = http(http_addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("handoff_pushes_stored_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("handoff_http_refusals_total{reason=\"unauthorized\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .all(|l| l.starts_with("handoff_")));
+}
+
+#[tokio::test]
+async fn followers_push_and_session_put_reach_every_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b_id = Identity::load_or_create(&dir.path().join("b"))
+        .unwrap()
+        .id();
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b_id])).await;
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    assert!(
+        b.pull("a", WAIT).await.unwrap().push.is_none(),
+        "A shows nothing yet"
+    );
+    let mut pushes = b.subscribe();
+
+    let body = br#"{"uri":"https://media.example/news","title":"News"}"#;
+    let (status, answer) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/followers/push", a.id()),
+        Some(&token),
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(json(&answer)["pushed"], 1);
+    assert_eq!(next_push(&mut pushes).await.title, "News");
+
+    let session =
+        br#"{"uri":"https://media.example/film","title":"Film","position":30.0,"meta":{}}"#;
+    let (status, answer) = http(
+        http_addr,
+        "PUT",
+        &format!("/v1/terminals/{}/session", a.id()),
+        Some(&token),
+        session,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(json(&answer)["followers"], 1);
+    let push = next_push(&mut pushes).await;
+    assert_eq!((push.title.as_str(), push.position), ("Film", Some(30.0)));
+    assert_eq!(push.from.as_deref(), Some(a.id().to_string().as_str()));
+}
+
+/// Waits until `daemon`'s inbox holds at least `n` items; returns their titles.
+async fn inbox_titles(daemon: &Daemon, n: usize) -> Vec<String> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let titles: Vec<String> = daemon
+                .inbox()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.title)
+                .collect();
+            if titles.len() >= n {
+                return titles;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the inbox fills in time")
+}
+
+/// Starts terminal "b" attached to `server`, in `dir`.
+async fn start_b(dir: &std::path::Path, server: &Server) -> Daemon {
+    let b = start(terminal(dir, "b", Some(server), vec![])).await;
+    wait_connected(&b).await;
+    b
+}
+
+#[tokio::test]
+async fn an_offline_terminal_gets_what_it_missed_in_order_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start_b(dir.path(), &server).await;
+    let b_id = b.id();
+    let mut pushes = b.subscribe();
+    let publish = |body: String| {
+        let token = token.clone();
+        async move {
+            let (status, answer) = http(
+                http_addr,
+                "POST",
+                &format!("/v1/terminals/{b_id}/push"),
+                Some(&token),
+                body.as_bytes(),
+            )
+            .await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    publish(r#"{"uri":"u://0","title":"online"}"#.into()).await;
+    assert_eq!(next_push(&mut pushes).await.title, "online");
+    b.shutdown().await;
+
+    // While B is away: plain items, two with one collapse key (only the latter survives), and
+    // one that expires before B returns.
+    publish(r#"{"uri":"u://1","title":"one"}"#.into()).await;
+    publish(r#"{"uri":"u://2","title":"score 1-0","collapse_key":"score"}"#.into()).await;
+    publish(r#"{"uri":"u://3","title":"short-lived","ttl_secs":1}"#.into()).await;
+    publish(r#"{"uri":"u://4","title":"score 2-0","collapse_key":"score"}"#.into()).await;
+    publish(r#"{"uri":"u://5","title":"five"}"#.into()).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let b = start_b(dir.path(), &server).await;
+    let titles = inbox_titles(&b, 4).await;
+    assert_eq!(titles, ["online", "one", "score 2-0", "five"]);
+    let offsets: Vec<u64> = b.inbox().await.unwrap().iter().map(|r| r.offset).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "in order: {offsets:?}"
+    );
+    let mut pushes = b.subscribe();
+    // Nothing more arrives, and a restart does not deliver anything twice.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), pushes.recv())
+            .await
+            .is_err()
+    );
+    b.shutdown().await;
+    let b = start_b(dir.path(), &server).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let titles: Vec<String> = b
+        .inbox()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.title)
+        .collect();
+    assert_eq!(titles, ["online", "one", "score 2-0", "five"]);
+    assert_eq!(b.metrics().get("handoff_push_windows_lost_total", None), 0);
+}
+
+#[tokio::test]
+async fn the_embedded_store_keeps_pushes_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let b = start_b(dir.path(), &server).await;
+    let b_id = b.id();
+    b.shutdown().await;
+    for i in 0..3 {
+        let body = format!(r#"{{"uri":"u://{i}","title":"t{i}"}}"#);
+        let (status, _) = http(
+            server.http_addr().unwrap(),
+            "POST",
+            &format!("/v1/terminals/{b_id}/push"),
+            Some(&token),
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let epoch = server.epoch();
+    server.shutdown().await;
+    drop(server);
+    // A new endpoint (the old port may linger); the same store file.
+    let (server, _) = start_server_with_http(dir.path(), loopback()).await;
+    assert_eq!(server.epoch(), epoch, "same store, same epoch");
+    let b = start_b(dir.path(), &server).await;
+    assert_eq!(inbox_titles(&b, 3).await, ["t0", "t1", "t2"]);
+    assert_eq!(b.metrics().get("handoff_push_windows_lost_total", None), 0);
+}
+
+#[tokio::test]
+async fn a_stale_cursor_is_told_and_gets_the_current_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = start_server_with_http(dir.path(), loopback()).await;
+    let a = Identity::generate().unwrap();
+    let x = Identity::generate().unwrap();
+    // A shows something; X follows A with a ticket A signed.
+    let a_conn = raw_connect(&a, server.id(), server.local_addr()).await;
+    let session = session("current");
+    assert!(matches!(
+        net::request(&a_conn, RequestBody::SetSession(Some(session.clone())))
+            .await
+            .unwrap(),
+        ResponseBody::SessionStored
+    ));
+    let hello = |cursor| RequestBody::Hello { cursor };
+    let x_conn = raw_connect(&x, server.id(), server.local_addr()).await;
+    match net::request(&x_conn, hello(None)).await.unwrap() {
+        ResponseBody::Welcome {
+            epoch,
+            start,
+            window_lost,
+        } => {
+            assert_eq!(
+                (epoch, start, window_lost),
+                (server.epoch(), 0, false),
+                "a new terminal has nothing to lose"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let ticket = Ticket {
+        first: a.id(),
+        second: x.id(),
+        server: server.id(),
+        not_after: unix_now() + 60,
+        nonce: [1; 16],
+    }
+    .sign(&a);
+    let follow = RequestBody::Follow(InfoRequest {
+        first: a.id(),
+        second: x.id(),
+        ticket,
+    });
+    assert!(matches!(
+        net::request(&x_conn, follow).await.unwrap(),
+        ResponseBody::Linked {
+            has_session: true,
+            ..
+        }
+    ));
+    x_conn.close(0u32.into(), b"bye");
+
+    // X comes back with a cursor from another epoch: it is told, and gets A's current session.
+    let x_conn = raw_connect(&x, server.id(), server.local_addr()).await;
+    let stale = Some(Cursor {
+        epoch: server.epoch() ^ 1,
+        next: 5,
+    });
+    match net::request(&x_conn, hello(stale)).await.unwrap() {
+        ResponseBody::Welcome { window_lost, .. } => {
+            assert!(window_lost, "the stale cursor must be reported")
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_send, mut recv) = tokio::time::timeout(WAIT, x_conn.accept_bi())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut titles = Vec::new();
+    while let Ok(Ok(Some(ServerPush::Item(item)))) = tokio::time::timeout(
+        Duration::from_millis(500),
+        read_frame::<ServerPush>(&mut recv, WAIT, wire::MAX_FRAME),
+    )
+    .await
+    {
+        titles.push(item.title);
+    }
+    assert!(
+        titles.last().is_some_and(|t| t == "current"),
+        "got {titles:?}"
+    );
+    // A cursor from the future is no better.
+    let x2 = raw_connect(&x, server.id(), server.local_addr()).await;
+    match net::request(
+        &x2,
+        hello(Some(Cursor {
+            epoch: server.epoch(),
+            next: 10_000,
+        })),
+    )
+    .await
+    .unwrap()
+    {
+        ResponseBody::Welcome { window_lost, .. } => assert!(window_lost),
+        other => panic!("{other:?}"),
+    }
+}
