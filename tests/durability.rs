@@ -1,0 +1,190 @@
+//! Nothing acknowledged is lost (issue 4), on a namespace LAN with the real binary: the server is
+//! killed with SIGKILL while a publisher pushes, and a terminal's link is cut while pushes are
+//! published; afterwards the terminal's inbox holds every acknowledged push, once, in order.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const TOKEN: &str = "durability-test-token";
+
+/// A server (embedded store, HTTP API on its address) and terminal b attached to it.
+fn deployment(tag: &str) -> (Lan, usize, String) {
+    let mut lan = Lan::new(tag, &["srv", "b", "pub"]);
+    let server_id = id_of(&lan.path("srv"));
+    let token_file = lan.path("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let srv_ip = lan.host("srv").ip.clone();
+    let extra = format!(
+        "[store]\nkind = \"embedded\"\n[http]\nlisten = \"{srv_ip}:47780\"\ntoken_file = \"{}\"\n",
+        token_file.display()
+    );
+    let config = lan.server_config("srv", &extra);
+    let server = lan.spawn("srv", &["server", "--config", &config], "srv");
+    assert!(
+        wait_for(Duration::from_secs(10), || lan
+            .log("srv")
+            .contains("server listening")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        lan.log("srv")
+    );
+    lan.start_daemon("b", &lan.server_section("srv", &server_id));
+    assert!(
+        wait_for(Duration::from_secs(10), || lan.status("b")["server"]
+            ["connected"]
+            .as_bool()
+            .unwrap_or(false)
+            .then_some(()))
+        .is_some(),
+        "b never connected\n{}",
+        lan.log("b")
+    );
+    let b_id = lan.status("b")["id"].as_str().unwrap().to_string();
+    (lan, server, b_id)
+}
+
+/// Publishes `count` numbered pushes to `to` from host pub, one after another, until done or
+/// `stop`; returns the numbers that got a 2xx. Failed requests (server down) move on.
+fn publisher(
+    lan: &Lan,
+    to: &str,
+    count: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<usize>> {
+    let addr = format!("{}:47780", lan.host("srv").ip);
+    let path = format!("/v1/terminals/{to}/push");
+    lan.spawn_in("pub", move || {
+        let mut acknowledged = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for i in 0..count {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break;
+            }
+            let body = format!(r#"{{"uri":"u://{i}","title":"{i}"}}"#);
+            match http_post(&addr, &path, TOKEN, &body) {
+                Some(status) if (200..300).contains(&status) => acknowledged.push(i),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        acknowledged
+    })
+}
+
+fn inbox_numbers(lan: &Lan) -> Vec<usize> {
+    let out = handoff(&["inbox", "--json", "--socket", &lan.socket("b")]);
+    json_lines(&out.stdout)
+        .iter()
+        .map(|r| r["title"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Every acknowledged number is in the inbox; nothing is there twice; everything is in order.
+fn check_inbox(lan: &Lan, acknowledged: &[usize]) {
+    let wanted = acknowledged.last().copied();
+    let inbox = wait_for(Duration::from_secs(60), || {
+        let inbox = inbox_numbers(lan);
+        wanted.is_none_or(|w| inbox.contains(&w)).then_some(inbox)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "b never received the last acknowledged push\n{}",
+            lan.log("b")
+        )
+    });
+    assert!(
+        inbox.windows(2).all(|w| w[0] < w[1]),
+        "out of order or duplicated: {inbox:?}"
+    );
+    let missing: Vec<&usize> = acknowledged.iter().filter(|i| !inbox.contains(i)).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+}
+
+#[test]
+fn a_server_killed_mid_stream_loses_no_acknowledged_push() {
+    if !require_root("durability: SIGKILL of the server") {
+        return;
+    }
+    let (mut lan, server, b_id) = deployment("ck");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(&lan, &b_id, 3000, stop.clone());
+    // Let a few hundred pushes through, then kill the server without warning and restart it.
+    wait_for(Duration::from_secs(30), || {
+        (inbox_numbers(&lan).len() >= 300).then_some(())
+    })
+    .expect("pushes flow");
+    lan.signal(server, libc::SIGKILL);
+    assert_eq!(
+        lan.wait(server, Duration::from_secs(5)),
+        None,
+        "killed by a signal, no exit code"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let config = lan.path("srv.toml").to_str().unwrap().to_string();
+    lan.spawn("srv", &["server", "--config", &config], "srv2");
+    assert!(
+        wait_for(Duration::from_secs(10), || lan
+            .log("srv2")
+            .contains("server listening")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        lan.log("srv2")
+    );
+    let acknowledged = publishing.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        acknowledged.len() > 1000,
+        "only {} pushes were acknowledged",
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() < 3000,
+        "no push failed: the kill did not interrupt publishing"
+    );
+    check_inbox(&lan, &acknowledged);
+    eprintln!(
+        "{} of 3000 pushes acknowledged across the kill; all delivered once, in order",
+        acknowledged.len()
+    );
+}
+
+#[test]
+fn a_terminal_cut_off_from_the_network_gets_everything_after() {
+    if !require_root("durability: terminal offline") {
+        return;
+    }
+    let (lan, _server, b_id) = deployment("of");
+    let b_ns = lan.host("b").ns.clone();
+    let link = |state: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &b_ns, "link", "set", "eth0", state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set {state}");
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    link("down");
+    let acknowledged = publisher(&lan, &b_id, 200, stop).join().unwrap();
+    assert_eq!(
+        acknowledged.len(),
+        200,
+        "the server acknowledges pushes for an unreachable terminal"
+    );
+    let during = inbox_numbers(&lan).len();
+    std::thread::sleep(Duration::from_secs(3));
+    link("up");
+    check_inbox(&lan, &acknowledged);
+    assert_eq!(during, 0, "nothing arrived while the link was down");
+}
