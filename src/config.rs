@@ -733,6 +733,9 @@ mod tests {
         assert!(d.server.is_some());
         let s = ServerConfig::load(&root.join("server.toml")).unwrap();
         assert_eq!(s.listen.port(), DEFAULT_SERVER_PORT);
+        assert_eq!(s.store, StoreKind::Embedded);
+        assert_eq!(s.http.as_ref().map(|h| h.listen.port()), Some(47780));
+        assert_eq!(s.push, PushConfig::default());
         let text = std::fs::read_to_string(root.join("server.toml")).unwrap();
         assert_eq!(guess_kind(&text), ConfigKind::Server);
     }
