@@ -56,12 +56,63 @@ impl TerminalId {
         s
     }
 
-    /// Checks an Ed25519 signature made by the key this ID names.
+    /// Checks an Ed25519 signature made by the key this ID names. Small-order keys never
+    /// verify: signatures for them can be made without any private key.
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(message, signature)
-            .is_ok()
+        !self.is_small_order()
+            && UnparsedPublicKey::new(&ED25519, &self.0)
+                .verify(message, signature)
+                .is_ok()
     }
+
+    /// Whether the key is one of the Ed25519 points of small order (whatever its sign bit).
+    /// No real key pair has one; anyone can sign for them, so they are refused as identities.
+    pub fn is_small_order(&self) -> bool {
+        let mut bytes = self.0;
+        bytes[31] &= 0x7f;
+        SMALL_ORDER.contains(&bytes)
+    }
+}
+
+/// The Ed25519 public keys of small order, sign bit cleared (libsodium's blocklist: 14
+/// encodings with the sign bit). Found by fuzzing `SignedTicket::check`; see docs/FUZZING.md.
+const SMALL_ORDER: [[u8; 32]; 7] = [
+    [0; 32],
+    small_order_key(&[0x01], 0x00, 0x00),
+    small_order_key(
+        &[
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef,
+            0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88,
+            0x6d, 0x53, 0xfc, 0x05,
+        ],
+        0x00,
+        0x05,
+    ),
+    small_order_key(
+        &[
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10,
+            0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77,
+            0x92, 0xac, 0x03, 0x7a,
+        ],
+        0x00,
+        0x7a,
+    ),
+    // p - 1, p and p + 1 (that is -1, 0 and 1, the last two spelled non-canonically).
+    small_order_key(&[0xec], 0xff, 0x7f),
+    small_order_key(&[0xed], 0xff, 0x7f),
+    small_order_key(&[0xee], 0xff, 0x7f),
+];
+
+/// `head`, then `fill` up to byte 31, then `last`.
+const fn small_order_key(head: &[u8], fill: u8, last: u8) -> [u8; 32] {
+    let mut out = [fill; 32];
+    let mut i = 0;
+    while i < head.len() {
+        out[i] = head[i];
+        i += 1;
+    }
+    out[31] = last;
+    out
 }
 
 impl fmt::Display for TerminalId {
@@ -350,6 +401,22 @@ mod tests {
         assert!(a.id().verify(b"hello", &sig));
         assert!(!a.id().verify(b"hellO", &sig));
         assert!(!b.id().verify(b"hello", &sig));
+    }
+
+    #[test]
+    fn small_order_keys_never_verify() {
+        // The identity point: R = identity, S = 0 "signs" every message for it.
+        let mut identity_point = [0u8; 32];
+        identity_point[0] = 1;
+        let mut forged = [0u8; 64];
+        forged[0] = 1;
+        let weak = TerminalId(identity_point);
+        assert!(weak.is_small_order());
+        assert!(!weak.verify(b"anything", &forged));
+        let mut signed_bit = identity_point;
+        signed_bit[31] |= 0x80;
+        assert!(TerminalId(signed_bit).is_small_order());
+        assert!(!Identity::generate().unwrap().id().is_small_order());
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub fn id_from_certificate(cert: &CertificateDer<'_>) -> Option<TerminalId> {
     let spki = spki.as_ref();
     let key = spki.strip_prefix(&ED25519_SPKI_PREFIX)?;
     let key: [u8; 32] = key.try_into().ok()?;
-    Some(TerminalId::from_bytes(key))
+    // A small-order key proves nothing: anyone can sign for it.
+    Some(TerminalId::from_bytes(key)).filter(|id| !id.is_small_order())
 }
 
 /// The verified ID of the peer on a connection.
