@@ -273,9 +273,11 @@ impl Server {
             self.shared.metrics.inc("handoff_pushes_stored_total", None);
             let Some(slot) = conns.get(&to) else { continue };
             slot.latest.fetch_max(push.offset + 1, Ordering::AcqRel);
-            // A full fast path is fine: the writer notices it is behind and reads the log.
-            let _ = slot.fast.try_send(push);
-            slot.wake.notify_one();
+            // A full fast path is fine: woken, the writer sees it is behind and reads the log.
+            // Otherwise the item itself wakes it, and it never needs the store.
+            if slot.fast.try_send(push).is_err() {
+                slot.wake.notify_one();
+            }
         }
     }
 

@@ -139,6 +139,11 @@ impl Lan {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
     }
 
+    /// The pid of a spawned process.
+    pub fn pid(&self, index: usize) -> u32 {
+        self.children[index].id()
+    }
+
     /// Waits for a spawned process to exit, returning its exit code.
     pub fn wait(&mut self, index: usize, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;

@@ -279,7 +279,7 @@ impl Store {
         }
     }
 
-    /// Runs a read on the store thread, after every write queued before it.
+    /// Runs a read on the store thread. It sees every write whose future has resolved.
     pub async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Backend) -> Result<T, StoreError> + Send + 'static,
@@ -296,55 +296,53 @@ impl Store {
     }
 }
 
-/// The store thread: applies runs of writes as one batch, reads in queue order.
+/// The store thread: applies queued writes as one batch (one commit). Reads are answered as they
+/// come, also while a batch is being gathered: a read sees every write its caller has seen
+/// complete, and never holds a batch back.
 fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
-    let mut pending: Option<Msg> = None;
     loop {
-        let msg = match pending.take() {
-            Some(m) => m,
-            None => match rx.blocking_recv() {
-                Some(m) => m,
-                None => return,
-            },
+        let Some(first) = rx.blocking_recv() else {
+            return;
         };
-        match msg {
-            Msg::Read(job) => job(backend.as_ref()),
-            Msg::Close(reply) => {
-                drop(backend);
-                let _ = reply.send(());
-                return;
+        let mut ops_all = Vec::new();
+        let mut replies = Vec::new();
+        let mut close = None;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Read(job) => job(backend.as_ref()),
+                Msg::Write { ops, reply } => {
+                    replies.push((reply, ops.len()));
+                    ops_all.extend(ops);
+                }
+                Msg::Close(reply) => {
+                    close = Some(reply);
+                    break;
+                }
             }
-            Msg::Write { ops, reply } => {
-                let mut ops_all = ops;
-                let mut replies = vec![(reply, ops_all.len())];
-                // Gather the writes already queued behind this one into the same commit.
-                while ops_all.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(Msg::Write { ops, reply }) => {
-                            replies.push((reply, ops.len()));
-                            ops_all.extend(ops);
-                        }
-                        Ok(read) => {
-                            pending = Some(read);
-                            break;
-                        }
-                        Err(_) => break,
+            if ops_all.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !replies.is_empty() {
+            match backend.apply(&ops_all) {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (reply, n) in replies {
+                        let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
                     }
                 }
-                match backend.apply(&ops_all) {
-                    Ok(outcomes) => {
-                        let mut outcomes = outcomes.into_iter();
-                        for (reply, n) in replies {
-                            let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
-                        }
-                    }
-                    Err(e) => {
-                        for (reply, _) in replies {
-                            let _ = reply.send(Err(StoreError::Backend(e.to_string())));
-                        }
+                Err(e) => {
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(StoreError::Backend(e.to_string())));
                     }
                 }
             }
+        }
+        if let Some(reply) = close {
+            drop(backend);
+            let _ = reply.send(());
+            return;
         }
     }
 }

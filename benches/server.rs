@@ -1,0 +1,420 @@
+//! Server load (DESIGN §9, issue 4), with the release binary as the server and this process as
+//! the load generator holding many terminal connections.
+//!
+//! Run as root: `cargo bench --bench server` (options: `-- --terminals N --followers N
+//! --pushes N --publishers N --store-pushes N`). Builds a LAN of two namespace hosts, `srv`
+//! (running `handoff server` with the embedded store and the HTTP API) and `load` (this process,
+//! via a thread that joined that namespace), and measures:
+//! - durable pushes/s through the store alone (group commit, in this process, fsync per batch);
+//! - durable pushes/s through the HTTP publish API (keep-alive connections, 2xx = on disk);
+//! - 1:1 pushes to N connected terminals: publish → the terminal reads it, p50/p99;
+//! - one session change fanned out to N followers: until every follower has it, p50/p99;
+//! - server memory (VmRSS) per idle connected terminal.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use handoff::identity::Identity;
+use handoff::net::{self, read_frame, unix_now};
+use handoff::server::store::{EmbeddedBackend, NewPush, Op, Store};
+use handoff::tls::{self, TransportLimits};
+use handoff::wire::{self, InfoRequest, RequestBody, ResponseBody, ServerPush, Session, Ticket};
+use support::*;
+
+const TOKEN: &str = "bench-token-0123456789";
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentiles(label: &str, samples: &mut [f64]) {
+    if samples.is_empty() {
+        println!("{label:<48} no samples");
+        return;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{label:<48} n={:<6} p50={:>8.2} ms  p99={:>8.2} ms  max={:>8.2} ms",
+        samples.len(),
+        pick(0.5),
+        pick(0.99),
+        samples[samples.len() - 1]
+    );
+}
+
+/// Durable appends through the store actor, from many concurrent writers (group commit).
+fn store_throughput(dir: &std::path::Path, pushes: usize) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::start(Box::new(
+            EmbeddedBackend::open(&dir.join("bench.redb")).unwrap(),
+        ));
+        let writers = 256;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let to = handoff::identity::TerminalId::from_bytes([(w % 251) as u8; 32]);
+                for i in 0..pushes / writers {
+                    let push = NewPush {
+                        from: None,
+                        uri: format!("u://{w}/{i}"),
+                        title: "bench".into(),
+                        body: None,
+                        position: None,
+                        meta: Default::default(),
+                        ttl: Duration::from_secs(3600),
+                        collapse_key: None,
+                    };
+                    store
+                        .write_one(Op::Append {
+                            to,
+                            push,
+                            now: unix_now(),
+                        })
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        let n = (pushes / writers) * writers;
+        println!(
+            "{:<48} {} pushes in {:.2} s = {:.0} pushes/s ({writers} concurrent writers)",
+            "durable appends, store alone (fsync per batch)",
+            n,
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64()
+        );
+        store.close().await;
+    });
+}
+
+/// A keep-alive HTTP/1.1 connection.
+struct Http {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Http {
+    fn connect(addr: &str) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    fn request(&mut self, method: &str, path: &str, body: &str) -> u16 {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.writer.write_all(req.as_bytes()).unwrap();
+        let mut status_line = String::new();
+        self.reader.read_line(&mut status_line).unwrap();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body).unwrap();
+        status
+    }
+}
+
+/// One simulated terminal: its connection and the time each push (by title) arrived.
+struct Terminal {
+    id: handoff::identity::TerminalId,
+    conn: quinn::Connection,
+}
+
+const LIMITS: TransportLimits = TransportLimits {
+    max_bidi_streams: 4,
+    max_uni_streams: 0,
+    idle_timeout: Duration::from_secs(60),
+    keep_alive: Some(Duration::from_secs(10)),
+};
+
+type Arrivals = Arc<Mutex<HashMap<String, Vec<Instant>>>>;
+
+/// Connects `n` terminals (each its own key), says hello, and records push arrivals by title.
+async fn connect_terminals(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    server_id: handoff::identity::TerminalId,
+    n: usize,
+    arrivals: Arrivals,
+) -> Vec<Terminal> {
+    let mut out = Vec::with_capacity(n);
+    let mut pending = Vec::new();
+    for _ in 0..n {
+        let identity = Identity::generate().unwrap();
+        let config = tls::client_config(&identity, server_id, LIMITS).unwrap();
+        let endpoint = endpoint.clone();
+        let arrivals = arrivals.clone();
+        pending.push(tokio::spawn(async move {
+            // A server busy with thousands of handshakes may time some out: try again.
+            let mut attempt = 0;
+            let conn = loop {
+                match endpoint
+                    .connect_with(config.clone(), server, tls::SERVER_NAME)
+                    .unwrap()
+                    .await
+                {
+                    Ok(conn) => break conn,
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                        let _ = e;
+                    }
+                    Err(e) => panic!("cannot connect a terminal: {e}"),
+                }
+            };
+            match net::request(&conn, RequestBody::Hello { cursor: None })
+                .await
+                .unwrap()
+            {
+                ResponseBody::Welcome { .. } => {}
+                other => panic!("{other:?}"),
+            }
+            let reader = conn.clone();
+            tokio::spawn(async move {
+                let Ok((_send, mut recv)) = reader.accept_bi().await else {
+                    return;
+                };
+                while let Ok(Some(ServerPush::Item(item))) =
+                    read_frame::<ServerPush>(&mut recv, Duration::from_secs(3600), wire::MAX_FRAME)
+                        .await
+                {
+                    arrivals
+                        .lock()
+                        .unwrap()
+                        .entry(item.title)
+                        .or_default()
+                        .push(Instant::now());
+                }
+            });
+            Terminal {
+                id: identity.id(),
+                conn,
+            }
+        }));
+        // Keep the number of handshakes in flight bounded.
+        if pending.len() >= 64 {
+            for p in pending.drain(..) {
+                out.push(p.await.unwrap());
+            }
+        }
+    }
+    for p in pending {
+        out.push(p.await.unwrap());
+    }
+    out
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    if !require_root("bench server") {
+        return;
+    }
+    let terminals = arg("--terminals", 1000);
+    let followers = arg("--followers", 10_000);
+    let pushes = arg("--pushes", 20_000);
+    let publishers = arg("--publishers", 32);
+    let store_pushes = arg("--store-pushes", 100_000);
+    println!("setup: release build, {} cores; server in namespace srv, load generator in namespace load, veth bridge",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+
+    let mut lan = Lan::new("sb", &["srv", "load"]);
+    store_throughput(lan.dir.path(), store_pushes);
+
+    let token_file = lan.path("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let srv_ip = lan.host("srv").ip.clone();
+    let extra = format!(
+        "[store]\nkind = \"embedded\"\n[http]\nlisten = \"{srv_ip}:47780\"\ntoken_file = \"{}\"\n[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\n",
+        token_file.display()
+    );
+    let server_id = id_of(&lan.path("srv"));
+    let config = lan.server_config("srv", &extra);
+    let server = lan.spawn("srv", &["server", "--config", &config], "srv");
+    wait_for(Duration::from_secs(10), || {
+        lan.log("srv").contains("server listening").then_some(())
+    })
+    .expect("server starts");
+    let server_pid = lan.pid(server);
+    let quic: SocketAddr = format!("{srv_ip}:47700").parse().unwrap();
+    let http_addr = format!("{srv_ip}:47780");
+    let server_id: handoff::identity::TerminalId = server_id.parse().unwrap();
+
+    lan.run_in("load", move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+            let arrivals: Arrivals = Arc::new(Mutex::new(HashMap::new()));
+            let rss_before = rss_kib(server_pid);
+            let started = Instant::now();
+            let conns = connect_terminals(&endpoint, quic, server_id, terminals, arrivals.clone()).await;
+            println!("{:<48} {} terminals in {:.1} s", "connected", conns.len(), started.elapsed().as_secs_f64());
+
+            // 1:1 pushes through the HTTP API: `publishers` keep-alive connections, round robin.
+            let ids: Vec<String> = conns.iter().map(|t| t.id.to_string()).collect();
+            let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+            let started = Instant::now();
+            let mut threads = Vec::new();
+            for p in 0..publishers {
+                let (ids, sent, http_addr) = (ids.clone(), sent.clone(), http_addr.clone());
+                threads.push(tokio::task::spawn_blocking(move || {
+                    let mut http = Http::connect(&http_addr);
+                    let mut ok = 0;
+                    for i in (p..pushes).step_by(publishers) {
+                        let title = format!("p{i}");
+                        sent.lock().unwrap().insert(title.clone(), Instant::now());
+                        let to = &ids[i % ids.len()];
+                        let status = http.request("POST", &format!("/v1/terminals/{to}/push"), &format!(r#"{{"uri":"u://{i}","title":"{title}"}}"#));
+                        if status == 200 {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                }));
+            }
+            let mut ok = 0;
+            for t in threads {
+                ok += t.await.unwrap();
+            }
+            let publish_secs = started.elapsed().as_secs_f64();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while arrivals.lock().unwrap().keys().filter(|k| k.starts_with('p')).count() < ok && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let all_secs = started.elapsed().as_secs_f64();
+            let mut latency: Vec<f64> = {
+                let sent = sent.lock().unwrap();
+                let arrivals = arrivals.lock().unwrap();
+                sent.iter()
+                    .filter_map(|(title, at)| arrivals.get(title).map(|a| (a[0] - *at).as_secs_f64() * 1000.0))
+                    .collect()
+            };
+            println!(
+                "{:<48} {ok} of {pushes} acknowledged in {publish_secs:.2} s = {:.0} pushes/s durable ({publishers} HTTP publishers); all delivered after {all_secs:.2} s",
+                format!("1:1 pushes, {} terminals", conns.len()),
+                ok as f64 / publish_secs
+            );
+            percentiles("  publish -> terminal received", &mut latency);
+
+            // Fan-out: `followers` terminals follow one first terminal A; A's session changes once.
+            let extra_needed = followers.saturating_sub(conns.len());
+            let mut all = conns;
+            let started = Instant::now();
+            all.extend(connect_terminals(&endpoint, quic, server_id, extra_needed, arrivals.clone()).await);
+            println!("{:<48} {} terminals in {:.1} s", "connected for fan-out", all.len(), started.elapsed().as_secs_f64());
+            let rss_connected = rss_kib(server_pid);
+            let a = Identity::generate().unwrap();
+            let a_conn = endpoint
+                .connect_with(tls::client_config(&a, server_id, LIMITS).unwrap(), quic, tls::SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            let mut linking = Vec::new();
+            for (n, t) in all.iter().take(followers).enumerate() {
+                let mut nonce = [0u8; 16];
+                nonce[..8].copy_from_slice(&(n as u64).to_be_bytes());
+                let ticket = Ticket { first: a.id(), second: t.id, server: server_id, not_after: unix_now() + 600, nonce }.sign(&a);
+                let conn = t.conn.clone();
+                let (first, second) = (a.id(), t.id);
+                linking.push(tokio::spawn(async move {
+                    net::request(&conn, RequestBody::Follow(InfoRequest { first, second, ticket })).await.unwrap()
+                }));
+                // Link in waves, so no request waits past its timeout behind thousands of others.
+                if linking.len() >= 256 {
+                    for l in linking.drain(..) {
+                        assert!(matches!(l.await.unwrap(), ResponseBody::Linked { .. }));
+                    }
+                }
+            }
+            for l in linking {
+                assert!(matches!(l.await.unwrap(), ResponseBody::Linked { .. }));
+            }
+            println!("{:<48} {followers} followers of one terminal", "linked");
+            let session = Session { uri: "u://fanout".into(), title: "fanout".into(), position: None, meta: Default::default() };
+            let changed = Instant::now();
+            assert!(matches!(net::request(&a_conn, RequestBody::SetSession(Some(session))).await.unwrap(), ResponseBody::SessionStored));
+            let stored = changed.elapsed();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let got = arrivals.lock().unwrap().get("fanout").map(|v| v.len()).unwrap_or(0);
+                if got >= followers || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut fan: Vec<f64> = arrivals
+                .lock()
+                .unwrap()
+                .get("fanout")
+                .map(|v| v.iter().map(|t| (*t - changed).as_secs_f64() * 1000.0).collect())
+                .unwrap_or_default();
+            println!(
+                "{:<48} {} of {followers} delivered; stored (one commit) after {:.1} ms",
+                "fan-out of one session change",
+                fan.len(),
+                stored.as_secs_f64() * 1000.0
+            );
+            percentiles("  change -> follower received", &mut fan);
+            let per_conn = (rss_connected.saturating_sub(rss_before)) as f64 / all.len().max(1) as f64;
+            println!(
+                "{:<48} RSS {} KiB before, {} KiB with {} connections = {:.1} KiB per connection",
+                "server memory", rss_before, rss_connected, all.len(), per_conn
+            );
+            for t in &all {
+                t.conn.close(0u32.into(), b"done");
+            }
+            endpoint.wait_idle().await;
+        });
+    });
+}
