@@ -604,8 +604,10 @@ fn pairing_through_the_cli_trusts_both_ways() {
     lan.wait_for_peer("b", &a_id);
     // The terminal with the smaller ID drives the exchange. It starts alone: its requests reach
     // the other terminal as unsolicited pairing requests, which change nothing there.
-    let (small, large) = if a_id < b_id { ("a", "b") } else { ("b", "a") };
-    let small_id = if a_id < b_id { &a_id } else { &b_id };
+    // Compare the keys, not their base32 text (whose character order differs: '2' < 'a').
+    let a_smaller = a_id.parse::<TerminalId>().unwrap() < b_id.parse::<TerminalId>().unwrap();
+    let (small, large) = if a_smaller { ("a", "b") } else { ("b", "a") };
+    let small_id = if a_smaller { &a_id } else { &b_id };
     let trusted =
         |on: &str| json_lines(&handoff(&["trusted", "--json", "--socket", &lan.socket(on)]).stdout);
     let socket = lan.socket(small);

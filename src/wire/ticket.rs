@@ -118,18 +118,39 @@ impl ReplayCache {
     /// Expired entries are dropped when the cache is full; a ticket can never be replayed after
     /// its entry is dropped, because by then it has expired too.
     pub fn check_and_insert(&mut self, ticket: &Ticket, now: u64) -> Result<(), TicketError> {
-        let key = (ticket.first, ticket.nonce);
+        self.use_nonce(ticket.first, ticket.nonce, ticket.not_after, now)
+    }
+
+    /// The same for a nonce given by its parts (how stores keep them).
+    pub fn use_nonce(
+        &mut self,
+        first: TerminalId,
+        nonce: [u8; 16],
+        not_after: u64,
+        now: u64,
+    ) -> Result<(), TicketError> {
+        let key = (first, nonce);
         if self.used.contains_key(&key) {
             return Err(TicketError::Replayed);
         }
         if self.used.len() >= self.capacity {
-            self.used.retain(|_, not_after| *not_after > now);
+            self.expire(now);
             if self.used.len() >= self.capacity {
                 return Err(TicketError::ReplayCacheFull);
             }
         }
-        self.used.insert(key, ticket.not_after);
+        self.used.insert(key, not_after);
         Ok(())
+    }
+
+    /// Forgets nonces of tickets expired at `now`.
+    pub fn expire(&mut self, now: u64) {
+        self.used.retain(|_, not_after| *not_after > now);
+    }
+
+    /// Changes the capacity (it applies from the next insertion on).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
     }
 
     pub fn len(&self) -> usize {

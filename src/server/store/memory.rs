@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{new_epoch, Backend, LogRead, Op, Outcome, StoreError, StoredPush};
 use crate::identity::TerminalId;
+use crate::wire::ticket::{ReplayCache, TicketError};
 use crate::wire::Session;
 
 #[derive(Debug, Default)]
@@ -20,7 +21,7 @@ pub struct MemoryBackend {
     sessions: HashMap<TerminalId, Session>,
     /// (first, second) → until.
     links: BTreeMap<(TerminalId, TerminalId), u64>,
-    nonces: HashMap<(TerminalId, [u8; 16]), u64>,
+    nonces: ReplayCache,
     logs: HashMap<TerminalId, Log>,
 }
 
@@ -31,7 +32,7 @@ impl MemoryBackend {
             known: HashMap::new(),
             sessions: HashMap::new(),
             links: BTreeMap::new(),
-            nonces: HashMap::new(),
+            nonces: ReplayCache::new(usize::MAX),
             logs: HashMap::new(),
         }
     }
@@ -150,18 +151,12 @@ impl MemoryBackend {
                 now,
                 capacity,
             } => {
-                let key = (*first, *nonce);
-                if self.nonces.contains_key(&key) {
-                    return Outcome::Fresh(Some(false));
+                self.nonces.set_capacity(*capacity);
+                match self.nonces.use_nonce(*first, *nonce, *not_after, *now) {
+                    Ok(()) => Outcome::Fresh(Some(true)),
+                    Err(TicketError::ReplayCacheFull) => Outcome::Fresh(None),
+                    Err(_) => Outcome::Fresh(Some(false)),
                 }
-                if self.nonces.len() >= *capacity {
-                    self.nonces.retain(|_, n| *n > *now);
-                    if self.nonces.len() >= *capacity {
-                        return Outcome::Fresh(None);
-                    }
-                }
-                self.nonces.insert(key, *not_after);
-                Outcome::Fresh(Some(true))
             }
             Op::Append { to, push, now } => {
                 let log = self.logs.entry(*to).or_default();
@@ -189,7 +184,7 @@ impl MemoryBackend {
                     log.items.retain(|_, p| p.expires_at > *now);
                 }
                 self.links.retain(|_, until| *until > *now);
-                self.nonces.retain(|_, n| *n > *now);
+                self.nonces.expire(*now);
                 Outcome::Done
             }
         }
