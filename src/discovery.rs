@@ -15,6 +15,9 @@ use crate::wire::txt::Advert;
 
 pub const SERVICE_TYPE: &str = "_handoff._udp.local.";
 
+/// How long a verified peer has to answer before it is dropped.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long shutdown waits for the goodbye to go out.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
@@ -136,6 +139,14 @@ impl Discovery {
                 }
                 _ => continue,
             }
+        }
+    }
+
+    /// Asks whether `instance` is still there (RFC 6762 §10.4): if nothing answers within
+    /// [`VERIFY_TIMEOUT`], mdns-sd flushes its records and reports it removed.
+    pub fn verify(&self, instance: &str) {
+        if let Err(e) = self.mdns.verify(instance.to_string(), VERIFY_TIMEOUT) {
+            tracing::debug!("cannot verify {instance}: {e}");
         }
     }
 

@@ -116,6 +116,20 @@ impl PeerTable {
         bad
     }
 
+    /// Every mDNS instance in the table.
+    pub fn instances(&self) -> Vec<String> {
+        self.instances.keys().cloned().collect()
+    }
+
+    /// The mDNS instances claiming `id`.
+    pub fn instances_of(&self, id: &TerminalId) -> Vec<String> {
+        self.instances
+            .values()
+            .filter(|p| p.id == *id)
+            .map(|p| p.instance.clone())
+            .collect()
+    }
+
     /// Removes every instance claiming `id`.
     pub fn remove(&mut self, id: &TerminalId) -> Option<Peer> {
         let merged = self.get(id);

@@ -232,3 +232,27 @@ fn handoff_across_a_namespace_lan() {
     );
     eprintln!("A left B's peers {elapsed:?} after SIGTERM");
 }
+
+#[test]
+fn a_peer_killed_without_goodbye_leaves_the_peer_table() {
+    if !require_root("a_peer_killed_without_goodbye_leaves_the_peer_table") {
+        return;
+    }
+    let mut lan = Lan::new("kill", &["a", "b"]);
+    let a = lan.start_daemon("a", "");
+    lan.start_daemon("b", "");
+    let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
+    lan.wait_for_peer("b", &a_id);
+    // SIGKILL: no goodbye. The records' TTL is 120 s; liveness checks must drop it well before.
+    let killed = Instant::now();
+    lan.signal(a, libc::SIGKILL);
+    let gone = wait_for(Duration::from_secs(30), || {
+        (!lan.peers("b").iter().any(|p| p["id"] == a_id.as_str())).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "B still lists A 30 s after it was killed\n{}",
+        lan.log("b")
+    );
+    eprintln!("a killed peer left B's table after {:?}", killed.elapsed());
+}

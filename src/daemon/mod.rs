@@ -239,8 +239,12 @@ impl Daemon {
             )?);
             *daemon.shared.discovery.lock().await = Some(discovery.clone());
             daemon.spawn(
-                browse(daemon.clone(), discovery),
+                browse(daemon.clone(), discovery.clone()),
                 tracing::info_span!("discovery"),
+            );
+            daemon.spawn(
+                check_liveness(daemon.clone(), discovery),
+                tracing::info_span!("liveness"),
             );
             info!(interfaces = ?config.interfaces, "advertising on mDNS");
         }
@@ -592,6 +596,37 @@ impl Daemon {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
         info!("daemon stopped");
+    }
+}
+
+/// How often every peer is asked whether it is still there, so one that vanished without a
+/// goodbye (crash, power cut) leaves the table within about this plus the verify timeout,
+/// rather than at the end of its records' 120 s TTL.
+const LIVENESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Verifies every peer periodically (see [`LIVENESS_EVERY`]).
+async fn check_liveness(daemon: Daemon, discovery: Arc<Discovery>) {
+    loop {
+        tokio::select! {
+            _ = daemon.cancelled() => return,
+            _ = tokio::time::sleep(LIVENESS_EVERY) => {}
+        }
+        let instances = lock(&daemon.shared.peers).instances();
+        for instance in instances {
+            discovery.verify(&instance);
+        }
+    }
+}
+
+impl Daemon {
+    /// A peer did not answer: ask mDNS at once whether it is still there.
+    pub(crate) async fn suspect(&self, id: &TerminalId) {
+        let instances = lock(&self.shared.peers).instances_of(id);
+        if let Some(discovery) = self.shared.discovery.lock().await.as_ref() {
+            for instance in instances {
+                discovery.verify(&instance);
+            }
+        }
     }
 }
 

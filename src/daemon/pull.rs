@@ -247,6 +247,8 @@ impl Daemon {
         if errors.is_empty() {
             errors.push("it advertised no address".into());
         }
+        // Perhaps it is gone without a goodbye: have mDNS check now rather than at the next round.
+        self.suspect(&peer.id).await;
         Err(unreachable(errors.join("; ")))
     }
 }
