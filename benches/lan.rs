@@ -112,12 +112,19 @@ fn main() {
     std::fs::write(
         &srv_config,
         format!(
-            "state_dir = \"{}\"\n[quic]\nlisten = \"{srv_ip}:47700\"\n",
+            "state_dir = \"{}\"\n[quic]\nlisten = \"{srv_ip}:47700\"\n[limits]\nrequests_per_sec_per_terminal = 100000\n",
             lan.path("srv").display()
         ),
     )
     .unwrap();
-    let a_config = daemon_config(&lan, "a", &format!("[server]\naddr = \"{srv_ip}:47700\"\nid = \"{server_id}\"\n[trust]\npeers = [\"{b_id}\"]\n"));
+    // A back-to-back pull loop is far above the per-peer rates a daemon allows by default.
+    let a_config = daemon_config(
+        &lan,
+        "a",
+        &format!(
+            "[server]\naddr = \"{srv_ip}:47700\"\nid = \"{server_id}\"\n[trust]\npeers = [\"{b_id}\"]\n[limits]\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_peer = 100000\n"
+        ),
+    );
     let b_config = daemon_config(&lan, "b", "");
     lan.spawn(
         "srv",
