@@ -272,7 +272,8 @@ impl Server {
         for (to, push) in pushes {
             self.shared.metrics.inc("handoff_pushes_stored_total", None);
             let Some(slot) = conns.get(&to) else { continue };
-            slot.latest.fetch_max(push.offset + 1, Ordering::AcqRel);
+            slot.latest
+                .fetch_max(push.item.offset + 1, Ordering::AcqRel);
             // A full fast path is fine: woken, the writer sees it is behind and reads the log.
             // Otherwise the item itself wakes it, and it never needs the store.
             if slot.fast.try_send(push).is_err() {
@@ -799,7 +800,7 @@ async fn write_pushes(
                 if send_push(&server, &mut send, &push).await.is_err() {
                     return;
                 }
-                next = push.offset + 1;
+                next = push.item.offset + 1;
             }
         }
         tokio::select! {
@@ -807,10 +808,10 @@ async fn write_pushes(
             _ = conn.closed() => return,
             item = fast.recv() => {
                 let Some(push) = item else { return };
-                if push.offset < next {
+                if push.item.offset < next {
                     continue;
                 }
-                if push.offset == next {
+                if push.item.offset == next {
                     if send_push(&server, &mut send, &push).await.is_err() {
                         return;
                     }
@@ -828,7 +829,7 @@ async fn send_push(
     send: &mut quinn::SendStream,
     push: &StoredPush,
 ) -> Result<(), ()> {
-    match write_frame(send, &ServerPush::Item(push.item())).await {
+    match write_frame(send, &ServerPush::Item(push.item.clone())).await {
         Ok(()) => {
             server.shared.metrics.inc("handoff_pushes_sent_total", None);
             Ok(())

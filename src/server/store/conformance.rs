@@ -44,7 +44,7 @@ fn titles(b: &dyn Backend, to: TerminalId, from: u64, now: u64) -> Vec<String> {
         .unwrap()
         .items
         .into_iter()
-        .map(|p| p.title)
+        .map(|p| p.item.title)
         .collect()
 }
 
@@ -57,10 +57,10 @@ pub fn offsets_are_monotonic_per_recipient(b: &mut dyn Backend) {
     let read = b.log(&id(1), 0, 100, NOW).unwrap();
     assert_eq!(read.next, 3);
     assert_eq!(read.acked, 0);
-    let offsets: Vec<u64> = read.items.iter().map(|p| p.offset).collect();
+    let offsets: Vec<u64> = read.items.iter().map(|p| p.item.offset).collect();
     assert_eq!(offsets, [0, 1, 2]);
-    let first = &read.items[0];
-    assert_eq!(first.item().from, Some(id(9)));
+    let first = &read.items[0].item;
+    assert_eq!(first.from, Some(id(9)));
     assert_eq!(first.body.as_deref(), Some("b"));
     assert_eq!(first.position, Some(1.5));
     assert_eq!(first.meta.get("k").map(String::as_str), Some("v"));
@@ -81,7 +81,7 @@ pub fn acks_trim_and_never_go_back(b: &mut dyn Backend) {
     assert_eq!(
         read.items
             .iter()
-            .map(|p| p.title.as_str())
+            .map(|p| p.item.title.as_str())
             .collect::<Vec<_>>(),
         ["c", "d"]
     );

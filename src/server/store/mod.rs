@@ -47,33 +47,13 @@ impl StoreError {
     }
 }
 
-/// A push as the log keeps it.
+/// A push as the log keeps it: the item as sent, and what the log needs to manage it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredPush {
-    pub offset: u64,
-    pub from: Option<TerminalId>,
-    pub uri: String,
-    pub title: String,
-    pub body: Option<String>,
-    pub position: Option<f64>,
-    pub meta: BTreeMap<String, String>,
+    pub item: PushItem,
     /// Unix seconds after which the item is no longer delivered.
     pub expires_at: u64,
     pub collapse_key: Option<String>,
-}
-
-impl StoredPush {
-    pub fn item(&self) -> PushItem {
-        PushItem {
-            offset: self.offset,
-            from: self.from,
-            uri: self.uri.clone(),
-            title: self.title.clone(),
-            body: self.body.clone(),
-            position: self.position,
-            meta: self.meta.clone(),
-        }
-    }
 }
 
 /// A push to append; the store assigns its offset.
@@ -107,13 +87,15 @@ impl NewPush {
 
     pub(crate) fn stored(&self, offset: u64, now: u64) -> StoredPush {
         StoredPush {
-            offset,
-            from: self.from,
-            uri: self.uri.clone(),
-            title: self.title.clone(),
-            body: self.body.clone(),
-            position: self.position,
-            meta: self.meta.clone(),
+            item: PushItem {
+                offset,
+                from: self.from,
+                uri: self.uri.clone(),
+                title: self.title.clone(),
+                body: self.body.clone(),
+                position: self.position,
+                meta: self.meta.clone(),
+            },
             expires_at: now.saturating_add(self.ttl.as_secs().max(1)),
             collapse_key: self.collapse_key.clone(),
         }
