@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod net;
 pub mod peer;
 pub mod server;
+pub mod service;
 pub mod tls;
 pub mod trust;
 pub mod wire;

@@ -11,6 +11,7 @@ use handoff::config::{DaemonConfig, ServerConfig};
 use handoff::daemon::{Daemon, DaemonOptions};
 use handoff::identity::Identity;
 use handoff::server::Server;
+use handoff::service;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -71,8 +72,15 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
             let daemon = Daemon::start(config, DaemonOptions::default())
                 .await
                 .map_err(|e| CliError::new(e.to_string()))?;
+            service::notify(&format!(
+                "READY=1\nSTATUS=serving as {}",
+                daemon.id().short()
+            ));
+            let watchdog = service::spawn_watchdog();
             wait_for_signal().await;
+            service::notify("STOPPING=1");
             daemon.shutdown().await;
+            watchdog.inspect(|w| w.abort());
             Ok(())
         }
         Command::Server { config } => {
@@ -82,8 +90,15 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
             let server = Server::start(identity, &config)
                 .await
                 .map_err(|e| CliError::new(e.to_string()))?;
+            service::notify(&format!(
+                "READY=1\nSTATUS=serving as {}",
+                server.id().short()
+            ));
+            let watchdog = service::spawn_watchdog();
             wait_for_signal().await;
+            service::notify("STOPPING=1");
             server.shutdown().await;
+            watchdog.inspect(|w| w.abort());
             Ok(())
         }
         Command::Demo => {

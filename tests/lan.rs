@@ -256,3 +256,67 @@ fn a_peer_killed_without_goodbye_leaves_the_peer_table() {
     );
     eprintln!("a killed peer left B's table after {:?}", killed.elapsed());
 }
+
+#[test]
+fn daemon_and_server_tell_systemd_when_ready_and_stopping() {
+    if !require_root("daemon_and_server_tell_systemd_when_ready_and_stopping") {
+        return;
+    }
+    let mut lan = Lan::new("sdn", &["srv", "a"]);
+    for (host, program) in [("srv", "server"), ("a", "daemon")] {
+        let socket_path = lan.path(&format!("{host}.notify"));
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let config = if program == "server" {
+            lan.server_config(host, "")
+        } else {
+            lan.daemon_config(host, "")
+        };
+        let env = [
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ];
+        let child = lan.spawn_env(host, &[program, "--config", &config], host, &env);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 512];
+        // READY=1 first (nothing before it but, possibly, nothing at all), then watchdog pings.
+        while seen
+            .iter()
+            .filter(|m: &&String| m.starts_with("WATCHDOG=1"))
+            .count()
+            < 2
+        {
+            let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "{program}: no notification ({e}); saw {seen:?}\n{}",
+                    lan.log(host)
+                )
+            });
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        assert!(seen[0].starts_with("READY=1"), "{program}: {seen:?}");
+        if program == "daemon" {
+            assert!(
+                wait_for_socket(&lan.path("a.sock"), Duration::from_secs(1)),
+                "READY=1 came before the daemon served"
+            );
+        }
+        lan.signal(child, libc::SIGTERM);
+        let stopping = loop {
+            let n = socket.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if message != "WATCHDOG=1" {
+                break message;
+            }
+        };
+        assert_eq!(stopping, "STOPPING=1", "{program}");
+        assert_eq!(
+            lan.wait(child, Duration::from_secs(10)),
+            Some(0),
+            "{program} exit\n{}",
+            lan.log(host)
+        );
+    }
+}

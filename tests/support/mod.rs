@@ -117,12 +117,24 @@ impl Lan {
     /// Starts `handoff ARGS` inside `host`'s namespace, logging to `<dir>/<log>.log`.
     /// Returns the index to use with [`Lan::signal`] and [`Lan::wait`].
     pub fn spawn(&mut self, host: &str, args: &[&str], log: &str) -> usize {
+        self.spawn_env(host, args, log, &[])
+    }
+
+    /// Like [`Lan::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        &mut self,
+        host: &str,
+        args: &[&str],
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> usize {
         let ns = self.host(host).ns.clone();
         let log = std::fs::File::create(self.path(&format!("{log}.log"))).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, BIN])
             .args(args)
             .env("RUST_LOG", "handoff=debug,info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

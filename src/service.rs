@@ -1,0 +1,52 @@
+//! Running under systemd: `sd_notify` readiness, stopping and watchdog messages.
+//!
+//! With `Type=notify` systemd passes `NOTIFY_SOCKET`; the daemon and server send `READY=1` once
+//! they serve (endpoint bound, mDNS registered, store open, HTTP bound), `STOPPING=1` when
+//! shutdown begins, and `WATCHDOG=1` at half the `WatchdogSec` interval when one is set. Without
+//! `NOTIFY_SOCKET` every call does nothing.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// Sends one notification (newline-separated `KEY=VALUE` lines); errors are logged, not fatal.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let result = UnixDatagram::unbound().and_then(|socket| {
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            // An abstract socket (Linux): the name follows a leading NUL.
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(state.as_bytes(), &addr)
+        } else {
+            socket.send_to(state.as_bytes(), &path)
+        }
+    });
+    if let Err(e) = result {
+        tracing::warn!("cannot notify systemd ({state:?}): {e}");
+    }
+}
+
+/// The watchdog interval systemd asks for, if it asks and means this process.
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Pings the watchdog at half its interval until the returned task is aborted.
+pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let interval = watchdog_interval()? / 2;
+    Some(tokio::spawn(async move {
+        loop {
+            notify("WATCHDOG=1");
+            tokio::time::sleep(interval).await;
+        }
+    }))
+}
