@@ -18,15 +18,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn summary(label: &str, samples: &mut [f64]) {
     samples.sort_by(|a, b| a.total_cmp(b));
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
@@ -100,9 +91,9 @@ fn main() {
     if !require_root("bench lan") {
         return;
     }
-    let pulls = arg("--pulls", 500);
-    let cli_pulls = arg("--cli-pulls", 50);
-    let cold = arg("--cold", 15);
+    let pulls = numeric_arg("--pulls", 500);
+    let cli_pulls = numeric_arg("--cli-pulls", 50);
+    let cold = numeric_arg("--cold", 15);
 
     let mut lan = Lan::new("bench", &["srv", "a", "b", "c"]);
     let server_id = id_of(&lan.path("srv"));

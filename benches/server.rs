@@ -29,15 +29,6 @@ use support::*;
 
 const TOKEN: &str = "bench-token-0123456789";
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn percentiles(label: &str, samples: &mut [f64]) {
     if samples.is_empty() {
         println!("{label:<48} no samples");
@@ -256,28 +247,22 @@ fn main() {
     if !require_root("bench server") {
         return;
     }
-    let terminals = arg("--terminals", 1000);
-    let followers = arg("--followers", 10_000);
-    let pushes = arg("--pushes", 20_000);
-    let publishers = arg("--publishers", 32);
-    let store_pushes = arg("--store-pushes", 100_000);
+    let terminals = numeric_arg("--terminals", 1000);
+    let followers = numeric_arg("--followers", 10_000);
+    let pushes = numeric_arg("--pushes", 20_000);
+    let publishers = numeric_arg("--publishers", 32);
+    let store_pushes = numeric_arg("--store-pushes", 100_000);
     println!("setup: release build, {} cores; server in namespace srv, load generator in namespace load, veth bridge",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 
     let mut lan = Lan::new("sb", &["srv", "load"]);
     store_throughput(lan.dir.path(), store_pushes);
 
-    let token_file = lan.path("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
     let srv_ip = lan.host("srv").ip.clone();
+    // One load generator holds every connection: raise the per-source limits.
     let extra = format!(
-        "[store]\nkind = \"embedded\"\n[http]\nlisten = \"{srv_ip}:47780\"\ntoken_file = \"{}\"\n[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\n",
-        token_file.display()
+        "{}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\n",
+        lan.http_server_toml("srv", TOKEN)
     );
     let server_id = id_of(&lan.path("srv"));
     let config = lan.server_config("srv", &extra);

@@ -112,16 +112,7 @@ fn deployment(tag: &str) -> (Lan, String, String, String) {
     lan.start_daemon("a", &a_extra);
     lan.start_daemon("b", "");
     let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
-    let out = handoff(&[
-        "session",
-        "set",
-        "--socket",
-        &lan.socket("a"),
-        "--uri",
-        "https://media.example/x",
-        "--title",
-        "X",
-    ]);
+    let out = lan.session_set("a", "https://media.example/x", "X");
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "{}",
@@ -461,16 +452,7 @@ fn a_server_impersonator_is_refused() {
     lan.start_daemon("b", "");
     let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
     // A itself will not attach to the impostor, so the session never reaches a server.
-    let out = handoff(&[
-        "session",
-        "set",
-        "--socket",
-        &lan.socket("a"),
-        "--uri",
-        "u://x",
-        "--title",
-        "X",
-    ]);
+    let out = lan.session_set("a", "u://x", "X");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not confirmed"));
     assert!(

@@ -16,18 +16,7 @@ const TOKEN: &str = "durability-test-token";
 fn deployment(tag: &str) -> (Lan, usize, String) {
     let mut lan = Lan::new(tag, &["srv", "b", "pub"]);
     let server_id = id_of(&lan.path("srv"));
-    let token_file = lan.path("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let srv_ip = lan.host("srv").ip.clone();
-    let extra = format!(
-        "[store]\nkind = \"embedded\"\n[http]\nlisten = \"{srv_ip}:47780\"\ntoken_file = \"{}\"\n",
-        token_file.display()
-    );
+    let extra = lan.http_server_toml("srv", TOKEN);
     let config = lan.server_config("srv", &extra);
     let server = lan.spawn("srv", &["server", "--config", &config], "srv");
     assert!(

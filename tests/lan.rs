@@ -150,16 +150,7 @@ fn handoff_across_a_namespace_lan() {
     });
     // Give the watcher time to subscribe before the change it must see.
     std::thread::sleep(Duration::from_millis(500));
-    let out = handoff(&[
-        "session",
-        "set",
-        "--socket",
-        &lan.socket("a"),
-        "--uri",
-        "https://media.example/sintel.mp4",
-        "--title",
-        "Sintel",
-    ]);
+    let out = lan.session_set("a", "https://media.example/sintel.mp4", "Sintel");
     assert!(out.status.success());
     let line = rx
         .recv_timeout(Duration::from_secs(10))

@@ -268,6 +268,37 @@ impl Lan {
         )
     }
 
+    /// `handoff session set` on the daemon of host `on`.
+    pub fn session_set(&self, on: &str, uri: &str, title: &str) -> Output {
+        handoff(&[
+            "session",
+            "set",
+            "--socket",
+            &self.socket(on),
+            "--uri",
+            uri,
+            "--title",
+            title,
+        ])
+    }
+
+    /// Writes `token` to a 0600 file and returns the server TOML for the embedded store and an
+    /// HTTP API on host `host`'s address, port 47780, using that token.
+    pub fn http_server_toml(&self, host: &str, token: &str) -> String {
+        let token_file = self.path("token");
+        std::fs::write(&token_file, token).unwrap();
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        format!(
+            "[store]\nkind = \"embedded\"\n[http]\nlisten = \"{}:47780\"\ntoken_file = \"{}\"\n",
+            self.host(host).ip,
+            token_file.display()
+        )
+    }
+
     /// `handoff peers --json` on host `on`.
     pub fn peers(&self, on: &str) -> Vec<serde_json::Value> {
         let out = handoff(&["peers", "--json", "--socket", &self.socket(on)]);
@@ -386,4 +417,14 @@ pub fn http_post(addr: &str, path: &str, token: &str, body: &str) -> Option<u16>
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     response.split(' ').nth(1)?.parse().ok()
+}
+
+/// The number after `name` on the command line (benchmark options), or `default`.
+pub fn numeric_arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
