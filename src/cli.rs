@@ -566,7 +566,11 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                     None => println!("server:  none configured"),
                 }
                 println!("peers:   {}", s.peers);
+                println!("follows: {}", s.follows.len());
                 println!("inbox:   {}", s.inbox);
+                if let Some(addr) = &s.metrics {
+                    println!("metrics: http://{addr}/metrics");
+                }
                 match &s.session {
                     Some(session) => println!("session: {} — {}", session.title, session.uri),
                     None => println!("session: none"),

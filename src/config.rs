@@ -87,6 +87,33 @@ struct RawDaemon {
     follow: RawFollow,
     #[serde(default)]
     limits: RawDaemonLimits,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// The default log filter of the long-running programs.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Checks a `[log] level` filter (`info`, `debug`, `handoff=debug,warn`, ...).
+fn parse_log_level(raw: RawLog) -> Result<String, ConfigError> {
+    let level = raw.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+    tracing_subscriber::EnvFilter::try_new(&level)
+        .map_err(|e| invalid("log.level", format!("{level:?} is not a log filter: {e}")))?;
+    Ok(level)
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -166,7 +193,7 @@ pub struct ServerRef {
 }
 
 /// A validated daemon configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     pub name: String,
     pub state_dir: PathBuf,
@@ -186,6 +213,10 @@ pub struct DaemonConfig {
     /// Follow every trusted peer automatically.
     pub follow_auto: bool,
     pub limits: DaemonLimits,
+    /// The log filter (`[log] level`); `RUST_LOG`, when set, wins over it.
+    pub log_level: String,
+    /// Where to serve Prometheus metrics over HTTP (`[metrics] listen`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Bounds on what peers can make a daemon do; over a limit a request is refused or a connection
@@ -406,6 +437,12 @@ impl DaemonConfig {
             follow_peers,
             follow_auto: raw.follow.auto,
             limits,
+            log_level: parse_log_level(raw.log)?,
+            metrics_listen: raw
+                .metrics
+                .listen
+                .map(|text| parse_addr("metrics.listen", &text))
+                .transpose()?,
         })
     }
 }
@@ -434,6 +471,8 @@ struct RawServer {
     http: Option<RawHttp>,
     #[serde(default)]
     push: RawPush,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Deserialize)]
@@ -515,6 +554,8 @@ pub struct ServerConfig {
     pub limits: ServerLimits,
     pub http: Option<HttpConfig>,
     pub push: PushConfig,
+    /// The log filter (`[log] level`); `RUST_LOG`, when set, wins over it.
+    pub log_level: String,
 }
 
 impl ServerConfig {
@@ -527,12 +568,33 @@ impl ServerConfig {
             limits: ServerLimits::default(),
             http: None,
             push: PushConfig::default(),
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
         }
     }
 }
 
+impl ServerConfig {
+    /// Keys whose value differs in `new` but apply only after a restart (everything but the
+    /// log level, which is reloadable).
+    pub fn needs_restart(&self, new: &ServerConfig) -> Vec<&'static str> {
+        let http = |c: &ServerConfig| c.http.as_ref().map(|h| (h.listen, h.token_file.clone()));
+        [
+            ("state_dir", self.state_dir != new.state_dir),
+            ("quic.listen", self.listen != new.listen),
+            ("store", self.store != new.store),
+            ("http", http(self) != http(new)),
+            ("push", self.push != new.push),
+            ("limits", self.limits != new.limits),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| key)
+        .collect()
+    }
+}
+
 /// Bounds on what terminals can make the server hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
     /// Longest link a ticket may ask for.
     pub max_lease: Duration,
@@ -688,6 +750,7 @@ impl ServerConfig {
             limits,
             http,
             push,
+            log_level: parse_log_level(raw.log)?,
         })
     }
 }
@@ -747,6 +810,29 @@ mod tests {
         assert_eq!(d.accept, AcceptPolicy::Trusted);
         assert!(d.server.is_none());
         assert_eq!(d.lease, Duration::from_secs(600));
+        assert_eq!(d.log_level, "info");
+        assert_eq!(d.metrics_listen, None);
+    }
+
+    #[test]
+    fn log_level_and_metrics_listener_are_checked() {
+        let d =
+            daemon("[log]\nlevel = \"handoff=debug,warn\"\n[metrics]\nlisten = \"127.0.0.1:9\"")
+                .unwrap();
+        assert_eq!(d.log_level, "handoff=debug,warn");
+        assert_eq!(d.metrics_listen, Some("127.0.0.1:9".parse().unwrap()));
+        match daemon("[log]\nlevel = \"loud=[\"") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "log.level"),
+            other => panic!("{other:?}"),
+        }
+        match daemon("[metrics]\nlisten = \"9100\"") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "metrics.listen"),
+            other => panic!("{other:?}"),
+        }
+        match server("[log]\nlevel = \"a=b=c\"") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "log.level"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

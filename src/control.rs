@@ -146,6 +146,9 @@ pub struct StatusRecord {
     pub pair_requests: Vec<String>,
     /// Counters (the same as the daemon's metrics): refusals, limit hits, pushes, ...
     pub counters: BTreeMap<String, u64>,
+    /// Where the daemon serves Prometheus metrics (`[metrics] listen`), if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use handoff::cli::{self, Cli, CliError, Command, ConfigAction};
 use handoff::config::{DaemonConfig, ServerConfig};
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
         Command::Daemon { .. } | Command::Server { .. } => "info",
         _ => "warn",
     };
-    init_logging(default_level);
+    let logs = Logs::init(default_level);
     // Long-running programs get worker threads; a one-shot client command starts faster on one.
     let runtime = match cli.command {
         Command::Daemon { .. } | Command::Server { .. } | Command::Demo => {
@@ -38,7 +40,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(CliError::new(format!("cannot start the runtime: {e}"))),
     };
-    let result = runtime.block_on(run(cli.command, demo_isolated));
+    let result = runtime.block_on(run(cli.command, demo_isolated, logs));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
@@ -50,25 +52,66 @@ fn fail(e: CliError) -> ExitCode {
     ExitCode::from(u8::try_from(e.code).unwrap_or(1))
 }
 
-fn init_logging(default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let is_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(is_terminal)
-        .init();
+/// The logger: plain lines on stderr (no colour unless stderr is a terminal, so journald keeps
+/// them clean), filtered by `RUST_LOG` if set, else by the config's `[log] level`, which SIGHUP
+/// reloads.
+struct Logs {
+    filter: reload::Handle<EnvFilter, Registry>,
+    from_env: bool,
 }
 
-async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Result<(), CliError> {
+impl Logs {
+    fn init(default_level: &str) -> Self {
+        let env = EnvFilter::try_from_default_env().ok();
+        let from_env = env.is_some();
+        let filter = env.unwrap_or_else(|| EnvFilter::new(default_level));
+        let (filter, handle) = reload::Layer::new(filter);
+        let is_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(is_terminal),
+            )
+            .init();
+        Self {
+            filter: handle,
+            from_env,
+        }
+    }
+
+    /// Applies the config's level unless `RUST_LOG` decides. The level was validated with the
+    /// config.
+    fn set_level(&self, level: &str) {
+        if self.from_env {
+            return;
+        }
+        match EnvFilter::try_new(level) {
+            Ok(filter) => {
+                if let Err(e) = self.filter.reload(filter) {
+                    tracing::warn!("cannot change the log level: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("log level {level:?} not applied: {e}"),
+        }
+    }
+}
+
+async fn run(
+    command: Command,
+    demo_isolated: Option<std::io::Result<()>>,
+    logs: Logs,
+) -> Result<(), CliError> {
     match command {
         Command::Id { state_dir } => cli::print_id(&state_dir),
         Command::Config {
             action: ConfigAction::Check { config, kind },
         } => cli::check_config(&config, kind),
-        Command::Daemon { config } => {
-            let config = DaemonConfig::load(&config)?;
+        Command::Daemon { config: path } => {
+            let config = DaemonConfig::load(&path)?;
+            logs.set_level(&config.log_level);
+            let mut signals = Signals::new()?;
             let daemon = Daemon::start(config, DaemonOptions::default())
                 .await
                 .map_err(|e| CliError::new(e.to_string()))?;
@@ -77,14 +120,26 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
                 daemon.id().short()
             ));
             let watchdog = service::spawn_watchdog();
-            wait_for_signal().await;
+            while signals.next().await == Signal::Reload {
+                service::reloading();
+                match DaemonConfig::load(&path) {
+                    Ok(config) => {
+                        logs.set_level(&config.log_level);
+                        daemon.reload(&config);
+                    }
+                    Err(e) => tracing::error!("config not reloaded, keeping the running one: {e}"),
+                }
+                service::notify("READY=1");
+            }
             service::notify("STOPPING=1");
             daemon.shutdown().await;
             watchdog.inspect(|w| w.abort());
             Ok(())
         }
-        Command::Server { config } => {
-            let config = ServerConfig::load(&config)?;
+        Command::Server { config: path } => {
+            let config = ServerConfig::load(&path)?;
+            logs.set_level(&config.log_level);
+            let mut signals = Signals::new()?;
             let identity = Identity::load_or_create(&config.state_dir)
                 .map_err(|e| CliError::new(e.to_string()))?;
             let server = Server::start(identity, &config)
@@ -95,7 +150,25 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
                 server.id().short()
             ));
             let watchdog = service::spawn_watchdog();
-            wait_for_signal().await;
+            while signals.next().await == Signal::Reload {
+                service::reloading();
+                match ServerConfig::load(&path) {
+                    Ok(new) => {
+                        logs.set_level(&new.log_level);
+                        let fixed = config.needs_restart(&new);
+                        tracing::info!("config reloaded: log.level = {:?}", new.log_level);
+                        if !fixed.is_empty() {
+                            tracing::warn!(
+                                keys = ?fixed,
+                                "changed in the config file but not reloadable; \
+                                 restart the server to apply"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!("config not reloaded, keeping the running one: {e}"),
+                }
+                service::notify("READY=1");
+            }
             service::notify("STOPPING=1");
             server.shutdown().await;
             watchdog.inspect(|w| w.abort());
@@ -122,18 +195,48 @@ async fn run(command: Command, demo_isolated: Option<std::io::Result<()>>) -> Re
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still dies on the default action.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM or SIGINT: shut down.
+    Stop,
+    /// SIGHUP: reload the config file.
+    Reload,
+}
+
+/// The signals a long-running program handles, installed before it reports ready.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, CliError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind: SignalKind| {
+            signal(kind).map_err(|e| CliError::new(format!("cannot install signal handlers: {e}")))
+        };
+        Ok(Self {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => {
+                tracing::info!("SIGTERM received");
+                Signal::Stop
+            }
+            _ = self.int.recv() => {
+                tracing::info!("SIGINT received");
+                Signal::Stop
+            }
+            _ = self.hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the config");
+                Signal::Reload
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! With `Type=notify` systemd passes `NOTIFY_SOCKET`; the daemon and server send `READY=1` once
 //! they serve (endpoint bound, mDNS registered, store open, HTTP bound), `STOPPING=1` when
-//! shutdown begins, and `WATCHDOG=1` at half the `WatchdogSec` interval when one is set. Without
+//! shutdown begins, `RELOADING=1` then `READY=1` around a SIGHUP reload, and `WATCHDOG=1` at half the `WatchdogSec` interval when one is set. Without
 //! `NOTIFY_SOCKET` every call does nothing.
 
 use std::os::unix::net::UnixDatagram;
@@ -27,6 +27,22 @@ pub fn notify(state: &str) {
     if let Err(e) = result {
         tracing::warn!("cannot notify systemd ({state:?}): {e}");
     }
+}
+
+/// Tells systemd a reload (SIGHUP) began; `READY=1` ends it. `MONOTONIC_USEC` lets
+/// `Type=notify-reload` match the message to the signal it sent.
+pub fn reloading() {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let usec = if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } == 0 {
+        now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000
+    } else {
+        0
+    };
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
 /// The watchdog interval systemd asks for, if it asks and means this process.

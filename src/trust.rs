@@ -32,8 +32,8 @@ struct TrustFile {
 
 #[derive(Debug)]
 pub struct TrustStore {
-    policy: AcceptPolicy,
-    from_config: BTreeSet<TerminalId>,
+    /// The policy and peers from the config file; replaced on reload.
+    config: Mutex<(AcceptPolicy, BTreeSet<TerminalId>)>,
     added: Mutex<BTreeSet<TerminalId>>,
     path: PathBuf,
 }
@@ -70,8 +70,7 @@ impl TrustStore {
             }
         };
         Ok(Self {
-            policy,
-            from_config: from_config.iter().copied().collect(),
+            config: Mutex::new((policy, from_config.iter().copied().collect())),
             added: Mutex::new(added),
             path,
         })
@@ -79,21 +78,40 @@ impl TrustStore {
 
     /// Whether `id` is on the trust list.
     pub fn is_trusted(&self, id: &TerminalId) -> bool {
-        self.from_config.contains(id) || self.lock().contains(id)
+        self.in_config(id) || self.lock().contains(id)
+    }
+
+    fn in_config(&self, id: &TerminalId) -> bool {
+        self.config_lock().1.contains(id)
     }
 
     /// Whether the policy lets `id` fetch interface info.
     pub fn accepts(&self, id: &TerminalId) -> bool {
-        self.policy == AcceptPolicy::Any || self.is_trusted(id)
+        self.policy() == AcceptPolicy::Any || self.is_trusted(id)
     }
 
     pub fn policy(&self) -> AcceptPolicy {
-        self.policy
+        self.config_lock().0
+    }
+
+    /// Replaces the policy and the peers from the config file (on reload); IDs added with
+    /// `handoff trust` stay. Returns the config peers added and removed.
+    pub fn set_config(
+        &self,
+        policy: AcceptPolicy,
+        peers: &[TerminalId],
+    ) -> (Vec<TerminalId>, Vec<TerminalId>) {
+        let new: BTreeSet<TerminalId> = peers.iter().copied().collect();
+        let mut config = self.config_lock();
+        let added = new.difference(&config.1).copied().collect();
+        let removed = config.1.difference(&new).copied().collect();
+        *config = (policy, new);
+        (added, removed)
     }
 
     /// Adds `id`; returns false if it was already trusted.
     pub fn trust(&self, id: TerminalId) -> Result<bool, TrustError> {
-        if self.from_config.contains(&id) {
+        if self.in_config(&id) {
             return Ok(false);
         }
         let mut added = self.lock();
@@ -109,7 +127,7 @@ impl TrustStore {
 
     /// Removes `id`; returns false if it was not trusted.
     pub fn untrust(&self, id: TerminalId) -> Result<bool, TrustError> {
-        if self.from_config.contains(&id) {
+        if self.in_config(&id) {
             return Err(TrustError::InConfig(id));
         }
         let mut added = self.lock();
@@ -125,8 +143,12 @@ impl TrustStore {
 
     /// Every trusted ID with where it comes from: `"config"` or `"added"`.
     pub fn entries(&self) -> Vec<(TerminalId, &'static str)> {
-        let mut out: Vec<(TerminalId, &'static str)> =
-            self.from_config.iter().map(|id| (*id, "config")).collect();
+        let mut out: Vec<(TerminalId, &'static str)> = self
+            .config_lock()
+            .1
+            .iter()
+            .map(|id| (*id, "config"))
+            .collect();
         out.extend(self.lock().iter().map(|id| (*id, "added")));
         out.sort();
         out
@@ -135,8 +157,12 @@ impl TrustStore {
     /// Every trusted ID (config and added).
     pub fn list(&self) -> BTreeSet<TerminalId> {
         let mut all = self.lock().clone();
-        all.extend(self.from_config.iter().copied());
+        all.extend(self.config_lock().1.iter().copied());
         all
+    }
+
+    fn config_lock(&self) -> std::sync::MutexGuard<'_, (AcceptPolicy, BTreeSet<TerminalId>)> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<TerminalId>> {
@@ -183,5 +209,25 @@ mod tests {
         let any = TrustStore::open(dir.path(), AcceptPolicy::Any, &[]).unwrap();
         assert!(any.accepts(&c));
         assert!(!any.is_trusted(&c));
+    }
+
+    #[test]
+    fn reloading_the_config_keeps_added_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = TerminalId::from_bytes([1; 32]);
+        let b = TerminalId::from_bytes([2; 32]);
+        let c = TerminalId::from_bytes([3; 32]);
+        let store = TrustStore::open(dir.path(), AcceptPolicy::Trusted, &[a]).unwrap();
+        store.trust(b).unwrap();
+        let (added, removed) = store.set_config(AcceptPolicy::Trusted, &[c]);
+        assert_eq!((added, removed), (vec![c], vec![a]));
+        assert!(!store.accepts(&a));
+        assert!(store.accepts(&b) && store.accepts(&c));
+        assert!(
+            store.untrust(a).is_ok(),
+            "a is no longer fixed by the config"
+        );
+        store.set_config(AcceptPolicy::Any, &[]);
+        assert!(store.accepts(&a));
     }
 }

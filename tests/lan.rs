@@ -311,3 +311,103 @@ fn daemon_and_server_tell_systemd_when_ready_and_stopping() {
         );
     }
 }
+
+/// SIGHUP reloads the trust list without dropping the server connection: B, refused before,
+/// can pull A after A's config trusts it. A changed `quic.listen` is named as needing a restart.
+/// A's optional metrics listener reports the refusal and the pull.
+#[test]
+fn sighup_reloads_the_trust_list_without_dropping_connections() {
+    if !require_root("sighup_reloads_the_trust_list_without_dropping_connections") {
+        return;
+    }
+    let mut lan = Lan::new("hup", &["srv", "a", "b"]);
+    let (_, server_id) = lan.start_server("srv");
+    let b_id = id_of(&lan.path("b"));
+    let a_ip = lan.host("a").ip.clone();
+    let server = lan.server_section("srv", &server_id);
+    let metrics = format!("[metrics]\nlisten = \"{a_ip}:47690\"\n");
+    let a = lan.start_daemon("a", &format!("{server}{metrics}"));
+    lan.start_daemon("b", "");
+    let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
+    assert_eq!(lan.status("a")["metrics"], format!("{a_ip}:47690"));
+    assert!(lan
+        .session_set("a", "https://m.example/1", "One")
+        .status
+        .success());
+    lan.wait_for_peer("b", &a_id);
+
+    let out = handoff(&["pull", &a_id, "--socket", &lan.socket("b")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not trusted"),
+        "{stderr}"
+    );
+
+    // Trust B in the file (and change something that cannot be reloaded), then SIGHUP.
+    lan.daemon_config(
+        "a",
+        &format!("{server}{metrics}[trust]\npeers = [\"{b_id}\"]\n[log]\nlevel = \"debug\"\n"),
+    );
+    let config = lan.path("a.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("0.0.0.0:47600", "0.0.0.0:47601");
+    std::fs::write(&config, text).unwrap();
+    lan.signal(a, libc::SIGHUP);
+    wait_for(Duration::from_secs(10), || {
+        lan.log("a").contains("config reloaded").then_some(())
+    })
+    .unwrap_or_else(|| panic!("A did not reload\n{}", lan.log("a")));
+    let log = lan.log("a");
+    assert!(
+        log.contains("trust.peers: +1 -0") && log.contains("quic.listen"),
+        "{log}"
+    );
+    assert_eq!(lan.status("a")["trusted"], 1);
+
+    let out = handoff(&["pull", &a_id, "--json", "--socket", &lan.socket("b")]);
+    assert!(
+        out.status.success(),
+        "pull after reload: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lan.log("a")
+    );
+    assert_eq!(json_lines(&out.stdout)[0]["title"], "One");
+    // Still the one server connection, and still serving on the old port.
+    let log = lan.log("a");
+    assert_eq!(log.matches("connected to server").count(), 1, "{log}");
+    assert_eq!(lan.status("a")["server"]["connected"], true);
+    assert!(lan.status("a")["quic"]
+        .as_str()
+        .unwrap()
+        .ends_with(":47600"));
+    // The debug level applies from now on.
+    assert!(
+        log.contains("DEBUG"),
+        "no debug lines after the reload\n{log}"
+    );
+
+    // A bad config is refused and the running one kept.
+    std::fs::write(&config, "nmae = 1\n").unwrap();
+    lan.signal(a, libc::SIGHUP);
+    wait_for(Duration::from_secs(10), || {
+        lan.log("a").contains("config not reloaded").then_some(())
+    })
+    .unwrap_or_else(|| panic!("A did not refuse the bad config\n{}", lan.log("a")));
+    assert!(lan.log("a").contains("nmae"));
+    assert_eq!(lan.status("a")["trusted"], 1);
+
+    // The metrics listener (in A's namespace) shows the refusal and the pull it served.
+    let text = lan.run_in("b", move || http_get(&format!("{a_ip}:47690"), "/metrics"));
+    let text = text.unwrap_or_else(|| panic!("no metrics\n{}", lan.log("a")));
+    assert!(
+        text.contains("handoff_refusals_total{reason=\"not_trusted\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("handoff_interface_info_total 1"), "{text}");
+    assert!(text.contains("handoff_server_connected 1"), "{text}");
+    assert!(
+        text.contains("handoff_discovery_events_total{event=\"resolved\"}"),
+        "{text}"
+    );
+}

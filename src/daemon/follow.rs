@@ -30,8 +30,8 @@ pub(crate) struct FollowState {
 impl Daemon {
     /// Whether `id` is to be followed automatically.
     pub(crate) fn wants_to_follow(&self, id: &TerminalId) -> bool {
-        let config = &self.shared.config;
-        config.follow_peers.contains(id) || (config.follow_auto && self.shared.trust.is_trusted(id))
+        let live = lock(&self.shared.live);
+        live.follow_peers.contains(id) || (live.follow_auto && self.shared.trust.is_trusted(id))
     }
 
     /// Followed peers with the Unix time their link lasts until.
@@ -101,9 +101,12 @@ pub(crate) async fn run(daemon: Daemon) {
                 }
             }
         }
-        // Forget lapsed links of peers that left.
+        // Forget lapsed links of peers that left, and failed attempts at peers no longer wanted.
         let now = unix_now();
-        lock(&daemon.shared.follows).retain(|_, s| s.until > now || s.failures > 0 && s.until == 0);
+        let mut follows = lock(&daemon.shared.follows);
+        follows.retain(|id, s| {
+            s.until > now || (s.failures > 0 && s.until == 0 && daemon.wants_to_follow(id))
+        });
     }
 }
 

@@ -10,9 +10,11 @@
 
 mod control_server;
 mod follow;
+mod metrics_http;
 mod pairing;
 mod peer_service;
 mod pull;
+mod reload;
 mod server_link;
 
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 pub use pairing::{PairCode, PairError, PAIR_TIMEOUT};
 pub use pull::{LinkOutcome, PullError, PullOutcome};
+pub use reload::ReloadReport;
 
 use crate::config::{AcceptPolicy, DaemonConfig};
 use crate::control::{PeerRecord, PushRecord, ServerStatus, StatusRecord};
@@ -71,6 +74,11 @@ pub enum DaemonError {
     },
     #[error("cannot start mDNS discovery: {0}")]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    #[error("cannot bind the metrics listener on {addr} ([metrics] listen): {source}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: {reason}")]
     Control {
         path: std::path::PathBuf,
@@ -100,7 +108,10 @@ pub(crate) struct SessionState {
 
 pub(crate) struct Shared {
     pub identity: Identity,
+    /// The config the daemon started with.
     pub config: DaemonConfig,
+    /// The reloadable part of the config, as last loaded.
+    pub live: Mutex<reload::LiveConfig>,
     pub endpoint: quinn::Endpoint,
     pub dial_config: Mutex<HashMap<TerminalId, quinn::ClientConfig>>,
     pub peers: Mutex<PeerTable>,
@@ -121,6 +132,8 @@ pub(crate) struct Shared {
     pub pairings: Mutex<pairing::Pairings>,
     pub pair_changes: watch::Sender<u64>,
     pub follows: Mutex<HashMap<TerminalId, follow::FollowState>>,
+    /// The bound address of the metrics listener, if one is configured.
+    pub metrics_addr: Mutex<Option<std::net::SocketAddr>>,
 }
 
 /// The limiters of DESIGN §7, built from `[limits]`.
@@ -175,6 +188,7 @@ impl Daemon {
         });
         let shared = Arc::new(Shared {
             config: config.clone(),
+            live: Mutex::new(reload::LiveConfig::of(&config)),
             endpoint,
             dial_config: Mutex::new(HashMap::new()),
             peers: Mutex::new(PeerTable::default()),
@@ -205,11 +219,16 @@ impl Daemon {
             pairings: Mutex::new(pairing::Pairings::default()),
             pair_changes: watch::Sender::new(0),
             follows: Mutex::new(HashMap::new()),
+            metrics_addr: Mutex::new(None),
         });
         let daemon = Daemon { shared };
         let me = daemon.id();
         info!(id = %me, name = %config.name, quic = %daemon.quic_addr(), "daemon starting");
 
+        if let Some(addr) = config.metrics_listen {
+            let bound = metrics_http::start(&daemon, addr).await?;
+            *lock(&daemon.shared.metrics_addr) = Some(bound);
+        }
         let listener = control_server::bind(&config.control_socket)?;
         daemon.spawn(
             control_server::serve(daemon.clone(), listener),
@@ -223,9 +242,8 @@ impl Daemon {
             let span = tracing::info_span!("server", id = %home.server.id.short());
             daemon.spawn(server_link::supervise_home(daemon.clone(), home), span);
         }
-        if !config.follow_peers.is_empty() || config.follow_auto {
-            daemon.spawn(follow::run(daemon.clone()), tracing::info_span!("follow"));
-        }
+        // Always running, so a reload can add follows; idle while there are none.
+        daemon.spawn(follow::run(daemon.clone()), tracing::info_span!("follow"));
         if options.discovery {
             let advert = wire::txt::Advert {
                 version: wire::PROTOCOL_MAJOR,
@@ -465,6 +483,7 @@ impl Daemon {
                 .map(|id| id.to_string())
                 .collect(),
             counters: sh.metrics.snapshot(),
+            metrics: lock(&sh.metrics_addr).map(|a| a.to_string()),
         }
     }
 
@@ -500,16 +519,14 @@ impl Daemon {
             .metrics
             .inc("handoff_pushes_received_total", None);
         let _ = self.shared.pushes.send(record.clone());
-        if !self.shared.config.on_push.is_empty() {
-            self.run_hook(record);
+        let hook = lock(&self.shared.live).on_push.clone();
+        if !hook.is_empty() {
+            self.run_hook(hook, record);
         }
     }
 
-    fn run_hook(&self, record: PushRecord) {
-        let argv: Vec<String> = self
-            .shared
-            .config
-            .on_push
+    fn run_hook(&self, hook: Vec<String>, record: PushRecord) {
+        let argv: Vec<String> = hook
             .iter()
             .map(|arg| {
                 arg.replace("{uri}", &record.uri)
@@ -637,11 +654,20 @@ async fn browse(daemon: Daemon, discovery: Arc<Discovery>) {
             _ = daemon.cancelled() => break,
             event = discovery.next() => event,
         };
+        let Some(event) = event else { break };
+        let kind = match &event {
+            DiscoveryEvent::Resolved(_) => "resolved",
+            DiscoveryEvent::Removed { .. } => "removed",
+            DiscoveryEvent::Ignored { .. } => "ignored",
+        };
+        daemon
+            .shared
+            .metrics
+            .inc("handoff_discovery_events_total", Some(("event", kind)));
         match event {
-            None => break,
-            Some(DiscoveryEvent::Resolved(peer)) => daemon.learn_peer(peer),
-            Some(DiscoveryEvent::Removed { instance }) => daemon.forget_instance(&instance),
-            Some(DiscoveryEvent::Ignored { instance, reason }) => {
+            DiscoveryEvent::Resolved(peer) => daemon.learn_peer(peer),
+            DiscoveryEvent::Removed { instance } => daemon.forget_instance(&instance),
+            DiscoveryEvent::Ignored { instance, reason } => {
                 debug!(%instance, %reason, "ignoring mDNS advert")
             }
         }

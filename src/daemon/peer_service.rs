@@ -75,6 +75,7 @@ pub(crate) async fn serve(daemon: Daemon) {
                         return debug!("peer handshake timed out");
                     }
                 };
+                d.shared.metrics.inc("handoff_connections_total", None);
                 let Some(peer) = peer_id(&conn) else {
                     conn.close(varint(ErrorCode::Unexpected), b"no usable certificate");
                     return;

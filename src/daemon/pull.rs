@@ -112,11 +112,16 @@ impl Daemon {
             }
         };
         match tokio::time::timeout(timeout, wait).await {
-            Ok(Some(record)) => Ok(PullOutcome {
-                push: Some(record),
-                linked_until: link.until,
-                timing: timing(Some(ms(started.elapsed()))),
-            }),
+            Ok(Some(record)) => {
+                self.shared
+                    .metrics
+                    .observe("handoff_pull_seconds", started.elapsed());
+                Ok(PullOutcome {
+                    push: Some(record),
+                    linked_until: link.until,
+                    timing: timing(Some(ms(started.elapsed()))),
+                })
+            }
             _ => Err(PullError::NoPush {
                 name: peer.name,
                 timeout,

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -78,7 +78,8 @@ struct Hello {
 struct ConnSlot {
     conn_id: u64,
     conn: quinn::Connection,
-    fast: mpsc::Sender<StoredPush>,
+    /// Fresh pushes with the instant they were accepted (for the delivery latency histogram).
+    fast: mpsc::Sender<(StoredPush, Instant)>,
     /// One past the newest offset appended for this terminal.
     latest: Arc<AtomicU64>,
     wake: Arc<Notify>,
@@ -267,7 +268,7 @@ impl Server {
     }
 
     /// Hands freshly stored pushes to the connections of their recipients.
-    fn announce(&self, pushes: Vec<(TerminalId, StoredPush)>) {
+    fn announce(&self, pushes: Vec<(TerminalId, StoredPush)>, accepted: Instant) {
         let conns = self.conns();
         for (to, push) in pushes {
             self.shared.metrics.inc("handoff_pushes_stored_total", None);
@@ -276,7 +277,7 @@ impl Server {
                 .fetch_max(push.item.offset + 1, Ordering::AcqRel);
             // A full fast path is fine: woken, the writer sees it is behind and reads the log.
             // Otherwise the item itself wakes it, and it never needs the store.
-            if slot.fast.try_send(push).is_err() {
+            if slot.fast.try_send((push, accepted)).is_err() {
                 slot.wake.notify_one();
             }
         }
@@ -289,6 +290,7 @@ impl Server {
         mut extra: Vec<Op>,
     ) -> Result<Vec<u64>, StoreError> {
         let now = unix_now();
+        let accepted = Instant::now();
         let n_extra = extra.len();
         let stored: Vec<(TerminalId, NewPush)> = items.clone();
         extra.extend(
@@ -297,6 +299,9 @@ impl Server {
                 .map(|(to, push)| Op::Append { to, push, now }),
         );
         let outcomes = self.shared.store.write(extra).await?;
+        self.shared
+            .metrics
+            .observe("handoff_push_store_seconds", accepted.elapsed());
         let offsets: Vec<u64> = outcomes[n_extra..]
             .iter()
             .map(|o| match o {
@@ -310,6 +315,7 @@ impl Server {
                 .zip(&offsets)
                 .map(|((to, p), off)| (to, p.stored(*off, now)))
                 .collect(),
+            accepted,
         );
         Ok(offsets)
     }
@@ -761,7 +767,7 @@ async fn write_pushes(
     conn: quinn::Connection,
     id: TerminalId,
     start: u64,
-    mut fast: mpsc::Receiver<StoredPush>,
+    mut fast: mpsc::Receiver<(StoredPush, Instant)>,
     latest: Arc<AtomicU64>,
     wake: Arc<Notify>,
 ) {
@@ -807,7 +813,7 @@ async fn write_pushes(
             _ = server.shared.cancel.cancelled() => return,
             _ = conn.closed() => return,
             item = fast.recv() => {
-                let Some(push) = item else { return };
+                let Some((push, accepted)) = item else { return };
                 if push.item.offset < next {
                     continue;
                 }
@@ -815,6 +821,10 @@ async fn write_pushes(
                     if send_push(&server, &mut send, &push).await.is_err() {
                         return;
                     }
+                    server
+                        .shared
+                        .metrics
+                        .observe("handoff_push_delivery_seconds", accepted.elapsed());
                     next += 1;
                 }
                 // A gap: the loop reads the log from `next`, which holds this item too.

@@ -403,20 +403,33 @@ pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
 /// A blocking HTTP/1.1 POST (one request per connection); `None` when the server could not be
 /// reached or answered nothing.
 pub fn http_post(addr: &str, path: &str, token: &str, body: &str) -> Option<u16> {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = http_exchange(addr, &request)?;
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+/// A blocking HTTP/1.1 GET; the body of a 200 answer, else `None`.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let response = http_exchange(addr, &request)?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1)? == "200").then(|| body.to_string())
+}
+
+fn http_exchange(addr: &str, request: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
     stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split(' ').nth(1)?.parse().ok()
+    Some(response)
 }
 
 /// The number after `name` on the command line (benchmark options), or `default`.
