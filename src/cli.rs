@@ -148,6 +148,25 @@ pub enum Command {
     },
     /// Run a server and two terminals on loopback and show a real handoff.
     Demo,
+    /// Check the network, discovery and the server link of a daemon's config: each line ok or
+    /// not ok, with a hint.
+    Doctor {
+        /// The daemon's config file.
+        #[arg(long, value_name = "FILE", default_value = "/etc/handoff/daemon.toml")]
+        config: PathBuf,
+        /// How long to listen for peers on mDNS, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        wait: f64,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Print a shell completion script (e.g. `handoff completions bash > /etc/bash_completion.d/handoff`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) generated from this command line: `handoff man | man -l -`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +223,83 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
+}
+
+/// Prints the doctor's report; fails (exit 1) if any check is not ok.
+pub fn print_doctor(report: &[crate::doctor::Check], json: bool) -> Result<(), CliError> {
+    for check in report {
+        if json {
+            json_line(check)?;
+        } else {
+            let mark = if check.ok { "ok    " } else { "NOT OK" };
+            println!("{mark}  {}: {}", check.check, check.detail);
+            if let Some(hint) = &check.hint {
+                println!("        hint: {hint}");
+            }
+        }
+    }
+    let failed = report.iter().filter(|c| !c.ok).count();
+    if failed > 0 {
+        return Err(CliError::new(format!("{failed} check(s) not ok")));
+    }
+    Ok(())
+}
+
+/// Writes the completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) -> Result<(), CliError> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "handoff", &mut out);
+    write_stdout(&out)
+}
+
+/// Writes the man page to stdout: `handoff(1)`, every subcommand in its own section.
+pub fn print_man() -> Result<(), CliError> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    // Building sets each subcommand's full name (`handoff pull`) for its synopsis.
+    command.build();
+    let mut out = Vec::new();
+    let render = |man: &clap_mangen::Man, out: &mut Vec<u8>, top: bool| {
+        if top {
+            man.render(out)
+        } else {
+            man.render_description_section(out)
+                .and_then(|()| man.render_synopsis_section(out))
+                .and_then(|()| man.render_options_section(out))
+        }
+        .map_err(|e| CliError::new(format!("cannot render the man page: {e}")))
+    };
+    render(&clap_mangen::Man::new(command.clone()), &mut out, true)?;
+    // clap_mangen renders one page per command; the subcommands follow as sections here so a
+    // single `handoff(1)` documents them all.
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let mut text = Vec::new();
+        render(&clap_mangen::Man::new(sub.clone()), &mut text, false)?;
+        let heading = format!(".SH \"HANDOFF {}\"\n", sub.get_name().to_uppercase());
+        out.extend_from_slice(heading.as_bytes());
+        out.extend_from_slice(&demote_headings(&text));
+    }
+    write_stdout(&out)
+}
+
+/// Turns a rendered section's `.SH` headings into `.SS` subheadings.
+fn demote_headings(roff: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(roff)
+        .lines()
+        .map(|line| match line.strip_prefix(".SH ") {
+            Some(rest) => format!(".SS {rest}\n"),
+            None => format!("{line}\n"),
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| CliError::new(format!("cannot write to stdout: {e}")))
 }
 
 /// A failed command: the message for stderr and the exit status.

@@ -279,7 +279,7 @@ fn at_least_one<T: PartialOrd + From<u8> + Copy>(
 
 impl DaemonConfig {
     /// A configuration with every default, for programs that build one in code (the demo,
-    /// tests): `interfaces` empty, listening on `0.0.0.0:47600`, no server, trusting nobody.
+    /// tests): `interfaces` empty, listening on `[::]:47600`, no server, trusting nobody.
     pub fn with_defaults(name: &str, state_dir: PathBuf, control_socket: PathBuf) -> Self {
         let mut config = Self::validate(RawDaemon {
             name: Some(name.to_string()),
@@ -313,7 +313,7 @@ impl DaemonConfig {
         }
         let listen = match raw.quic.listen {
             Some(text) => parse_addr("quic.listen", &text)?,
-            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_DAEMON_PORT)),
+            None => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, DEFAULT_DAEMON_PORT)),
         };
         let server = match raw.server {
             None => None,
@@ -638,7 +638,7 @@ impl ServerConfig {
         let raw: RawServer = parse(path, text)?;
         let listen = match raw.quic.listen {
             Some(text) => parse_addr("quic.listen", &text)?,
-            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVER_PORT)),
+            None => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, DEFAULT_SERVER_PORT)),
         };
         let store = match raw.store.kind.as_deref() {
             None | Some("embedded") => StoreKind::Embedded,

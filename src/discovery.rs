@@ -161,6 +161,43 @@ impl Discovery {
     }
 }
 
+/// Browses (without advertising) on `interfaces` for `wait` and returns every peer resolved
+/// (for `handoff doctor`).
+pub async fn browse_for(
+    interfaces: &[String],
+    wait: Duration,
+) -> Result<Vec<Peer>, DiscoveryError> {
+    let mdns = ServiceDaemon::new()?;
+    if !interfaces.is_empty() {
+        mdns.disable_interface(IfKind::All)?;
+        let kinds: Vec<IfKind> = interfaces.iter().map(|n| IfKind::Name(n.clone())).collect();
+        mdns.enable_interface(kinds)?;
+    }
+    let events = mdns.browse(SERVICE_TYPE)?;
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, events.recv_async()).await {
+        let ServiceEvent::ServiceResolved(svc) = event else {
+            continue;
+        };
+        let props = svc.txt_properties.iter().map(|p| (p.key(), p.val_str()));
+        if let Ok(advert) = Advert::parse(props) {
+            found.push(Peer {
+                id: advert.id,
+                name: advert.name,
+                instance: svc.fullname.clone(),
+                addrs: svc.addresses.iter().map(peer_addr).collect(),
+                port: svc.port,
+                last_seen: Instant::now(),
+            });
+        }
+    }
+    if let Ok(rx) = mdns.shutdown() {
+        let _ = tokio::time::timeout(GOODBYE_WAIT, rx.recv_async()).await;
+    }
+    Ok(found)
+}
+
 fn peer_addr(ip: &ScopedIp) -> PeerAddr {
     match ip {
         ScopedIp::V6(v6) if v6.addr().is_unicast_link_local() => PeerAddr {

@@ -13,7 +13,9 @@
 //! - [`server`] — the content server: registry, links, ticket checks, pushes.
 //! - [`control`] — the daemon's local control socket protocol (JSON Lines) and its client.
 //! - [`cli`] — the command line; [`demo`] — the loopback demonstration; [`isolate`] — private
-//!   network namespaces for the demo.
+//!   network namespaces for the demo; [`doctor`] — network checks for `handoff doctor`.
+//! - [`metrics`] — Prometheus counters and histograms; [`service`] — sd_notify for systemd;
+//!   [`limits`] — rate limiters and counters for the bounds of DESIGN §7.
 //!
 //! The path of one handoff: terminal B's `pull` ([`daemon::Daemon::pull`]) dials A over QUIC, A's
 //! peer service answers with interface info and a ticket it signs for B; B sends `Follow` to the
@@ -27,6 +29,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod discovery;
+pub mod doctor;
 pub mod identity;
 pub mod inbox;
 pub mod isolate;

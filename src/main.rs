@@ -105,6 +105,14 @@ async fn run(
 ) -> Result<(), CliError> {
     match command {
         Command::Id { state_dir } => cli::print_id(&state_dir),
+        Command::Completions { shell } => cli::print_completions(shell),
+        Command::Man => cli::print_man(),
+        Command::Doctor { config, wait, out } => {
+            let config = DaemonConfig::load(&config)?;
+            let wait = std::time::Duration::from_secs_f64(wait.clamp(0.0, 60.0));
+            let report = handoff::doctor::run(&config, wait).await;
+            cli::print_doctor(&report, out.json)
+        }
         Command::Config {
             action: ConfigAction::Check { config, kind },
         } => cli::check_config(&config, kind),

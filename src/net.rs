@@ -165,3 +165,20 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Binds a QUIC endpoint. An unspecified IPv6 address (`[::]`, the default) makes one dual-stack
+/// socket serving IPv4 and IPv6; where IPv6 is disabled it falls back to `0.0.0.0` on the same
+/// port.
+pub fn bind_endpoint(
+    config: quinn::ServerConfig,
+    listen: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    match quinn::Endpoint::server(config.clone(), listen) {
+        Err(e) if listen.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) => {
+            let v4 = std::net::SocketAddr::from(([0, 0, 0, 0], listen.port()));
+            tracing::info!("IPv6 unavailable ({e}); listening on {v4} (IPv4 only)");
+            quinn::Endpoint::server(config, v4)
+        }
+        other => other,
+    }
+}

@@ -120,3 +120,27 @@ fn help_lists_every_command() {
         assert!(text.contains(command), "{command} missing from --help");
     }
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = handoff(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // fish spells long options `-l json`.
+        for word in ["pull", "doctor", "json", "timeout"] {
+            assert!(text.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = handoff(&["completions", "tcsh"]);
+    assert!(!out.status.success());
+
+    let out = handoff(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH handoff 1"), "{page}");
+    for section in ["HANDOFF PULL", "HANDOFF DOCTOR", "HANDOFF CONFIG"] {
+        assert!(page.contains(section), "the man page lacks {section}");
+    }
+    assert!(page.contains("\\-\\-timeout"), "options are documented");
+}

@@ -351,7 +351,7 @@ fn sighup_reloads_the_trust_list_without_dropping_connections() {
     let config = lan.path("a.toml");
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("0.0.0.0:47600", "0.0.0.0:47601");
+        .replace("[::]:47600", "[::]:47601");
     std::fs::write(&config, text).unwrap();
     lan.signal(a, libc::SIGHUP);
     wait_for(Duration::from_secs(10), || {

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn, Instrument};
 pub use pairing::{PairCode, PairError, PAIR_TIMEOUT};
 pub use pull::{LinkOutcome, PullError, PullOutcome};
 pub use reload::ReloadReport;
+pub(crate) use server_link::{explain_connect_error, is_key_mismatch};
 
 use crate::config::{AcceptPolicy, DaemonConfig};
 use crate::control::{PeerRecord, PushRecord, ServerStatus, StatusRecord};
@@ -171,12 +172,13 @@ impl Daemon {
             keep_alive: None,
         };
         let server_config = tls::server_config(&identity, peer_transport)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            DaemonError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let endpoint =
+            crate::net::bind_endpoint(server_config, config.listen).map_err(|source| {
+                DaemonError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
         let home = config.server.as_ref().map(|s| {
             Arc::new(ServerLink::new(
                 ServerInfo {

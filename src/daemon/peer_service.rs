@@ -36,7 +36,8 @@ pub(crate) async fn serve(daemon: Daemon) {
                 None => return,
             },
         };
-        let ip = incoming.remote_address().ip();
+        // Canonical, so an IPv4 peer counts the same on a dual-stack socket (::ffff:a.b.c.d).
+        let ip = incoming.remote_address().ip().to_canonical();
         if !daemon.shared.guards.handshakes_per_source.allow(&ip) {
             daemon.over_limit(
                 "handshakes_per_sec_per_source",

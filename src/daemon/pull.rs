@@ -18,6 +18,8 @@ use crate::tls::SERVER_NAME;
 use crate::wire::{ErrorCode, InfoRequest, Refusal, RequestBody, ResponseBody};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a dial waits for one address before also trying the next.
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -213,8 +215,13 @@ impl Daemon {
         let config = self
             .dial_config(peer.id)
             .map_err(|e| unreachable(e.to_string()))?;
+        // Happy eyeballs (RFC 8305 in spirit): a peer may advertise addresses that do not
+        // work from here (another network of a dual-homed peer, a stale address). Start with
+        // the first, start the next every DIAL_STAGGER while none has answered, keep the first
+        // connection that completes and drop the rest.
         let mut errors = Vec::new();
-        for addr in peer.dial_addrs() {
+        let mut attempts = tokio::task::JoinSet::new();
+        for (i, addr) in peer.dial_addrs().into_iter().enumerate() {
             let connecting =
                 match self
                     .shared
@@ -227,7 +234,18 @@ impl Daemon {
                         continue;
                     }
                 };
-            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            let delay = DIAL_STAGGER * i as u32;
+            attempts.spawn(async move {
+                tokio::time::sleep(delay).await;
+                (
+                    addr,
+                    tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
+                )
+            });
+        }
+        while let Some(joined) = attempts.join_next().await {
+            let Ok((addr, result)) = joined else { continue };
+            match result {
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(e)) => {
                     let text = explain_connect_error(&e);

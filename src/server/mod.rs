@@ -148,12 +148,13 @@ impl Server {
             keep_alive: None,
         };
         let server_config = tls::server_config(&identity, transport)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let endpoint =
+            crate::net::bind_endpoint(server_config, config.listen).map_err(|source| {
+                ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
         let server = Server {
             shared: Arc::new(Shared {
                 identity,
@@ -418,7 +419,8 @@ async fn accept(server: Server) {
                 None => return,
             },
         };
-        let ip = incoming.remote_address().ip();
+        // Canonical, so an IPv4 peer counts the same on a dual-stack socket (::ffff:a.b.c.d).
+        let ip = incoming.remote_address().ip().to_canonical();
         if !server.shared.handshakes.allow(&ip) {
             server.over_limit(
                 "handshakes_per_sec_per_source",

@@ -42,10 +42,53 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// Sets `key=value` (dotted sysctl name) inside namespace `ns`.
+fn sysctl(ns: &str, setting: &str) {
+    let (key, value) = setting.split_once('=').expect("key=value");
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("echo {value} > {path}"),
+        ])
+        .output()
+        .expect("run ip netns exec");
+    assert!(
+        out.status.success(),
+        "sysctl {setting} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub struct Host {
     pub name: String,
     pub ns: String,
+    /// The host's address on the first network: 10.99.0.N, or fd99::N on an IPv6-only LAN.
     pub ip: String,
+}
+
+impl Host {
+    /// `ip:port`, with brackets for IPv6.
+    pub fn addr(&self, port: u16) -> String {
+        if self.ip.contains(':') {
+            format!("[{}]:{port}", self.ip)
+        } else {
+            format!("{}:{port}", self.ip)
+        }
+    }
+}
+
+/// The addresses a test LAN gives its hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// 10.99.0.N/24 plus the automatic IPv6 link-local address.
+    V4,
+    /// fd99::N/64 plus the IPv6 link-local address; no IPv4 at all.
+    V6Only,
 }
 
 pub struct Lan {
@@ -58,6 +101,11 @@ pub struct Lan {
 impl Lan {
     /// Builds the LAN with one host per name.
     pub fn new(tag: &str, names: &[&str]) -> Lan {
+        Self::with_stack(tag, names, Stack::V4)
+    }
+
+    /// Builds the LAN with one host per name, addressed as `stack` says.
+    pub fn with_stack(tag: &str, names: &[&str], stack: Stack) -> Lan {
         let prefix = format!("ho{}{tag}", std::process::id());
         let bridge_ns = format!("{prefix}-br");
         let mut lan = Lan {
@@ -74,7 +122,10 @@ impl Lan {
             let ns = format!("{prefix}-{name}");
             ip(&["netns", "add", &ns]);
             // Record the host at once, so drop removes it even if a later step fails.
-            let host_ip = format!("10.99.0.{}", i + 1);
+            let (host_ip, cidr) = match stack {
+                Stack::V4 => (format!("10.99.0.{}", i + 1), 24),
+                Stack::V6Only => (format!("fd99::{}", i + 1), 64),
+            };
             lan.hosts.push(Host {
                 name: name.to_string(),
                 ns: ns.clone(),
@@ -82,6 +133,10 @@ impl Lan {
             });
             let port = format!("p{i}");
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            // No duplicate address detection: addresses are usable at once (it would delay
+            // link-local addresses by a second or two).
+            sysctl(&ns, "net.ipv6.conf.default.accept_dad=0");
+            sysctl(&ns, "net.ipv6.conf.all.accept_dad=0");
             ip(&[
                 "-n", &bridge_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
                 "netns", &ns,
@@ -94,13 +149,70 @@ impl Lan {
                 &ns,
                 "addr",
                 "add",
-                &format!("{host_ip}/24"),
+                &format!("{host_ip}/{cidr}"),
                 "dev",
                 "eth0",
             ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         }
         lan
+    }
+
+    /// Connects `host` to a further network `net` (a bridge made on first use) through a new
+    /// interface `ifname` with address `cidr`, e.g. a second network of a dual-homed host.
+    pub fn attach(&mut self, host: &str, net: &str, ifname: &str, cidr: &str) {
+        let bridge = format!("br-{net}");
+        let exists = Command::new("ip")
+            .args(["-n", &self.bridge_ns, "link", "show", &bridge])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !exists {
+            ip(&[
+                "-n",
+                &self.bridge_ns,
+                "link",
+                "add",
+                &bridge,
+                "type",
+                "bridge",
+            ]);
+            ip(&["-n", &self.bridge_ns, "link", "set", &bridge, "up"]);
+        }
+        let ns = self.host(host).ns.clone();
+        let port = format!("{net}-{host}");
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ifname,
+            "netns",
+            &ns,
+        ]);
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &port,
+            "master",
+            &bridge,
+            "up",
+        ]);
+        ip(&["-n", &ns, "addr", "add", cidr, "dev", ifname]);
+        ip(&["-n", &ns, "link", "set", ifname, "up"]);
+    }
+
+    /// Runs `ip ARGS` inside `host`'s namespace (interface changes during a test).
+    pub fn ip_in(&self, host: &str, args: &[&str]) {
+        let mut full = vec!["-n", self.host(host).ns.as_str()];
+        full.extend_from_slice(args);
+        ip(&full);
     }
 
     pub fn host(&self, name: &str) -> &Host {
@@ -204,7 +316,7 @@ impl Lan {
     pub fn daemon_config(&self, name: &str, extra: &str) -> String {
         let path = self.path(&format!("{name}.toml"));
         let text = format!(
-            "name = \"{name}\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"eth0\"]\n[quic]\nlisten = \"0.0.0.0:47600\"\n{extra}",
+            "name = \"{name}\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"eth0\"]\n[quic]\nlisten = \"[::]:47600\"\n{extra}",
             self.path(name).display(),
             self.path(&format!("{name}.sock")).display(),
         );
@@ -216,9 +328,9 @@ impl Lan {
     pub fn server_config(&self, name: &str, extra: &str) -> String {
         let path = self.path(&format!("{name}.toml"));
         let text = format!(
-            "state_dir = \"{}\"\n[quic]\nlisten = \"{}:47700\"\n{extra}",
+            "state_dir = \"{}\"\n[quic]\nlisten = \"{}\"\n{extra}",
             self.path(name).display(),
-            self.host(name).ip
+            self.host(name).addr(47700)
         );
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_string()
@@ -263,8 +375,8 @@ impl Lan {
     /// The `[server]` section for a terminal attached to the server on host `name`.
     pub fn server_section(&self, name: &str, id: &str) -> String {
         format!(
-            "[server]\naddr = \"{}:47700\"\nid = \"{id}\"\n",
-            self.host(name).ip
+            "[server]\naddr = \"{}\"\nid = \"{id}\"\n",
+            self.host(name).addr(47700)
         )
     }
 
