@@ -6,6 +6,9 @@
 //! [`Store`] actor owns the backend on a dedicated thread and applies every run of consecutive
 //! writes in one commit: many pushes share one fsync (group commit), and a write's future
 //! resolves only once that commit is durable.
+//!
+//! The epoch can change while the store runs (a backend that notices its logs were lost starts a
+//! new one), and [`Store::epoch`] follows it after every batch.
 
 mod embedded;
 mod memory;
@@ -15,6 +18,8 @@ mod conformance;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -163,7 +168,8 @@ pub struct LogRead {
 
 /// A storage backend. Writes come in batches that the backend makes durable together.
 pub trait Backend: Send + 'static {
-    /// The epoch of the push logs: a new value whenever they were lost (a new store).
+    /// The epoch of the push logs: a new value whenever they were lost (a new store, or a
+    /// shared store that lost its data). It may change after [`Backend::apply`], never elsewhere.
     fn epoch(&self) -> u64;
     /// Applies `ops` in order and makes them durable before returning.
     fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError>;
@@ -204,17 +210,19 @@ enum Msg {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Msg>,
-    epoch: u64,
+    /// The backend's epoch as of its last batch; the store thread keeps it current.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Store {
     /// Starts the store thread over `backend`.
     pub fn start(backend: Box<dyn Backend>) -> Self {
-        let epoch = backend.epoch();
+        let epoch = Arc::new(AtomicU64::new(backend.epoch()));
         let (tx, rx) = mpsc::channel(QUEUE);
+        let thread_epoch = epoch.clone();
         std::thread::Builder::new()
             .name("handoff-store".into())
-            .spawn(move || run(backend, rx))
+            .spawn(move || run(backend, rx, &thread_epoch))
             .unwrap_or_else(|e| panic!("cannot start the store thread: {e}"));
         Self { tx, epoch }
     }
@@ -234,8 +242,9 @@ impl Store {
         Ok(Self::start(backend))
     }
 
+    /// The push logs' current epoch. It changes only when the backend lost its logs.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Applies writes; resolves once they are durable. Cancel-safe (the writes still happen).
@@ -281,7 +290,7 @@ impl Store {
 /// The store thread: applies queued writes as one batch (one commit). Reads are answered as they
 /// come, also while a batch is being gathered: a read sees every write its caller has seen
 /// complete, and never holds a batch back.
-fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
+fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &AtomicU64) {
     loop {
         let Some(first) = rx.blocking_recv() else {
             return;
@@ -307,7 +316,11 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
             }
         }
         if !replies.is_empty() {
-            match backend.apply(&ops_all) {
+            let applied = backend.apply(&ops_all);
+            // Before the replies go out, so a caller that saw its write done sees the epoch
+            // the write was made in.
+            epoch.store(backend.epoch(), Ordering::Release);
+            match applied {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
                     for (reply, n) in replies {
