@@ -14,6 +14,7 @@
 //! - [`control`] — the daemon's local control socket protocol (JSON Lines) and its client.
 //! - [`cli`] — the command line; [`demo`] — the loopback demonstration; [`isolate`] — private
 //!   network namespaces for the demo.
+//! - `testing` (hidden) — helpers the tests share, e.g. a private `redis-server` per test.
 //!
 //! The path of one handoff: terminal B's `pull` ([`daemon::Daemon::pull`]) dials A over QUIC, A's
 //! peer service answers with interface info and a ticket it signs for B; B sends `Follow` to the
@@ -36,6 +37,8 @@ pub mod net;
 pub mod peer;
 pub mod server;
 pub mod service;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod trust;
 pub mod wire;
