@@ -7,11 +7,12 @@
 //! writes in one commit: many pushes share one fsync (group commit), and a write's future
 //! resolves only once that commit is durable.
 //!
-//! The epoch can change while the store runs (a backend that notices its logs were lost starts a
-//! new one), and [`Store::epoch`] follows it after every batch.
+//! The epoch can change while the store runs: a Redis backend notices when Redis lost its data
+//! and starts a new epoch, and [`Store::epoch`] follows it after every batch.
 
 mod embedded;
 mod memory;
+mod redis;
 
 #[cfg(test)]
 mod conformance;
@@ -30,6 +31,7 @@ use crate::wire::{PushItem, Session};
 
 pub use embedded::EmbeddedBackend;
 pub use memory::MemoryBackend;
+pub use redis::RedisBackend;
 
 /// Messages queued for the store thread before senders wait.
 const QUEUE: usize = 65_536;
@@ -169,7 +171,7 @@ pub struct LogRead {
 /// A storage backend. Writes come in batches that the backend makes durable together.
 pub trait Backend: Send + 'static {
     /// The epoch of the push logs: a new value whenever they were lost (a new store, or a
-    /// shared store that lost its data). It may change after [`Backend::apply`], never elsewhere.
+    /// Redis that lost its data). It may change after [`Backend::apply`], never elsewhere.
     fn epoch(&self) -> u64;
     /// Applies `ops` in order and makes them durable before returning.
     fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError>;
@@ -238,11 +240,14 @@ impl Store {
                 })?;
                 Box::new(EmbeddedBackend::open(&state_dir.join("store.redb"))?)
             }
+            crate::config::StoreKind::Redis { url } => {
+                Box::new(RedisBackend::open(url.expose_secret())?)
+            }
         };
         Ok(Self::start(backend))
     }
 
-    /// The push logs' current epoch. It changes only when the backend lost its logs.
+    /// The push logs' current epoch. It changes only when the backend lost its logs (Redis).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
