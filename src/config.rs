@@ -516,6 +516,93 @@ pub enum StoreKind {
     Memory,
     /// redb in `state_dir/store.redb`: durable, one process (the default).
     Embedded,
+    /// A Redis server shared by every server node of a deployment (`store.url`).
+    Redis { url: RedisUrl },
+}
+
+/// The schemes `store.url` accepts: TCP, TLS, and a Unix socket (two spellings).
+const REDIS_SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+
+/// A Redis URL as `store.url` gives it. It may carry a password, so `Debug` and `Display` show
+/// it redacted ([`redact_url`]); only [`RedisUrl::expose_secret`] gives the real text, for the
+/// client that connects.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Checks that `text` is a Redis URL the client can use (without connecting).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let shown = redact_url(text);
+        if !REDIS_SCHEMES.iter().any(|s| text.starts_with(s)) {
+            return Err(format!(
+                "{shown:?} is not a redis://, rediss://, redis+unix:// or unix:// URL"
+            ));
+        }
+        // The client's own parser decides what it can connect to; its messages never repeat
+        // the URL, so they are safe to show.
+        redis::IntoConnectionInfo::into_connection_info(text)
+            .map_err(|e| format!("{shown:?} is not a usable Redis URL: {e}"))?;
+        Ok(Self(text.to_string()))
+    }
+
+    /// The URL with its password, for the Redis client only: never log it.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({:?})", redact_url(&self.0))
+    }
+}
+
+/// `url` with its passwords replaced by `***`: the one in the authority
+/// (`redis://user:pass@host` → `redis://user:***@host`) and `pass=`/`password=` query
+/// parameters (how Unix socket URLs carry one). Works on malformed URLs too, so error messages
+/// can use it; when in doubt it hides too much (everything between the first `:` after `://` and
+/// the last `@`), never too little.
+pub fn redact_url(url: &str) -> String {
+    // Query parameters first, so an `@` inside a password there cannot mislead the second step.
+    let url = match url.split_once('?') {
+        Some((head, tail)) => {
+            let (query, fragment) = match tail.find('#') {
+                Some(h) => tail.split_at(h),
+                None => (tail, ""),
+            };
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{head}?{}{fragment}", pairs.join("&"))
+        }
+        None => url.to_string(),
+    };
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url;
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.rfind('@') else {
+        return url;
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}***{}",
+            &url[..scheme_end],
+            &rest[..=colon],
+            &rest[at..]
+        ),
+        None => url,
+    }
 }
 
 /// The HTTP listener: publish API, `/healthz`, `/metrics`.
@@ -640,19 +727,23 @@ impl ServerConfig {
             Some(text) => parse_addr("quic.listen", &text)?,
             None => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, DEFAULT_SERVER_PORT)),
         };
-        let store = match raw.store.kind.as_deref() {
-            None | Some("embedded") => StoreKind::Embedded,
-            Some("memory") => StoreKind::Memory,
-            Some("redis") => {
-                return Err(invalid(
-                    "store.kind",
-                    "\"redis\" is not available in this version; use \"embedded\"",
-                ))
+        let store = match (raw.store.kind.as_deref(), raw.store.url) {
+            (None | Some("embedded"), None) => StoreKind::Embedded,
+            (Some("memory"), None) => StoreKind::Memory,
+            (Some("redis"), Some(url)) => StoreKind::Redis {
+                url: RedisUrl::parse(&url).map_err(|reason| invalid("store.url", reason))?,
+            },
+            (Some("redis"), None) => return Err(invalid(
+                "store.url",
+                "missing: kind = \"redis\" needs the server's URL, e.g. \"redis://10.0.0.7:6379\"",
+            )),
+            (None | Some("embedded" | "memory"), Some(_)) => {
+                return Err(invalid("store.url", "only used with kind = \"redis\""))
             }
-            Some(other) => {
+            (Some(other), _) => {
                 return Err(invalid(
                     "store.kind",
-                    format!("{other:?} is neither \"embedded\" nor \"memory\""),
+                    format!("{other:?} is not \"embedded\", \"memory\" or \"redis\""),
                 ))
             }
         };
@@ -687,9 +778,6 @@ impl ServerConfig {
                 "push.max_ttl_secs",
                 "must be at least push.default_ttl_secs",
             ));
-        }
-        if raw.store.url.is_some() {
-            return Err(invalid("store.url", "only used with kind = \"redis\""));
         }
         let defaults = ServerLimits::default();
         let limits = ServerLimits {
@@ -864,6 +952,83 @@ mod tests {
         match server("[store]\nkind = \"floppy\"") {
             Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "store.kind"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_store_needs_a_redis_url() {
+        let s = server("[store]\nkind = \"redis\"\nurl = \"redis://app:s3cret@10.0.0.7:6379/2\"")
+            .unwrap();
+        let StoreKind::Redis { url } = &s.store else {
+            panic!("{:?}", s.store);
+        };
+        assert_eq!(url.expose_secret(), "redis://app:s3cret@10.0.0.7:6379/2");
+        // The password never shows in what gets logged.
+        assert_eq!(url.to_string(), "redis://app:***@10.0.0.7:6379/2");
+        assert!(!format!("{:?}", s.store).contains("s3cret"));
+        for ok in [
+            "rediss://cache.example:6380",
+            "redis+unix:///run/redis/redis.sock",
+            "unix:///run/redis/redis.sock?db=1",
+        ] {
+            let text = format!("[store]\nkind = \"redis\"\nurl = \"{ok}\"");
+            assert!(server(&text).is_ok(), "{ok}");
+        }
+        let cases = [
+            ("[store]\nkind = \"redis\"", "store.url"),
+            (
+                "[store]\nkind = \"redis\"\nurl = \"http://10.0.0.7\"",
+                "store.url",
+            ),
+            (
+                "[store]\nkind = \"redis\"\nurl = \"10.0.0.7:6379\"",
+                "store.url",
+            ),
+            ("[store]\nkind = \"redis\"\nurl = \"redis://\"", "store.url"),
+            (
+                "[store]\nkind = \"redis\"\nurl = \"redis://h/notadb\"",
+                "store.url",
+            ),
+            (
+                "[store]\nkind = \"memory\"\nurl = \"redis://h\"",
+                "store.url",
+            ),
+            ("[store]\nurl = \"redis://h\"", "store.url"),
+        ];
+        for (text, key) in cases {
+            match server(text) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert_eq!(k, key, "{text}: {reason}")
+                }
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
+        }
+        let err = server("[store]\nkind = \"redis\"\nurl = \"http://u:s3cret@h\"")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn redis_urls_are_redacted() {
+        for (url, shown) in [
+            ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
+            ("redis://:pw@h", "redis://:***@h"),
+            ("redis://u@h", "redis://u@h"),
+            ("redis://h:6379", "redis://h:6379"),
+            (
+                "rediss://u:p@ss:w@h/#insecure",
+                "rediss://u:***@h/#insecure",
+            ),
+            ("redis://u:p?w@h", "redis://u:***@h"),
+            (
+                "redis+unix:///s.sock?db=1&pass=pw&user=u",
+                "redis+unix:///s.sock?db=1&pass=***&user=u",
+            ),
+            ("unix:///s?password=a@b#x", "unix:///s?password=***#x"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
     }
 

@@ -16,6 +16,7 @@
 //!   network namespaces for the demo; [`doctor`] — network checks for `handoff doctor`.
 //! - [`metrics`] — Prometheus counters and histograms; [`service`] — sd_notify for systemd;
 //!   [`limits`] — rate limiters and counters for the bounds of DESIGN §7.
+//! - `testing` (hidden) — helpers the tests share, e.g. a private `redis-server` per test.
 //!
 //! The path of one handoff: terminal B's `pull` ([`daemon::Daemon::pull`]) dials A over QUIC, A's
 //! peer service answers with interface info and a ticket it signs for B; B sends `Follow` to the
@@ -39,6 +40,8 @@ pub mod net;
 pub mod peer;
 pub mod server;
 pub mod service;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod trust;
 pub mod wire;

@@ -51,10 +51,12 @@ const PUSH_BUFFER: usize = 256;
 const HOOK_SLOTS: usize = 8;
 
 /// Connections the daemon opens (to peers and servers): servers may open push streams.
+/// The idle timeout is what notices a server node that died without closing (then the link
+/// fails over to the next address): keep-alives every 5 s keep a live connection well inside it.
 pub(crate) const DIAL_LIMITS: TransportLimits = TransportLimits {
     max_bidi_streams: 4,
     max_uni_streams: 0,
-    idle_timeout: Duration::from_secs(30),
+    idle_timeout: Duration::from_secs(12),
     keep_alive: Some(Duration::from_secs(5)),
 };
 

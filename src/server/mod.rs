@@ -14,7 +14,8 @@
 //! Shutdown: cancel (stop accepting), close every connection with [`ErrorCode::Shutdown`], wait
 //! for the tasks, then the store thread finishes its queue.
 
-pub mod http;
+pub mod cluster;
+mod http;
 pub mod store;
 
 use std::collections::HashMap;
@@ -101,6 +102,8 @@ struct Shared {
     requests: KeyedLimiter<TerminalId>,
     log_limit: LogLimiter,
     http_addr: Mutex<Option<SocketAddr>>,
+    /// The other nodes sharing this store (Redis), if any.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A running server. Cheap to clone.
@@ -141,6 +144,12 @@ impl Server {
     /// accepting terminals. Returns once all are ready.
     pub async fn start(identity: Identity, config: &ServerConfig) -> Result<Self, ServerError> {
         let store = Store::open(&config.store, &config.state_dir)?;
+        let cluster = match &config.store {
+            crate::config::StoreKind::Redis { url } => {
+                Some(cluster::Cluster::connect(url.expose_secret())?)
+            }
+            _ => None,
+        };
         let transport = TransportLimits {
             max_bidi_streams: config.limits.max_streams_per_connection,
             max_uni_streams: 0,
@@ -172,6 +181,7 @@ impl Server {
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
                 log_limit: LogLimiter::new(Duration::from_secs(10)),
                 http_addr: Mutex::new(None),
+                cluster,
             }),
         };
         if let Some(http) = &config.http {
@@ -194,6 +204,27 @@ impl Server {
             .tasks
             .spawn(accept(server.clone()).instrument(tracing::info_span!("accept")));
         server.shared.tasks.spawn(sweep(server.clone()));
+        if let Some(cluster) = server.shared.cluster.clone() {
+            server.shared.tasks.spawn(watch_epoch(server.clone()));
+            let (tx, rx) = mpsc::channel(1024);
+            let cancel = server.shared.cancel.clone();
+            let subscriber = cluster.clone();
+            std::thread::Builder::new()
+                .name("handoff-cluster".into())
+                .spawn(move || subscriber.subscribe(tx, cancel))
+                .map_err(|e| {
+                    StoreError::Backend(format!("cannot start the cluster thread: {e}"))
+                })?;
+            server.shared.tasks.spawn(apply_wakes(server.clone(), rx));
+            server
+                .shared
+                .tasks
+                .spawn(refresh_registrations(server.clone()));
+            info!(
+                node = cluster.node(),
+                "cluster node: sharing the store with other nodes"
+            );
+        }
         Ok(server)
     }
 
@@ -271,9 +302,13 @@ impl Server {
     /// Hands freshly stored pushes to the connections of their recipients.
     fn announce(&self, pushes: Vec<(TerminalId, StoredPush)>, accepted: Instant) {
         let conns = self.conns();
+        let mut elsewhere = Vec::new();
         for (to, push) in pushes {
             self.shared.metrics.inc("handoff_pushes_stored_total", None);
-            let Some(slot) = conns.get(&to) else { continue };
+            let Some(slot) = conns.get(&to) else {
+                elsewhere.push((to, push.item.offset + 1));
+                continue;
+            };
             slot.latest
                 .fetch_max(push.item.offset + 1, Ordering::AcqRel);
             // A full fast path is fine: woken, the writer sees it is behind and reads the log.
@@ -281,6 +316,16 @@ impl Server {
             if slot.fast.try_send((push, accepted)).is_err() {
                 slot.wake.notify_one();
             }
+        }
+        drop(conns);
+        // Recipients held by other nodes: tell those nodes (a hint; see `cluster`).
+        if let (Some(cluster), false) = (self.shared.cluster.clone(), elsewhere.is_empty()) {
+            self.shared.tasks.spawn(async move {
+                let woken = tokio::task::spawn_blocking(move || cluster.wake(&elsewhere)).await;
+                if let Ok(Err(e)) = woken {
+                    warn!("cannot wake other nodes: {e}");
+                }
+            });
         }
     }
 
@@ -501,6 +546,15 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
     }
     server.shared.metrics.inc("handoff_connections_total", None);
     debug!(remote = %conn.remote_address(), "terminal connected");
+    // Registered after the slot exists and before the log is read at hello, so no push appended
+    // by another node can fall between the two.
+    if let Some(cluster) = server.shared.cluster.clone() {
+        match tokio::task::spawn_blocking(move || cluster.register(&[id])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("cannot register with the cluster: {e}"),
+            Err(e) => warn!("cluster registration task failed: {e}"),
+        }
+    }
     // Taken by the first `Hello`, which starts the push stream.
     let writer = Arc::new(Mutex::new(Some((fast_rx, latest, wake))));
     loop {
@@ -581,9 +635,16 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
             .in_current_span(),
         );
     }
-    let mut conns = server.conns();
-    if conns.get(&id).is_some_and(|slot| slot.conn_id == conn_id) {
-        conns.remove(&id);
+    let still_ours = {
+        let mut conns = server.conns();
+        let ours = conns.get(&id).is_some_and(|slot| slot.conn_id == conn_id);
+        if ours {
+            conns.remove(&id);
+        }
+        ours
+    };
+    if let (true, Some(cluster)) = (still_ours, server.shared.cluster.clone()) {
+        let _ = tokio::task::spawn_blocking(move || cluster.unregister(&id)).await;
     }
 }
 
@@ -878,6 +939,90 @@ async fn read_acks(server: Server, id: TerminalId, mut recv: quinn::RecvStream) 
                 let _ = recv.stop(varint(e.code()));
                 return;
             }
+        }
+    }
+}
+
+/// Raises the `latest` of terminals another node appended for, and wakes their writers.
+async fn apply_wakes(server: Server, mut rx: mpsc::Receiver<Vec<(TerminalId, u64)>>) {
+    loop {
+        let wakes = tokio::select! {
+            _ = server.shared.cancel.cancelled() => return,
+            wakes = rx.recv() => match wakes {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let conns = server.conns();
+        for (id, next) in wakes {
+            if let Some(slot) = conns.get(&id) {
+                slot.latest.fetch_max(next, Ordering::AcqRel);
+                slot.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Keeps this node's terminals registered, and has the store check its epoch, every
+/// [`cluster::REFRESH_EVERY`].
+async fn refresh_registrations(server: Server) {
+    let Some(cluster) = server.shared.cluster.clone() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = server.shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(cluster::REFRESH_EVERY) => {}
+        }
+        let ids: Vec<TerminalId> = server.conns().keys().copied().collect();
+        let c = cluster.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.register(&ids)).await {
+            warn!("cannot refresh cluster registrations: {e}");
+        }
+        // Every batch of the Redis store ends by checking the epoch; this small write makes
+        // sure a Redis that lost its data is noticed even when nothing else is written.
+        let me = server.id();
+        let _ = server
+            .shared
+            .store
+            .write_one(Op::Touch {
+                id: me,
+                now: unix_now(),
+            })
+            .await;
+    }
+}
+
+/// When the push logs' epoch changes (Redis lost its data), every connected terminal's position
+/// is meaningless: close the connections, so each reconnects, says hello with its old cursor,
+/// is told its window was lost, and resyncs.
+async fn watch_epoch(server: Server) {
+    let mut known = server.epoch();
+    loop {
+        tokio::select! {
+            _ = server.shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = server.epoch();
+        if now == known {
+            continue;
+        }
+        warn!(
+            old = known,
+            new = now,
+            "the push logs were lost (new epoch); terminals resync"
+        );
+        known = now;
+        let conns: Vec<quinn::Connection> = server
+            .conns()
+            .values()
+            .map(|slot| slot.conn.clone())
+            .collect();
+        for conn in conns {
+            conn.close(
+                varint(ErrorCode::Busy),
+                b"push log lost; reconnect to resync",
+            );
         }
     }
 }

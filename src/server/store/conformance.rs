@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::identity::TerminalId;
+use crate::testing::redis::RedisServer;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -272,6 +273,8 @@ pub async fn concurrent_appends_through_the_actor(store: Store) {
     assert_eq!(read.items.len(), 1024);
 }
 
+/// Instantiates the suite for one backend. `$make` gives `Some((guard, backend))`, the guard
+/// living as long as the test, or `None` to skip (a backend whose server is not installed).
 macro_rules! conformance_tests {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -279,60 +282,68 @@ macro_rules! conformance_tests {
 
             #[test]
             fn offsets_are_monotonic_per_recipient() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::offsets_are_monotonic_per_recipient(b.as_mut());
             }
             #[test]
             fn acks_trim_and_never_go_back() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::acks_trim_and_never_go_back(b.as_mut());
             }
             #[test]
             fn collapse_keys_keep_only_the_latest_unacked() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::collapse_keys_keep_only_the_latest_unacked(b.as_mut());
             }
             #[test]
             fn expired_items_are_not_delivered() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::expired_items_are_not_delivered(b.as_mut());
             }
             #[test]
             fn links_expire_and_can_be_revoked() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::links_expire_and_can_be_revoked(b.as_mut());
             }
             #[test]
             fn nonces_are_single_use_and_bounded() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::nonces_are_single_use_and_bounded(b.as_mut());
             }
             #[test]
             fn sessions_and_known_terminals() {
-                let (_guard, mut b) = $make;
+                let Some((_guard, mut b)) = $make else { return };
                 super::sessions_and_known_terminals(b.as_mut());
             }
             #[tokio::test]
             async fn concurrent_appends_through_the_actor() {
-                let (_guard, b) = $make;
+                let Some((_guard, b)) = $make else { return };
                 super::concurrent_appends_through_the_actor(Store::start(b)).await;
             }
         }
     };
 }
 
-fn memory() -> ((), Box<dyn Backend>) {
-    ((), Box::new(MemoryBackend::new()))
+fn memory() -> Option<((), Box<dyn Backend>)> {
+    Some(((), Box::new(MemoryBackend::new())))
 }
 
-fn embedded() -> (tempfile::TempDir, Box<dyn Backend>) {
+fn embedded() -> Option<(tempfile::TempDir, Box<dyn Backend>)> {
     let dir = tempfile::tempdir().unwrap();
     let b = EmbeddedBackend::open(&dir.path().join("store.redb")).unwrap();
-    (dir, Box::new(b))
+    Some((dir, Box::new(b)))
+}
+
+/// A backend on a `redis-server` of its own (Unix socket only), or `None` to skip.
+fn redis() -> Option<(RedisServer, Box<dyn Backend>)> {
+    let server = RedisServer::start_or_skip("redis conformance test")?;
+    let b = RedisBackend::open(&server.url()).unwrap();
+    Some((server, Box::new(b)))
 }
 
 conformance_tests!(memory_backend, memory());
 conformance_tests!(embedded_backend, embedded());
+conformance_tests!(redis_backend, redis());
 
 #[test]
 fn embedded_store_survives_reopening_with_its_epoch() {
@@ -368,4 +379,223 @@ fn embedded_store_survives_reopening_with_its_epoch() {
 #[test]
 fn memory_backends_have_distinct_epochs() {
     assert_ne!(MemoryBackend::new().epoch(), MemoryBackend::new().epoch());
+}
+
+fn offset(outcome: Outcome) -> u64 {
+    match outcome {
+        Outcome::Offset(o) => o,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Redis lost everything (FLUSHALL from another client): the next append notices, starts a new
+/// epoch and a fresh log, and never hands out offset 0 again under the old epoch.
+#[test]
+fn redis_data_loss_starts_a_new_epoch() {
+    let Some((server, mut b)) = redis() else {
+        return;
+    };
+    assert_eq!(append(b.as_mut(), id(1), push("a", None, 60)), 0);
+    assert_eq!(append(b.as_mut(), id(1), push("b", None, 60)), 1);
+    let before = b.epoch();
+    server.command(&["FLUSHALL"]).unwrap();
+    assert_eq!(append(b.as_mut(), id(1), push("c", None, 60)), 0);
+    assert_ne!(
+        b.epoch(),
+        before,
+        "the offset restarted, so the epoch must change"
+    );
+    assert_ne!(b.epoch(), 0);
+    let read = b.log(&id(1), 0, 100, NOW).unwrap();
+    assert_eq!(titles(b.as_ref(), id(1), 0, NOW), ["c"]);
+    assert_eq!((read.acked, read.next), (0, 1));
+    // A write of another kind also notices a loss.
+    let before = b.epoch();
+    server.command(&["FLUSHALL"]).unwrap();
+    b.apply(&[Op::Touch {
+        id: id(2),
+        now: NOW,
+    }])
+    .unwrap();
+    assert_ne!(b.epoch(), before);
+}
+
+/// The store actor publishes the backend's new epoch before it answers the write.
+#[tokio::test]
+async fn redis_store_epoch_follows_the_backend() {
+    let Some((server, b)) = redis() else {
+        return;
+    };
+    let store = Store::start(b);
+    let write = |title: &str| Op::Append {
+        to: id(1),
+        push: push(title, None, 60),
+        now: NOW,
+    };
+    assert_eq!(offset(store.write_one(write("a")).await.unwrap()), 0);
+    let before = store.epoch();
+    server.command(&["FLUSHALL"]).unwrap();
+    assert_eq!(offset(store.write_one(write("b")).await.unwrap()), 0);
+    assert_ne!(store.epoch(), before);
+    let read = store.read(|b| b.log(&id(1), 0, 10, NOW)).await.unwrap();
+    assert_eq!(read.items.len(), 1);
+    assert_eq!(read.items[0].item.title, "b");
+}
+
+/// A lost connection fails one call with a clear error; the next call connects again.
+#[test]
+fn redis_reconnects_after_a_restart() {
+    let Some((mut server, mut b)) = redis() else {
+        return;
+    };
+    append(b.as_mut(), id(1), push("a", None, 60));
+    let before = b.epoch();
+    server.restart().unwrap();
+    let err = b.known(&id(1)).unwrap_err().to_string();
+    assert!(err.contains("redis redis+unix://"), "{err}");
+    assert!(err.contains("reconnects"), "{err}");
+    // The restarted Redis kept nothing (no persistence): a new epoch, a fresh log.
+    assert!(!b.known(&id(1)).unwrap());
+    assert_eq!(append(b.as_mut(), id(1), push("b", None, 60)), 0);
+    assert_ne!(b.epoch(), before);
+    server.restart().unwrap();
+    let err = b
+        .apply(&[Op::Ack { to: id(1), next: 1 }])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("may have been applied"), "{err}");
+    assert_eq!(append(b.as_mut(), id(1), push("c", None, 60)), 0);
+}
+
+/// Every per-terminal key is hash-tagged by its terminal and versioned; what holds deadlines
+/// expires on its own; the cursor does not.
+#[test]
+fn redis_key_layout() {
+    let Some((server, mut b)) = redis() else {
+        return;
+    };
+    let one = id(1).to_string();
+    append(b.as_mut(), id(1), push("a", Some("k"), 60));
+    b.apply(&[
+        Op::Touch {
+            id: id(1),
+            now: NOW,
+        },
+        Op::Link {
+            first: id(1),
+            second: id(2),
+            until: NOW + 100,
+        },
+        Op::UseNonce {
+            first: id(1),
+            nonce: [7; 16],
+            not_after: NOW + 100,
+            now: NOW,
+            capacity: 10,
+        },
+    ])
+    .unwrap();
+    let keys = match server.command(&["KEYS", "*"]).unwrap() {
+        ::redis::Value::Array(keys) => keys,
+        other => panic!("{other:?}"),
+    };
+    let mut names: Vec<String> = keys
+        .iter()
+        .map(|k| match k {
+            ::redis::Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    names.sort();
+    let tagged = |what: &str| format!("handoff:v1:{{{one}}}:{what}");
+    let mut expected = vec![
+        "handoff:v1:epoch".to_string(),
+        "handoff:v1:sweep".to_string(),
+        tagged("collapse"),
+        tagged("cursor"),
+        tagged("expiry"),
+        tagged("followers"),
+        tagged("known"),
+        tagged("log"),
+        tagged("nonces"),
+        format!("handoff:v1:{{{}}}:following", id(2)),
+    ];
+    expected.sort();
+    assert_eq!(names, expected);
+    let ttl = |key: &str| match server.command(&["TTL", key]).unwrap() {
+        ::redis::Value::Int(t) => t,
+        other => panic!("{other:?}"),
+    };
+    for what in ["log", "expiry", "collapse", "nonces", "followers"] {
+        assert!(ttl(&tagged(what)) > 0, "{what} expires");
+    }
+    for persistent in [tagged("cursor"), tagged("known"), "handoff:v1:epoch".into()] {
+        assert_eq!(ttl(&persistent), -1, "{persistent} never expires");
+    }
+}
+
+#[test]
+fn redis_errors_never_show_the_password() {
+    let Some((server, _b)) = redis() else {
+        return;
+    };
+    let missing = server.socket().with_file_name("missing.sock");
+    let url = format!("redis+unix://{}?pass=s3cret", missing.display());
+    let err = RedisBackend::open(&url).err().unwrap().to_string();
+    assert!(!err.contains("s3cret"), "{err}");
+    assert!(err.contains("pass=***"), "{err}");
+    server
+        .command(&["CONFIG", "SET", "requirepass", "right"])
+        .unwrap();
+    let url = format!("redis+unix://{}?pass=wr0ng", server.socket().display());
+    let err = RedisBackend::open(&url).err().unwrap().to_string();
+    assert!(!err.contains("wr0ng"), "{err}");
+}
+
+/// A sweep empties what expired and forgets the keys it emptied; what lives on stays.
+#[test]
+fn redis_sweep_leaves_only_live_state() {
+    let Some((server, mut b)) = redis() else {
+        return;
+    };
+    append(b.as_mut(), id(1), push("short", Some("k"), 10));
+    append(b.as_mut(), id(3), push("long", Some("k"), 1000));
+    b.apply(&[
+        Op::Link {
+            first: id(1),
+            second: id(2),
+            until: NOW + 10,
+        },
+        Op::UseNonce {
+            first: id(1),
+            nonce: [7; 16],
+            not_after: NOW + 10,
+            now: NOW,
+            capacity: 10,
+        },
+    ])
+    .unwrap();
+    b.apply(&[Op::Sweep { now: NOW + 10 }]).unwrap();
+    let keys = match server.command(&["KEYS", "*"]).unwrap() {
+        ::redis::Value::Array(keys) => keys.len(),
+        other => panic!("{other:?}"),
+    };
+    // epoch, sweep (holding id 3's log), and the cursors of 1 and 3; id 3's log, expiry and
+    // collapse hash.
+    assert_eq!(keys, 7);
+    let due = server
+        .command(&["ZRANGE", "handoff:v1:sweep", "0", "-1", "WITHSCORES"])
+        .unwrap();
+    let log3 = format!("handoff:v1:{{{}}}:log", id(3));
+    assert_eq!(
+        due,
+        ::redis::Value::Array(vec![
+            ::redis::Value::BulkString(log3.into_bytes()),
+            ::redis::Value::BulkString((NOW + 1000).to_string().into_bytes()),
+        ])
+    );
+    assert_eq!(titles(b.as_ref(), id(3), 0, NOW), ["long"]);
+    assert!(b.followers(&id(1), NOW).unwrap().is_empty());
+    // The nonce was forgotten with its ticket; offsets go on.
+    assert_eq!(append(b.as_mut(), id(1), push("again", None, 10)), 1);
 }

@@ -6,15 +6,21 @@
 //! [`Store`] actor owns the backend on a dedicated thread and applies every run of consecutive
 //! writes in one commit: many pushes share one fsync (group commit), and a write's future
 //! resolves only once that commit is durable.
+//!
+//! The epoch can change while the store runs: a Redis backend notices when Redis lost its data
+//! and starts a new epoch, and [`Store::epoch`] follows it after every batch.
 
 mod embedded;
 mod memory;
+mod redis;
 
 #[cfg(test)]
 mod conformance;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +31,7 @@ use crate::wire::{PushItem, Session};
 
 pub use embedded::EmbeddedBackend;
 pub use memory::MemoryBackend;
+pub use redis::RedisBackend;
 
 /// Messages queued for the store thread before senders wait.
 const QUEUE: usize = 65_536;
@@ -163,7 +170,8 @@ pub struct LogRead {
 
 /// A storage backend. Writes come in batches that the backend makes durable together.
 pub trait Backend: Send + 'static {
-    /// The epoch of the push logs: a new value whenever they were lost (a new store).
+    /// The epoch of the push logs: a new value whenever they were lost (a new store, or a
+    /// Redis that lost its data). It may change after [`Backend::apply`], never elsewhere.
     fn epoch(&self) -> u64;
     /// Applies `ops` in order and makes them durable before returning.
     fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError>;
@@ -204,17 +212,19 @@ enum Msg {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Msg>,
-    epoch: u64,
+    /// The backend's epoch as of its last batch; the store thread keeps it current.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Store {
     /// Starts the store thread over `backend`.
     pub fn start(backend: Box<dyn Backend>) -> Self {
-        let epoch = backend.epoch();
+        let epoch = Arc::new(AtomicU64::new(backend.epoch()));
         let (tx, rx) = mpsc::channel(QUEUE);
+        let thread_epoch = epoch.clone();
         std::thread::Builder::new()
             .name("handoff-store".into())
-            .spawn(move || run(backend, rx))
+            .spawn(move || run(backend, rx, &thread_epoch))
             .unwrap_or_else(|e| panic!("cannot start the store thread: {e}"));
         Self { tx, epoch }
     }
@@ -230,12 +240,16 @@ impl Store {
                 })?;
                 Box::new(EmbeddedBackend::open(&state_dir.join("store.redb"))?)
             }
+            crate::config::StoreKind::Redis { url } => {
+                Box::new(RedisBackend::open(url.expose_secret())?)
+            }
         };
         Ok(Self::start(backend))
     }
 
+    /// The push logs' current epoch. It changes only when the backend lost its logs (Redis).
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Applies writes; resolves once they are durable. Cancel-safe (the writes still happen).
@@ -281,7 +295,7 @@ impl Store {
 /// The store thread: applies queued writes as one batch (one commit). Reads are answered as they
 /// come, also while a batch is being gathered: a read sees every write its caller has seen
 /// complete, and never holds a batch back.
-fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
+fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &AtomicU64) {
     loop {
         let Some(first) = rx.blocking_recv() else {
             return;
@@ -307,7 +321,11 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>) {
             }
         }
         if !replies.is_empty() {
-            match backend.apply(&ops_all) {
+            let applied = backend.apply(&ops_all);
+            // Before the replies go out, so a caller that saw its write done sees the epoch
+            // the write was made in.
+            epoch.store(backend.epoch(), Ordering::Release);
+            match applied {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
                     for (reply, n) in replies {

@@ -1,0 +1,17 @@
+-- KEYS: nonces. ARGV: nonce, not_after, now, capacity, key TTL. Returns 1 (recorded), 0 (used
+-- before) or -1 (`capacity` unexpired nonces already). Expired nonces are dropped only when the
+-- set is full, as in the
+-- in-memory ReplayCache.
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+local capacity = tonumber(ARGV[4])
+if redis.call('ZCARD', KEYS[1]) >= capacity then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+  if redis.call('ZCARD', KEYS[1]) >= capacity then
+    return -1
+  end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+extend(KEYS[1], tonumber(ARGV[5]))
+return 1

@@ -1,0 +1,64 @@
+//! The Lua scripts (in `lua/`), each an atomic step on one terminal's keys, and how they are
+//! loaded and called (`EVALSHA`). Every script starts with `lua/helpers.lua`.
+
+use redis::{Connection, RedisResult, Script};
+
+const HELPERS: &str = include_str!("lua/helpers.lua");
+const APPEND: &str = include_str!("lua/append.lua");
+const ACK: &str = include_str!("lua/ack.lua");
+const USE_NONCE: &str = include_str!("lua/use_nonce.lua");
+const SWEEP_LOG: &str = include_str!("lua/sweep_log.lua");
+const SWEEP_DEADLINES: &str = include_str!("lua/sweep_deadlines.lua");
+
+pub(super) struct Scripts {
+    /// Assigns the next offset (checking the epoch) and replaces an unacknowledged item with
+    /// the same collapse key.
+    pub append: Script,
+    /// Moves the acknowledged cursor up and trims the log below it.
+    pub ack: Script,
+    /// Records a ticket nonce unless used before or the set is full.
+    pub use_nonce: Script,
+    /// Drops a log's expired items and stale collapse entries.
+    pub sweep_log: Script,
+    /// Drops the due members of a links or nonces set.
+    pub sweep_deadlines: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        let with_helpers = |body: &str| Script::new(&format!("{HELPERS}{body}"));
+        Self {
+            append: with_helpers(APPEND),
+            ack: with_helpers(ACK),
+            use_nonce: with_helpers(USE_NONCE),
+            sweep_log: with_helpers(SWEEP_LOG),
+            sweep_deadlines: with_helpers(SWEEP_DEADLINES),
+        }
+    }
+
+    /// Loads every script, so `EVALSHA` finds them (after a connect, or a `NOSCRIPT`).
+    pub fn load(&self, conn: &mut Connection) -> RedisResult<()> {
+        for script in [
+            &self.append,
+            &self.ack,
+            &self.use_nonce,
+            &self.sweep_log,
+            &self.sweep_deadlines,
+        ] {
+            script.load(conn)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends `EVALSHA script <keys> ` to `pipe`; the caller adds the arguments.
+pub(super) fn evalsha<'p>(
+    pipe: &'p mut redis::Pipeline,
+    script: &Script,
+    keys: &[&str],
+) -> &'p mut redis::Pipeline {
+    pipe.cmd("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+}
