@@ -2,9 +2,11 @@
 //! the load generator holding many terminal connections.
 //!
 //! Run as root: `cargo bench --bench server` (options: `-- --terminals N --followers N
-//! --pushes N --publishers N --store-pushes N`). Builds a LAN of two namespace hosts, `srv`
-//! (running `handoff server` with the embedded store and the HTTP API) and `load` (this process,
-//! via a thread that joined that namespace), and measures:
+//! --pushes N --publishers N --store-pushes N --nodes 1|2`). Builds a LAN of namespace hosts:
+//! `srv` (running `handoff server` with the embedded store and the HTTP API) and `load` (this
+//! process, via a thread that joined that namespace). With `--nodes 2`, two server nodes `srv`
+//! and `srv2` share one identity and a `redis-server` (on a Unix socket in the bench's directory);
+//! terminals and publishers are spread over both nodes. It measures:
 //! - durable pushes/s through the store alone (group commit, in this process, fsync per batch);
 //! - durable pushes/s through the HTTP publish API (keep-alive connections, 2xx = on disk);
 //! - 1:1 pushes to N connected terminals: publish → the terminal reads it, p50/p99;
@@ -161,14 +163,15 @@ type Arrivals = Arc<Mutex<HashMap<String, Vec<Instant>>>>;
 /// Connects `n` terminals (each its own key), says hello, and records push arrivals by title.
 async fn connect_terminals(
     endpoint: &quinn::Endpoint,
-    server: SocketAddr,
+    servers: &[SocketAddr],
     server_id: handoff::identity::TerminalId,
     n: usize,
     arrivals: Arrivals,
 ) -> Vec<Terminal> {
     let mut out = Vec::with_capacity(n);
     let mut pending = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
+        let server = servers[i % servers.len()];
         let identity = Identity::generate().unwrap();
         let config = tls::client_config(&identity, server_id, LIMITS).unwrap();
         let endpoint = endpoint.clone();
@@ -255,35 +258,70 @@ fn main() {
     println!("setup: release build, {} cores; server in namespace srv, load generator in namespace load, veth bridge",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 
-    let mut lan = Lan::new("sb", &["srv", "load"]);
-    store_throughput(lan.dir.path(), store_pushes);
+    let nodes = numeric_arg("--nodes", 1).clamp(1, 2);
+    let hosts: &[&str] = if nodes == 2 { &["srv", "srv2", "load"] } else { &["srv", "load"] };
+    let mut lan = Lan::new("sb", hosts);
+    if store_pushes > 0 {
+        store_throughput(lan.dir.path(), store_pushes);
+    }
+    let redis = (nodes == 2).then(|| {
+        handoff::testing::redis::RedisServer::start().expect("redis-server for --nodes 2")
+    });
 
-    let srv_ip = lan.host("srv").ip.clone();
-    // One load generator holds every connection: raise the per-source limits.
-    let extra = format!(
-        "{}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\n",
-        lan.http_server_toml("srv", TOKEN)
-    );
     let server_id = id_of(&lan.path("srv"));
-    let config = lan.server_config("srv", &extra);
-    let server = lan.spawn("srv", &["server", "--config", &config], "srv");
-    wait_for(Duration::from_secs(10), || {
-        lan.log("srv").contains("server listening").then_some(())
-    })
-    .expect("server starts");
-    let server_pid = lan.pid(server);
-    let quic: SocketAddr = format!("{srv_ip}:47700").parse().unwrap();
-    let http_addr = format!("{srv_ip}:47780");
+    let node_hosts: Vec<&str> = hosts[..nodes].to_vec();
+    let mut pids = Vec::new();
+    let mut quic = Vec::new();
+    let mut http_addrs = Vec::new();
+    for host in &node_hosts {
+        if *host != "srv" {
+            // One deployment, one identity.
+            std::fs::create_dir_all(lan.path(host)).unwrap();
+            std::fs::copy(lan.path("srv").join("identity.key"), lan.path(host).join("identity.key")).unwrap();
+        }
+        // One load generator holds every connection: raise the per-source limits.
+        let store = match &redis {
+            Some(redis) => {
+                let token_file = lan.path("token");
+                std::fs::write(&token_file, TOKEN).unwrap();
+                std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+                format!(
+                    "[store]\nkind = \"redis\"\nurl = \"{}\"\n[http]\nlisten = \"{}\"\ntoken_file = \"{}\"\n",
+                    redis.url(),
+                    lan.host(host).addr(47780),
+                    token_file.display()
+                )
+            }
+            None => lan.http_server_toml(host, TOKEN),
+        };
+        let extra = format!(
+            "{store}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\n"
+        );
+        let config = lan.server_config(host, &extra);
+        let server = lan.spawn(host, &["server", "--config", &config], host);
+        wait_for(Duration::from_secs(10), || {
+            lan.log(host).contains("server listening").then_some(())
+        })
+        .expect("server starts");
+        pids.push(lan.pid(server));
+        quic.push(lan.host(host).addr(47700).parse::<SocketAddr>().unwrap());
+        http_addrs.push(lan.host(host).addr(47780));
+    }
+    println!(
+        "servers: {nodes} node(s), {}",
+        if redis.is_some() { "sharing one redis-server (Unix socket, no persistence)" } else { "embedded store (redb, fsync per commit)" }
+    );
     let server_id: handoff::identity::TerminalId = server_id.parse().unwrap();
+    let rss_all = move || pids.iter().map(|pid| rss_kib(*pid)).sum::<u64>();
 
     lan.run_in("load", move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
             let arrivals: Arrivals = Arc::new(Mutex::new(HashMap::new()));
-            let rss_before = rss_kib(server_pid);
+            let rss_before = rss_all();
             let started = Instant::now();
-            let conns = connect_terminals(&endpoint, quic, server_id, terminals, arrivals.clone()).await;
+            let conns = connect_terminals(&endpoint, &quic, server_id, terminals, arrivals.clone()).await;
             println!("{:<48} {} terminals in {:.1} s", "connected", conns.len(), started.elapsed().as_secs_f64());
 
             // 1:1 pushes through the HTTP API: `publishers` keep-alive connections, round robin.
@@ -292,7 +330,8 @@ fn main() {
             let started = Instant::now();
             let mut threads = Vec::new();
             for p in 0..publishers {
-                let (ids, sent, http_addr) = (ids.clone(), sent.clone(), http_addr.clone());
+                let (ids, sent) = (ids.clone(), sent.clone());
+                let http_addr = http_addrs[p % http_addrs.len()].clone();
                 threads.push(tokio::task::spawn_blocking(move || {
                     let mut http = Http::connect(&http_addr);
                     let mut ok = 0;
@@ -336,12 +375,12 @@ fn main() {
             let extra_needed = followers.saturating_sub(conns.len());
             let mut all = conns;
             let started = Instant::now();
-            all.extend(connect_terminals(&endpoint, quic, server_id, extra_needed, arrivals.clone()).await);
+            all.extend(connect_terminals(&endpoint, &quic, server_id, extra_needed, arrivals.clone()).await);
             println!("{:<48} {} terminals in {:.1} s", "connected for fan-out", all.len(), started.elapsed().as_secs_f64());
-            let rss_connected = rss_kib(server_pid);
+            let rss_connected = rss_all();
             let a = Identity::generate().unwrap();
             let a_conn = endpoint
-                .connect_with(tls::client_config(&a, server_id, LIMITS).unwrap(), quic, tls::SERVER_NAME)
+                .connect_with(tls::client_config(&a, server_id, LIMITS).unwrap(), quic[0], tls::SERVER_NAME)
                 .unwrap()
                 .await
                 .unwrap();
