@@ -259,7 +259,11 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 
     let nodes = numeric_arg("--nodes", 1).clamp(1, 2);
-    let hosts: &[&str] = if nodes == 2 { &["srv", "srv2", "load"] } else { &["srv", "load"] };
+    let hosts: &[&str] = if nodes == 2 {
+        &["srv", "srv2", "load"]
+    } else {
+        &["srv", "load"]
+    };
     let mut lan = Lan::new("sb", hosts);
     if store_pushes > 0 {
         store_throughput(lan.dir.path(), store_pushes);
@@ -277,14 +281,22 @@ fn main() {
         if *host != "srv" {
             // One deployment, one identity.
             std::fs::create_dir_all(lan.path(host)).unwrap();
-            std::fs::copy(lan.path("srv").join("identity.key"), lan.path(host).join("identity.key")).unwrap();
+            std::fs::copy(
+                lan.path("srv").join("identity.key"),
+                lan.path(host).join("identity.key"),
+            )
+            .unwrap();
         }
         // One load generator holds every connection: raise the per-source limits.
         let store = match &redis {
             Some(redis) => {
                 let token_file = lan.path("token");
                 std::fs::write(&token_file, TOKEN).unwrap();
-                std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+                std::fs::set_permissions(
+                    &token_file,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
                 format!(
                     "[store]\nkind = \"redis\"\nurl = \"{}\"\n[http]\nlisten = \"{}\"\ntoken_file = \"{}\"\n",
                     redis.url(),
@@ -309,7 +321,11 @@ fn main() {
     }
     println!(
         "servers: {nodes} node(s), {}",
-        if redis.is_some() { "sharing one redis-server (Unix socket, no persistence)" } else { "embedded store (redb, fsync per commit)" }
+        if redis.is_some() {
+            "sharing one redis-server (Unix socket, no persistence)"
+        } else {
+            "embedded store (redb, fsync per commit)"
+        }
     );
     let server_id: handoff::identity::TerminalId = server_id.parse().unwrap();
     let rss_all = move || pids.iter().map(|pid| rss_kib(*pid)).sum::<u64>();
