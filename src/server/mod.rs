@@ -80,7 +80,9 @@ struct ConnSlot {
     conn_id: u64,
     conn: quinn::Connection,
     /// Fresh pushes with the instant they were accepted (for the delivery latency histogram).
-    fast: mpsc::Sender<(StoredPush, Instant)>,
+    /// Boxed: the channel allocates its slots in blocks of 32, and an idle connection should
+    /// hold 32 pointers, not 32 pushes.
+    fast: mpsc::Sender<Box<(StoredPush, Instant)>>,
     /// One past the newest offset appended for this terminal.
     latest: Arc<AtomicU64>,
     wake: Arc<Notify>,
@@ -313,7 +315,7 @@ impl Server {
                 .fetch_max(push.item.offset + 1, Ordering::AcqRel);
             // A full fast path is fine: woken, the writer sees it is behind and reads the log.
             // Otherwise the item itself wakes it, and it never needs the store.
-            if slot.fast.try_send((push, accepted)).is_err() {
+            if slot.fast.try_send(Box::new((push, accepted))).is_err() {
                 slot.wake.notify_one();
             }
         }
@@ -830,7 +832,7 @@ async fn write_pushes(
     conn: quinn::Connection,
     id: TerminalId,
     start: u64,
-    mut fast: mpsc::Receiver<(StoredPush, Instant)>,
+    mut fast: mpsc::Receiver<Box<(StoredPush, Instant)>>,
     latest: Arc<AtomicU64>,
     wake: Arc<Notify>,
 ) {
@@ -876,7 +878,8 @@ async fn write_pushes(
             _ = server.shared.cancel.cancelled() => return,
             _ = conn.closed() => return,
             item = fast.recv() => {
-                let Some((push, accepted)) = item else { return };
+                let Some(boxed) = item else { return };
+                let (push, accepted) = *boxed;
                 if push.item.offset < next {
                     continue;
                 }
