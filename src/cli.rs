@@ -166,7 +166,11 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff) generated from this command line: `handoff man | man -l -`.
-    Man,
+    Man {
+        /// Write handoff.1 and one page per subcommand (handoff-pull.1, ...) into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,9 +257,15 @@ pub fn print_completions(shell: clap_complete::Shell) -> Result<(), CliError> {
     write_stdout(&out)
 }
 
-/// Writes the man page to stdout: `handoff(1)`, every subcommand in its own section.
-pub fn print_man() -> Result<(), CliError> {
+/// Writes the man pages into `dir` (handoff.1, handoff-pull.1, ...), or to stdout as one page:
+/// `handoff(1)` with every subcommand in its own section.
+pub fn print_man(dir: Option<&Path>) -> Result<(), CliError> {
     let mut command = <Cli as clap::CommandFactory>::command();
+    if let Some(dir) = dir {
+        return clap_mangen::generate_to(command, dir).map_err(|e| {
+            CliError::new(format!("cannot write man pages to {}: {e}", dir.display()))
+        });
+    }
     // Building sets each subcommand's full name (`handoff pull`) for its synopsis.
     command.build();
     let mut out = Vec::new();

@@ -106,7 +106,7 @@ async fn run(
     match command {
         Command::Id { state_dir } => cli::print_id(&state_dir),
         Command::Completions { shell } => cli::print_completions(shell),
-        Command::Man => cli::print_man(),
+        Command::Man { dir } => cli::print_man(dir.as_deref()),
         Command::Doctor { config, wait, out } => {
             let config = DaemonConfig::load(&config)?;
             let wait = std::time::Duration::from_secs_f64(wait.clamp(0.0, 60.0));

@@ -143,4 +143,18 @@ fn completions_and_man_page_come_from_the_cli_definition() {
         assert!(page.contains(section), "the man page lacks {section}");
     }
     assert!(page.contains("\\-\\-timeout"), "options are documented");
+
+    // With --dir: one page per command, so the SUBCOMMANDS references resolve.
+    let dir = tempfile::tempdir().unwrap();
+    let out = handoff(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for page in [
+        "handoff.1",
+        "handoff-pull.1",
+        "handoff-doctor.1",
+        "handoff-config-check.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap_or_default();
+        assert!(text.contains(".TH"), "{page} missing or empty");
+    }
 }
