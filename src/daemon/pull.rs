@@ -4,6 +4,7 @@
 //! ticket are about the peer and us, send the information request to the server the info names
 //! (pinning that server's ID), and wait for the first push of the peer's session.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::RecvError;
@@ -218,53 +219,86 @@ impl Daemon {
         // Happy eyeballs (RFC 8305 in spirit): a peer may advertise addresses that do not
         // work from here (another network of a dual-homed peer, a stale address). Start with
         // the first, start the next every DIAL_STAGGER while none has answered, keep the first
-        // connection that completes and drop the rest.
+        // connection that completes and drop the rest. All in this task: a spawned task per
+        // attempt cost the warm pull a scheduling hop (measured: p99 10.7 -> 17 ms).
         let mut errors = Vec::new();
-        let mut attempts = tokio::task::JoinSet::new();
-        for (i, addr) in peer.dial_addrs().into_iter().enumerate() {
-            let connecting =
-                match self
-                    .shared
-                    .endpoint
-                    .connect_with(config.clone(), addr, SERVER_NAME)
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        errors.push(format!("{addr}: {e}"));
-                        continue;
+        let mut waiting = peer.dial_addrs().into_iter();
+        let mut live: Vec<(std::net::SocketAddr, tokio::time::Instant, quinn::Connecting)> =
+            Vec::new();
+        let mut next_start = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= next_start {
+                if let Some(addr) = waiting.next() {
+                    match self
+                        .shared
+                        .endpoint
+                        .connect_with(config.clone(), addr, SERVER_NAME)
+                    {
+                        Ok(connecting) => live.push((addr, now + CONNECT_TIMEOUT, connecting)),
+                        Err(e) => errors.push(format!("{addr}: {e}")),
                     }
-                };
-            let delay = DIAL_STAGGER * i as u32;
-            attempts.spawn(async move {
-                tokio::time::sleep(delay).await;
-                (
-                    addr,
-                    tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
-                )
-            });
-        }
-        while let Some(joined) = attempts.join_next().await {
-            let Ok((addr, result)) = joined else { continue };
-            match result {
-                Ok(Ok(conn)) => return Ok(conn),
-                Ok(Err(e)) => {
-                    let text = explain_connect_error(&e);
-                    if is_key_mismatch(&e) {
-                        let dropped = self
-                            .shared
-                            .peers
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .drop_claim(&peer.id, &addr);
-                        self.shared.metrics.inc(
-                            "handoff_handshakes_failed_total",
-                            Some(("reason", "wrong_key")),
-                        );
-                        warn!(peer = %peer.id, %addr, ?dropped, "an endpoint claiming this id holds another key; ignoring its claim");
-                    }
-                    errors.push(format!("{addr}: {text}"));
+                    next_start = now + DIAL_STAGGER;
+                    continue;
                 }
-                Err(_) => errors.push(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}")),
+            }
+            if live.is_empty() {
+                if waiting.len() == 0 {
+                    break;
+                }
+                // Nothing in flight (the last start failed at once): start the next now.
+                next_start = now;
+                continue;
+            }
+            let wake_at = live
+                .iter()
+                .map(|(_, deadline, _)| *deadline)
+                .chain((waiting.len() > 0).then_some(next_start))
+                .min()
+                .unwrap_or(next_start);
+            let finished = std::future::poll_fn(|cx| {
+                for (i, (_, _, connecting)) in live.iter_mut().enumerate() {
+                    if let std::task::Poll::Ready(result) =
+                        std::pin::Pin::new(connecting).poll(cx)
+                    {
+                        return std::task::Poll::Ready((i, result));
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            tokio::select! {
+                (i, result) = finished => {
+                    let (addr, _, _) = live.swap_remove(i);
+                    match result {
+                        Ok(conn) => return Ok(conn),
+                        Err(e) => {
+                            if is_key_mismatch(&e) {
+                                let dropped = self
+                                    .shared
+                                    .peers
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .drop_claim(&peer.id, &addr);
+                                self.shared.metrics.inc(
+                                    "handoff_handshakes_failed_total",
+                                    Some(("reason", "wrong_key")),
+                                );
+                                warn!(peer = %peer.id, %addr, ?dropped, "an endpoint claiming this id holds another key; ignoring its claim");
+                            }
+                            errors.push(format!("{addr}: {}", explain_connect_error(&e)));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake_at) => {
+                    let now = tokio::time::Instant::now();
+                    live.retain(|(addr, deadline, _)| {
+                        let alive = *deadline > now;
+                        if !alive {
+                            errors.push(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"));
+                        }
+                        alive
+                    });
+                }
             }
         }
         if errors.is_empty() {
