@@ -785,37 +785,40 @@ impl Server {
             return refuse(e.to_string());
         }
         let ticket = &request.ticket.ticket;
-        let use_nonce = Op::UseNonce {
-            first: ticket.first,
-            nonce: ticket.nonce,
-            not_after: ticket.not_after,
-            now,
-            capacity: self.shared.limits.replay_cache,
-        };
-        match self.shared.store.write_one(use_nonce).await? {
-            Outcome::Fresh(Some(true)) => {}
-            Outcome::Fresh(None) => {
-                return refuse(wire::ticket::TicketError::ReplayCacheFull.to_string())
-            }
-            _ => return refuse(wire::ticket::TicketError::Replayed.to_string()),
-        }
         // The link lasts as long as the ticket, capped by the server's maximum lease.
         let until = ticket
             .not_after
             .min(now + self.shared.limits.max_lease.as_secs());
         let first = request.first;
         let session = self.shared.store.read(move |b| b.session(&first)).await?;
-        let link = Op::Link {
+        let ttl = self.shared.push.default_ttl;
+        let push = session.as_ref().map(|s| NewPush::session(first, s, ttl));
+        // Nonce, link and the session push in one atomic step and one commit.
+        let follow = Op::Follow {
             first,
             second,
+            nonce: ticket.nonce,
+            not_after: ticket.not_after,
             until,
+            now,
+            capacity: self.shared.limits.replay_cache,
+            push: push.clone(),
         };
-        let ttl = self.shared.push.default_ttl;
-        let items = session
-            .iter()
-            .map(|s| (second, NewPush::session(first, s, ttl)))
-            .collect();
-        self.store_pushes(items, vec![link]).await?;
+        let accepted = Instant::now();
+        match self.shared.store.write_one(follow).await? {
+            Outcome::Followed(offset) => {
+                self.shared
+                    .metrics
+                    .observe("handoff_push_store_seconds", accepted.elapsed());
+                if let (Some(offset), Some(push)) = (offset, push) {
+                    self.announce(vec![(second, push.stored(offset, now))], accepted);
+                }
+            }
+            Outcome::Fresh(None) => {
+                return refuse(wire::ticket::TicketError::ReplayCacheFull.to_string())
+            }
+            _ => return refuse(wire::ticket::TicketError::Replayed.to_string()),
+        }
         info!(first = %first.short(), until, "linked");
         self.shared.metrics.inc("handoff_links_total", None);
         Ok(ResponseBody::Linked {

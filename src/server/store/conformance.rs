@@ -209,6 +209,42 @@ pub fn nonces_are_single_use_and_bounded(b: &mut dyn Backend) {
     assert_eq!(use_nonce(b, 2, NOW + 100, NOW + 20), Some(false));
 }
 
+pub fn follows_are_one_step_and_refused_replays_change_nothing(b: &mut dyn Backend) {
+    let follow = |b: &mut dyn Backend, second: u8, n: u8, with_push: bool| {
+        b.apply(&[Op::Follow {
+            first: id(1),
+            second: id(second),
+            nonce: [n; 16],
+            not_after: NOW + 60,
+            until: NOW + 50,
+            now: NOW,
+            capacity: 2,
+            push: with_push.then(|| push("session", Some("session:1"), 60)),
+        }])
+        .unwrap()[0]
+    };
+    // Fresh: linked, and the session push is in the second's log.
+    assert_eq!(follow(b, 2, 1, true), Outcome::Followed(Some(0)));
+    assert_eq!(b.followers(&id(1), NOW).unwrap(), [(id(2), NOW + 50)]);
+    assert_eq!(titles(b, id(2), 0, NOW), ["session"]);
+    // The same nonce again (say, after a revocation): refused, and nothing changes.
+    b.apply(&[Op::Unlink {
+        first: id(1),
+        second: id(2),
+    }])
+    .unwrap();
+    assert_eq!(follow(b, 2, 1, true), Outcome::Fresh(Some(false)));
+    assert!(b.followers(&id(1), NOW).unwrap().is_empty());
+    assert_eq!(titles(b, id(2), 0, NOW), ["session"]);
+    // Without a session: linked, nothing pushed.
+    assert_eq!(follow(b, 3, 2, false), Outcome::Followed(None));
+    assert!(titles(b, id(3), 0, NOW).is_empty());
+    // The replay cache is full (capacity 2): refused, no link.
+    assert_eq!(follow(b, 4, 3, true), Outcome::Fresh(None));
+    assert!(!b.followers(&id(1), NOW).unwrap().iter().any(|(s, _)| *s == id(4)));
+    assert!(titles(b, id(4), 0, NOW).is_empty());
+}
+
 pub fn sessions_and_known_terminals(b: &mut dyn Backend) {
     assert!(!b.known(&id(1)).unwrap());
     b.apply(&[Op::Touch {
@@ -284,6 +320,11 @@ macro_rules! conformance_tests {
             fn offsets_are_monotonic_per_recipient() {
                 let Some((_guard, mut b)) = $make else { return };
                 super::offsets_are_monotonic_per_recipient(b.as_mut());
+            }
+            #[test]
+            fn follows_are_one_step_and_refused_replays_change_nothing() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::follows_are_one_step_and_refused_replays_change_nothing(b.as_mut());
             }
             #[test]
             fn acks_trim_and_never_go_back() {

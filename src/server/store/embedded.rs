@@ -200,6 +200,28 @@ fn links_of(
 
 fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
     Ok(match op {
+        Op::Follow { .. } => {
+            let Some((use_nonce, link, append)) = super::follow_parts(op) else {
+                unreachable!("op is a Follow")
+            };
+            let fresh = apply_one(txn, &use_nonce)?;
+            if fresh != Outcome::Fresh(Some(true)) {
+                return Ok(fresh);
+            }
+            apply_one(txn, &link)?;
+            let offset = match append {
+                Some(a) => match apply_one(txn, &a)? {
+                    Outcome::Offset(o) => Some(o),
+                    other => {
+                        return Err(StoreError::Backend(format!(
+                            "an append answered {other:?}"
+                        )))
+                    }
+                },
+                None => None,
+            };
+            Outcome::Followed(offset)
+        }
         Op::Touch { id, now } => {
             let mut t = txn.open_table(KNOWN).map_err(err)?;
             if t.get(id.as_bytes()).map_err(err)?.is_none() {

@@ -122,6 +122,21 @@ impl Backend for MemoryBackend {
 impl MemoryBackend {
     fn apply_one(&mut self, op: &Op) -> Outcome {
         match op {
+            Op::Follow { .. } => {
+                let Some((use_nonce, link, append)) = super::follow_parts(op) else {
+                    unreachable!("op is a Follow")
+                };
+                let fresh = self.apply_one(&use_nonce);
+                if fresh != Outcome::Fresh(Some(true)) {
+                    return fresh;
+                }
+                self.apply_one(&link);
+                let offset = append.map(|a| match self.apply_one(&a) {
+                    Outcome::Offset(o) => o,
+                    _ => unreachable!("an append answers with its offset"),
+                });
+                Outcome::Followed(offset)
+            }
             Op::Touch { id, now } => {
                 self.known.entry(*id).or_insert(*now);
                 Outcome::Done

@@ -135,6 +135,21 @@ pub enum Op {
         now: u64,
         capacity: usize,
     },
+    /// A follow request with a checked ticket, as one atomic step: uses the ticket's nonce
+    /// (as [`Op::UseNonce`]); only if it was fresh, links `second` to `first` until `until`
+    /// and appends `push` (the first terminal's current session) to `second`'s log. Answers
+    /// [`Outcome::Followed`], or the nonce's [`Outcome::Fresh`] refusal with nothing changed.
+    /// One commit instead of two on the warm pull's path.
+    Follow {
+        first: TerminalId,
+        second: TerminalId,
+        nonce: [u8; 16],
+        not_after: u64,
+        until: u64,
+        now: u64,
+        capacity: usize,
+        push: Option<NewPush>,
+    },
     /// Appends to `to`'s log; an older unacknowledged item with the same collapse key is removed.
     Append {
         to: TerminalId,
@@ -147,14 +162,52 @@ pub enum Op {
     Sweep { now: u64 },
 }
 
+/// The parts of an [`Op::Follow`]: the nonce use that decides, and what follows if it is fresh.
+pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
+    let Op::Follow {
+        first,
+        second,
+        nonce,
+        not_after,
+        until,
+        now,
+        capacity,
+        push,
+    } = op
+    else {
+        return None;
+    };
+    let use_nonce = Op::UseNonce {
+        first: *first,
+        nonce: *nonce,
+        not_after: *not_after,
+        now: *now,
+        capacity: *capacity,
+    };
+    let link = Op::Link {
+        first: *first,
+        second: *second,
+        until: *until,
+    };
+    let append = push.clone().map(|push| Op::Append {
+        to: *second,
+        push,
+        now: *now,
+    });
+    Some((use_nonce, link, append))
+}
+
 /// What a write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done,
     Offset(u64),
     Removed(bool),
-    /// For `UseNonce`: `Some(true)` fresh, `Some(false)` replayed, `None` cache full.
+    /// For `UseNonce`: `Some(true)` fresh, `Some(false)` replayed, `None` cache full. For
+    /// `Follow`, the refusals (`Some(false)`, `None`).
     Fresh(Option<bool>),
+    /// For `Follow`: linked; the offset of the session push, if there was one.
+    Followed(Option<u64>),
 }
 
 /// A slice of a recipient's log.

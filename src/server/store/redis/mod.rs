@@ -342,22 +342,57 @@ impl Backend for RedisBackend {
         let mut out = vec![None; ops.len()];
         let result = (|| {
             let conn = connect(&self.client, &self.scripts, slot)?;
-            // Runs between sweeps go out as one pipeline each; a sweep takes its own round trips.
+            // Runs between sweeps and follows go out as one pipeline each; a sweep takes its
+            // own round trips, and a follow two (the nonce decides whether the rest happens).
             let mut start = 0;
             for (i, op) in ops.iter().enumerate() {
+                if !matches!(op, Op::Sweep { .. } | Op::Follow { .. }) {
+                    continue;
+                }
+                apply_run(
+                    conn,
+                    &self.scripts,
+                    &self.shown,
+                    &mut self.epoch,
+                    &ops[start..i],
+                    &mut out[start..i],
+                )?;
+                start = i + 1;
                 if let Op::Sweep { now } = op {
-                    apply_run(
-                        conn,
-                        &self.scripts,
-                        &self.shown,
-                        &mut self.epoch,
-                        &ops[start..i],
-                        &mut out[start..i],
-                    )?;
                     sweep(conn, &self.scripts, *now)?;
                     out[i] = Some(Outcome::Done);
-                    start = i + 1;
+                    continue;
                 }
+                let Some((use_nonce, link, append)) = super::follow_parts(op) else {
+                    continue;
+                };
+                let mut fresh = [None];
+                apply_run(
+                    conn,
+                    &self.scripts,
+                    &self.shown,
+                    &mut self.epoch,
+                    std::slice::from_ref(&use_nonce),
+                    &mut fresh,
+                )?;
+                if fresh[0] != Some(Outcome::Fresh(Some(true))) {
+                    out[i] = fresh[0];
+                    continue;
+                }
+                let rest: Vec<Op> = std::iter::once(link).chain(append).collect();
+                let mut done = vec![None; rest.len()];
+                apply_run(
+                    conn,
+                    &self.scripts,
+                    &self.shown,
+                    &mut self.epoch,
+                    &rest,
+                    &mut done,
+                )?;
+                out[i] = Some(Outcome::Followed(match done.get(1) {
+                    Some(Some(Outcome::Offset(o))) => Some(*o),
+                    _ => None,
+                }));
             }
             apply_run(
                 conn,

@@ -41,6 +41,7 @@ pub(super) fn describe(op: &Op) -> String {
         Op::Append { to, .. } => format!("append to {to}"),
         Op::Ack { to, .. } => format!("ack for {to}"),
         Op::Sweep { .. } => "sweep".to_string(),
+        Op::Follow { first, second, .. } => format!("link {second} to {first} (follow)"),
     }
 }
 
@@ -159,10 +160,11 @@ fn queue(
             evalsha(pipe, &scripts.ack, &keys.map(String::as_str)).arg(next);
             Reply::Done
         }
-        Op::Sweep { .. } => {
-            return Err(Failure::Other(
-                "a sweep cannot be pipelined (this is a bug)".into(),
-            ))
+        Op::Sweep { .. } | Op::Follow { .. } => {
+            return Err(Failure::Other(format!(
+                "{} cannot be pipelined (this is a bug)",
+                describe(op)
+            )))
         }
     })
 }
