@@ -21,6 +21,16 @@ fn pull_works(lan: &Lan, a_id: &str, title: &str) {
     assert_eq!(json_lines(&out.stdout)[0]["title"], title);
 }
 
+/// Starts the server on host srv, A attached to it and trusting B, and B; returns A's ID.
+fn server_a_trusting_b(lan: &mut Lan) -> String {
+    let (_, server_id) = lan.start_server("srv");
+    let b_id = id_of(&lan.path("b"));
+    let server = lan.server_section("srv", &server_id);
+    lan.start_daemon("a", &format!("{server}[trust]\npeers = [\"{b_id}\"]\n"));
+    lan.start_daemon("b", "");
+    lan.status("a")["id"].as_str().unwrap().to_string()
+}
+
 fn addrs(peer: &serde_json::Value) -> Vec<String> {
     peer["addrs"]
         .as_array()
@@ -36,12 +46,7 @@ fn handoff_on_an_ipv6_only_lan() {
         return;
     }
     let mut lan = Lan::with_stack("v6", &["srv", "a", "b"], Stack::V6Only);
-    let (_, server_id) = lan.start_server("srv");
-    let b_id = id_of(&lan.path("b"));
-    let server = lan.server_section("srv", &server_id);
-    lan.start_daemon("a", &format!("{server}[trust]\npeers = [\"{b_id}\"]\n"));
-    lan.start_daemon("b", "");
-    let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
+    let a_id = server_a_trusting_b(&mut lan);
     let out = lan.session_set("a", "https://m.example/v6", "Over IPv6");
     assert!(
         out.status.success() && out.stderr.is_empty(),
@@ -93,12 +98,7 @@ fn discovery_recovers_when_an_interface_goes_down_and_up() {
         return;
     }
     let mut lan = Lan::new("ifud", &["srv", "a", "b"]);
-    let (_, server_id) = lan.start_server("srv");
-    let b_id = id_of(&lan.path("b"));
-    let server = lan.server_section("srv", &server_id);
-    lan.start_daemon("a", &format!("{server}[trust]\npeers = [\"{b_id}\"]\n"));
-    lan.start_daemon("b", "");
-    let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
+    let a_id = server_a_trusting_b(&mut lan);
     assert!(lan
         .session_set("a", "https://m.example/1", "Before")
         .status

@@ -241,7 +241,11 @@ pub fn follows_are_one_step_and_refused_replays_change_nothing(b: &mut dyn Backe
     assert!(titles(b, id(3), 0, NOW).is_empty());
     // The replay cache is full (capacity 2): refused, no link.
     assert_eq!(follow(b, 4, 3, true), Outcome::Fresh(None));
-    assert!(!b.followers(&id(1), NOW).unwrap().iter().any(|(s, _)| *s == id(4)));
+    assert!(!b
+        .followers(&id(1), NOW)
+        .unwrap()
+        .iter()
+        .any(|(s, _)| *s == id(4)));
     assert!(titles(b, id(4), 0, NOW).is_empty());
 }
 

@@ -213,9 +213,7 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
                 Some(a) => match apply_one(txn, &a)? {
                     Outcome::Offset(o) => Some(o),
                     other => {
-                        return Err(StoreError::Backend(format!(
-                            "an append answered {other:?}"
-                        )))
+                        return Err(StoreError::Backend(format!("an append answered {other:?}")))
                     }
                 },
                 None => None,
