@@ -410,4 +410,35 @@ fn sighup_reloads_the_trust_list_without_dropping_connections() {
         text.contains("handoff_discovery_events_total{event=\"resolved\"}"),
         "{text}"
     );
+
+    // Dropping B from the file and reloading ends B's live link at the server at once, as
+    // `handoff untrust` does: A's next change does not reach B.
+    lan.daemon_config("a", &format!("{server}{metrics}"));
+    lan.signal(a, libc::SIGHUP);
+    wait_for(Duration::from_secs(10), || {
+        lan.log("a")
+            .contains("no longer trusted after reload")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("A did not revoke B\n{}", lan.log("a")));
+    assert!(
+        lan.log("a").contains("revoked=Some(true)"),
+        "{}",
+        lan.log("a")
+    );
+    assert!(lan
+        .session_set("a", "https://m.example/2", "Two")
+        .status
+        .success());
+    std::thread::sleep(Duration::from_secs(2));
+    let out = handoff(&["inbox", "--json", "--socket", &lan.socket("b")]);
+    let titles: Vec<String> = json_lines(&out.stdout)
+        .iter()
+        .map(|r| r["title"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        titles,
+        ["One"],
+        "B still received A's change after the reload"
+    );
 }

@@ -393,10 +393,15 @@ impl Daemon {
         if changed {
             info!(peer = %id, "peer no longer trusted");
         }
-        let Some(home) = self.shared.home.clone() else {
-            return Ok((changed, None));
-        };
-        let revoked = match tokio::time::timeout(
+        let revoked = self.revoke_at_server(id).await;
+        Ok((changed, revoked))
+    }
+
+    /// Asks the home server to end `id`'s link to this terminal at once. `None`: no server, or
+    /// it could not be reached (the link then lapses at its lease end).
+    pub(crate) async fn revoke_at_server(&self, id: TerminalId) -> Option<bool> {
+        let home = self.shared.home.clone()?;
+        match tokio::time::timeout(
             Duration::from_secs(2),
             home.request(self, wire::RequestBody::Revoke { second: id }),
         )
@@ -418,8 +423,7 @@ impl Daemon {
                 );
                 None
             }
-        };
-        Ok((changed, revoked))
+        }
     }
 
     /// The trust list: each ID with its source (`"config"` or `"added"`) and name, if discovered.

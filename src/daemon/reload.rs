@@ -1,6 +1,7 @@
 //! SIGHUP: re-reading the config file while the daemon runs, without dropping connections.
 //!
-//! The trust list (`[trust] accept` and `peers`), the follow list (`[follow]`) and the hook
+//! The trust list (`[trust] accept` and `peers`; a peer dropped from it also loses its live link
+//! at the server, as with `handoff untrust`), the follow list (`[follow]`) and the hook
 //! (`[hooks] on_push`) take effect at once; the log level is applied by the binary, which owns
 //! the logger. Everything else is bound at start (sockets, identity, the server link, limits) and
 //! is named in the report so the log can say a restart is needed.
@@ -53,6 +54,17 @@ impl Daemon {
             report
                 .applied
                 .push(format!("trust.accept: {:?}", new.accept));
+        }
+        // A peer no longer trusted loses its live link now, as with `handoff untrust`.
+        for id in removed.into_iter().filter(|id| !sh.trust.is_trusted(id)) {
+            let daemon = self.clone();
+            self.spawn(
+                async move {
+                    let revoked = daemon.revoke_at_server(id).await;
+                    info!(peer = %id.short(), ?revoked, "no longer trusted after reload");
+                },
+                tracing::info_span!("revoke"),
+            );
         }
         let live = LiveConfig::of(new);
         {
