@@ -75,40 +75,51 @@ pub async fn run(config: &DaemonConfig, wait: Duration) -> Vec<Check> {
         report.push(multicast_membership(iface));
     }
     report.push(daemon_running(&config.control_socket).await);
-    match Identity::generate() {
-        Ok(probe) => {
-            let endpoint = probe_endpoint();
-            match endpoint {
-                Ok(endpoint) => {
-                    if let Some(server) = &config.server {
-                        for addr in &server.addrs {
-                            report.push(server_answers(&endpoint, &probe, server.id, addr).await);
-                        }
-                    } else {
-                        report.push(Check::ok(
-                            "server",
-                            "none configured ([server]); this terminal can pull but not hand off",
-                        ));
-                    }
-                    let names: Vec<String> = used.iter().map(|i| i.name.clone()).collect();
-                    report.extend(peers_answer(&endpoint, &probe, &names, wait).await);
-                    endpoint.close(0u32.into(), b"doctor done");
-                }
-                Err(e) => report.push(Check::fail(
-                    "quic",
-                    format!("cannot open a UDP socket: {e}"),
-                    "the doctor needs to send UDP; check the sandbox or seccomp profile",
-                )),
-            }
-        }
-        Err(e) => report.push(Check::fail(
-            "quic",
-            format!("cannot make a probe identity: {e}"),
-            "this is a bug; please report it",
-        )),
+    let names: Vec<String> = used.iter().map(|i| i.name.clone()).collect();
+    match dial_checks(config, &names, wait).await {
+        Ok(checks) => report.extend(checks),
+        Err(failed) => report.push(failed),
     }
     report.push(firewall(config, &used));
     report
+}
+
+/// The checks that dial (the server's addresses, then every peer found on `interfaces`), from a
+/// throwaway identity; `Err` when dialling is impossible here at all.
+async fn dial_checks(
+    config: &DaemonConfig,
+    interfaces: &[String],
+    wait: Duration,
+) -> Result<Vec<Check>, Check> {
+    let probe = Identity::generate().map_err(|e| {
+        Check::fail(
+            "quic",
+            format!("cannot make a probe identity: {e}"),
+            "this is a bug; please report it",
+        )
+    })?;
+    let endpoint = probe_endpoint().map_err(|e| {
+        Check::fail(
+            "quic",
+            format!("cannot open a UDP socket: {e}"),
+            "the doctor needs to send UDP; check the sandbox or seccomp profile",
+        )
+    })?;
+    let mut report = Vec::new();
+    match &config.server {
+        Some(server) => {
+            for addr in &server.addrs {
+                report.push(server_answers(&endpoint, &probe, server.id, addr).await);
+            }
+        }
+        None => report.push(Check::ok(
+            "server",
+            "none configured ([server]); this terminal can pull but not hand off",
+        )),
+    }
+    report.extend(peers_answer(&endpoint, &probe, interfaces, wait).await);
+    endpoint.close(0u32.into(), b"doctor done");
+    Ok(report)
 }
 
 /// The interfaces discovery uses: the configured ones (each must exist, be up and do multicast),

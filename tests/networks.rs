@@ -31,6 +31,17 @@ fn server_a_trusting_b(lan: &mut Lan) -> String {
     lan.status("a")["id"].as_str().unwrap().to_string()
 }
 
+/// Starts the daemon on `host` with mDNS on `interfaces` (a TOML list) instead of eth0.
+fn start_daemon_on(lan: &mut Lan, host: &str, interfaces: &str, extra: &str) {
+    let config = lan.daemon_config(host, extra);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "interfaces = [\"eth0\"]",
+        &format!("interfaces = {interfaces}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    lan.launch_daemon(host, &config);
+}
+
 fn addrs(peer: &serde_json::Value) -> Vec<String> {
     peer["addrs"]
         .as_array()
@@ -174,33 +185,14 @@ fn a_dual_homed_terminal_is_reachable_from_both_networks() {
     let b_id = id_of(&lan.path("b"));
     let c_id = id_of(&lan.path("c"));
     let server = lan.server_section("srv", &server_id);
-    let a_config = lan.daemon_config(
+    start_daemon_on(
+        &mut lan,
         "a",
+        r#"["eth0", "eth1"]"#,
         &format!("{server}[trust]\npeers = [\"{b_id}\", \"{c_id}\"]\n"),
     );
-    let a_text = std::fs::read_to_string(&a_config).unwrap().replace(
-        "interfaces = [\"eth0\"]",
-        "interfaces = [\"eth0\", \"eth1\"]",
-    );
-    std::fs::write(&a_config, a_text).unwrap();
-    lan.spawn("a", &["daemon", "--config", &a_config], "a");
-    assert!(
-        wait_for_socket(&lan.path("a.sock"), Duration::from_secs(10)),
-        "{}",
-        lan.log("a")
-    );
     lan.start_daemon("b", "");
-    let c_config = lan.daemon_config("c", "");
-    let c_text = std::fs::read_to_string(&c_config)
-        .unwrap()
-        .replace("interfaces = [\"eth0\"]", "interfaces = [\"eth1\"]");
-    std::fs::write(&c_config, c_text).unwrap();
-    lan.spawn("c", &["daemon", "--config", &c_config], "c");
-    assert!(
-        wait_for_socket(&lan.path("c.sock"), Duration::from_secs(10)),
-        "{}",
-        lan.log("c")
-    );
+    start_daemon_on(&mut lan, "c", r#"["eth1"]"#, "");
     let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
     assert!(lan
         .session_set("a", "https://m.example/dual", "Both sides")

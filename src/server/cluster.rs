@@ -48,6 +48,8 @@ pub(crate) struct Cluster {
     client: redis::Client,
     url: String,
     conn: Mutex<Option<redis::Connection>>,
+    /// Deletes a registration only if it still names this node.
+    unregister: redis::Script,
 }
 
 impl Cluster {
@@ -62,6 +64,9 @@ impl Cluster {
             client,
             url: redact_url(url),
             conn: Mutex::new(None),
+            unregister: redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            ),
         });
         cluster.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))?;
         Ok(cluster)
@@ -114,11 +119,8 @@ impl Cluster {
 
     /// Removes `id`'s registration if it still names this node (blocking).
     pub fn unregister(&self, id: &TerminalId) -> Result<(), StoreError> {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        );
         self.with_conn(|c| {
-            script
+            self.unregister
                 .key(registration_key(id))
                 .arg(&self.node)
                 .invoke::<i64>(c)

@@ -308,7 +308,9 @@ impl Server {
         for (to, push) in pushes {
             self.shared.metrics.inc("handoff_pushes_stored_total", None);
             let Some(slot) = conns.get(&to) else {
-                elsewhere.push((to, push.item.offset + 1));
+                if self.shared.cluster.is_some() {
+                    elsewhere.push((to, push.item.offset + 1));
+                }
                 continue;
             };
             slot.latest
@@ -321,7 +323,12 @@ impl Server {
         }
         drop(conns);
         // Recipients held by other nodes: tell those nodes (a hint; see `cluster`).
-        if let (Some(cluster), false) = (self.shared.cluster.clone(), elsewhere.is_empty()) {
+        if let Some(cluster) = self
+            .shared
+            .cluster
+            .clone()
+            .filter(|_| !elsewhere.is_empty())
+        {
             self.shared.tasks.spawn(async move {
                 let woken = tokio::task::spawn_blocking(move || cluster.wake(&elsewhere)).await;
                 if let Ok(Err(e)) = woken {
@@ -645,7 +652,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
         }
         ours
     };
-    if let (true, Some(cluster)) = (still_ours, server.shared.cluster.clone()) {
+    if let Some(cluster) = server.shared.cluster.clone().filter(|_| still_ours) {
         let _ = tokio::task::spawn_blocking(move || cluster.unregister(&id)).await;
     }
 }
@@ -985,17 +992,11 @@ async fn refresh_registrations(server: Server) {
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.register(&ids)).await {
             warn!("cannot refresh cluster registrations: {e}");
         }
-        // Every batch of the Redis store ends by checking the epoch; this small write makes
-        // sure a Redis that lost its data is noticed even when nothing else is written.
-        let me = server.id();
-        let _ = server
-            .shared
-            .store
-            .write_one(Op::Touch {
-                id: me,
-                now: unix_now(),
-            })
-            .await;
+        // An empty batch has the store check its epoch, so a Redis that lost its data is
+        // noticed even when nothing else is written.
+        if let Err(e) = server.shared.store.write(Vec::new()).await {
+            warn!("store epoch check: {e}");
+        }
     }
 }
 

@@ -347,7 +347,12 @@ impl Lan {
     /// Starts `handoff daemon` on host `name` with `extra` config and waits for its socket.
     pub fn start_daemon(&mut self, name: &str, extra: &str) -> usize {
         let config = self.daemon_config(name, extra);
-        let index = self.spawn(name, &["daemon", "--config", &config], name);
+        self.launch_daemon(name, &config)
+    }
+
+    /// Starts `handoff daemon --config CONFIG` on host `name` and waits for its socket.
+    pub fn launch_daemon(&mut self, name: &str, config: &str) -> usize {
+        let index = self.spawn(name, &["daemon", "--config", config], name);
         assert!(
             wait_for_socket(&self.path(&format!("{name}.sock")), Duration::from_secs(10)),
             "{name} did not start:\n{}",

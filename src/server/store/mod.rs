@@ -226,7 +226,8 @@ pub trait Backend: Send + 'static {
     /// The epoch of the push logs: a new value whenever they were lost (a new store, or a
     /// Redis that lost its data). It may change after [`Backend::apply`], never elsewhere.
     fn epoch(&self) -> u64;
-    /// Applies `ops` in order and makes them durable before returning.
+    /// Applies `ops` in order and makes them durable before returning. An empty batch is how a
+    /// shared backend (Redis) is asked to check that its data is still there (the epoch).
     fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError>;
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError>;
     fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError>;

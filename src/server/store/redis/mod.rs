@@ -335,9 +335,6 @@ impl Backend for RedisBackend {
     }
 
     fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
         let slot = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
         let mut out = vec![None; ops.len()];
         let result = (|| {
