@@ -400,11 +400,13 @@ fn main() {
                 .unwrap()
                 .await
                 .unwrap();
+            // Attached first: the server refuses tickets of terminals it has never seen.
+            net::request(&a_conn, RequestBody::SetSession(None)).await.unwrap();
             let mut linking = Vec::new();
             for (n, t) in all.iter().take(followers).enumerate() {
                 let mut nonce = [0u8; 16];
                 nonce[..8].copy_from_slice(&(n as u64).to_be_bytes());
-                let ticket = Ticket { first: a.id(), second: t.id, server: server_id, not_after: unix_now() + 600, nonce }.sign(&a);
+                let ticket = Ticket { first: a.id(), second: t.id, server: server_id, issued_at: unix_now(), not_after: unix_now() + 600, nonce }.sign(&a);
                 let conn = t.conn.clone();
                 let (first, second) = (a.id(), t.id);
                 linking.push(tokio::spawn(async move {

@@ -625,10 +625,13 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
         Command::Untrust { id, target } => {
             let reply = call(&target, ControlRequest::Untrust { id: id.clone() }).await?;
             if reply.changed == Some(false) {
-                println!("{id} was not trusted");
+                println!("{id} was not trusted; its tickets are revoked all the same");
             }
             if reply.revoked == Some(true) {
                 println!("its link to this terminal at the content server was ended");
+            }
+            if let Some(warning) = reply.warning {
+                eprintln!("warning: {warning}");
             }
         }
         Command::Inbox { target, out } => {

@@ -173,6 +173,7 @@ struct RawTrust {
 struct RawHooks {
     #[serde(default)]
     on_push: Vec<String>,
+    schemes: Option<Vec<String>>,
 }
 
 /// Who may fetch this terminal's interface info.
@@ -206,8 +207,11 @@ pub struct DaemonConfig {
     pub trusted_peers: Vec<TerminalId>,
     /// How long a ticket this terminal signs stays valid (the link lease).
     pub lease: Duration,
-    /// argv run for every push; `{uri}`, `{title}` and `{from}` are substituted.
+    /// argv run for every push; `{uri}`, `{title}` and `{from}` are substituted (see
+    /// [`crate::hook`]).
     pub on_push: Vec<String>,
+    /// The uri schemes a push may have for the hook to get it (lowercase).
+    pub hook_schemes: Vec<String>,
     /// Peers followed automatically whenever they are on the LAN.
     pub follow_peers: Vec<TerminalId>,
     /// Follow every trusted peer automatically.
@@ -375,6 +379,24 @@ impl DaemonConfig {
         if raw.hooks.on_push.first().is_some_and(|p| p.is_empty()) {
             return Err(invalid("hooks.on_push", "the program name is empty"));
         }
+        let hook_schemes = match raw.hooks.schemes {
+            None => crate::hook::DEFAULT_SCHEMES.map(String::from).to_vec(),
+            Some(list) => {
+                for scheme in &list {
+                    let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+                    if !valid {
+                        return Err(invalid(
+                            "hooks.schemes",
+                            format!("{scheme:?} is not a URI scheme (e.g. \"https\")"),
+                        ));
+                    }
+                }
+                list.iter().map(|s| s.to_ascii_lowercase()).collect()
+            }
+        };
         let follow_peers = raw
             .follow
             .peers
@@ -434,6 +456,7 @@ impl DaemonConfig {
             trusted_peers,
             lease,
             on_push: raw.hooks.on_push,
+            hook_schemes,
             follow_peers,
             follow_auto: raw.follow.auto,
             limits,
@@ -683,11 +706,13 @@ impl ServerConfig {
 /// Bounds on what terminals can make the server hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
-    /// Longest link a ticket may ask for.
+    /// Longest link a ticket may ask for; a ticket valid for longer (from its issue time) is
+    /// refused, so its nonce never needs remembering for longer than this.
     pub max_lease: Duration,
     /// Terminal connections held at once.
     pub max_connections: usize,
-    /// Live tickets remembered for replay protection.
+    /// Live tickets remembered for replay protection, per first terminal (tickets strangers
+    /// mint between their own keys fill only their own quota).
     pub replay_cache: usize,
     /// Largest frame accepted, in bytes (at most the protocol's 65536).
     pub max_frame: usize,
@@ -706,7 +731,7 @@ impl Default for ServerLimits {
         Self {
             max_lease: Duration::from_secs(3600),
             max_connections: 20_000,
-            replay_cache: 100_000,
+            replay_cache: 16_384,
             max_frame: crate::wire::MAX_FRAME,
             max_streams_per_connection: 16,
             max_connections_per_source: 256,

@@ -106,8 +106,8 @@ impl From<PushItem> for PushRecord {
     fn from(item: PushItem) -> Self {
         Self {
             from: item.from.map(|id| id.to_string()),
-            uri: item.uri,
-            title: item.title,
+            uri: crate::text::clean(item.uri),
+            title: crate::text::clean(item.title),
             body: item.body,
             position: item.position,
             meta: item.meta,
@@ -190,6 +190,9 @@ pub struct Reply {
     /// After `untrust`: whether the server ended a live link (absent: no server reached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<bool>,
+    /// Something the user should know although the command succeeded (printed as a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
     /// After `pair`: the peer's full ID and the 6-digit code to compare.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_id: Option<String>,

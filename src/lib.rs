@@ -8,7 +8,9 @@
 //! - [`net`] — frames on QUIC streams, with timeouts and the size cap; one-shot requests.
 //! - [`discovery`] — mDNS advertise and browse (mdns-sd).
 //! - [`peer`] — the peer table fed by discovery.
-//! - [`trust`] — the trust list; [`inbox`] — received pushes, kept on disk.
+//! - [`trust`] — the trust list and revocations; [`inbox`] — received pushes, kept on disk.
+//! - [`hook`] — the `on_push` command line built from a push; [`text`] — remote text made safe
+//!   to show.
 //! - [`daemon`] — the terminal daemon: peer service, server links, pulls, delivery.
 //! - [`server`] — the content server: registry, links, ticket checks, pushes.
 //! - [`control`] — the daemon's local control socket protocol (JSON Lines) and its client.
@@ -31,6 +33,7 @@ pub mod daemon;
 pub mod demo;
 pub mod discovery;
 pub mod doctor;
+pub mod hook;
 pub mod identity;
 pub mod inbox;
 pub mod isolate;
@@ -42,6 +45,7 @@ pub mod server;
 pub mod service;
 #[doc(hidden)]
 pub mod testing;
+pub mod text;
 pub mod tls;
 pub mod trust;
 pub mod wire;

@@ -187,6 +187,7 @@ fn certless_clients_forged_replayed_expired_misdirected_tickets_and_bad_frames()
                 first,
                 second,
                 server: server_id,
+                issued_at: unix_now() - 10,
                 not_after,
                 nonce,
             };

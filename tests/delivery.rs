@@ -349,6 +349,7 @@ async fn a_stale_cursor_is_told_and_gets_the_current_state() {
         first: a.id(),
         second: x.id(),
         server: server.id(),
+        issued_at: unix_now(),
         not_after: unix_now() + 60,
         nonce: [1; 16],
     }

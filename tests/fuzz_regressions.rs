@@ -244,6 +244,7 @@ fn sample_ticket() -> Ticket {
         first: TerminalId::from_bytes([1; 32]),
         second: TerminalId::from_bytes([2; 32]),
         server: TerminalId::from_bytes([3; 32]),
+        issued_at: NOW,
         not_after: NOW + 100,
         nonce: [4; 16],
     }
@@ -448,6 +449,7 @@ fn fuzz_crash_zero_key_ticket_is_refused_for_its_signature() {
             first: zero,
             second: TerminalId::from_bytes(second),
             server: zero,
+            issued_at: 0,
             not_after: 0,
             nonce: [0; 16],
         },

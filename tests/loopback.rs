@@ -273,11 +273,18 @@ async fn server_refuses_forged_replayed_expired_and_misdirected_tickets() {
     let a = Identity::generate().unwrap();
     let b = Identity::generate().unwrap();
     let mallory = Identity::generate().unwrap();
+    // A is attached to the server (tickets of terminals never seen there are refused).
+    let a_conn = raw_connect(&a, server.id(), server.local_addr()).await;
+    assert!(matches!(
+        net::request(&a_conn, RequestBody::SetSession(None)).await,
+        Ok(ResponseBody::SessionStored)
+    ));
     let conn = raw_connect(&b, server.id(), server.local_addr()).await;
     let good = |nonce: u8| Ticket {
         first: a.id(),
         second: b.id(),
         server: server.id(),
+        issued_at: unix_now(),
         not_after: unix_now() + 60,
         nonce: [nonce; 16],
     };
@@ -307,23 +314,42 @@ async fn server_refuses_forged_replayed_expired_and_misdirected_tickets() {
         ..good(4)
     };
     assert_refused(follow(&conn, expired, &a, b.id()).await, "expired");
-    // Longer than the server's maximum lease (1 h by default): linked, but capped.
+    // Longer than the server's maximum lease (1 h by default): refused, so its nonce need not
+    // be remembered for longer than a lease.
     let long = Ticket {
-        not_after: unix_now() + 10 * 3600,
+        not_after: unix_now() + 3600 + 60,
         ..good(5)
     };
-    match follow(&conn, long, &a, b.id()).await {
-        ResponseBody::Linked { until, .. } => assert!(until <= unix_now() + 3600, "{until}"),
-        other => panic!("{other:?}"),
-    }
-    // Valid for longer than any ticket may be (a week): refused.
-    let absurd = Ticket {
-        not_after: unix_now() + 30 * 24 * 3600,
+    assert_refused(
+        follow(&conn, long, &a, b.id()).await,
+        "longer than the server's maximum lease",
+    );
+    // Issued a week ago for a week and a bit: refused although little of it is left.
+    let hoarded = Ticket {
+        issued_at: unix_now() - 7 * 24 * 3600,
+        not_after: unix_now() + 60,
         ..good(8)
     };
     assert_refused(
-        follow(&conn, absurd, &a, b.id()).await,
-        "longer than the server accepts",
+        follow(&conn, hoarded, &a, b.id()).await,
+        "longer than the server's maximum lease",
+    );
+    // Dated in the future.
+    let future = Ticket {
+        issued_at: unix_now() + 3600,
+        not_after: unix_now() + 3660,
+        ..good(9)
+    };
+    assert_refused(follow(&conn, future, &a, b.id()).await, "in the future");
+    // Signed by a terminal that never attached to this server.
+    let stranger = Identity::generate().unwrap();
+    let unknown = Ticket {
+        first: stranger.id(),
+        ..good(10)
+    };
+    assert_refused(
+        follow(&conn, unknown, &stranger, b.id()).await,
+        "not attached to this server",
     );
     // Good, then replayed.
     assert!(matches!(
@@ -477,8 +503,8 @@ async fn untrust_ends_the_live_link_and_refuses_later_pulls() {
     a.set_session(Some(session("before")), WAIT).await;
     b.pull("a", WAIT).await.unwrap();
     let mut pushes = b.subscribe();
-    let (changed, revoked) = a.untrust(b.id()).await.unwrap();
-    assert!(changed);
+    let (untrusted, revoked) = a.untrust(b.id()).await.unwrap();
+    assert!(untrusted.changed && !untrusted.in_config);
     assert_eq!(revoked, Some(true), "the server ended B's live link");
     // A's next change no longer reaches B.
     a.set_session(Some(session("after")), WAIT).await;

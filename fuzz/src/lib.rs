@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use std::sync::OnceLock;
 
 use handoff::identity::{Identity, TerminalId};
-use handoff::wire::ticket::{Expectation, ReplayCache, TicketError};
+use handoff::wire::ticket::{Expectation, ReplayCache, TicketError, MAX_CLOCK_SKEW};
 use handoff::wire::txt::{Advert, TxtError, MAX_NAME_LEN};
 use handoff::wire::{
     decode_frame, decode_header, decode_payload, encode_frame, PushAck, Request, RequestBody,
@@ -236,8 +236,9 @@ pub fn fuzz_identity() -> &'static Identity {
     IDENTITY.get_or_init(|| Identity::generate().expect("generate the fuzzing identity"))
 }
 
-/// Bytes of a ticket's fields in [`Ticket::signing_bytes`]: three IDs, `not_after`, the nonce.
-const TICKET_FIELDS_LEN: usize = 32 * 3 + 8 + 16;
+/// Bytes of a ticket's fields in [`Ticket::signing_bytes`]: three IDs, `issued_at`, `not_after`,
+/// the nonce.
+const TICKET_FIELDS_LEN: usize = 32 * 3 + 8 * 2 + 16;
 
 /// What the `ticket` target saw.
 #[derive(Debug)]
@@ -260,7 +261,7 @@ pub struct TicketOutcome {
 /// | 9..17 | the longest ticket lifetime the server accepts |
 /// | 17..19, 19 | the signing byte to mutate and the XOR mask (signature property, with bit 1) |
 /// | 20..36 | 8 replay steps: a nonce tweak, seconds to advance the clock |
-/// | 36.. | a `Request` payload, or first, second, server, not_after, nonce, signature |
+/// | 36.. | a `Request` payload, or first, second, server, issued_at, not_after, nonce, signature |
 ///
 /// Properties: `check` answers exactly what the rules of DESIGN §5 say, in their order, and no
 /// ticket verifies unless the fuzzing identity signed it (small-order keys excepted, see
@@ -348,7 +349,9 @@ fn expected_check(t: &Ticket, expect: &Expectation, signed_by_us: bool) -> Resul
         Err(TicketError::WrongServer)
     } else if t.not_after <= expect.now {
         Err(TicketError::Expired)
-    } else if u128::from(t.not_after) - u128::from(expect.now) > u128::from(expect.max_lifetime) {
+    } else if u128::from(t.issued_at) > u128::from(expect.now) + u128::from(MAX_CLOCK_SKEW) {
+        Err(TicketError::IssuedInFuture)
+    } else if t.not_after.saturating_sub(t.issued_at) > expect.max_lifetime {
         Err(TicketError::LeaseTooLong)
     } else {
         Ok(())
@@ -421,12 +424,14 @@ pub fn signature_property(ticket: Ticket, now: u64, index: usize, mask: u8) {
         second: ticket.second,
         server: ticket.server,
         now,
-        max_lifetime: ticket.not_after.saturating_sub(now),
+        max_lifetime: ticket.not_after.saturating_sub(ticket.issued_at),
     };
-    let expected = if ticket.not_after > now {
-        Ok(())
-    } else {
+    let expected = if ticket.not_after <= now {
         Err(TicketError::Expired)
+    } else if u128::from(ticket.issued_at) > u128::from(now) + u128::from(MAX_CLOCK_SKEW) {
+        Err(TicketError::IssuedInFuture)
+    } else {
+        Ok(())
     };
     assert_eq!(signed.check(&matching), expected, "a freshly signed ticket");
 
@@ -467,19 +472,28 @@ pub fn signature_property(ticket: Ticket, now: u64, index: usize, mask: u8) {
     assert_eq!(forged.check(&matching), Err(TicketError::BadSignature));
 }
 
-/// A signed ticket from raw bytes: first, second, server, not_after (big-endian), nonce,
-/// signature; missing bytes are zero.
+/// A signed ticket from raw bytes in the order of [`Ticket::signing_bytes`]: first, second,
+/// server, issued_at, not_after (both big-endian), nonce; then the signature. Missing bytes are
+/// zero.
 fn raw_ticket(bytes: &[u8]) -> SignedTicket {
     let mut input = Reader(bytes);
+    let first = TerminalId::from_bytes(input.array());
+    let second = TerminalId::from_bytes(input.array());
+    let server = TerminalId::from_bytes(input.array());
+    let issued_at = input.u64();
+    let not_after = input.u64();
+    let nonce = input.array();
+    let signature = Signature(input.array());
     SignedTicket {
         ticket: Ticket {
-            first: TerminalId::from_bytes(input.array()),
-            second: TerminalId::from_bytes(input.array()),
-            server: TerminalId::from_bytes(input.array()),
-            not_after: input.u64(),
-            nonce: input.array(),
+            first,
+            second,
+            server,
+            issued_at,
+            not_after,
+            nonce,
         },
-        signature: Signature(input.array()),
+        signature,
     }
 }
 
@@ -488,6 +502,7 @@ fn ticket_fields(t: &Ticket) -> Vec<u8> {
     out.extend_from_slice(t.first.as_bytes());
     out.extend_from_slice(t.second.as_bytes());
     out.extend_from_slice(t.server.as_bytes());
+    out.extend_from_slice(&t.issued_at.to_be_bytes());
     out.extend_from_slice(&t.not_after.to_be_bytes());
     out.extend_from_slice(&t.nonce);
     out

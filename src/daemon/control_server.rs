@@ -217,9 +217,15 @@ async fn handle(daemon: &Daemon, request: ControlRequest) -> Reply {
         },
         ControlRequest::Untrust { id } => match daemon.resolve_id(&id) {
             Ok(id) => match daemon.untrust(id).await {
-                Ok((changed, revoked)) => Reply {
-                    changed: Some(changed),
+                Ok((untrusted, revoked)) => Reply {
+                    changed: Some(untrusted.changed),
                     revoked,
+                    warning: untrusted.in_config.then(|| {
+                        format!(
+                            "the config file still lists {id} in [trust] peers; it stays revoked \
+                             until `handoff trust {id}` (remove it from the config too)"
+                        )
+                    }),
                     ..Reply::ok()
                 },
                 Err(e) => Reply::error(e.to_string()),

@@ -11,7 +11,7 @@
 mod control_server;
 mod follow;
 mod metrics_http;
-mod pairing;
+pub mod pairing;
 mod peer_service;
 mod pull;
 mod reload;
@@ -165,6 +165,9 @@ impl Daemon {
     pub async fn start(config: DaemonConfig, options: DaemonOptions) -> Result<Self, DaemonError> {
         let identity = Identity::load_or_create(&config.state_dir)?;
         let trust = TrustStore::open(&config.state_dir, config.accept, &config.trusted_peers)?;
+        for id in trust.revoked_in_config() {
+            warn!(peer = %id, "[trust] peers lists a peer revoked with `handoff untrust`; it stays revoked until `handoff trust`");
+        }
         let inbox = Inbox::open(&config.state_dir)?;
         let limits = config.limits;
         let peer_transport = TransportLimits {
@@ -335,7 +338,7 @@ impl Daemon {
             .into_iter()
             .map(|p| PeerRecord {
                 id: p.id.to_string(),
-                name: p.name,
+                name: crate::text::clean(p.name),
                 addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
                 port: p.port,
                 trusted: self.shared.trust.is_trusted(&p.id),
@@ -378,6 +381,9 @@ impl Daemon {
     }
 
     pub fn trust(&self, id: TerminalId) -> Result<bool, TrustError> {
+        if id == self.id() {
+            return Err(TrustError::Myself(id));
+        }
         let changed = self.shared.trust.trust(id)?;
         if changed {
             info!(peer = %id, "peer trusted");
@@ -385,25 +391,31 @@ impl Daemon {
         Ok(changed)
     }
 
-    /// Removes `id` from the trust list and asks the home server to end its link to this
-    /// terminal at once. Returns whether the list changed and whether the server removed a link
-    /// (`None`: no server, or it could not be reached; the link then lapses at its lease end).
-    pub async fn untrust(&self, id: TerminalId) -> Result<(bool, Option<bool>), TrustError> {
-        let changed = self.shared.trust.untrust(id)?;
-        if changed {
-            info!(peer = %id, "peer no longer trusted");
+    /// Revokes `id` (DESIGN §7): it leaves the trust list (a config peer stays revoked until
+    /// trusted again), and the home server ends its link and refuses every ticket this terminal
+    /// issued it until now. Returns what the trust list did and whether the server removed a
+    /// link (`None`: no server, or it could not be reached; the revocation is sent again on
+    /// every connection to the server).
+    pub async fn untrust(
+        &self,
+        id: TerminalId,
+    ) -> Result<(crate::trust::Untrusted, Option<bool>), TrustError> {
+        let untrusted = self.shared.trust.untrust(id)?;
+        info!(peer = %id, "peer revoked");
+        if untrusted.in_config {
+            warn!(peer = %id, "the config file still lists this revoked peer in [trust] peers; it stays revoked until `handoff trust`");
         }
-        let revoked = self.revoke_at_server(id).await;
-        Ok((changed, revoked))
+        let revoked = self.revoke_at_server(id, untrusted.at).await;
+        Ok((untrusted, revoked))
     }
 
-    /// Asks the home server to end `id`'s link to this terminal at once. `None`: no server, or
-    /// it could not be reached (the link then lapses at its lease end).
-    pub(crate) async fn revoke_at_server(&self, id: TerminalId) -> Option<bool> {
+    /// Asks the home server to end `id`'s link to this terminal at once and refuse the tickets
+    /// issued it at or before `at`. `None`: no server, or it could not be reached.
+    pub(crate) async fn revoke_at_server(&self, id: TerminalId, at: u64) -> Option<bool> {
         let home = self.shared.home.clone()?;
         match tokio::time::timeout(
             Duration::from_secs(2),
-            home.request(self, wire::RequestBody::Revoke { second: id }),
+            home.request(self, wire::RequestBody::Revoke { second: id, at }),
         )
         .await
         {
@@ -534,14 +546,20 @@ impl Daemon {
     }
 
     fn run_hook(&self, hook: Vec<String>, record: PushRecord) {
-        let argv: Vec<String> = hook
-            .iter()
-            .map(|arg| {
-                arg.replace("{uri}", &record.uri)
-                    .replace("{title}", &record.title)
-                    .replace("{from}", record.from.as_deref().unwrap_or(""))
-            })
-            .collect();
+        let schemes = lock(&self.shared.live).hook_schemes.clone();
+        let argv = match crate::hook::argv(&hook, &record, &schemes) {
+            Ok(argv) => argv,
+            Err(refusal) => {
+                self.shared.metrics.inc("handoff_hooks_refused_total", None);
+                if let Some(suppressed) = self.shared.guards.log.check("hook_refused") {
+                    warn!(
+                        offset = record.offset,
+                        suppressed, "on_push hook not run for this push: {refusal}"
+                    );
+                }
+                return;
+            }
+        };
         let slots = self.shared.hooks.clone();
         self.spawn(
             async move {

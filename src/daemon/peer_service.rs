@@ -205,11 +205,15 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
     };
     let mut nonce = [0u8; 16];
     rand::rng().fill_bytes(&mut nonce);
+    // Dated after any revocation of this peer, so the server never takes it for a ticket
+    // issued before one.
+    let issued_at = unix_now().max(shared.trust.ticket_floor(&peer));
     let ticket = Ticket {
         first: daemon.id(),
         second: peer,
         server: home.server.id,
-        not_after: unix_now() + shared.config.lease.as_secs(),
+        issued_at,
+        not_after: issued_at + shared.config.lease.as_secs(),
         nonce,
     }
     .sign(&shared.identity);

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::server_link::{explain_connect_error, is_key_mismatch, LinkError};
 use super::Daemon;
 use crate::control::{PullTiming, PushRecord};
-use crate::net::{self, varint, RequestError};
+use crate::net::{self, unix_now, varint, RequestError};
 use crate::peer::{FindError, Peer};
 use crate::tls::SERVER_NAME;
 use crate::wire::{ErrorCode, InfoRequest, Refusal, RequestBody, ResponseBody};
@@ -181,7 +181,14 @@ impl Daemon {
             ticket: info.ticket.clone(),
         });
         let (until, has_session) = match link.request(self, request).await? {
-            ResponseBody::Linked { until, has_session } => (until, has_session),
+            // The server is trusted only as far as the ticket goes: whatever it answers, the
+            // link ends with the ticket, and never later than this terminal's own lease.
+            ResponseBody::Linked { until, has_session } => (
+                until
+                    .min(ticket.not_after)
+                    .min(unix_now().saturating_add(self.shared.config.lease.as_secs())),
+                has_session,
+            ),
             ResponseBody::Refused(refusal) => {
                 return Err(PullError::Refused {
                     by: format!("server {}", info.server.id.short()),

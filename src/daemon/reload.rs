@@ -17,6 +17,7 @@ pub(crate) struct LiveConfig {
     pub follow_peers: Vec<crate::identity::TerminalId>,
     pub follow_auto: bool,
     pub on_push: Vec<String>,
+    pub hook_schemes: Vec<String>,
 }
 
 impl LiveConfig {
@@ -25,6 +26,7 @@ impl LiveConfig {
             follow_peers: config.follow_peers.clone(),
             follow_auto: config.follow_auto,
             on_push: config.on_push.clone(),
+            hook_schemes: config.hook_schemes.clone(),
         }
     }
 }
@@ -60,7 +62,14 @@ impl Daemon {
             let daemon = self.clone();
             self.spawn(
                 async move {
-                    let revoked = daemon.revoke_at_server(id).await;
+                    let at = match daemon.shared.trust.note_dropped(id) {
+                        Ok(at) => at,
+                        Err(e) => {
+                            warn!("{e}");
+                            crate::net::unix_now()
+                        }
+                    };
+                    let revoked = daemon.revoke_at_server(id, at).await;
                     info!(peer = %id.short(), ?revoked, "no longer trusted after reload");
                 },
                 tracing::info_span!("revoke"),
@@ -77,6 +86,9 @@ impl Daemon {
                     live.follow_peers.len(),
                     live.follow_auto
                 ));
+            }
+            if current.hook_schemes != live.hook_schemes {
+                report.applied.push("hooks.schemes".to_string());
             }
             if current.on_push != live.on_push {
                 report.applied.push("hooks.on_push".to_string());

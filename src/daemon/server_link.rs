@@ -93,6 +93,17 @@ impl ServerLink {
             warn!(server = %self.server.id.short(), ?cursor, epoch, "the server could not resume this terminal's pushes; it resends the current state");
         }
         info!(server = %self.server.id.short(), remote = %conn.remote_address(), epoch, start, "connected to server");
+        if self.home {
+            // Revocations the server may have missed (made while it was unreachable) go first.
+            for (second, at) in daemon.shared.trust.revocations() {
+                match net::request(&conn, RequestBody::Revoke { second, at }).await {
+                    Ok(ResponseBody::Revoked { .. }) => {
+                        debug!(peer = %second.short(), at, "revocation sent")
+                    }
+                    other => warn!(peer = %second.short(), "revocation not confirmed: {other:?}"),
+                }
+            }
+        }
         self.connected.store(true, Ordering::Relaxed);
         *slot = Some(conn.clone());
         daemon.spawn(

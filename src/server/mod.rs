@@ -47,8 +47,6 @@ const FAST_PATH: usize = 1024;
 /// Items read from the log at a time when catching up.
 const PAGE: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest a ticket may be valid; bounds how long its nonce is remembered.
-const MAX_TICKET_LIFETIME: u64 = 7 * 24 * 3600;
 /// How often expired items, links and nonces are swept from the store.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -731,16 +729,23 @@ impl Server {
                     .map(|_| ResponseBody::SessionStored)
             }
             RequestBody::Follow(request) => self.follow(id, request).await,
-            RequestBody::Revoke { second } => self
-                .shared
-                .store
-                .write_one(Op::Unlink { first: id, second })
-                .await
-                .map(|o| {
+            RequestBody::Revoke { second, at } => {
+                // Kept until every ticket issued up to `at` has expired, whichever clock is ahead.
+                let keep_until = unix_now().max(at).saturating_add(
+                    self.shared.limits.max_lease.as_secs() + wire::ticket::MAX_CLOCK_SKEW,
+                );
+                let revoke = Op::Revoke {
+                    first: id,
+                    second,
+                    at,
+                    keep_until,
+                };
+                self.shared.store.write_one(revoke).await.map(|o| {
                     let removed = o == Outcome::Removed(true);
-                    info!(second = %second.short(), removed, "link revoked by its first terminal");
+                    info!(second = %second.short(), removed, "revoked by its first terminal");
                     ResponseBody::Revoked { removed }
-                }),
+                })
+            }
             RequestBody::Hello { .. } => unreachable!("hello is handled by the connection loop"),
             RequestBody::InterfaceInfo | RequestBody::Pair(_) => {
                 Ok(ResponseBody::Refused(Refusal {
@@ -786,7 +791,7 @@ impl Server {
             second,
             server: self.id(),
             now,
-            max_lifetime: MAX_TICKET_LIFETIME,
+            max_lifetime: self.shared.limits.max_lease.as_secs(),
         };
         if let Err(e) = request.ticket.check(&expect) {
             return refuse(e.to_string());
@@ -797,13 +802,22 @@ impl Server {
             .not_after
             .min(now + self.shared.limits.max_lease.as_secs());
         let first = request.first;
-        let session = self.shared.store.read(move |b| b.session(&first)).await?;
+        let (known, session) = self
+            .shared
+            .store
+            .read(move |b| Ok((b.known(&first)?, b.session(&first)?)))
+            .await?;
+        if !known {
+            // Tickets between keys that never attached here would only fill the store.
+            return refuse(wire::ticket::TicketError::UnknownFirst.to_string());
+        }
         let ttl = self.shared.push.default_ttl;
         let push = session.as_ref().map(|s| NewPush::session(first, s, ttl));
         // Nonce, link and the session push in one atomic step and one commit.
         let follow = Op::Follow {
             first,
             second,
+            issued_at: ticket.issued_at,
             nonce: ticket.nonce,
             not_after: ticket.not_after,
             until,
@@ -824,6 +838,7 @@ impl Server {
             Outcome::Fresh(None) => {
                 return refuse(wire::ticket::TicketError::ReplayCacheFull.to_string())
             }
+            Outcome::Revoked => return refuse(wire::ticket::TicketError::Revoked.to_string()),
             _ => return refuse(wire::ticket::TicketError::Replayed.to_string()),
         }
         info!(first = %first.short(), until, "linked");

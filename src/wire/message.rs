@@ -34,8 +34,10 @@ pub enum RequestBody {
     Follow(InfoRequest),
     /// Terminal → terminal: one step of pairing (see [`PairStep`]).
     Pair(PairStep),
-    /// Terminal → its server: end the link of `second` following this terminal (revocation).
-    Revoke { second: TerminalId },
+    /// Terminal → its server: end the link of `second` following this terminal and refuse
+    /// every ticket this terminal issued for `second` at or before `at` (Unix seconds, by this
+    /// terminal's clock): revocation.
+    Revoke { second: TerminalId, at: u64 },
     /// Terminal → server, first on every connection: where its push log left off. The server
     /// answers [`ResponseBody::Welcome`] and then opens the push stream.
     Hello { cursor: Option<Cursor> },
@@ -49,13 +51,21 @@ pub struct Cursor {
 }
 
 /// Pairing is commit-then-reveal, so neither side can choose its nonce after seeing the other's:
-/// the terminal with the smaller ID sends `Commit` (a hash of its nonce), the other answers with
-/// its own nonce ([`ResponseBody::PairNonce`]), then the first reveals its nonce. Both derive the
-/// 6-digit code from both keys and both nonces.
+/// the terminal with the smaller ID (the initiator) sends `Commit` (a hash of both IDs and its
+/// nonce), the other answers with its own nonce ([`ResponseBody::PairNonce`]), then the initiator
+/// reveals its nonce. Both derive the 6-digit code from both keys and both nonces. Every attempt
+/// uses fresh nonces on both sides, and any deviation ends the attempt (docs/PROTOCOL.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PairStep {
-    Commit { commitment: [u8; 32] },
-    Reveal { nonce: [u8; 16] },
+    Commit {
+        commitment: [u8; 32],
+    },
+    Reveal {
+        nonce: [u8; 16],
+    },
+    /// Responder → initiator: "my user started pairing with you" (so the initiator's user sees
+    /// the request). Changes nothing on the initiator but its list of pairing requests.
+    Invite,
 }
 
 /// The information request of patent S120: both identifiers and the ticket `first` signed.
@@ -171,7 +181,10 @@ pub struct Ticket {
     pub first: TerminalId,
     pub second: TerminalId,
     pub server: ServerId,
-    /// Unix seconds.
+    /// Unix seconds, by the first terminal's clock. A revocation by `first` refuses every ticket
+    /// for `second` issued at or before it.
+    pub issued_at: u64,
+    /// Unix seconds; at most the server's maximum lease after `issued_at`.
     pub not_after: u64,
     pub nonce: [u8; 16],
 }

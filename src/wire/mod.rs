@@ -17,10 +17,10 @@ pub use message::*;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// The ALPN every handoff connection negotiates; the version is the protocol major.
-pub const ALPN: &[u8] = b"handoff/1";
+pub const ALPN: &[u8] = b"handoff/2";
 
 /// The protocol major, advertised in mDNS TXT `v`.
-pub const PROTOCOL_MAJOR: u32 = 1;
+pub const PROTOCOL_MAJOR: u32 = 2;
 
 /// Hard cap on one frame's payload, checked before allocating.
 pub const MAX_FRAME: usize = 64 * 1024;

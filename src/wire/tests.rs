@@ -26,6 +26,7 @@ fn signed_ticket() -> SignedTicket {
             first: id(1),
             second: id(2),
             server: id(3),
+            issued_at: 200,
             not_after: 300,
             nonce: [4; 16],
         },
@@ -88,7 +89,7 @@ fn golden_requests() {
                     ticket: signed_ticket(),
                 }),
             },
-            "000000f60702<01*32><02*32><01*32><02*32><03*32>fb2c01<04*16>40<05*64>",
+            "000000f70702<01*32><02*32><01*32><02*32><03*32>c8fb2c01<04*16>40<05*64>",
         ),
     ];
     for (message, expected) in cases {
@@ -114,7 +115,7 @@ fn golden_responses() {
                 id: 7,
                 body: ResponseBody::InterfaceInfo(Box::new(info)),
             },
-            "000000fc0700<03*32>0103683a31<01*32>00<01*32><02*32><03*32>fb2c01<04*16>40<05*64>",
+            "000000fd0700<03*32>0103683a31<01*32>00<01*32><02*32><03*32>c8fb2c01<04*16>40<05*64>",
         ),
         (
             Response {
@@ -245,16 +246,17 @@ fn arb_ticket() -> impl Strategy<Value = SignedTicket> {
         arb_id(),
         arb_id(),
         arb_id(),
-        any::<u64>(),
+        any::<(u64, u64)>(),
         any::<[u8; 16]>(),
         proptest::collection::vec(any::<u8>(), 64),
     )
         .prop_map(
-            |(first, second, server, not_after, nonce, sig)| SignedTicket {
+            |(first, second, server, (issued_at, not_after), nonce, sig)| SignedTicket {
                 ticket: Ticket {
                     first,
                     second,
                     server,
+                    issued_at,
                     not_after,
                     nonce,
                 },

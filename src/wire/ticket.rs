@@ -1,8 +1,9 @@
 //! Tickets (DESIGN §5, §7): made and signed by the first terminal, checked by the server.
 //!
-//! A ticket is bound to one second terminal, one server, a short lifetime and a single-use nonce.
-//! The signature covers a domain-separated encoding, so it cannot be confused with any other
-//! signature the same key makes.
+//! A ticket is bound to one second terminal, one server, a short lifetime (never longer than the
+//! server's maximum lease) and a single-use nonce; its issue time lets the first terminal revoke
+//! every ticket it gave a peer before a moment. The signature covers a domain-separated encoding,
+//! so it cannot be confused with any other signature the same key makes.
 
 use std::collections::HashMap;
 
@@ -10,16 +11,20 @@ use super::{Signature, SignedTicket, Ticket};
 use crate::identity::{Identity, ServerId, TerminalId};
 
 /// Prefix of the signed bytes: protocol, purpose, separator.
-const DOMAIN: &[u8] = b"handoff/1 ticket\0";
+const DOMAIN: &[u8] = b"handoff/2 ticket\0";
+
+/// How far the first terminal's clock may run ahead of the server's, in seconds.
+pub const MAX_CLOCK_SKEW: u64 = 300;
 
 impl Ticket {
     /// The exact bytes the first terminal signs: the domain, then the fields in order.
     pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(DOMAIN.len() + 32 * 3 + 8 + 16);
+        let mut out = Vec::with_capacity(DOMAIN.len() + 32 * 3 + 8 * 2 + 16);
         out.extend_from_slice(DOMAIN);
         out.extend_from_slice(self.first.as_bytes());
         out.extend_from_slice(self.second.as_bytes());
         out.extend_from_slice(self.server.as_bytes());
+        out.extend_from_slice(&self.issued_at.to_be_bytes());
         out.extend_from_slice(&self.not_after.to_be_bytes());
         out.extend_from_slice(&self.nonce);
         out
@@ -48,12 +53,18 @@ pub enum TicketError {
     WrongServer,
     #[error("the ticket has expired")]
     Expired,
-    #[error("the ticket is valid for longer than the server accepts")]
+    #[error("the ticket is valid for longer than the server's maximum lease")]
     LeaseTooLong,
+    #[error("the ticket was issued in the future (check the first terminal's clock)")]
+    IssuedInFuture,
     #[error("the ticket was already used")]
     Replayed,
-    #[error("too many live tickets; try again later")]
+    #[error("the first terminal has too many live tickets; try again later")]
     ReplayCacheFull,
+    #[error("the first terminal revoked this second terminal's tickets")]
+    Revoked,
+    #[error("the first terminal is not attached to this server")]
+    UnknownFirst,
 }
 
 /// What the server expects of a ticket presented on one connection.
@@ -67,8 +78,8 @@ pub struct Expectation {
     pub server: ServerId,
     /// Now, in Unix seconds.
     pub now: u64,
-    /// The longest a ticket may be valid, in seconds. It bounds how long a nonce must be
-    /// remembered; the link itself is capped separately by the server's maximum lease.
+    /// The longest a ticket may be valid from its issue time, in seconds: the server's maximum
+    /// lease. With [`MAX_CLOCK_SKEW`] it bounds how long a nonce must be remembered.
     pub max_lifetime: u64,
 }
 
@@ -91,17 +102,21 @@ impl SignedTicket {
         if t.not_after <= expect.now {
             return Err(TicketError::Expired);
         }
-        if t.not_after - expect.now > expect.max_lifetime {
+        if t.issued_at > expect.now.saturating_add(MAX_CLOCK_SKEW) {
+            return Err(TicketError::IssuedInFuture);
+        }
+        if t.not_after.saturating_sub(t.issued_at) > expect.max_lifetime {
             return Err(TicketError::LeaseTooLong);
         }
         Ok(())
     }
 }
 
-/// Remembers used nonces until their tickets expire; bounded in size.
+/// Remembers used nonces until their tickets expire, per first terminal: each first terminal has
+/// `capacity` slots, so tickets minted between strangers' own keys never use another terminal's.
 #[derive(Debug)]
 pub struct ReplayCache {
-    used: HashMap<(TerminalId, [u8; 16]), u64>,
+    used: HashMap<TerminalId, HashMap<[u8; 16], u64>>,
     capacity: usize,
 }
 
@@ -115,8 +130,8 @@ impl ReplayCache {
 
     /// Records the ticket's nonce, or refuses it if it was seen before.
     ///
-    /// Expired entries are dropped when the cache is full; a ticket can never be replayed after
-    /// its entry is dropped, because by then it has expired too.
+    /// Expired entries are dropped when the first terminal's slots are full; a ticket can never
+    /// be replayed after its entry is dropped, because by then it has expired too.
     pub fn check_and_insert(&mut self, ticket: &Ticket, now: u64) -> Result<(), TicketError> {
         self.use_nonce(ticket.first, ticket.nonce, ticket.not_after, now)
     }
@@ -129,32 +144,36 @@ impl ReplayCache {
         not_after: u64,
         now: u64,
     ) -> Result<(), TicketError> {
-        let key = (first, nonce);
-        if self.used.contains_key(&key) {
+        let used = self.used.entry(first).or_default();
+        if used.contains_key(&nonce) {
             return Err(TicketError::Replayed);
         }
-        if self.used.len() >= self.capacity {
-            self.expire(now);
-            if self.used.len() >= self.capacity {
+        if used.len() >= self.capacity {
+            used.retain(|_, n| *n > now);
+            if used.len() >= self.capacity {
                 return Err(TicketError::ReplayCacheFull);
             }
         }
-        self.used.insert(key, not_after);
+        used.insert(nonce, not_after);
         Ok(())
     }
 
     /// Forgets nonces of tickets expired at `now`.
     pub fn expire(&mut self, now: u64) {
-        self.used.retain(|_, not_after| *not_after > now);
+        self.used.retain(|_, used| {
+            used.retain(|_, not_after| *not_after > now);
+            !used.is_empty()
+        });
     }
 
-    /// Changes the capacity (it applies from the next insertion on).
+    /// Changes the capacity per first terminal (it applies from the next insertion on).
     pub fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity;
     }
 
+    /// Nonces remembered, over all first terminals.
     pub fn len(&self) -> usize {
-        self.used.len()
+        self.used.values().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -187,6 +206,7 @@ mod tests {
             first: f.a.id(),
             second: f.b.id(),
             server: f.server.id(),
+            issued_at: NOW,
             not_after: NOW + 600,
             nonce: [7; 16],
         }
@@ -282,6 +302,30 @@ mod tests {
     }
 
     #[test]
+    fn a_ticket_longer_than_the_lease_is_refused_whatever_the_server_clock() {
+        let f = fixture();
+        // Issued long ago with a long lifetime: even where little of it is left, refused.
+        let old = Ticket {
+            issued_at: NOW - 7 * 24 * 3600,
+            not_after: NOW + 60,
+            ..ticket(&f)
+        };
+        assert_eq!(
+            old.sign(&f.a).check(&expect(&f)),
+            Err(TicketError::LeaseTooLong)
+        );
+        let future = Ticket {
+            issued_at: NOW + MAX_CLOCK_SKEW + 1,
+            not_after: NOW + MAX_CLOCK_SKEW + 60,
+            ..ticket(&f)
+        };
+        assert_eq!(
+            future.sign(&f.a).check(&expect(&f)),
+            Err(TicketError::IssuedInFuture)
+        );
+    }
+
+    #[test]
     fn replayed_nonce_is_refused() {
         let f = fixture();
         let t = ticket(&f);
@@ -319,5 +363,13 @@ mod tests {
             Err(TicketError::Replayed)
         );
         assert_eq!(cache.len(), 2);
+        // Another first terminal has slots of its own.
+        let other = Identity::generate().unwrap();
+        let theirs = Ticket {
+            first: other.id(),
+            ..mk(9, NOW + 1000)
+        };
+        assert_eq!(cache.check_and_insert(&theirs, NOW + 20), Ok(()));
+        assert_eq!(cache.len(), 3);
     }
 }

@@ -190,6 +190,8 @@ pub fn nonces_are_single_use_and_bounded(b: &mut dyn Backend) {
     let use_nonce = |b: &mut dyn Backend, n: u8, not_after: u64, now: u64| match b
         .apply(&[Op::UseNonce {
             first: id(1),
+            second: id(2),
+            issued_at: NOW,
             nonce: [n; 16],
             not_after,
             now,
@@ -209,11 +211,102 @@ pub fn nonces_are_single_use_and_bounded(b: &mut dyn Backend) {
     assert_eq!(use_nonce(b, 2, NOW + 100, NOW + 20), Some(false));
 }
 
+/// Nonces are counted per first terminal: one terminal's full quota (a stranger minting
+/// tickets between its own keys) never refuses another's.
+pub fn nonce_quotas_are_per_first_terminal(b: &mut dyn Backend) {
+    let use_nonce = |b: &mut dyn Backend, first: u8, n: u8| match b
+        .apply(&[Op::UseNonce {
+            first: id(first),
+            second: id(9),
+            issued_at: NOW,
+            nonce: [n; 16],
+            not_after: NOW + 100,
+            now: NOW,
+            capacity: 3,
+        }])
+        .unwrap()[0]
+    {
+        Outcome::Fresh(f) => f,
+        other => panic!("{other:?}"),
+    };
+    for n in 0..3 {
+        assert_eq!(use_nonce(b, 5, n), Some(true));
+    }
+    assert_eq!(use_nonce(b, 5, 3), None, "terminal 5's quota is full");
+    for n in 0..3 {
+        assert_eq!(use_nonce(b, 6, n), Some(true), "terminal 6 has its own");
+    }
+    // A sweep keeps the count right: nothing expired yet, still full.
+    b.apply(&[Op::Sweep { now: NOW + 1 }]).unwrap();
+    assert_eq!(use_nonce(b, 5, 4), None);
+}
+
+/// A revocation ends the link and refuses every ticket issued up to its time, and only those;
+/// nothing changes for a refused ticket.
+pub fn revocations_refuse_older_tickets(b: &mut dyn Backend) {
+    let follow = |b: &mut dyn Backend, issued_at: u64, n: u8, now: u64| {
+        b.apply(&[Op::Follow {
+            first: id(1),
+            second: id(2),
+            issued_at,
+            nonce: [n; 16],
+            not_after: issued_at + 60,
+            until: issued_at + 60,
+            now,
+            capacity: 10,
+            push: None,
+        }])
+        .unwrap()[0]
+    };
+    assert_eq!(follow(b, NOW, 1, NOW), Outcome::Followed(None));
+    let revoke = Op::Revoke {
+        first: id(1),
+        second: id(2),
+        at: NOW + 5,
+        keep_until: NOW + 100,
+    };
+    assert_eq!(b.apply(&[revoke]).unwrap(), [Outcome::Removed(true)]);
+    assert!(b.followers(&id(1), NOW + 5).unwrap().is_empty());
+    // A hoarded ticket issued before (or in the same second as) the revocation: refused, and
+    // its nonce is not used up.
+    assert_eq!(follow(b, NOW + 2, 2, NOW + 6), Outcome::Revoked);
+    assert_eq!(follow(b, NOW + 5, 3, NOW + 6), Outcome::Revoked);
+    assert!(b.followers(&id(1), NOW + 6).unwrap().is_empty());
+    // Another second terminal, or another first terminal, is not affected.
+    let other = Op::Follow {
+        first: id(1),
+        second: id(3),
+        issued_at: NOW,
+        nonce: [4; 16],
+        not_after: NOW + 60,
+        until: NOW + 60,
+        now: NOW + 6,
+        capacity: 10,
+        push: None,
+    };
+    assert_eq!(b.apply(&[other]).unwrap(), [Outcome::Followed(None)]);
+    // A ticket issued after the revocation (the peer was trusted again) works.
+    assert_eq!(follow(b, NOW + 6, 2, NOW + 6), Outcome::Followed(None));
+    // An older revocation sent again does not move the time back.
+    let older = Op::Revoke {
+        first: id(1),
+        second: id(2),
+        at: NOW,
+        keep_until: NOW + 100,
+    };
+    b.apply(&[older]).unwrap();
+    assert_eq!(follow(b, NOW + 4, 5, NOW + 6), Outcome::Revoked);
+    // A sweep before the revocation stops mattering keeps it.
+    b.apply(&[Op::Sweep { now: NOW + 50 }]).unwrap();
+    assert_eq!(follow(b, NOW + 4, 6, NOW + 50), Outcome::Revoked);
+}
+
 pub fn follows_are_one_step_and_refused_replays_change_nothing(b: &mut dyn Backend) {
     let follow = |b: &mut dyn Backend, second: u8, n: u8, with_push: bool| {
         b.apply(&[Op::Follow {
             first: id(1),
             second: id(second),
+            issued_at: NOW,
             nonce: [n; 16],
             not_after: NOW + 60,
             until: NOW + 50,
@@ -356,6 +449,16 @@ macro_rules! conformance_tests {
                 super::nonces_are_single_use_and_bounded(b.as_mut());
             }
             #[test]
+            fn nonce_quotas_are_per_first_terminal() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::nonce_quotas_are_per_first_terminal(b.as_mut());
+            }
+            #[test]
+            fn revocations_refuse_older_tickets() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::revocations_refuse_older_tickets(b.as_mut());
+            }
+            #[test]
             fn sessions_and_known_terminals() {
                 let Some((_guard, mut b)) = $make else { return };
                 super::sessions_and_known_terminals(b.as_mut());
@@ -411,7 +514,33 @@ fn embedded_store_survives_reopening_with_its_epoch() {
         .unwrap();
         b.epoch()
     };
-    let b = EmbeddedBackend::open(&path).unwrap();
+    {
+        let mut b = EmbeddedBackend::open(&path).unwrap();
+        b.apply(&[Op::Revoke {
+            first: id(7),
+            second: id(8),
+            at: NOW,
+            keep_until: NOW + 100,
+        }])
+        .unwrap();
+    }
+    let mut b = EmbeddedBackend::open(&path).unwrap();
+    let hoarded = Op::Follow {
+        first: id(7),
+        second: id(8),
+        issued_at: NOW - 1,
+        nonce: [1; 16],
+        not_after: NOW + 60,
+        until: NOW + 60,
+        now: NOW,
+        capacity: 10,
+        push: None,
+    };
+    assert_eq!(
+        b.apply(&[hoarded]).unwrap(),
+        [Outcome::Revoked],
+        "a revocation survives a restart"
+    );
     assert_eq!(b.epoch(), epoch);
     assert_eq!(titles(&b, id(1), 0, NOW), ["kept"]);
     assert!(b.known(&id(1)).unwrap());
@@ -533,6 +662,8 @@ fn redis_key_layout() {
         },
         Op::UseNonce {
             first: id(1),
+            second: id(2),
+            issued_at: NOW,
             nonce: [7; 16],
             not_after: NOW + 100,
             now: NOW,
@@ -613,6 +744,8 @@ fn redis_sweep_leaves_only_live_state() {
         },
         Op::UseNonce {
             first: id(1),
+            second: id(2),
+            issued_at: NOW,
             nonce: [7; 16],
             not_after: NOW + 10,
             now: NOW,

@@ -4,10 +4,7 @@
 
 use std::path::Path;
 
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{new_epoch, Backend, LogRead, Op, Outcome, StoreError, StoredPush};
 use crate::identity::TerminalId;
@@ -24,6 +21,10 @@ const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("sessions");
 const LINKS: TableDefinition<(Id, Id), u64> = TableDefinition::new("links");
 const LINKS_BY_SECOND: TableDefinition<(Id, Id), u64> = TableDefinition::new("links_by_second");
 const NONCES: TableDefinition<(Id, &[u8; 16]), u64> = TableDefinition::new("nonces");
+/// first → how many nonces of its tickets `NONCES` holds (the per-terminal quota).
+const NONCE_COUNTS: TableDefinition<Id, u64> = TableDefinition::new("nonce_counts");
+/// (first, second) → (revoked at, by first's clock; keep until).
+const REVOKED: TableDefinition<(Id, Id), (u64, u64)> = TableDefinition::new("revoked");
 /// (recipient, offset) → encoded [`StoredPush`].
 const LOG: TableDefinition<(Id, u64), &[u8]> = TableDefinition::new("log");
 /// recipient → (next offset, acknowledged below).
@@ -268,25 +269,67 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
                 .map_err(err)?;
             Outcome::Removed(removed)
         }
+        Op::Revoke {
+            first,
+            second,
+            at,
+            keep_until,
+        } => {
+            let mut t = txn.open_table(REVOKED).map_err(err)?;
+            let key = (first.as_bytes(), second.as_bytes());
+            let (old_at, old_keep) = t.get(key).map_err(err)?.map_or((0, 0), |v| v.value());
+            t.insert(key, (old_at.max(*at), old_keep.max(*keep_until)))
+                .map_err(err)?;
+            drop(t);
+            apply_one(
+                txn,
+                &Op::Unlink {
+                    first: *first,
+                    second: *second,
+                },
+            )?
+        }
         Op::UseNonce {
             first,
+            second,
+            issued_at,
             nonce,
             not_after,
             now,
             capacity,
         } => {
+            let revoked = txn
+                .open_table(REVOKED)
+                .map_err(err)?
+                .get((first.as_bytes(), second.as_bytes()))
+                .map_err(err)?
+                .map(|v| v.value().0);
+            if revoked.is_some_and(|at| at >= *issued_at) {
+                return Ok(Outcome::Revoked);
+            }
             let mut t = txn.open_table(NONCES).map_err(err)?;
             if t.get((first.as_bytes(), nonce)).map_err(err)?.is_some() {
                 return Ok(Outcome::Fresh(Some(false)));
             }
-            if t.len().map_err(err)? as usize >= *capacity {
-                t.retain(|_, n| n > *now).map_err(err)?;
-                if t.len().map_err(err)? as usize >= *capacity {
+            let mut counts = txn.open_table(NONCE_COUNTS).map_err(err)?;
+            let mut count = counts
+                .get(first.as_bytes())
+                .map_err(err)?
+                .map_or(0, |v| v.value());
+            if count >= *capacity as u64 {
+                // Only this first terminal's nonces: strangers minting tickets between their
+                // own keys fill only their own quota.
+                let range = (first.as_bytes(), &[0u8; 16])..=(first.as_bytes(), &[0xffu8; 16]);
+                t.retain_in(range.clone(), |_, n| n > *now).map_err(err)?;
+                count = t.range(range).map_err(err)?.count() as u64;
+                if count >= *capacity as u64 {
+                    counts.insert(first.as_bytes(), count).map_err(err)?;
                     return Ok(Outcome::Fresh(None));
                 }
             }
             t.insert((first.as_bytes(), nonce), *not_after)
                 .map_err(err)?;
+            counts.insert(first.as_bytes(), count + 1).map_err(err)?;
             Outcome::Fresh(Some(true))
         }
         Op::Append { to, push, now } => {
@@ -354,9 +397,22 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
                 .map_err(err)?
                 .retain(|_, until| until > *now)
                 .map_err(err)?;
-            txn.open_table(NONCES)
+            let mut nonces = txn.open_table(NONCES).map_err(err)?;
+            nonces.retain(|_, n| n > *now).map_err(err)?;
+            // Recount what is left per first terminal.
+            let mut live: std::collections::HashMap<[u8; 32], u64> = Default::default();
+            for entry in nonces.iter().map_err(err)? {
+                let (k, _) = entry.map_err(err)?;
+                *live.entry(*k.value().0).or_default() += 1;
+            }
+            let mut counts = txn.open_table(NONCE_COUNTS).map_err(err)?;
+            counts.retain(|_, _| false).map_err(err)?;
+            for (first, n) in &live {
+                counts.insert(first, *n).map_err(err)?;
+            }
+            txn.open_table(REVOKED)
                 .map_err(err)?
-                .retain(|_, n| n > *now)
+                .retain(|_, (_, keep)| keep > *now)
                 .map_err(err)?;
             Outcome::Done
         }

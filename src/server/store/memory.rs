@@ -22,6 +22,8 @@ pub struct MemoryBackend {
     /// (first, second) → until.
     links: BTreeMap<(TerminalId, TerminalId), u64>,
     nonces: ReplayCache,
+    /// (first, second) → (revoked at, by first's clock; keep until).
+    revoked: HashMap<(TerminalId, TerminalId), (u64, u64)>,
     logs: HashMap<TerminalId, Log>,
 }
 
@@ -33,6 +35,7 @@ impl MemoryBackend {
             sessions: HashMap::new(),
             links: BTreeMap::new(),
             nonces: ReplayCache::new(usize::MAX),
+            revoked: HashMap::new(),
             logs: HashMap::new(),
         }
     }
@@ -159,13 +162,32 @@ impl MemoryBackend {
             Op::Unlink { first, second } => {
                 Outcome::Removed(self.links.remove(&(*first, *second)).is_some())
             }
+            Op::Revoke {
+                first,
+                second,
+                at,
+                keep_until,
+            } => {
+                let entry = self.revoked.entry((*first, *second)).or_insert((0, 0));
+                *entry = (entry.0.max(*at), entry.1.max(*keep_until));
+                Outcome::Removed(self.links.remove(&(*first, *second)).is_some())
+            }
             Op::UseNonce {
                 first,
+                second,
+                issued_at,
                 nonce,
                 not_after,
                 now,
                 capacity,
             } => {
+                if self
+                    .revoked
+                    .get(&(*first, *second))
+                    .is_some_and(|(at, _)| *at >= *issued_at)
+                {
+                    return Outcome::Revoked;
+                }
                 self.nonces.set_capacity(*capacity);
                 match self.nonces.use_nonce(*first, *nonce, *not_after, *now) {
                     Ok(()) => Outcome::Fresh(Some(true)),
@@ -200,6 +222,7 @@ impl MemoryBackend {
                 }
                 self.links.retain(|_, until| *until > *now);
                 self.nonces.expire(*now);
+                self.revoked.retain(|_, (_, keep)| *keep > *now);
                 Outcome::Done
             }
         }

@@ -1,5 +1,5 @@
 //! The server's state behind one trait (DESIGN §6): sessions, known terminals, links, used ticket
-//! nonces, and a per-recipient push log with monotonic offsets inside an epoch.
+//! nonces, revocations, and a per-recipient push log with monotonic offsets inside an epoch.
 //!
 //! Backends implement [`Backend`] with operations that are each atomic on their own and never
 //! span recipients (so a Redis backend can implement them as scripts on hash-tagged keys). The
@@ -127,13 +127,26 @@ pub enum Op {
         first: TerminalId,
         second: TerminalId,
     },
-    /// Records a ticket nonce; `Fresh(false)` if it was used before.
+    /// Records a ticket nonce of `first`'s (`capacity` live ones per first terminal);
+    /// `Fresh(false)` if it was used before, [`Outcome::Revoked`] if `first` revoked `second`'s
+    /// tickets issued at or before `issued_at` (then nothing is recorded).
     UseNonce {
         first: TerminalId,
+        second: TerminalId,
+        issued_at: u64,
         nonce: [u8; 16],
         not_after: u64,
         now: u64,
         capacity: usize,
+    },
+    /// `first` revokes `second`: ends the link and refuses every ticket `first` issued for
+    /// `second` at or before `at` (by `first`'s clock), remembered until `keep_until` (by the
+    /// server's, when every such ticket has expired). Answers whether a link was removed.
+    Revoke {
+        first: TerminalId,
+        second: TerminalId,
+        at: u64,
+        keep_until: u64,
     },
     /// A follow request with a checked ticket, as one atomic step: uses the ticket's nonce
     /// (as [`Op::UseNonce`]); only if it was fresh, links `second` to `first` until `until`
@@ -143,6 +156,7 @@ pub enum Op {
     Follow {
         first: TerminalId,
         second: TerminalId,
+        issued_at: u64,
         nonce: [u8; 16],
         not_after: u64,
         until: u64,
@@ -158,7 +172,7 @@ pub enum Op {
     },
     /// `to` has everything below `next`: those items may go.
     Ack { to: TerminalId, next: u64 },
-    /// Drops expired items, links and nonces.
+    /// Drops expired items, links, nonces and revocations.
     Sweep { now: u64 },
 }
 
@@ -167,6 +181,7 @@ pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
     let Op::Follow {
         first,
         second,
+        issued_at,
         nonce,
         not_after,
         until,
@@ -179,6 +194,8 @@ pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
     };
     let use_nonce = Op::UseNonce {
         first: *first,
+        second: *second,
+        issued_at: *issued_at,
         nonce: *nonce,
         not_after: *not_after,
         now: *now,
@@ -208,6 +225,8 @@ pub enum Outcome {
     Fresh(Option<bool>),
     /// For `Follow`: linked; the offset of the session push, if there was one.
     Followed(Option<u64>),
+    /// For `UseNonce` and `Follow`: the first terminal revoked this ticket; nothing changed.
+    Revoked,
 }
 
 /// A slice of a recipient's log.

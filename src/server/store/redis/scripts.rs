@@ -7,6 +7,7 @@ const HELPERS: &str = include_str!("lua/helpers.lua");
 const APPEND: &str = include_str!("lua/append.lua");
 const ACK: &str = include_str!("lua/ack.lua");
 const USE_NONCE: &str = include_str!("lua/use_nonce.lua");
+const REVOKE: &str = include_str!("lua/revoke.lua");
 const SWEEP_LOG: &str = include_str!("lua/sweep_log.lua");
 const SWEEP_DEADLINES: &str = include_str!("lua/sweep_deadlines.lua");
 
@@ -16,8 +17,10 @@ pub(super) struct Scripts {
     pub append: Script,
     /// Moves the acknowledged cursor up and trims the log below it.
     pub ack: Script,
-    /// Records a ticket nonce unless used before or the set is full.
+    /// Records a ticket nonce unless revoked, used before, or the first terminal's set is full.
     pub use_nonce: Script,
+    /// Records a revocation (the time only grows) and keeps it as long as it matters.
+    pub revoke: Script,
     /// Drops a log's expired items and stale collapse entries.
     pub sweep_log: Script,
     /// Drops the due members of a links or nonces set.
@@ -31,6 +34,7 @@ impl Scripts {
             append: with_helpers(APPEND),
             ack: with_helpers(ACK),
             use_nonce: with_helpers(USE_NONCE),
+            revoke: with_helpers(REVOKE),
             sweep_log: with_helpers(SWEEP_LOG),
             sweep_deadlines: with_helpers(SWEEP_DEADLINES),
         }
@@ -42,6 +46,7 @@ impl Scripts {
             &self.append,
             &self.ack,
             &self.use_nonce,
+            &self.revoke,
             &self.sweep_log,
             &self.sweep_deadlines,
         ] {

@@ -38,6 +38,7 @@ pub(super) fn describe(op: &Op) -> String {
         Op::Link { first, second, .. } => format!("link {second} to {first}"),
         Op::Unlink { first, second } => format!("unlink {second} from {first}"),
         Op::UseNonce { first, .. } => format!("use a nonce of {first}"),
+        Op::Revoke { first, second, .. } => format!("revoke {second}'s tickets from {first}"),
         Op::Append { to, .. } => format!("append to {to}"),
         Op::Ack { to, .. } => format!("ack for {to}"),
         Op::Sweep { .. } => "sweep".to_string(),
@@ -105,8 +106,29 @@ fn queue(
                 .arg(first.to_string());
             Reply::Removed
         }
+        Op::Revoke {
+            first,
+            second,
+            at,
+            keep_until,
+        } => {
+            pipe.cmd("ZREM")
+                .arg(key(first, "followers"))
+                .arg(second.to_string());
+            pipe.cmd("ZREM")
+                .arg(key(second, "following"))
+                .arg(first.to_string());
+            let ttl = keep_until.saturating_sub(now).saturating_add(GRACE);
+            evalsha(pipe, &scripts.revoke, &[&key(first, "revoked")])
+                .arg(second.to_string())
+                .arg(at)
+                .arg(ttl);
+            Reply::Removed
+        }
         Op::UseNonce {
             first,
+            second,
+            issued_at,
             nonce,
             not_after,
             now,
@@ -114,12 +136,14 @@ fn queue(
         } => {
             let set = key(first, "nonces");
             let ttl = not_after.saturating_sub(*now).saturating_add(GRACE);
-            evalsha(pipe, &scripts.use_nonce, &[&set])
+            evalsha(pipe, &scripts.use_nonce, &[&set, &key(first, "revoked")])
                 .arg(&nonce[..])
                 .arg(not_after)
                 .arg(now)
                 .arg(capacity)
-                .arg(ttl);
+                .arg(ttl)
+                .arg(second.to_string())
+                .arg(issued_at);
             pipe.cmd("ZADD")
                 .arg(SWEEP_KEY)
                 .arg("LT")
@@ -187,6 +211,7 @@ fn outcome(reply: Reply, value: &Value) -> Result<Attempt, Failure> {
         (Reply::Fresh, Some(1)) => Outcome::Fresh(Some(true)),
         (Reply::Fresh, Some(0)) => Outcome::Fresh(Some(false)),
         (Reply::Fresh, Some(-1)) => Outcome::Fresh(None),
+        (Reply::Fresh, Some(-2)) => Outcome::Revoked,
         (Reply::Offset, Some(-1)) => return Ok(Attempt::Retry),
         (Reply::Offset, Some(n)) if n >= 0 => Outcome::Offset(n as u64),
         _ => return Err(unexpected("the operation", value)),

@@ -1,0 +1,312 @@
+//! Trust that cannot be outlived (issue 10.2–10.4), in process on loopback: revocation against
+//! hoarded tickets, revoking a peer the config lists, a server that answers an endless link,
+//! and strangers filling the replay cache. Each test plays the attacker with keys of its own.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff::config::{ServerConfig, StoreKind};
+use handoff::identity::{Identity, TerminalId};
+use handoff::net::{self, unix_now};
+use handoff::server::Server;
+use handoff::tls::{self, TransportLimits};
+use handoff::wire::{
+    self, InfoRequest, RefusalReason, Request, RequestBody, Response, ResponseBody, SignedTicket,
+    Ticket,
+};
+use support::inproc::*;
+
+/// B's interface info from A, over B's own key.
+async fn fetch_ticket(b: &Identity, a: TerminalId, a_addr: SocketAddr) -> SignedTicket {
+    let conn = raw_connect(b, a, a_addr).await;
+    match net::request(&conn, RequestBody::InterfaceInfo)
+        .await
+        .unwrap()
+    {
+        ResponseBody::InterfaceInfo(info) => info.ticket,
+        other => panic!("A refused B: {other:?}"),
+    }
+}
+
+async fn follow(conn: &quinn::Connection, ticket: SignedTicket) -> ResponseBody {
+    let request = RequestBody::Follow(InfoRequest {
+        first: ticket.ticket.first,
+        second: ticket.ticket.second,
+        ticket,
+    });
+    net::request(conn, request).await.unwrap()
+}
+
+fn assert_refused(body: ResponseBody, needle: &str) {
+    match body {
+        ResponseBody::Refused(r) => {
+            assert_eq!(r.reason, RefusalReason::BadTicket, "{}", r.message);
+            assert!(
+                r.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                r.message
+            );
+        }
+        other => panic!("expected a refusal mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+async fn server_at(dir: &std::path::Path, replay_cache: usize) -> Server {
+    let mut config =
+        ServerConfig::with_defaults(dir.join("server"), loopback(), StoreKind::Embedded);
+    config.limits.replay_cache = replay_cache;
+    Server::start(
+        Identity::load_or_create(&config.state_dir).unwrap(),
+        &config,
+    )
+    .await
+    .unwrap()
+}
+
+/// While trusted, B hoards a second ticket; A revokes B; the spare ticket is useless at the
+/// server, also after the server restarts, while a ticket A issues after trusting B again works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrust_makes_hoarded_tickets_useless_also_after_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_at(dir.path(), 1024).await;
+    let b = Identity::generate().unwrap();
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![])).await;
+    wait_connected(&a).await;
+    a.trust(b.id()).unwrap();
+    a.set_session(Some(session("before")), WAIT).await;
+
+    let first = fetch_ticket(&b, a.id(), a.quic_addr()).await;
+    let spare = fetch_ticket(&b, a.id(), a.quic_addr()).await;
+    let b_srv = raw_connect(&b, server.id(), server.local_addr()).await;
+    assert!(matches!(
+        follow(&b_srv, first).await,
+        ResponseBody::Linked { .. }
+    ));
+
+    let (untrusted, revoked) = a.untrust(b.id()).await.unwrap();
+    assert!(untrusted.changed);
+    assert_eq!(revoked, Some(true), "the live link ended");
+    assert_refused(follow(&b_srv, spare.clone()).await, "revoked");
+
+    // The revocation is kept by the store: a restarted server still refuses the spare.
+    drop(b_srv);
+    let dir_path = dir.path().to_path_buf();
+    server.shutdown().await;
+    let server = server_at(&dir_path, 1024).await;
+    let b_srv = raw_connect(&b, server.id(), server.local_addr()).await;
+    assert_refused(follow(&b_srv, spare).await, "revoked");
+    a.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Trusted again, B gets tickets dated after the revocation, which the server accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_trusted_again_after_a_revocation_can_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_at(dir.path(), 1024).await;
+    let b = Identity::generate().unwrap();
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![])).await;
+    wait_connected(&a).await;
+    a.trust(b.id()).unwrap();
+    a.untrust(b.id()).await.unwrap();
+    // In the same second as the revocation, too.
+    a.trust(b.id()).unwrap();
+    let ticket = fetch_ticket(&b, a.id(), a.quic_addr()).await;
+    assert!(ticket.ticket.issued_at > unix_now().saturating_sub(5));
+    let b_srv = raw_connect(&b, server.id(), server.local_addr()).await;
+    assert!(matches!(
+        follow(&b_srv, ticket).await,
+        ResponseBody::Linked { .. }
+    ));
+    a.shutdown().await;
+    server.shutdown().await;
+}
+
+/// `untrust` of a peer listed in `[trust] peers` works (no error): pulls are refused at once,
+/// and it stays revoked across a restart with the same config, until `trust`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrust_of_a_config_peer_revokes_it_until_trusted_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_at(dir.path(), 1024).await;
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let config = terminal(dir.path(), "a", Some(&server), vec![b.id()]);
+    let a = start(config.clone()).await;
+    wait_connected(&a).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    a.set_session(Some(session("x")), WAIT).await;
+    b.pull("a", WAIT).await.unwrap();
+
+    let (untrusted, _) = a.untrust(b.id()).await.unwrap();
+    assert!(untrusted.changed && untrusted.in_config);
+    let err = b.pull("a", WAIT).await.unwrap_err();
+    assert_eq!(err.refusal().unwrap().reason, RefusalReason::NotTrusted);
+
+    a.shutdown().await;
+    let a = start(config).await;
+    wait_connected(&a).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    let err = b.pull("a", WAIT).await.unwrap_err();
+    assert_eq!(
+        err.refusal().unwrap().reason,
+        RefusalReason::NotTrusted,
+        "the revocation outlives a restart"
+    );
+    assert!(a.trust(b.id()).unwrap());
+    b.pull("a", WAIT).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Two keys of a stranger's own mint tickets for each other as fast as they can; they fill
+/// only their own quota, and a legitimate pull on the same server keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_minting_tickets_cannot_starve_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_at(dir.path(), 20).await;
+    let (x, y) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    // X attaches (as anyone may), so its tickets are considered at all.
+    let x_srv = raw_connect(&x, server.id(), server.local_addr()).await;
+    assert!(matches!(
+        net::request(&x_srv, RequestBody::SetSession(None)).await,
+        Ok(ResponseBody::SessionStored)
+    ));
+    let y_srv = raw_connect(&y, server.id(), server.local_addr()).await;
+    let mut linked = 0;
+    let mut full = 0;
+    for n in 0..40u8 {
+        let ticket = Ticket {
+            first: x.id(),
+            second: y.id(),
+            server: server.id(),
+            issued_at: unix_now(),
+            not_after: unix_now() + 3000,
+            nonce: [n; 16],
+        }
+        .sign(&x);
+        match follow(&y_srv, ticket).await {
+            ResponseBody::Linked { .. } => linked += 1,
+            ResponseBody::Refused(r) if r.message.contains("too many live tickets") => full += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((linked, full), (20, 20), "X's own quota filled up");
+
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b.id()])).await;
+    wait_connected(&a).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    a.set_session(Some(session("legit")), WAIT).await;
+    let pulled = b
+        .pull("a", WAIT)
+        .await
+        .expect("a legitimate pull during the flood");
+    assert_eq!(pulled.push.unwrap().title, "legit");
+    a.shutdown().await;
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
+const SERVE: TransportLimits = TransportLimits {
+    max_bidi_streams: 16,
+    max_uni_streams: 0,
+    idle_timeout: Duration::from_secs(30),
+    keep_alive: None,
+};
+
+/// A server that answers every follow with a link that never ends, counts B's connections, and
+/// drops each of B's after 12 s (to see whether B comes back).
+async fn endless_server(key: Identity, b: TerminalId) -> (SocketAddr, Arc<AtomicUsize>) {
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&key, SERVE).unwrap(), loopback()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let from_b = Arc::new(AtomicUsize::new(0));
+    let count = from_b.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            if tls::peer_id(&conn) == Some(b) {
+                count.fetch_add(1, Ordering::SeqCst);
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(12)).await;
+                    conn.close(0u32.into(), b"dropped");
+                });
+            }
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let Ok(Some(request)) =
+                        net::read_frame::<Request>(&mut recv, net::READ_TIMEOUT, wire::MAX_FRAME)
+                            .await
+                    else {
+                        continue;
+                    };
+                    let body = match request.body {
+                        RequestBody::Hello { .. } => ResponseBody::Welcome {
+                            epoch: 1,
+                            start: 0,
+                            window_lost: false,
+                        },
+                        RequestBody::SetSession(_) => ResponseBody::SessionStored,
+                        RequestBody::Revoke { .. } => ResponseBody::Revoked { removed: false },
+                        RequestBody::Follow(_) => ResponseBody::Linked {
+                            until: u64::MAX,
+                            has_session: false,
+                        },
+                        _ => continue,
+                    };
+                    let response = Response {
+                        id: request.id,
+                        body,
+                    };
+                    let _ = net::write_frame(&mut send, &response).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    (addr, from_b)
+}
+
+/// The second terminal trusts the server only as far as the ticket goes: a link answered with
+/// `until = u64::MAX` still ends with the ticket, and B does not reconnect after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_make_a_link_outlive_the_ticket() {
+    let dir = tempfile::tempdir().unwrap();
+    let evil_dir = dir.path().join("evil");
+    let evil = Identity::load_or_create(&evil_dir).unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let (evil_addr, b_conns) =
+        endless_server(Identity::load_or_create(&evil_dir).unwrap(), b.id()).await;
+    let mut config = terminal(dir.path(), "a", None, vec![b.id()]);
+    config.server = Some(handoff::config::ServerRef {
+        id: evil.id(),
+        addrs: vec![evil_addr.to_string()],
+    });
+    config.lease = Duration::from_secs(10);
+    let a = start(config).await;
+    wait_connected(&a).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+
+    let pulled = b.pull("a", WAIT).await.unwrap();
+    let now = unix_now();
+    assert!(
+        pulled.linked_until <= now + 11,
+        "B took the server's word: linked until {}",
+        pulled.linked_until
+    );
+    assert_eq!(b_conns.load(Ordering::SeqCst), 1);
+    // Past the ticket's end (plus slack), B has let go and never comes back.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(
+        b_conns.load(Ordering::SeqCst),
+        1,
+        "B reconnected to keep a link the ticket no longer covers"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
