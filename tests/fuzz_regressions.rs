@@ -11,7 +11,7 @@ mod harness;
 use std::collections::BTreeMap;
 
 use handoff::identity::{Identity, TerminalId};
-use handoff::wire::ticket::{Expectation, TicketError};
+use handoff::wire::ticket::{Expectation, TicketError, MAX_CLOCK_SKEW};
 use handoff::wire::txt::{Advert, TxtError};
 use handoff::wire::{
     encode_frame, InfoRequest, PushAck, PushItem, Request, RequestBody, Response, ResponseBody,
@@ -178,17 +178,21 @@ fn txt_records() {
     assert_eq!(
         harness::txt(&txt_input(7, [9; 32], "")),
         Ok(Advert {
-            version: 1,
+            version: handoff::wire::PROTOCOL_MAJOR,
             id,
             name: "fuzz".into()
         })
     );
     // The text overrides the flags' entries; keys are case-insensitive, the ID is trimmed.
-    let text = format!("v=1\0ID= {} \0name=phone", id.to_string().to_uppercase());
+    let text = format!(
+        "v={}\0ID= {} \0name=phone",
+        handoff::wire::PROTOCOL_MAJOR,
+        id.to_string().to_uppercase()
+    );
     assert_eq!(
         harness::txt(&txt_input(0, [0; 32], &text)),
         Ok(Advert {
-            version: 1,
+            version: handoff::wire::PROTOCOL_MAJOR,
             id,
             name: "phone".into()
         })
@@ -202,8 +206,8 @@ fn txt_records() {
         Err(TxtError::Invalid { key: "id", .. })
     ));
     assert_eq!(
-        harness::txt(&txt_input(6, [9; 32], "v=2")),
-        Err(TxtError::Version(2))
+        harness::txt(&txt_input(6, [9; 32], "v=1")),
+        Err(TxtError::Version(1))
     );
     assert_eq!(
         harness::txt(&txt_input(5, [9; 32], "")),
@@ -222,6 +226,7 @@ fn raw_ticket(t: &Ticket, signature: [u8; 64]) -> Vec<u8> {
     out.extend_from_slice(t.first.as_bytes());
     out.extend_from_slice(t.second.as_bytes());
     out.extend_from_slice(t.server.as_bytes());
+    out.extend_from_slice(&t.issued_at.to_be_bytes());
     out.extend_from_slice(&t.not_after.to_be_bytes());
     out.extend_from_slice(&t.nonce);
     out.extend_from_slice(&signature);
@@ -299,6 +304,13 @@ fn ticket_checks_in_order() {
         (matching(0), NOW + 100, 3600, Err(TicketError::Expired)),
         (matching(0), NOW, 99, Err(TicketError::LeaseTooLong)),
         (matching(0), NOW, 100, Ok(())),
+        // Issued more than the allowed clock skew after now.
+        (
+            matching(0),
+            NOW - MAX_CLOCK_SKEW - 1,
+            3600,
+            Err(TicketError::IssuedInFuture),
+        ),
     ];
     for (flags, now, max_lifetime, expected) in cases {
         let out = harness::ticket(&ticket_input(flags, now, max_lifetime, [0; 16], &tail));

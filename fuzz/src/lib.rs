@@ -173,7 +173,7 @@ fn reflexive<T: PartialEq>(value: &T) -> bool {
 /// `txt` target: mDNS TXT properties parsed into an [`Advert`].
 ///
 /// Input: a flag byte, then (if bit 1 is set) 32 bytes of an ID, then text, read as lossy UTF-8
-/// and split on NUL into `key=value` entries. The flags prepend valid `v=1` (bit 0), `id` (bit 1)
+/// and split on NUL into `key=value` entries. The flags prepend a valid `v` (bit 0), `id` (bit 1)
 /// and `name` (bit 2) entries, which the text's own entries override (the last one wins), so the
 /// fuzzer reaches the success path without guessing a 52-character base32 ID.
 ///
@@ -185,9 +185,10 @@ pub fn txt(data: &[u8]) -> Result<Advert, TxtError> {
     let flags = input.byte();
     let id_text = (flags & 2 != 0).then(|| TerminalId::from_bytes(input.array()).to_string());
     let text = String::from_utf8_lossy(input.rest());
+    let version = PROTOCOL_MAJOR.to_string();
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     if flags & 1 != 0 {
-        pairs.push(("v", "1"));
+        pairs.push(("v", &version));
     }
     if let Some(id) = &id_text {
         pairs.push(("id", id));
