@@ -676,6 +676,15 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 }
                 println!("peers:   {}", s.peers);
                 println!("follows: {}", s.follows.len());
+                for follow in &s.follows {
+                    println!("  {} until {}", &follow.id[..10], follow.until);
+                }
+                if !s.pair_requests.is_empty() {
+                    println!("pairing requests (run `handoff pair ID` to accept):");
+                    for id in &s.pair_requests {
+                        println!("  {id}");
+                    }
+                }
                 println!("inbox:   {}", s.inbox);
                 if let Some(addr) = &s.metrics {
                     println!("metrics: http://{addr}/metrics");

@@ -139,6 +139,9 @@ async fn untrust_of_a_config_peer_revokes_it_until_trusted_again() {
     introduce(&b, "a", a.id(), a.quic_addr());
     a.set_session(Some(session("x")), WAIT).await;
     b.pull("a", WAIT).await.unwrap();
+    let follows = b.follows();
+    assert_eq!(follows.len(), 1, "a pull's link is listed");
+    assert_eq!(follows[0].0, a.id());
 
     let (untrusted, _) = a.untrust(b.id()).await.unwrap();
     assert!(untrusted.changed && untrusted.in_config);

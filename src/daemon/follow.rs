@@ -34,13 +34,13 @@ impl Daemon {
         live.follow_peers.contains(id) || (live.follow_auto && self.shared.trust.is_trusted(id))
     }
 
-    /// Followed peers with the Unix time their link lasts until.
+    /// Peers this terminal follows now (by a pull or automatically), with the Unix time their
+    /// link lasts until.
     pub fn follows(&self) -> Vec<(TerminalId, u64)> {
-        let mut out: Vec<(TerminalId, u64)> = lock(&self.shared.follows)
-            .iter()
-            .filter(|(_, s)| s.until > 0)
-            .map(|(id, s)| (*id, s.until))
-            .collect();
+        let now = unix_now();
+        let mut linked = lock(&self.shared.linked);
+        linked.retain(|_, until| *until > now);
+        let mut out: Vec<(TerminalId, u64)> = linked.iter().map(|(id, u)| (*id, *u)).collect();
         out.sort();
         out
     }

@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub pairings: Mutex<pairing::Pairings>,
     pub pair_changes: watch::Sender<u64>,
     pub follows: Mutex<HashMap<TerminalId, follow::FollowState>>,
+    /// Every link this terminal made (pulls and auto-follows): peer → Unix seconds it lasts until.
+    pub linked: Mutex<HashMap<TerminalId, u64>>,
     /// The bound address of the metrics listener, if one is configured.
     pub metrics_addr: Mutex<Option<std::net::SocketAddr>>,
 }
@@ -226,6 +228,7 @@ impl Daemon {
             pairings: Mutex::new(pairing::Pairings::default()),
             pair_changes: watch::Sender::new(0),
             follows: Mutex::new(HashMap::new()),
+            linked: Mutex::new(HashMap::new()),
             metrics_addr: Mutex::new(None),
         });
         let daemon = Daemon { shared };

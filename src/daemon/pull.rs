@@ -11,7 +11,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 use super::server_link::{explain_connect_error, is_key_mismatch, LinkError};
-use super::Daemon;
+use super::{lock, Daemon};
 use crate::control::{PullTiming, PushRecord};
 use crate::net::{self, unix_now, varint, RequestError};
 use crate::peer::{FindError, Peer};
@@ -203,6 +203,10 @@ impl Daemon {
             }
         };
         link.keep_until(self, until);
+        lock(&self.shared.linked)
+            .entry(peer.id)
+            .and_modify(|u| *u = (*u).max(until))
+            .or_insert(until);
         info!(peer = %peer.id.short(), until, "following");
         self.shared.metrics.inc("handoff_links_total", None);
         Ok(LinkOutcome {
