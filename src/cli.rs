@@ -358,7 +358,10 @@ impl DaemonTarget {
 
 /// `handoff id`.
 pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
-    let identity = Identity::load_or_create(state_dir).map_err(|e| CliError::new(e.to_string()))?;
+    let identity = Identity::load_or_create(state_dir).map_err(|e| CliError {
+        code: e.exit_code(),
+        message: e.to_string(),
+    })?;
     println!("{}", identity.id());
     Ok(())
 }
