@@ -87,6 +87,25 @@ pub enum DaemonError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// The control socket's directory or group is not fit for use: fix the config or the
+    /// directory.
+    #[error("control socket {path}: {reason}")]
+    ControlDir {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+impl DaemonError {
+    /// The exit status for this error: 78 (bad configuration) when a file, directory or group
+    /// the config names needs fixing by hand, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Identity(e) => e.exit_code(),
+            Self::ControlDir { .. } => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
 }
 
 /// How the daemon is started; the binary uses the defaults.
@@ -233,7 +252,7 @@ impl Daemon {
             let bound = metrics_http::start(&daemon, addr).await?;
             *lock(&daemon.shared.metrics_addr) = Some(bound);
         }
-        let listener = control_server::bind(&config.control_socket)?;
+        let listener = control_server::bind(&config.control_socket, config.control_group.as_ref())?;
         daemon.spawn(
             control_server::serve(daemon.clone(), listener),
             tracing::info_span!("control"),

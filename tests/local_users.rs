@@ -1,0 +1,247 @@
+//! Local users and the daemon's control socket (issues 11.10, 12.3): who may drive a daemon. The
+//! tests run as root and act as ordinary users (`nobody`, `daemon`) by starting the CLI with
+//! another uid and gid. The daemons run in process on the host's loopback (no mDNS), except the
+//! one started under umask 000, which runs as its own process in a network namespace.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use handoff::accounts;
+use handoff::config::ControlGroup;
+use handoff::identity::Identity;
+use support::inproc::*;
+use support::{require_root, Lan, BIN};
+
+/// An unprivileged user with its primary group (Debian's `nobody`, `nogroup`).
+const NOBODY: (u32, u32) = (65_534, 65_534);
+/// Another one, not in `nogroup` (Debian's `daemon`).
+const OTHER: (u32, u32) = (1, 1);
+
+/// Whether the accounts these tests act as exist; they belong to every Debian system.
+fn users_exist(test: &str) -> bool {
+    let ok = accounts::user(NOBODY.0).is_some_and(|(_, gid)| gid == NOBODY.1)
+        && accounts::group_id("nogroup") == Some(NOBODY.1)
+        && accounts::user(OTHER.0).is_some_and(|(_, gid)| gid == OTHER.1);
+    if !ok {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test} needs the users nobody (in nogroup) and daemon"
+        );
+        eprintln!("SKIPPED {test}: needs the users nobody (in nogroup) and daemon");
+    }
+    ok
+}
+
+/// `handoff ARGS` run as `user` (uid, gid; no supplementary groups).
+async fn handoff_as(user: (u32, u32), args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .args(args)
+        .uid(user.0)
+        .gid(user.1)
+        .env_remove("HANDOFF_SOCKET");
+    command.output().await.expect("run handoff")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A test directory that other users may traverse (the socket's own directory decides).
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// `[control] group = "nogroup"`: the socket is 0660 in group nogroup and its directory 0710,
+/// so `nobody` runs `handoff peers`; `daemon`, not in the group, is told it needs the group.
+#[tokio::test]
+async fn a_member_of_the_control_group_drives_the_daemon_and_others_are_told_why_not() {
+    if !require_root("control group") || !users_exist("control group") {
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+
+    let sock = std::fs::metadata(&socket).unwrap();
+    assert_eq!(sock.mode() & 0o777, 0o660);
+    assert_eq!(sock.gid(), NOBODY.1);
+    let run = std::fs::metadata(dir.path().join("run")).unwrap();
+    assert_eq!(run.mode() & 0o777, 0o710);
+    assert_eq!(run.gid(), NOBODY.1);
+
+    let out = handoff_as(NOBODY, &["peers", "--json", "--socket", &socket]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = handoff_as(NOBODY, &["status", "--json", "--socket", &socket]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&daemon.id().to_string()));
+
+    let out = handoff_as(OTHER, &["peers", "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: permission denied on ")
+            && err.contains("root")
+            && !err.contains("is `handoff daemon` running"),
+        "{err}"
+    );
+    daemon.shutdown().await;
+}
+
+/// Without a group, only root and the daemon's user may use the socket. Even with the socket
+/// opened to everyone by hand (what an attacker who wins a race at startup would see), the
+/// daemon checks the caller's credentials: `nobody` cannot add a peer to root's trust list.
+#[tokio::test]
+async fn the_daemon_checks_who_is_calling_even_through_a_loosened_socket() {
+    if !require_root("peer credentials") || !users_exist("peer credentials") {
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+    assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("run")).unwrap().mode() & 0o777,
+        0o700
+    );
+
+    // The socket's mode keeps nobody out, and the message says who may use it.
+    let out = handoff_as(NOBODY, &["peers", "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied on "), "{err}");
+
+    // Opened by hand: the daemon itself refuses.
+    std::fs::set_permissions(
+        dir.path().join("run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let stranger = Identity::generate().unwrap().id().to_string();
+    let out = handoff_as(NOBODY, &["trust", &stranger, "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(daemon.trusted().is_empty(), "nobody changed the trust list");
+    let counters = daemon.metrics().snapshot();
+    assert_eq!(
+        counters.get("handoff_refusals_total{reason=\"control_credentials\"}"),
+        Some(&1),
+        "{counters:?}"
+    );
+    // Root still may.
+    let out = tokio::process::Command::new(BIN)
+        .args(["trust", &stranger, "--socket", &socket])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.trusted().len(), 1);
+    daemon.shutdown().await;
+}
+
+/// A daemon started under umask 000 creates its socket's directory and the socket with their
+/// final modes, while `nobody` keeps trying to add a peer to its trust list.
+#[test]
+fn under_umask_000_the_socket_is_never_open_to_others() {
+    if !require_root("umask 000") || !users_exist("umask 000") {
+        return;
+    }
+    let lan = Lan::new("umask", &["a"]);
+    std::fs::set_permissions(lan.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = lan.path("run");
+    let socket = run.join("control.sock");
+    let config = lan.daemon_config("a", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &lan.path("a.sock").display().to_string(),
+        &socket.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let stranger = Identity::generate().unwrap().id().to_string();
+
+    // nobody's attempts, as fast as processes start, until the daemon is up and a while after.
+    let attacker = {
+        let socket = socket.clone();
+        let stranger = stranger.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(4);
+            let mut won = 0;
+            while std::time::Instant::now() < deadline {
+                let out = Command::new(BIN)
+                    .args(["trust", &stranger, "--socket", socket.to_str().unwrap()])
+                    .uid(NOBODY.0)
+                    .gid(NOBODY.1)
+                    .output()
+                    .unwrap();
+                won += usize::from(out.status.success());
+            }
+            won
+        })
+    };
+    let ns = lan.host("a").ns.clone();
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &ns, BIN, "daemon", "--config", &config])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let up = support::wait_for_socket(&socket, Duration::from_secs(10));
+    let won = attacker.join().unwrap();
+    let modes = (
+        std::fs::metadata(&run).map(|m| m.mode() & 0o7777),
+        std::fs::metadata(&socket).map(|m| m.mode() & 0o777),
+    );
+    let trusted = Command::new(BIN)
+        .args(["trusted", "--json", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    // SAFETY: kill of the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert!(up, "the daemon did not start");
+    assert_eq!(modes.0.unwrap(), 0o700, "the socket's directory");
+    assert_eq!(modes.1.unwrap(), 0o600, "the socket");
+    assert_eq!(won, 0, "nobody added a peer to root's trust list");
+    assert!(trusted.status.success());
+    assert!(
+        !String::from_utf8_lossy(&trusted.stdout).contains(&stranger),
+        "{}",
+        String::from_utf8_lossy(&trusted.stdout)
+    );
+    // The state the daemon made under umask 000 is private too.
+    let state = lan.path("a");
+    assert_eq!(state.metadata().unwrap().mode() & 0o777, 0o700);
+    for file in ["identity.key", "inbox.jsonl"] {
+        let mode = Path::new(&state).join(file).metadata().unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+}
