@@ -245,3 +245,125 @@ fn under_umask_000_the_socket_is_never_open_to_others() {
         assert_eq!(mode, 0o600, "{file}");
     }
 }
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+/// Every problem with a file the config names stops the daemon and the server with status 78,
+/// so systemd does not restart them into it: a state_dir owned by another user, a key file
+/// others can read, a token file missing, empty or readable by others. Run on a namespace host,
+/// so a program that wrongly starts sends nothing on the host's network.
+#[test]
+fn file_problems_stop_daemon_and_server_with_78() {
+    if !require_root("file problems") || !users_exist("file problems") {
+        return;
+    }
+    let mut lan = Lan::new("files", &["h"]);
+    let state = lan.path("h");
+    let run = |lan: &mut Lan, args: &[&str], log: &str| {
+        let child = lan.spawn("h", args, log);
+        let code = lan.wait(child, Duration::from_secs(20));
+        (code, lan.log(log))
+    };
+
+    // The daemon, in a state_dir another user made: nothing is written into it.
+    std::fs::create_dir(&state).unwrap();
+    chown(&state, NOBODY.0, NOBODY.1);
+    let config = lan.daemon_config("h", "");
+    let (code, log) = run(&mut lan, &["daemon", "--config", &config], "d1");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("state_dir") && log.contains("owned by"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+
+    // Its key file readable by others.
+    chown(&state, 0, 0);
+    support::id_of(&state);
+    let key = state.join("identity.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, log) = run(&mut lan, &["daemon", "--config", &config], "d2");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("chmod 600"), "{log}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The server's token file: missing, empty, readable by others.
+    let token = lan.path("publish.token");
+    let http = format!(
+        "[http]\nlisten = \"{}\"\ntoken_file = \"{}\"\n",
+        lan.host("h").addr(47780),
+        token.display()
+    );
+    let config = lan.server_config("h", &http);
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s1");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("http.token_file"), "{log}");
+    std::fs::write(&token, "").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s2");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("is empty"), "{log}");
+    std::fs::write(&token, "s3cret").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s3");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("chmod 600") && !log.contains("s3cret"),
+        "{log}"
+    );
+}
+
+/// systemd's credentials: a `DynamicUser=` server cannot read the root-only token file, so the
+/// unit passes it with `LoadCredential=publish.token:/etc/handoff/publish.token`, and the
+/// server reads it from `$CREDENTIALS_DIRECTORY` (here while the configured path does not even
+/// exist). The publish API then accepts that token.
+#[test]
+fn the_server_reads_its_token_from_systemd_credentials() {
+    if !require_root("credentials") {
+        return;
+    }
+    let mut lan = Lan::new("creds", &["h"]);
+    let credentials = lan.path("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("publish.token"), "from-systemd\n").unwrap();
+    std::fs::set_permissions(
+        credentials.join("publish.token"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
+    let addr = lan.host("h").addr(47780);
+    let http = format!(
+        "[http]\nlisten = \"{addr}\"\ntoken_file = \"/nonexistent/handoff/publish.token\"\n"
+    );
+    let config = lan.server_config("h", &http);
+    let check = Command::new(BIN)
+        .args(["config", "check", "--config", &config])
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    lan.spawn_env(
+        "h",
+        &["server", "--config", &config],
+        "h",
+        &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())],
+    );
+    support::wait_for(Duration::from_secs(10), || {
+        lan.log("h").contains("http api listening").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the server did not start\n{}", lan.log("h")));
+    let stranger = Identity::generate().unwrap().id();
+    let path = format!("/v1/terminals/{stranger}/push");
+    let body = r#"{"uri":"https://m.example/1","title":"t"}"#;
+    let (right, wrong) = lan.run_in("h", move || {
+        (
+            support::http_post(&addr, &path, "from-systemd", body),
+            support::http_post(&addr, &path, "guess", body),
+        )
+    });
+    // Past the token check: the terminal is unknown (404). A wrong token: 401.
+    assert_eq!(right, Some(404), "{}", lan.log("h"));
+    assert_eq!(wrong, Some(401));
+}
