@@ -1,7 +1,10 @@
-//! Local users and the daemon's control socket (issues 11.10, 12.3): who may drive a daemon. The
-//! tests run as root and act as ordinary users (`nobody`, `daemon`) by starting the CLI with
-//! another uid and gid. The daemons run in process on the host's loopback (no mDNS), except the
-//! one started under umask 000, which runs as its own process in a network namespace.
+//! What a terminal keeps and lets others touch on its own machine: who may drive a daemon
+//! through its control socket (issues 11.10, 12.3), the files a config names (11.11, 12.2), and
+//! the bounds of the inbox and the hook queue (11.9).
+//!
+//! The tests run as root and act as ordinary users (`nobody`, `daemon`) by starting the CLI with
+//! another uid and gid. Daemons run in process on the host's loopback (no mDNS), or as their own
+//! process on a namespace host when the test needs the real binary.
 
 mod support;
 
@@ -366,4 +369,88 @@ fn the_server_reads_its_token_from_systemd_credentials() {
     // Past the token check: the terminal is unknown (404). A wrong token: 401.
     assert_eq!(right, Some(404), "{}", lan.log("h"));
     assert_eq!(wrong, Some(401));
+}
+
+/// A flood of pushes: at most `max_hook_queue` hooks wait for a slot (the rest are dropped and
+/// counted), and the inbox keeps the newest `max_inbox_items`.
+#[tokio::test]
+async fn a_flood_of_pushes_is_bounded_in_the_hook_queue_and_the_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let mut config = terminal(dir.path(), "a", Some(&server), vec![]);
+    config.limits.max_hook_queue = 2;
+    config.limits.max_inbox_items = 10;
+    // Each hook marks that it started, waits for the test to release it (30 s at most, so
+    // nothing outlives a failed test for long), and marks that it ran.
+    let marks = dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let script = format!(
+        "cd {} && touch started.$$ && for i in $(seq 600); do [ -e release ] && break; \
+         sleep 0.05; done; touch ran.$$",
+        marks.display()
+    );
+    config.on_push = vec!["sh".into(), "-c".into(), script];
+    let a = start(config).await;
+    wait_connected(&a).await;
+    for n in 0..20 {
+        let publication = handoff::server::Publication {
+            uri: format!("https://m.example/{n}"),
+            title: format!("p{n}"),
+            body: None,
+            meta: Default::default(),
+            ttl_secs: None,
+            collapse_key: None,
+        };
+        server.publish(a.id(), publication).await.unwrap();
+    }
+    let count = |prefix: &str| {
+        std::fs::read_dir(&marks)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .count()
+    };
+    tokio::time::timeout(WAIT, async {
+        while a.metrics().get("handoff_pushes_received_total", None) < 20 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("20 pushes delivered");
+    // 8 hooks run, 2 wait, 10 were dropped.
+    let hits = a.metrics().get(
+        "handoff_limit_hits_total",
+        Some(("limit", "max_hook_queue")),
+    );
+    assert_eq!(hits, 10);
+    tokio::time::timeout(WAIT, async {
+        while count("started.") < 8 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("8 hooks started");
+    std::fs::write(marks.join("release"), b"").unwrap();
+    tokio::time::timeout(WAIT, async {
+        while count("ran.") < 10 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the 10 queued hooks ran");
+    assert_eq!(count("started."), 10, "only the queued hooks ran");
+
+    // The inbox holds the newest 10.
+    let titles: Vec<String> = a
+        .inbox()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.title)
+        .collect();
+    let newest: Vec<String> = (10..20).map(|n| format!("p{n}")).collect();
+    assert_eq!(titles, newest);
+    assert_eq!(a.status().await.inbox, 10);
+    assert!(a.metrics().get("handoff_inbox_dropped_total", None) > 0);
+    a.shutdown().await;
 }
