@@ -1098,6 +1098,54 @@ mod tests {
     }
 
     #[test]
+    fn control_group_and_local_bounds_are_checked() {
+        let d = daemon("[control]\ngroup = \"root\"").unwrap();
+        assert_eq!(
+            d.control_group,
+            Some(ControlGroup {
+                name: "root".into(),
+                gid: 0
+            })
+        );
+        assert_eq!(daemon("").unwrap().control_group, None);
+        for (text, key) in [
+            ("[control]\ngroup = \"no-such-group-here\"", "control.group"),
+            ("[limits]\nmax_inbox_items = 0", "limits.max_inbox_items"),
+            ("[limits]\nmax_inbox_bytes = 1000", "limits.max_inbox_bytes"),
+        ] {
+            match daemon(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(daemon("[control]\ngrp = \"x\"")
+            .unwrap_err()
+            .to_string()
+            .contains("grp"));
+        let d = daemon("[limits]\nmax_inbox_items = 5\nmax_hook_queue = 0").unwrap();
+        assert_eq!(d.limits.max_inbox_items, 5);
+        assert_eq!(d.limits.max_hook_queue, 0);
+        // A log level that is no level would silence every line: refused.
+        for bad in ["verbose", "", "handoff=loud", "info,,chatty"] {
+            match daemon(&format!("[log]\nlevel = \"{bad}\"")) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "log.level", "{bad}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        for good in [
+            "warn",
+            "DEBUG",
+            "handoff=debug,warn",
+            "handoff::daemon=trace,off",
+        ] {
+            assert!(
+                daemon(&format!("[log]\nlevel = \"{good}\"")).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = daemon("nmae = \"x\"").unwrap_err().to_string();
         assert!(err.contains("nmae"), "{err}");

@@ -1,5 +1,5 @@
-//! The control socket: a Unix stream socket (mode 0600) speaking JSON Lines, through which the CLI
-//! and local programs drive the daemon.
+//! The control socket: a Unix stream socket (mode 0600, 0660 with `[control] group`) speaking
+//! JSON Lines, through which the CLI and local programs drive the daemon.
 //!
 //! Each request is one JSON object on one line with a `cmd` field; the daemon answers with one
 //! line `{"ok":true,...}` or `{"ok":false,"error":"..."}`. `watch` answers `{"ok":true}` and then
