@@ -563,12 +563,45 @@ impl std::fmt::Debug for RedisUrl {
     }
 }
 
-/// `url` with its passwords replaced by `***`: the one in the authority
-/// (`redis://user:pass@host` → `redis://user:***@host`) and `pass=`/`password=` query
-/// parameters (how Unix socket URLs carry one). Works on malformed URLs too, so error messages
-/// can use it; when in doubt it hides too much (everything between the first `:` after `://` and
-/// the last `@`), never too little.
+/// Query keys whose values the Redis client reads and that never carry a secret. Every other
+/// query value is redacted, whatever its key (the client may learn new ones).
+const REDIS_PLAIN_QUERY_KEYS: [&str; 2] = ["db", "protocol"];
+
+/// `url` with everything that can carry a secret replaced by `***`: the password in the user
+/// info (`redis://user:pass@host` → `redis://user:***@host`) and every query value but `db` and
+/// `protocol` (Unix socket URLs carry the password as `pass=`).
+///
+/// The URL is parsed the way the Redis client parses it ([`redis::parse_redis_url`]), so what
+/// is hidden is what the client would use: query keys are percent-decoded (`?%70ass=x` is
+/// `pass`) and shown decoded. A URL the client cannot parse (it would not connect with it) is
+/// redacted by text, hiding too much rather than too little.
 pub fn redact_url(url: &str) -> String {
+    let Some(mut parsed) = redis::parse_redis_url(url) else {
+        return redact_unparsed_url(url);
+    };
+    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+        return redact_unparsed_url(url);
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if REDIS_PLAIN_QUERY_KEYS.contains(&k.as_ref()) {
+                    v.into_owned()
+                } else {
+                    "***".to_string()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// [`redact_url`] for text that is not a URL the client accepts: every query value but the
+/// plain ones, and everything between the first `:` after `://` and the last `@`.
+fn redact_unparsed_url(url: &str) -> String {
     // Query parameters first, so an `@` inside a password there cannot mislead the second step.
     let url = match url.split_once('?') {
         Some((head, tail)) => {
@@ -579,8 +612,11 @@ pub fn redact_url(url: &str) -> String {
             let pairs: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
-                    _ => pair.to_string(),
+                    Some((k, v)) if REDIS_PLAIN_QUERY_KEYS.contains(&k) && !v.contains('%') => {
+                        pair.to_string()
+                    }
+                    Some((k, _)) => format!("{k}=***"),
+                    None => pair.to_string(),
                 })
                 .collect();
             format!("{head}?{}{fragment}", pairs.join("&"))
@@ -1023,12 +1059,30 @@ mod tests {
             ("redis://u:p?w@h", "redis://u:***@h"),
             (
                 "redis+unix:///s.sock?db=1&pass=pw&user=u",
-                "redis+unix:///s.sock?db=1&pass=***&user=u",
+                "redis+unix:///s.sock?db=1&pass=***&user=***",
             ),
             ("unix:///s?password=a@b#x", "unix:///s?password=***#x"),
+            // Keys as the client decodes them: `%70ass` is `pass`, `pa%73s` too.
+            ("unix:///s?%70ass=SECRET", "unix:///s?pass=***"),
+            (
+                "redis+unix:///s?db=2&pa%73s=SECRET",
+                "redis+unix:///s?db=2&pass=***",
+            ),
+            // Values of keys the client does not know are hidden too, and so is a repeated key.
+            (
+                "redis://h/?protocol=3&x=SECRET&pass=a&pass=SECRET",
+                "redis://h/?protocol=3&x=***&pass=***&pass=***",
+            ),
+            // A percent-encoded password in the user info.
+            ("redis://u:%53ECRET@h", "redis://u:***@h"),
+            ("unix:///s?%70ass=SECRET&db=%31", "unix:///s?pass=***&db=1"),
+            // Not parsable by the client: redacted by text, encoded keys included.
             ("not a url", "not a url"),
+            ("redis://h:bad?%70ass=SECRET", "redis://h:bad?%70ass=***"),
         ] {
-            assert_eq!(redact_url(url), shown, "{url}");
+            let redacted = redact_url(url);
+            assert_eq!(redacted, shown, "{url}");
+            assert!(!redacted.contains("SECRET"), "{url} → {redacted}");
         }
     }
 

@@ -7,6 +7,9 @@ use super::*;
 use crate::identity::TerminalId;
 use crate::testing::redis::RedisServer;
 
+/// Cases about bounds under abuse (oversized ops, idle strangers), for every backend.
+mod bounds;
+
 const NOW: u64 = 1_800_000_000;
 
 fn id(b: u8) -> TerminalId {

@@ -14,6 +14,9 @@ use crate::identity::TerminalId;
 use crate::wire::{self, Session};
 
 const SCHEMA: u64 = 1;
+/// Failed ops one batch is retried without before the whole batch is given up (a broken disk
+/// rather than bad ops).
+const MAX_FAILED_OPS: usize = 8;
 
 type Id<'a> = &'a [u8; 32];
 
@@ -98,14 +101,52 @@ impl Backend for EmbeddedBackend {
         self.epoch
     }
 
-    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            out.push(apply_one(&txn, op)?);
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        // One transaction for the batch. An op that fails aborts it; the batch then runs again
+        // without that op, so it fails alone and the happy path stays one commit.
+        let mut failed: Vec<Option<StoreError>> = ops.iter().map(|_| None).collect();
+        for _ in 0..=MAX_FAILED_OPS {
+            let txn = self.db.begin_write().map_err(err)?;
+            let mut out = Vec::with_capacity(ops.len());
+            let mut culprit = None;
+            for (i, op) in ops.iter().enumerate() {
+                if failed[i].is_some() {
+                    out.push(None);
+                    continue;
+                }
+                match apply_one(&txn, op) {
+                    Ok(outcome) => out.push(Some(outcome)),
+                    Err(e) => {
+                        culprit = Some((i, e));
+                        break;
+                    }
+                }
+            }
+            if let Some((i, e)) = culprit {
+                txn.abort().map_err(err)?;
+                failed[i] = Some(e);
+                continue;
+            }
+            txn.commit().map_err(err)?;
+            return Ok(out
+                .into_iter()
+                .zip(failed)
+                .map(|(outcome, failure)| match (outcome, failure) {
+                    (Some(outcome), _) => Ok(outcome),
+                    (None, Some(e)) => Err(e),
+                    (None, None) => Err(StoreError::Backend("an op got no outcome".into())),
+                })
+                .collect());
         }
-        txn.commit().map_err(err)?;
-        Ok(out)
+        Err(StoreError::Backend(format!(
+            "more than {MAX_FAILED_OPS} operations of one batch failed; the first: {}",
+            failed
+                .iter()
+                .flatten()
+                .next()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        )))
     }
 
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {

@@ -49,8 +49,16 @@ impl Backend for MemoryBackend {
         self.epoch
     }
 
-    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
-        Ok(ops.iter().map(|op| self.apply_one(op)).collect())
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        // Memory holds anything, but what it holds must reach a terminal: an op the other
+        // backends could not store is refused here too.
+        Ok(ops
+            .iter()
+            .map(|op| {
+                op.check()?;
+                Ok(self.apply_one(op))
+            })
+            .collect())
     }
 
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {

@@ -8,8 +8,8 @@ use tracing::warn;
 
 use super::scripts::{evalsha, Scripts};
 use super::{
-    establish_epoch, key, parse_epoch, unexpected, Failure, EPOCH_KEY, GRACE, PREFIX, RETRIES,
-    SWEEP_KEY, SWEEP_PAGE, SWEEP_ROUNDS,
+    establish_epoch, key, parse_epoch, unexpected, Failure, OpResult, EPOCH_KEY, GRACE, PREFIX,
+    RETRIES, SWEEP_KEY, SWEEP_PAGE, SWEEP_ROUNDS,
 };
 use crate::server::store::{Op, Outcome};
 use crate::wire;
@@ -198,15 +198,20 @@ fn is_noscript(e: &RedisError) -> bool {
 }
 
 /// Applies a run of ops without sweeps as one pipeline (retrying those Redis could not apply),
-/// storing outcomes in `out` and the epoch Redis holds afterwards in `epoch`.
+/// storing results in `out` and the epoch Redis holds afterwards in `epoch`. An op that Redis
+/// refuses (an error reply to one of its commands) fails alone, in `out`; the others of the
+/// pipeline are applied all the same. `Err`: the run as such failed (connection, protocol).
 pub(super) fn apply_run(
     conn: &mut Connection,
     scripts: &Scripts,
     shown: &str,
     epoch: &mut u64,
     ops: &[Op],
-    out: &mut [Option<Outcome>],
+    out: &mut [Option<OpResult>],
 ) -> Result<(), Failure> {
+    let failed = |op: &Op, e: &dyn std::fmt::Display| {
+        Some(Err(format!("redis {shown}: {}: {e}", describe(op))))
+    };
     let now = unix_now();
     let mut todo: Vec<usize> = (0..ops.len()).collect();
     // The first round always goes out, even for no ops: its GET of the epoch is how an empty
@@ -219,8 +224,11 @@ pub(super) fn apply_run(
         let mut plan = Vec::with_capacity(todo.len());
         for &i in &todo {
             let start = pipe.len();
-            let reply = queue(&mut pipe, scripts, *epoch, &ops[i], now)?;
-            plan.push((i, start..pipe.len(), reply));
+            // An op that cannot be queued (it does not encode) adds no command: it fails alone.
+            match queue(&mut pipe, scripts, *epoch, &ops[i], now) {
+                Ok(reply) => plan.push((i, start..pipe.len(), reply)),
+                Err(e) => out[i] = failed(&ops[i], &e),
+            }
         }
         // The epoch as of the end of the batch: a loss is noticed on any write.
         pipe.cmd("GET").arg(EPOCH_KEY);
@@ -251,11 +259,12 @@ pub(super) fn apply_run(
                 }
             };
             if let Some(Err(e)) = rest.iter().find(|r| r.is_err()) {
-                return Err(Failure::Other(format!("{} failed: {e}", describe(&ops[i]))));
+                out[i] = failed(&ops[i], e);
+                continue;
             }
             match first {
                 Ok(value) => match outcome(reply, value)? {
-                    Attempt::Done(o) => out[i] = Some(o),
+                    Attempt::Done(o) => out[i] = Some(Ok(o)),
                     Attempt::Retry => {
                         renew = true;
                         retry.push(i);
@@ -265,7 +274,7 @@ pub(super) fn apply_run(
                     reload = true;
                     retry.push(i);
                 }
-                Err(e) => return Err(Failure::Other(format!("{} failed: {e}", describe(&ops[i])))),
+                Err(e) => out[i] = failed(&ops[i], e),
             }
         }
         let current = match replies.last() {
