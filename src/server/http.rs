@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::store::StoreError;
 use super::{Publication, PublishError, Server};
 use crate::config::HttpConfig;
 use crate::identity::TerminalId;
@@ -203,6 +204,9 @@ fn publish_error(e: PublishError) -> Response {
     match e {
         PublishError::UnknownTerminal(_) => error(StatusCode::NOT_FOUND, e.to_string()),
         PublishError::BadTtl(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        PublishError::Store(StoreError::TooLarge { .. }) => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
         PublishError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

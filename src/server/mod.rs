@@ -429,6 +429,11 @@ impl Server {
             return Ok(0);
         };
         let ttl = self.shared.push.default_ttl;
+        // What followers get must fit a frame; refused before anything is stored.
+        if let Err(e) = NewPush::session(id, &session, ttl).check_size("session") {
+            self.over_limit("session_size", format_args!("from {}: {e}", id.short()));
+            return Err(e);
+        }
         let items: Vec<(TerminalId, NewPush)> = followers
             .iter()
             .map(|(f, _)| (*f, NewPush::session(id, &session, ttl)))
@@ -450,7 +455,7 @@ impl Server {
             Some(t) if (1..=max).contains(&t) => Duration::from_secs(t),
             Some(_) => return Err(PublishError::BadTtl(max)),
         };
-        Ok(NewPush {
+        let push = NewPush {
             from: None,
             uri: p.uri,
             title: p.title,
@@ -459,7 +464,13 @@ impl Server {
             meta: p.meta,
             ttl,
             collapse_key: p.collapse_key,
-        })
+        };
+        // Accepted means deliverable: a push no frame can carry is refused up front.
+        if let Err(e) = push.check_size("push") {
+            self.over_limit("push_size", format_args!("{e}"));
+            return Err(e.into());
+        }
+        Ok(push)
     }
 }
 
@@ -749,12 +760,19 @@ impl Server {
                 }))
             }
         };
-        result.unwrap_or_else(|e| {
-            warn!("store: {e}");
-            ResponseBody::Refused(Refusal {
+        result.unwrap_or_else(|e| match e {
+            // Over a size limit (counted where it was found): the message names the limit.
+            StoreError::TooLarge { .. } => ResponseBody::Refused(Refusal {
                 reason: RefusalReason::Busy,
-                message: "the server's store failed; try again".into(),
-            })
+                message: e.to_string(),
+            }),
+            e => {
+                warn!("store: {e}");
+                ResponseBody::Refused(Refusal {
+                    reason: RefusalReason::Busy,
+                    message: "the server's store failed; try again".into(),
+                })
+            }
         })
     }
 
