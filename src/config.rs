@@ -507,6 +507,11 @@ struct RawServerLimits {
     max_connections_per_source: Option<usize>,
     handshakes_per_sec_per_source: Option<u32>,
     requests_per_sec_per_terminal: Option<u32>,
+    idle_terminal_secs: Option<u64>,
+    known_terminals_per_source: Option<usize>,
+    http_max_connections: Option<usize>,
+    http_header_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
 }
 
 /// Where the server keeps its state.
@@ -735,7 +740,23 @@ pub struct ServerLimits {
     pub handshakes_per_sec_per_source: u32,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
+    /// How long the store keeps a terminal that is neither connected nor linked (its
+    /// known-terminal entry and its session).
+    pub idle_terminal: Duration,
+    /// Distinct terminals one source network (an IPv4 address, an IPv6 /64) may have known to
+    /// this server node within `idle_terminal`.
+    pub known_terminals_per_source: usize,
+    /// HTTP connections held at once; at the cap a new one takes the place of the connection
+    /// that has waited longest for a request.
+    pub http_max_connections: usize,
+    /// Longest wait for a request's headers (also on an idle keep-alive connection).
+    pub http_header_timeout: Duration,
+    /// Longest wait for a request's body.
+    pub http_body_timeout: Duration,
 }
+
+/// The shortest `limits.idle_terminal_secs`: connected terminals are marked seen once a minute.
+pub const MIN_IDLE_TERMINAL: Duration = Duration::from_secs(300);
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -748,6 +769,11 @@ impl Default for ServerLimits {
             max_connections_per_source: 256,
             handshakes_per_sec_per_source: 200,
             requests_per_sec_per_terminal: 100,
+            idle_terminal: Duration::from_secs(7 * 86_400),
+            known_terminals_per_source: 1024,
+            http_max_connections: 1024,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -855,7 +881,42 @@ impl ServerConfig {
                     .requests_per_sec_per_terminal
                     .unwrap_or(defaults.requests_per_sec_per_terminal),
             )?,
+            idle_terminal: raw
+                .limits
+                .idle_terminal_secs
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.idle_terminal),
+            known_terminals_per_source: at_least_one(
+                "limits.known_terminals_per_source",
+                raw.limits
+                    .known_terminals_per_source
+                    .unwrap_or(defaults.known_terminals_per_source),
+            )?,
+            http_max_connections: at_least_one(
+                "limits.http_max_connections",
+                raw.limits
+                    .http_max_connections
+                    .unwrap_or(defaults.http_max_connections),
+            )?,
+            http_header_timeout: Duration::from_secs(at_least_one(
+                "limits.http_header_timeout_secs",
+                raw.limits
+                    .http_header_timeout_secs
+                    .unwrap_or(defaults.http_header_timeout.as_secs()),
+            )?),
+            http_body_timeout: Duration::from_secs(at_least_one(
+                "limits.http_body_timeout_secs",
+                raw.limits
+                    .http_body_timeout_secs
+                    .unwrap_or(defaults.http_body_timeout.as_secs()),
+            )?),
         };
+        if limits.idle_terminal < MIN_IDLE_TERMINAL {
+            return Err(invalid(
+                "limits.idle_terminal_secs",
+                format!("must be at least {}", MIN_IDLE_TERMINAL.as_secs()),
+            ));
+        }
         if limits.max_lease < Duration::from_secs(10) {
             return Err(invalid("limits.max_lease_secs", "must be at least 10"));
         }

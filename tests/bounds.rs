@@ -261,3 +261,133 @@ async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
     assert_eq!(acked, 2);
     assert_eq!(b.metrics().get("handoff_pushes_undecodable_total", None), 1);
 }
+
+/// A server with the HTTP API and the given limits; returns it and the publish token.
+async fn start_server_with_limits(
+    dir: &std::path::Path,
+    limits: impl FnOnce(&mut handoff::config::ServerLimits),
+) -> (handoff::server::Server, String) {
+    let token = "test-token-0123456789".to_string();
+    let token_file = dir.join("publish.token");
+    std::fs::write(&token_file, &token).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut config = handoff::config::ServerConfig::with_defaults(
+        dir.join("server"),
+        loopback(),
+        handoff::config::StoreKind::Embedded,
+    );
+    config.http = Some(handoff::config::HttpConfig {
+        listen: loopback(),
+        token_file: Some(token_file),
+    });
+    limits(&mut config.limits);
+    let server = handoff::server::Server::start(
+        Identity::load_or_create(&config.state_dir).unwrap(),
+        &config,
+    )
+    .await
+    .unwrap();
+    (server, token)
+}
+
+/// Waits until the server closes `stream` (end of stream or reset); returns what it sent.
+async fn closed_by_server(mut stream: tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(3 * WAIT, stream.read_to_end(&mut got))
+        .await
+        .expect("the server closes a half-sent request");
+    got
+}
+
+/// Issue 11.6: half-sent requests are closed after the header timeout; while they hold every
+/// connection slot, `/healthz` and a publish still work; a body that never comes is answered
+/// 408; 404 and 405 answer JSON like every other error.
+#[tokio::test]
+async fn half_sent_requests_time_out_and_never_lock_out_the_api() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.http_max_connections = 16;
+        l.http_header_timeout = Duration::from_secs(2);
+        l.http_body_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    let mut pushes = b.subscribe();
+
+    // Far more half-sent requests than there are slots.
+    let mut half_sent = Vec::new();
+    for _ in 0..64 {
+        let mut stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+        stream
+            .write_all(b"POST /v1/terminals/x/push HTTP/1.1\r\nHost: t\r\n")
+            .await
+            .unwrap();
+        half_sent.push(stream);
+    }
+    let (status, body) = http(http_addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["status"], "ok");
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/push", b.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/a","title":"while flooded"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(next_push(&mut pushes).await.title, "while flooded");
+    // Every half-sent request is closed: the oldest to make room, the rest at the timeout.
+    for stream in half_sent {
+        closed_by_server(stream).await;
+    }
+    let hits = |limit| {
+        server
+            .metrics()
+            .get("handoff_limit_hits_total", Some(("limit", limit)))
+    };
+    assert!(
+        hits("http_max_connections") >= 48,
+        "{}",
+        hits("http_max_connections")
+    );
+    assert!(hits("http_header_timeout") >= 1);
+
+    // A body announced but never sent: 408, in JSON.
+    let mut stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    let head = format!(
+        "POST /v1/terminals/{}/push HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: 40\r\n\r\n",
+        b.id()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = String::from_utf8(closed_by_server(stream).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        json(body)["error"].as_str().unwrap().contains("body"),
+        "{body}"
+    );
+    assert!(hits("http_body_timeout") >= 1);
+
+    // Every error status answers JSON.
+    for (method, path, status) in [
+        ("GET", "/nope", 404),
+        ("GET", "/v1/terminals/x/push", 405),
+        ("DELETE", "/healthz", 405),
+        ("GET", "/v1/terminals/x/session", 405),
+    ] {
+        let (got, body) = http(http_addr, method, path, Some(&token), b"").await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        let error = json(&body)["error"].as_str().unwrap().to_string();
+        assert!(!error.is_empty(), "{method} {path}");
+    }
+    server.shutdown().await;
+}
