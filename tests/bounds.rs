@@ -391,3 +391,164 @@ async fn half_sent_requests_time_out_and_never_lock_out_the_api() {
     }
     server.shutdown().await;
 }
+
+/// Issue 11.3: one network cannot make the server know unbounded terminals: past
+/// `known_terminals_per_source` new IDs are refused before anything is stored, while the ones
+/// it has come back as before.
+#[tokio::test]
+async fn one_network_gets_a_bounded_number_of_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.known_terminals_per_source = 3;
+    })
+    .await;
+    let http_addr = server.http_addr().unwrap();
+    let hello = RequestBody::Hello { cursor: None };
+    let mut known = Vec::new();
+    for _ in 0..3 {
+        let me = Identity::generate().unwrap();
+        let conn = raw_connect(&me, server.id(), server.local_addr()).await;
+        let answer = handoff::net::request(&conn, hello.clone()).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+        conn.close(0u32.into(), b"done");
+        known.push(me);
+    }
+    let stranger = Identity::generate().unwrap();
+    let conn = raw_connect(&stranger, server.id(), server.local_addr()).await;
+    let reason = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the server closes the connection");
+    assert!(
+        reason
+            .to_string()
+            .contains("too many terminals from this network"),
+        "{reason}"
+    );
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "known_terminals_per_source"))
+        ),
+        1
+    );
+    // Nothing about it was stored: the publish API does not know it.
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/push", stranger.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/a","title":"a"}"#,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    // A terminal the network already has is served as before.
+    let conn = raw_connect(&known[0], server.id(), server.local_addr()).await;
+    let answer = handoff::net::request(&conn, hello).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    server.shutdown().await;
+}
+
+/// Log lines captured from this thread's tracing events.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Issue 11.8: 10,519 "refused follow" lines in 30 s came from one host. Each line remote input
+/// can trigger is now logged at most once per interval, with the count held back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_of_refused_follows_logs_a_bounded_number_of_lines() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // Every task of this test runs on this thread (current-thread runtime).
+    let _logs = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = start_server_with_limits(dir.path(), |l| {
+        l.requests_per_sec_per_terminal = 1_000_000;
+    })
+    .await;
+    let mallory = Identity::generate().unwrap();
+    let victim = Identity::generate().unwrap();
+    let conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    let started = std::time::Instant::now();
+    // A ticket naming the victim as first, signed by mallory: refused, every time.
+    let follow = |n: u64| {
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&n.to_be_bytes());
+        let ticket = wire::Ticket {
+            first: victim.id(),
+            second: mallory.id(),
+            server: server.id(),
+            not_after: handoff::net::unix_now() + 60,
+            nonce,
+        }
+        .sign(&mallory);
+        RequestBody::Follow(wire::InfoRequest {
+            first: victim.id(),
+            second: mallory.id(),
+            ticket,
+        })
+    };
+    let flood = 1_000;
+    for n in 0..flood {
+        match handoff::net::request(&conn, follow(n)).await.unwrap() {
+            ResponseBody::Refused(r) => assert!(r.message.contains("signed"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .get("handoff_refusals_total", Some(("reason", "bad_ticket"))),
+        flood
+    );
+    // After the interval, the next line says how many were held back.
+    // (A new connection: the test client's idle timeout is shorter than the wait.)
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    handoff::net::request(&conn, follow(flood)).await.unwrap();
+    let lines = captured.lines_with("refused follow");
+    let intervals = started.elapsed().as_secs() / 10 + 1;
+    assert!(
+        (2..=intervals as usize + 1).contains(&lines.len()),
+        "{} lines for {} refusals in {:?}:\n{}",
+        lines.len(),
+        flood + 1,
+        started.elapsed(),
+        lines.join("\n")
+    );
+    let held_back: u64 = lines
+        .iter()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        held_back + lines.len() as u64,
+        flood + 1,
+        "every refusal is accounted for"
+    );
+    server.shutdown().await;
+}

@@ -17,6 +17,7 @@
 pub mod cluster;
 mod http;
 pub mod store;
+pub mod strangers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,6 +52,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_TICKET_LIFETIME: u64 = 7 * 24 * 3600;
 /// How often expired items, links and nonces are swept from the store.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// `warn!`/`info!` for a line that remote input can trigger (DESIGN §7: logs are no flood
+/// vector): at most one per `key` and interval ([`LogLimiter`]), each with the count of lines
+/// held back since the last (`suppressed`).
+macro_rules! limited {
+    ($server:expr, $key:literal, $level:ident!($($arg:tt)+)) => {
+        if let Some(suppressed) = $server.shared.log_limit.check($key) {
+            $level!(suppressed, $($arg)+);
+        }
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -103,6 +115,8 @@ struct Shared {
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
     log_limit: LogLimiter,
+    /// Terminals per source network, for `[limits] known_terminals_per_source`.
+    strangers: strangers::KnownPerSource,
     http_addr: Mutex<Option<SocketAddr>>,
     /// The other nodes sharing this store (Redis), if any.
     cluster: Option<Arc<cluster::Cluster>>,
@@ -182,6 +196,10 @@ impl Server {
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
                 log_limit: LogLimiter::new(Duration::from_secs(10)),
+                strangers: strangers::KnownPerSource::new(
+                    config.limits.known_terminals_per_source,
+                    config.limits.idle_terminal,
+                ),
                 http_addr: Mutex::new(None),
                 cluster,
             }),
@@ -329,10 +347,11 @@ impl Server {
             .clone()
             .filter(|_| !elsewhere.is_empty())
         {
+            let server = self.clone();
             self.shared.tasks.spawn(async move {
                 let woken = tokio::task::spawn_blocking(move || cluster.wake(&elsewhere)).await;
                 if let Ok(Err(e)) = woken {
-                    warn!("cannot wake other nodes: {e}");
+                    limited!(server, "cluster", warn!("cannot wake other nodes: {e}"));
                 }
             });
         }
@@ -534,6 +553,20 @@ async fn accept(server: Server) {
 }
 
 async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
+    // Before anything about a new terminal is stored: is its network over its quota?
+    let ip = conn.remote_address().ip().to_canonical();
+    if let Err(refused) = server.shared.strangers.admit(ip, id, Instant::now()) {
+        let limit = match refused {
+            strangers::Refused::Quota => "known_terminals_per_source",
+            strangers::Refused::Full => "known_terminals_tracked",
+        };
+        server.over_limit(limit, format_args!("refusing {} from {ip}", id.short()));
+        conn.close(
+            varint(ErrorCode::Busy),
+            b"too many terminals from this network",
+        );
+        return;
+    }
     if let Err(e) = server
         .shared
         .store
@@ -543,7 +576,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
         })
         .await
     {
-        warn!("store: {e}");
+        limited!(server, "store", warn!("store: {e}"));
         conn.close(varint(ErrorCode::Busy), b"store unavailable");
         return;
     }
@@ -571,8 +604,16 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
     if let Some(cluster) = server.shared.cluster.clone() {
         match tokio::task::spawn_blocking(move || cluster.register(&[id])).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!("cannot register with the cluster: {e}"),
-            Err(e) => warn!("cluster registration task failed: {e}"),
+            Ok(Err(e)) => limited!(
+                server,
+                "cluster",
+                warn!("cannot register with the cluster: {e}")
+            ),
+            Err(e) => limited!(
+                server,
+                "cluster",
+                warn!("cluster registration task failed: {e}")
+            ),
         }
     }
     // Taken by the first `Hello`, which starts the push stream.
@@ -641,7 +682,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                                 }
                             }
                             Err(e) => {
-                                warn!("store: {e}");
+                                limited!(s, "store", warn!("store: {e}"));
                                 conn.close(varint(ErrorCode::Busy), b"store unavailable");
                                 return;
                             }
@@ -692,13 +733,17 @@ impl Server {
                 (c.next, false)
             }
             Some(c) => {
-                info!(
-                    cursor_epoch = c.epoch,
-                    cursor = c.next,
-                    epoch,
-                    acked = log.acked,
-                    next = log.next,
-                    "cursor not honoured; resyncing"
+                limited!(
+                    self,
+                    "resync",
+                    info!(
+                        cursor_epoch = c.epoch,
+                        cursor = c.next,
+                        epoch,
+                        acked = log.acked,
+                        next = log.next,
+                        "cursor not honoured; resyncing"
+                    )
                 );
                 (log.acked, true)
             }
@@ -749,7 +794,11 @@ impl Server {
                 .await
                 .map(|o| {
                     let removed = o == Outcome::Removed(true);
-                    info!(second = %second.short(), removed, "link revoked by its first terminal");
+                    limited!(
+                        self,
+                        "revoked",
+                        info!(second = %second.short(), removed, "link revoked by its first terminal")
+                    );
                     ResponseBody::Revoked { removed }
                 }),
             RequestBody::Hello { .. } => unreachable!("hello is handled by the connection loop"),
@@ -767,7 +816,7 @@ impl Server {
                 message: e.to_string(),
             }),
             e => {
-                warn!("store: {e}");
+                limited!(self, "store", warn!("store: {e}"));
                 ResponseBody::Refused(Refusal {
                     reason: RefusalReason::Busy,
                     message: "the server's store failed; try again".into(),
@@ -786,7 +835,11 @@ impl Server {
             self.shared
                 .metrics
                 .inc("handoff_refusals_total", Some(("reason", "bad_ticket")));
-            warn!(second = %second, first = %request.first, "refused follow: {message}");
+            limited!(
+                self,
+                "refused_follow",
+                warn!(second = %second, first = %request.first, "refused follow: {message}")
+            );
             Ok(ResponseBody::Refused(Refusal {
                 reason: RefusalReason::BadTicket,
                 message,
@@ -844,7 +897,11 @@ impl Server {
             }
             _ => return refuse(wire::ticket::TicketError::Replayed.to_string()),
         }
-        info!(first = %first.short(), until, "linked");
+        limited!(
+            self,
+            "linked",
+            info!(first = %first.short(), until, "linked")
+        );
         self.shared.metrics.inc("handoff_links_total", None);
         Ok(ResponseBody::Linked {
             until,
@@ -885,7 +942,7 @@ async fn write_pushes(
             {
                 Ok(read) => read,
                 Err(e) => {
-                    warn!("store: {e}");
+                    limited!(server, "store", warn!("store: {e}"));
                     conn.close(varint(ErrorCode::Busy), b"store unavailable");
                     return;
                 }
@@ -961,7 +1018,7 @@ async fn read_acks(server: Server, id: TerminalId, mut recv: quinn::RecvStream) 
                     .write_one(Op::Ack { to: id, next })
                     .await
                 {
-                    warn!("store: {e}");
+                    limited!(server, "store", warn!("store: {e}"));
                 }
             }
             Ok(None) => return,
@@ -1052,16 +1109,45 @@ async fn watch_epoch(server: Server) {
     }
 }
 
-/// Sweeps expired items, links and nonces from the store once a minute.
+/// Sweeps expired items, links and nonces from the store once a minute, and forgets terminals
+/// idle for `[limits] idle_terminal_secs`: the terminals connected to this node are marked seen
+/// first, so only those neither connected (to any node) nor linked go.
 async fn sweep(server: Server) {
     loop {
         tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
-            _ = tokio::time::sleep(SWEEP_EVERY) => {
-                if let Err(e) = server.shared.store.write_one(Op::Sweep { now: unix_now() }).await {
-                    warn!("store sweep: {e}");
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        let now = unix_now();
+        let connected: Vec<(std::net::IpAddr, TerminalId)> = server
+            .conns()
+            .iter()
+            .map(|(id, slot)| (slot.conn.remote_address().ip(), *id))
+            .collect();
+        server
+            .shared
+            .strangers
+            .refresh(connected.iter().copied(), Instant::now());
+        let mut ops: Vec<Op> = connected
+            .into_iter()
+            .map(|(_, id)| Op::Touch { id, now })
+            .collect();
+        ops.push(Op::Sweep { now });
+        let idle = server.shared.limits.idle_terminal.as_secs();
+        ops.push(Op::ExpireIdle {
+            now,
+            seen_before: now.saturating_sub(idle),
+        });
+        match server.shared.store.write(ops).await {
+            Ok(outcomes) => {
+                if let Some(Outcome::Expired(n)) = outcomes.last() {
+                    server
+                        .shared
+                        .metrics
+                        .add("handoff_terminals_expired_total", None, *n);
                 }
             }
+            Err(e) => warn!("store sweep: {e}"),
         }
     }
 }

@@ -21,6 +21,7 @@ const MAX_FAILED_OPS: usize = 8;
 type Id<'a> = &'a [u8; 32];
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// terminal → when it was last seen.
 const KNOWN: TableDefinition<Id, u64> = TableDefinition::new("known");
 const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("sessions");
 /// (first, second) → until, and the same reversed for lookups by follower.
@@ -263,10 +264,35 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
         }
         Op::Touch { id, now } => {
             let mut t = txn.open_table(KNOWN).map_err(err)?;
-            if t.get(id.as_bytes()).map_err(err)?.is_none() {
+            let seen = t.get(id.as_bytes()).map_err(err)?.map(|v| v.value());
+            if seen.is_none_or(|seen| seen < *now) {
                 t.insert(id.as_bytes(), *now).map_err(err)?;
             }
             Outcome::Done
+        }
+        Op::ExpireIdle { now, seen_before } => {
+            let mut known = txn.open_table(KNOWN).map_err(err)?;
+            let links = txn.open_table(LINKS).map_err(err)?;
+            let links_by_second = txn.open_table(LINKS_BY_SECOND).map_err(err)?;
+            let mut idle = Vec::new();
+            for entry in known.iter().map_err(err)? {
+                let (id, seen) = entry.map_err(err)?;
+                if seen.value() >= *seen_before {
+                    continue;
+                }
+                let id = TerminalId::from_bytes(*id.value());
+                if links_of(&links, &id, *now)?.is_empty()
+                    && links_of(&links_by_second, &id, *now)?.is_empty()
+                {
+                    idle.push(id);
+                }
+            }
+            let mut sessions = txn.open_table(SESSIONS).map_err(err)?;
+            for id in &idle {
+                known.remove(id.as_bytes()).map_err(err)?;
+                sessions.remove(id.as_bytes()).map_err(err)?;
+            }
+            Outcome::Expired(idle.len() as u64)
         }
         Op::SetSession { id, session } => {
             let mut t = txn.open_table(SESSIONS).map_err(err)?;

@@ -17,6 +17,7 @@ struct Log {
 #[derive(Debug)]
 pub struct MemoryBackend {
     epoch: u64,
+    /// Terminal → when it was last seen.
     known: HashMap<TerminalId, u64>,
     sessions: HashMap<TerminalId, Session>,
     /// (first, second) → until.
@@ -146,8 +147,28 @@ impl MemoryBackend {
                 Outcome::Followed(offset)
             }
             Op::Touch { id, now } => {
-                self.known.entry(*id).or_insert(*now);
+                let seen = self.known.entry(*id).or_insert(*now);
+                *seen = (*seen).max(*now);
                 Outcome::Done
+            }
+            Op::ExpireIdle { now, seen_before } => {
+                let linked: std::collections::HashSet<TerminalId> = self
+                    .links
+                    .iter()
+                    .filter(|(_, until)| **until > *now)
+                    .flat_map(|((first, second), _)| [*first, *second])
+                    .collect();
+                let idle: Vec<TerminalId> = self
+                    .known
+                    .iter()
+                    .filter(|(id, seen)| **seen < *seen_before && !linked.contains(*id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &idle {
+                    self.known.remove(id);
+                    self.sessions.remove(id);
+                }
+                Outcome::Expired(idle.len() as u64)
             }
             Op::SetSession { id, session } => {
                 match session {

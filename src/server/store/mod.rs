@@ -165,7 +165,8 @@ impl NewPush {
 /// One write; each is atomic on its own.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Marks a terminal as seen (the HTTP API answers 404 for terminals never seen).
+    /// Marks a terminal as seen at `now` (the HTTP API answers 404 for terminals not known).
+    /// The latest time counts: it is what [`Op::ExpireIdle`] judges.
     Touch { id: TerminalId, now: u64 },
     SetSession {
         id: TerminalId,
@@ -213,6 +214,10 @@ pub enum Op {
     Ack { to: TerminalId, next: u64 },
     /// Drops expired items, links and nonces.
     Sweep { now: u64 },
+    /// Forgets terminals last seen before `seen_before` that have no link alive at `now`, as
+    /// first or second: their known-terminal entry and their session (their push log keeps
+    /// its cursor, so offsets never restart). Answers [`Outcome::Expired`] with how many.
+    ExpireIdle { now: u64, seen_before: u64 },
 }
 
 /// The parts of an [`Op::Follow`]: the nonce use that decides, and what follows if it is fresh.
@@ -279,6 +284,8 @@ pub enum Outcome {
     Fresh(Option<bool>),
     /// For `Follow`: linked; the offset of the session push, if there was one.
     Followed(Option<u64>),
+    /// For `ExpireIdle`: how many terminals were forgotten.
+    Expired(u64),
 }
 
 /// A slice of a recipient's log.

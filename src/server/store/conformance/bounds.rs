@@ -96,10 +96,71 @@ pub async fn one_bad_op_fails_alone(store: Store) {
     );
 }
 
+/// Terminals neither connected (touched since) nor linked are forgotten after the idle time:
+/// their known entry and session; their log's offsets go on.
+pub fn idle_strangers_expire(b: &mut dyn Backend) {
+    let session = |title: &str| Session {
+        uri: format!("u://{title}"),
+        title: title.into(),
+        position: None,
+        meta: BTreeMap::new(),
+    };
+    let touch = |n: u8, now: u64| Op::Touch { id: id(n), now };
+    let mut ops = Vec::new();
+    for n in 1..=4 {
+        ops.push(touch(n, NOW));
+        ops.push(Op::SetSession {
+            id: id(n),
+            session: Some(session(&n.to_string())),
+        });
+    }
+    ops.push(Op::Link {
+        first: id(4),
+        second: id(2),
+        until: NOW + 1000,
+    });
+    b.apply(&ops).unwrap();
+    assert_eq!(append(b, id(1), push("kept", None, 5000)), 0);
+    // A touch counts the latest time; an older one does not move it back.
+    b.apply(&[touch(3, NOW + 500), touch(3, NOW + 100)])
+        .unwrap();
+
+    let expire = |b: &mut dyn Backend, now: u64, seen_before: u64| {
+        b.apply(&[Op::ExpireIdle { now, seen_before }]).unwrap()[0]
+    };
+    // 1 is idle; 2 and 4 are linked (as second and first); 3 was seen since.
+    assert_eq!(expire(b, NOW + 600, NOW + 300), Outcome::Expired(1));
+    assert!(!b.known(&id(1)).unwrap());
+    assert_eq!(b.session(&id(1)).unwrap(), None);
+    for n in 2..=4 {
+        assert!(b.known(&id(n)).unwrap(), "{n} is kept");
+        assert_eq!(b.session(&id(n)).unwrap(), Some(session(&n.to_string())));
+    }
+    // Once the link lapsed, its ends go too; 3 stays until it has been idle long enough.
+    assert_eq!(expire(b, NOW + 1000, NOW + 400), Outcome::Expired(2));
+    assert!(!b.known(&id(2)).unwrap() && !b.known(&id(4)).unwrap());
+    assert_eq!(b.session(&id(4)).unwrap(), None);
+    assert!(b.known(&id(3)).unwrap());
+    assert_eq!(expire(b, NOW + 1000, NOW + 501), Outcome::Expired(1));
+    assert!(!b.known(&id(3)).unwrap());
+    assert_eq!(expire(b, NOW + 1000, NOW + 1000), Outcome::Expired(0));
+    // A forgotten terminal that comes back is known again, and its log goes on where it was.
+    b.apply(&[touch(1, NOW + 2000)]).unwrap();
+    assert!(b.known(&id(1)).unwrap());
+    assert_eq!(append(b, id(1), push("again", None, 5000)), 1);
+    assert_eq!(titles(b, id(1), 0, NOW), ["kept", "again"]);
+}
+
 macro_rules! bounds_tests {
     ($module:ident, $make:expr) => {
         mod $module {
             use super::*;
+
+            #[test]
+            fn idle_strangers_expire() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::idle_strangers_expire(b.as_mut());
+            }
 
             #[tokio::test]
             async fn one_bad_op_fails_alone() {

@@ -11,7 +11,8 @@
 //! |---|---|---|---|
 //! | `handoff:v1:epoch` | string | the push logs' epoch (decimal, non-zero) | none |
 //! | `handoff:v1:sweep` | zset | keys to sweep, scored by the earliest deadline in each | none |
-//! | `…{id}:known` | string | when `id` was first seen (Unix s) | none |
+//! | `handoff:v1:seen` | zset | terminal IDs, scored by when each was last seen | none |
+//! | `…{id}:known` | string | when `id` was last seen (Unix s) | none |
 //! | `…{id}:session` | string | `id`'s session (bincode) | none |
 //! | `…{id}:followers` | zset | terminals following `id`, scored by `until` | see below |
 //! | `…{id}:following` | zset | terminals `id` follows, scored by `until` | see below |
@@ -35,12 +36,14 @@
 //! terminal's `followers`, then the second's `following`), and so is an unlink; between them a
 //! reader may see one side only. Registering a key in `handoff:v1:sweep`, and a link set's TTL,
 //! are separate commands too; a missed registration only delays garbage collection to the key's
-//! TTL.
+//! TTL. A touch sets `known` and scores the terminal in `handoff:v1:seen`; idle expiry is a
+//! script per terminal that checks the score and the terminal's links and then deletes `known`
+//! and `session`.
 //!
 //! The append script also declares `handoff:v1:epoch`, so that epoch check and offset assignment
-//! are one step. That is the one script touching a second slot: this backend talks to a single
-//! Redis (or a replicated primary), not to a Cluster, and on a Cluster the append would need a
-//! per-slot copy of the epoch.
+//! are one step, and the idle-expiry script declares `handoff:v1:seen`. Those two scripts touch
+//! a second slot: this backend talks to a single Redis (or a replicated primary), not to a
+//! Cluster, and on a Cluster they would need per-slot copies of those keys.
 //!
 //! # Epoch
 //!
@@ -81,11 +84,13 @@ use crate::config::redact_url;
 use crate::identity::TerminalId;
 use crate::wire::{self, Session};
 use scripts::Scripts;
-use write::{apply_run, describe, sweep};
+use write::{apply_run, describe, expire_idle, sweep};
 
 const PREFIX: &str = "handoff:v1:";
 const EPOCH_KEY: &str = "handoff:v1:epoch";
 const SWEEP_KEY: &str = "handoff:v1:sweep";
+/// Terminals by when they were last seen (for [`Op::ExpireIdle`]).
+const SEEN_KEY: &str = "handoff:v1:seen";
 /// How long a key outlives the latest deadline it holds (clock skew between nodes and Redis).
 const GRACE: u64 = 3600;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -364,7 +369,10 @@ impl Backend for RedisBackend {
             let mut pending: Vec<usize> = Vec::new();
             for &i in &send {
                 let op = &ops[i];
-                if !matches!(op, Op::Sweep { .. } | Op::Follow { .. }) {
+                if !matches!(
+                    op,
+                    Op::Sweep { .. } | Op::Follow { .. } | Op::ExpireIdle { .. }
+                ) {
                     pending.push(i);
                     continue;
                 }
@@ -375,6 +383,11 @@ impl Backend for RedisBackend {
                 if let Op::Sweep { now } = op {
                     sweep(conn, &self.scripts, *now)?;
                     out[i] = Some(Ok(Outcome::Done));
+                    continue;
+                }
+                if let Op::ExpireIdle { now, seen_before } = op {
+                    let n = expire_idle(conn, &self.scripts, *now, *seen_before)?;
+                    out[i] = Some(Ok(Outcome::Expired(n)));
                     continue;
                 }
                 let Some((use_nonce, link, append)) = super::follow_parts(op) else {

@@ -9,6 +9,7 @@ const ACK: &str = include_str!("lua/ack.lua");
 const USE_NONCE: &str = include_str!("lua/use_nonce.lua");
 const SWEEP_LOG: &str = include_str!("lua/sweep_log.lua");
 const SWEEP_DEADLINES: &str = include_str!("lua/sweep_deadlines.lua");
+const EXPIRE_IDLE: &str = include_str!("lua/expire_idle.lua");
 
 pub(super) struct Scripts {
     /// Assigns the next offset (checking the epoch) and replaces an unacknowledged item with
@@ -22,6 +23,8 @@ pub(super) struct Scripts {
     pub sweep_log: Script,
     /// Drops the due members of a links or nonces set.
     pub sweep_deadlines: Script,
+    /// Forgets one idle, unlinked terminal's known entry and session.
+    pub expire_idle: Script,
 }
 
 impl Scripts {
@@ -33,6 +36,7 @@ impl Scripts {
             use_nonce: with_helpers(USE_NONCE),
             sweep_log: with_helpers(SWEEP_LOG),
             sweep_deadlines: with_helpers(SWEEP_DEADLINES),
+            expire_idle: with_helpers(EXPIRE_IDLE),
         }
     }
 
@@ -44,6 +48,7 @@ impl Scripts {
             &self.use_nonce,
             &self.sweep_log,
             &self.sweep_deadlines,
+            &self.expire_idle,
         ] {
             script.load(conn)?;
         }

@@ -9,7 +9,7 @@ use tracing::warn;
 use super::scripts::{evalsha, Scripts};
 use super::{
     establish_epoch, key, parse_epoch, unexpected, Failure, OpResult, EPOCH_KEY, GRACE, PREFIX,
-    RETRIES, SWEEP_KEY, SWEEP_PAGE, SWEEP_ROUNDS,
+    RETRIES, SEEN_KEY, SWEEP_KEY, SWEEP_PAGE, SWEEP_ROUNDS,
 };
 use crate::server::store::{Op, Outcome};
 use crate::wire;
@@ -41,6 +41,7 @@ pub(super) fn describe(op: &Op) -> String {
         Op::Append { to, .. } => format!("append to {to}"),
         Op::Ack { to, .. } => format!("ack for {to}"),
         Op::Sweep { .. } => "sweep".to_string(),
+        Op::ExpireIdle { .. } => "expire idle terminals".to_string(),
         Op::Follow { first, second, .. } => format!("link {second} to {first} (follow)"),
     }
 }
@@ -57,7 +58,12 @@ fn queue(
     let encode_err = |e: wire::WireError| Failure::Other(format!("cannot encode: {e}"));
     Ok(match op {
         Op::Touch { id, now } => {
-            pipe.cmd("SET").arg(key(id, "known")).arg(now).arg("NX");
+            pipe.cmd("SET").arg(key(id, "known")).arg(now);
+            pipe.cmd("ZADD")
+                .arg(SEEN_KEY)
+                .arg("GT")
+                .arg(now)
+                .arg(id.to_string());
             Reply::Done
         }
         Op::SetSession { id, session } => {
@@ -160,7 +166,7 @@ fn queue(
             evalsha(pipe, &scripts.ack, &keys.map(String::as_str)).arg(next);
             Reply::Done
         }
-        Op::Sweep { .. } | Op::Follow { .. } => {
+        Op::Sweep { .. } | Op::Follow { .. } | Op::ExpireIdle { .. } => {
             return Err(Failure::Other(format!(
                 "{} cannot be pipelined (this is a bug)",
                 describe(op)
@@ -391,4 +397,65 @@ pub(super) fn sweep(conn: &mut Connection, scripts: &Scripts, now: u64) -> Resul
         }
     }
     Ok(())
+}
+
+/// Forgets terminals last seen before `seen_before` without a link alive at `now` (at most
+/// [`SWEEP_ROUNDS`] pages of [`SWEEP_PAGE`] per call; the rest waits for the next). Returns
+/// how many were forgotten.
+pub(super) fn expire_idle(
+    conn: &mut Connection,
+    scripts: &Scripts,
+    now: u64,
+    seen_before: u64,
+) -> Result<u64, Failure> {
+    let mut expired = 0;
+    for _ in 0..SWEEP_ROUNDS {
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(SEEN_KEY)
+            .arg("-inf")
+            .arg(format!("({seen_before}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_PAGE)
+            .query(conn)?;
+        if due.is_empty() {
+            break;
+        }
+        let mut pipe = redis::pipe();
+        for name in &due {
+            let Ok(id) = name.parse::<crate::identity::TerminalId>() else {
+                // Not an ID this layout writes: forget it.
+                pipe.cmd("ZREM").arg(SEEN_KEY).arg(name);
+                continue;
+            };
+            let keys = [
+                SEEN_KEY.to_string(),
+                key(&id, "known"),
+                key(&id, "session"),
+                key(&id, "followers"),
+                key(&id, "following"),
+            ];
+            evalsha(
+                &mut pipe,
+                &scripts.expire_idle,
+                &keys.each_ref().map(String::as_str),
+            )
+            .arg(name)
+            .arg(seen_before)
+            .arg(now);
+        }
+        let replies: Vec<RedisResult<Value>> = pipe.ignore_errors().query(conn)?;
+        for reply in replies {
+            match reply {
+                Ok(Value::Int(n)) => expired += n.max(0) as u64,
+                Ok(_) => {}
+                Err(e) if is_noscript(&e) => {
+                    scripts.load(conn)?;
+                    break;
+                }
+                Err(e) => return Err(Failure::Other(format!("expire idle terminals: {e}"))),
+            }
+        }
+    }
+    Ok(expired)
 }
