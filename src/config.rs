@@ -770,7 +770,7 @@ impl Default for ServerLimits {
             handshakes_per_sec_per_source: 200,
             requests_per_sec_per_terminal: 100,
             idle_terminal: Duration::from_secs(7 * 86_400),
-            known_terminals_per_source: 1024,
+            known_terminals_per_source: 256,
             http_max_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
@@ -984,6 +984,11 @@ mod tests {
         assert_eq!(s.store, StoreKind::Embedded);
         assert_eq!(s.http.as_ref().map(|h| h.listen.port()), Some(47780));
         assert_eq!(s.push, PushConfig::default());
+        assert_eq!(
+            s.limits,
+            ServerLimits::default(),
+            "the example shows the defaults"
+        );
         let text = std::fs::read_to_string(root.join("server.toml")).unwrap();
         assert_eq!(guess_kind(&text), ConfigKind::Server);
     }
@@ -1049,6 +1054,33 @@ mod tests {
         match server("[store]\nkind = \"floppy\"") {
             Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "store.kind"),
             other => panic!("{other:?}"),
+        }
+        for (text, key) in [
+            (
+                "[limits]\nidle_terminal_secs = 299",
+                "limits.idle_terminal_secs",
+            ),
+            (
+                "[limits]\nknown_terminals_per_source = 0",
+                "limits.known_terminals_per_source",
+            ),
+            (
+                "[limits]\nhttp_max_connections = 0",
+                "limits.http_max_connections",
+            ),
+            (
+                "[limits]\nhttp_header_timeout_secs = 0",
+                "limits.http_header_timeout_secs",
+            ),
+            (
+                "[limits]\nhttp_body_timeout_secs = 0",
+                "limits.http_body_timeout_secs",
+            ),
+        ] {
+            match server(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
         }
     }
 
