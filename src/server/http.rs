@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -138,7 +138,6 @@ pub async fn serve(server: Server, config: &HttpConfig) -> Result<SocketAddr, Ht
         .route("/v1/terminals/{id}/session", put(set_session))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(App {
             server: server.clone(),
             token,

@@ -394,7 +394,8 @@ impl Store {
     /// Applies writes; resolves once they are durable. Cancel-safe (the writes still happen).
     /// Each op is checked first ([`Op::check`]); one that would not fit its limits fails the
     /// write before anything is queued. An op that fails in the backend fails this write only,
-    /// never the others sharing its commit.
+    /// never the others sharing its commit; this write's other ops, each atomic on its own, may
+    /// then have been applied.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
         for op in &ops {
             op.check()?;
