@@ -765,9 +765,12 @@ impl Server {
                 })
                 .await?;
             let ttl = self.shared.push.default_ttl;
+            // A session stored before sessions were size-checked may not fit a push: it is
+            // left out rather than failing every hello of its followers.
             let items = followed
                 .iter()
                 .map(|(first, s)| (id, NewPush::session(*first, s, ttl)))
+                .filter(|(_, push)| push.check_size("session").is_ok())
                 .collect();
             self.store_pushes(items, Vec::new()).await?;
         }
