@@ -151,6 +151,72 @@ pub fn idle_strangers_expire(b: &mut dyn Backend) {
     assert_eq!(titles(b, id(1), 0, NOW), ["kept", "again"]);
 }
 
+/// A write whose op would not fit a frame on its way to the terminal is refused before it is
+/// queued, naming the limit, and changes nothing.
+#[tokio::test]
+async fn an_oversized_write_is_refused_before_the_batch() {
+    let store = Store::start(Box::new(MemoryBackend::new()));
+    let session = Session {
+        uri: "u".repeat(crate::wire::MAX_FRAME - 20),
+        title: "t".into(),
+        position: None,
+        meta: BTreeMap::new(),
+    };
+    for op in [
+        Op::Append {
+            to: id(1),
+            push: oversized(),
+            now: NOW,
+        },
+        Op::SetSession {
+            id: id(1),
+            session: Some(session),
+        },
+    ] {
+        match store.write(vec![op]).await {
+            Err(StoreError::TooLarge { limit, size, .. }) => {
+                assert_eq!(limit, crate::wire::MAX_FRAME);
+                assert!(size > limit);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let (log, session) = store
+        .read(|b| Ok((b.log(&id(1), 0, 10, NOW)?, b.session(&id(1))?)))
+        .await
+        .unwrap();
+    assert_eq!((log.next, session), (0, None));
+}
+
+proptest::proptest! {
+    /// The cheap bound never lets through a push that does not fit, and the full check never
+    /// refuses one that does: whatever the mix of long strings and many small meta entries
+    /// (which cost the decoder more than their encoded bytes).
+    #[test]
+    fn the_size_check_admits_exactly_what_decodes(
+        uri in 0usize..66_000,
+        entries in 0usize..4_000,
+        key_len in 0usize..20,
+        collapse in proptest::option::of(0usize..100),
+    ) {
+        let mut p = push("t", None, 60);
+        p.uri = "u".repeat(uri);
+        p.meta = (0..entries).map(|i| (format!("{i:0key_len$}"), String::new())).collect();
+        p.collapse_key = collapse.map(|n| "k".repeat(n));
+        let worst = p.stored(u64::MAX, u64::MAX);
+        let delivers = crate::wire::encode_payload(&worst)
+            .and_then(|b| crate::wire::decode_payload::<StoredPush>(&b))
+            .is_ok()
+            && crate::wire::encode_frame(&ServerPush::Item(worst.item.clone()))
+                .and_then(|f| crate::wire::decode_frame::<ServerPush>(&f))
+                .is_ok();
+        if p.size_bound() <= crate::wire::MAX_FRAME {
+            proptest::prop_assert!(delivers, "the bound admitted what does not decode");
+        }
+        proptest::prop_assert_eq!(p.check_size("push").is_ok(), delivers);
+    }
+}
+
 macro_rules! bounds_tests {
     ($module:ident, $make:expr) => {
         mod $module {
