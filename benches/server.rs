@@ -317,7 +317,7 @@ fn main() {
             None => lan.http_server_toml(host, TOKEN),
         };
         let extra = format!(
-            "{store}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\n"
+            "{store}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\nknown_terminals_per_source = 100000\n"
         );
         let config = lan.server_config(host, &extra);
         let server = lan.spawn(host, &["server", "--config", &config], host);

@@ -653,6 +653,11 @@ struct RawServerLimits {
     max_connections_per_source: Option<usize>,
     handshakes_per_sec_per_source: Option<u32>,
     requests_per_sec_per_terminal: Option<u32>,
+    idle_terminal_secs: Option<u64>,
+    known_terminals_per_source: Option<usize>,
+    http_max_connections: Option<usize>,
+    http_header_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
 }
 
 /// Where the server keeps its state.
@@ -709,12 +714,45 @@ impl std::fmt::Debug for RedisUrl {
     }
 }
 
-/// `url` with its passwords replaced by `***`: the one in the authority
-/// (`redis://user:pass@host` → `redis://user:***@host`) and `pass=`/`password=` query
-/// parameters (how Unix socket URLs carry one). Works on malformed URLs too, so error messages
-/// can use it; when in doubt it hides too much (everything between the first `:` after `://` and
-/// the last `@`), never too little.
+/// Query keys whose values the Redis client reads and that never carry a secret. Every other
+/// query value is redacted, whatever its key (the client may learn new ones).
+const REDIS_PLAIN_QUERY_KEYS: [&str; 2] = ["db", "protocol"];
+
+/// `url` with everything that can carry a secret replaced by `***`: the password in the user
+/// info (`redis://user:pass@host` → `redis://user:***@host`) and every query value but `db` and
+/// `protocol` (Unix socket URLs carry the password as `pass=`).
+///
+/// The URL is parsed the way the Redis client parses it ([`redis::parse_redis_url`]), so what
+/// is hidden is what the client would use: query keys are percent-decoded (`?%70ass=x` is
+/// `pass`) and shown decoded. A URL the client cannot parse (it would not connect with it) is
+/// redacted by text, hiding too much rather than too little.
 pub fn redact_url(url: &str) -> String {
+    let Some(mut parsed) = redis::parse_redis_url(url) else {
+        return redact_unparsed_url(url);
+    };
+    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+        return redact_unparsed_url(url);
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if REDIS_PLAIN_QUERY_KEYS.contains(&k.as_ref()) {
+                    v.into_owned()
+                } else {
+                    "***".to_string()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// [`redact_url`] for text that is not a URL the client accepts: every query value but the
+/// plain ones, and everything between the first `:` after `://` and the last `@`.
+fn redact_unparsed_url(url: &str) -> String {
     // Query parameters first, so an `@` inside a password there cannot mislead the second step.
     let url = match url.split_once('?') {
         Some((head, tail)) => {
@@ -725,8 +763,11 @@ pub fn redact_url(url: &str) -> String {
             let pairs: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
-                    _ => pair.to_string(),
+                    Some((k, v)) if REDIS_PLAIN_QUERY_KEYS.contains(&k) && !v.contains('%') => {
+                        pair.to_string()
+                    }
+                    Some((k, _)) => format!("{k}=***"),
+                    None => pair.to_string(),
                 })
                 .collect();
             format!("{head}?{}{fragment}", pairs.join("&"))
@@ -847,7 +888,23 @@ pub struct ServerLimits {
     pub handshakes_per_sec_per_source: u32,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
+    /// How long the store keeps a terminal that is neither connected nor linked (its
+    /// known-terminal entry and its session).
+    pub idle_terminal: Duration,
+    /// Distinct terminals one source network (an IPv4 address, an IPv6 /64) may have known to
+    /// this server node within `idle_terminal`.
+    pub known_terminals_per_source: usize,
+    /// HTTP connections held at once; at the cap a new one takes the place of the connection
+    /// that has waited longest for a request.
+    pub http_max_connections: usize,
+    /// Longest wait for a request's headers (also on an idle keep-alive connection).
+    pub http_header_timeout: Duration,
+    /// Longest wait for a request's body.
+    pub http_body_timeout: Duration,
 }
+
+/// The shortest `limits.idle_terminal_secs`: connected terminals are marked seen once a minute.
+pub const MIN_IDLE_TERMINAL: Duration = Duration::from_secs(300);
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -860,6 +917,11 @@ impl Default for ServerLimits {
             max_connections_per_source: 256,
             handshakes_per_sec_per_source: 200,
             requests_per_sec_per_terminal: 100,
+            idle_terminal: Duration::from_secs(7 * 86_400),
+            known_terminals_per_source: 256,
+            http_max_connections: 1024,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -967,7 +1029,42 @@ impl ServerConfig {
                     .requests_per_sec_per_terminal
                     .unwrap_or(defaults.requests_per_sec_per_terminal),
             )?,
+            idle_terminal: raw
+                .limits
+                .idle_terminal_secs
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.idle_terminal),
+            known_terminals_per_source: at_least_one(
+                "limits.known_terminals_per_source",
+                raw.limits
+                    .known_terminals_per_source
+                    .unwrap_or(defaults.known_terminals_per_source),
+            )?,
+            http_max_connections: at_least_one(
+                "limits.http_max_connections",
+                raw.limits
+                    .http_max_connections
+                    .unwrap_or(defaults.http_max_connections),
+            )?,
+            http_header_timeout: Duration::from_secs(at_least_one(
+                "limits.http_header_timeout_secs",
+                raw.limits
+                    .http_header_timeout_secs
+                    .unwrap_or(defaults.http_header_timeout.as_secs()),
+            )?),
+            http_body_timeout: Duration::from_secs(at_least_one(
+                "limits.http_body_timeout_secs",
+                raw.limits
+                    .http_body_timeout_secs
+                    .unwrap_or(defaults.http_body_timeout.as_secs()),
+            )?),
         };
+        if limits.idle_terminal < MIN_IDLE_TERMINAL {
+            return Err(invalid(
+                "limits.idle_terminal_secs",
+                format!("must be at least {}", MIN_IDLE_TERMINAL.as_secs()),
+            ));
+        }
         if limits.max_lease < Duration::from_secs(10) {
             return Err(invalid("limits.max_lease_secs", "must be at least 10"));
         }
@@ -1084,6 +1181,11 @@ mod tests {
         assert_eq!(s.store, StoreKind::Embedded);
         assert_eq!(s.http.as_ref().map(|h| h.listen.port()), Some(47780));
         assert_eq!(s.push, PushConfig::default());
+        assert_eq!(
+            s.limits,
+            ServerLimits::default(),
+            "the example shows the defaults"
+        );
         let text = std::fs::read_to_string(root.join("server.toml")).unwrap();
         assert_eq!(guess_kind(&text), Some(ConfigKind::Server));
         let text = std::fs::read_to_string(root.join("daemon.toml")).unwrap();
@@ -1200,6 +1302,33 @@ mod tests {
             Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "store.kind"),
             other => panic!("{other:?}"),
         }
+        for (text, key) in [
+            (
+                "[limits]\nidle_terminal_secs = 299",
+                "limits.idle_terminal_secs",
+            ),
+            (
+                "[limits]\nknown_terminals_per_source = 0",
+                "limits.known_terminals_per_source",
+            ),
+            (
+                "[limits]\nhttp_max_connections = 0",
+                "limits.http_max_connections",
+            ),
+            (
+                "[limits]\nhttp_header_timeout_secs = 0",
+                "limits.http_header_timeout_secs",
+            ),
+            (
+                "[limits]\nhttp_body_timeout_secs = 0",
+                "limits.http_body_timeout_secs",
+            ),
+        ] {
+            match server(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -1270,12 +1399,30 @@ mod tests {
             ("redis://u:p?w@h", "redis://u:***@h"),
             (
                 "redis+unix:///s.sock?db=1&pass=pw&user=u",
-                "redis+unix:///s.sock?db=1&pass=***&user=u",
+                "redis+unix:///s.sock?db=1&pass=***&user=***",
             ),
             ("unix:///s?password=a@b#x", "unix:///s?password=***#x"),
+            // Keys as the client decodes them: `%70ass` is `pass`, `pa%73s` too.
+            ("unix:///s?%70ass=SECRET", "unix:///s?pass=***"),
+            (
+                "redis+unix:///s?db=2&pa%73s=SECRET",
+                "redis+unix:///s?db=2&pass=***",
+            ),
+            // Values of keys the client does not know are hidden too, and so is a repeated key.
+            (
+                "redis://h/?protocol=3&x=SECRET&pass=a&pass=SECRET",
+                "redis://h/?protocol=3&x=***&pass=***&pass=***",
+            ),
+            // A percent-encoded password in the user info.
+            ("redis://u:%53ECRET@h", "redis://u:***@h"),
+            ("unix:///s?%70ass=SECRET&db=%31", "unix:///s?pass=***&db=1"),
+            // Not parsable by the client: redacted by text, encoded keys included.
             ("not a url", "not a url"),
+            ("redis://h:bad?%70ass=SECRET", "redis://h:bad?%70ass=***"),
         ] {
-            assert_eq!(redact_url(url), shown, "{url}");
+            let redacted = redact_url(url);
+            assert_eq!(redacted, shown, "{url}");
+            assert!(!redacted.contains("SECRET"), "{url} → {redacted}");
         }
     }
 

@@ -49,6 +49,19 @@ pub async fn read_frame<T: DeserializeOwned>(
     timeout: Duration,
     max: usize,
 ) -> Result<Option<T>, FrameError> {
+    match read_payload(recv, timeout, max).await? {
+        Some(payload) => Ok(Some(wire::decode_payload(&payload)?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's payload (undecoded) of at most `max` bytes, as [`read_frame`] does. A
+/// payload that then fails to decode leaves the stream at the next frame.
+pub async fn read_payload(
+    recv: &mut quinn::RecvStream,
+    timeout: Duration,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; wire::HEADER_LEN];
     match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
         Err(_) => return Err(FrameError::Timeout),
@@ -83,7 +96,7 @@ pub async fn read_frame<T: DeserializeOwned>(
             return Err(FrameError::Stream(e.to_string()))
         }
     }
-    Ok(Some(wire::decode_payload(&payload)?))
+    Ok(Some(payload))
 }
 
 pub async fn write_frame<T: Serialize>(

@@ -321,18 +321,33 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
         loop {
             // A push stream is long-lived: idle time between items is not a timeout, so the
             // per-frame timeout is long; connection keep-alive detects a dead server.
-            match net::read_frame::<ServerPush>(
+            match net::read_payload(
                 &mut recv,
                 Duration::from_secs(24 * 3600),
                 crate::wire::MAX_FRAME,
             )
             .await
             {
-                Ok(Some(ServerPush::Item(item))) => {
-                    let next = item.offset + 1;
-                    daemon.deliver(server, epoch, item).await;
-                    acked.send_replace(next);
-                }
+                Ok(Some(payload)) => match crate::wire::decode_payload::<ServerPush>(&payload) {
+                    Ok(ServerPush::Item(item)) => {
+                        let next = item.offset + 1;
+                        daemon.deliver(server, epoch, item).await;
+                        acked.send_replace(next);
+                    }
+                    // An item this terminal cannot read: report it and acknowledge past it, so
+                    // one bad item never stalls the ones after it.
+                    Err(e) => match crate::wire::push_offset(&payload) {
+                        Some(offset) => {
+                            skip_undecodable(&daemon, offset, &e);
+                            acked.send_modify(|next| *next = (*next).max(offset + 1));
+                        }
+                        None => {
+                            warn!("bad push frame from server: {e}");
+                            let _ = recv.stop(varint(e.code()));
+                            break;
+                        }
+                    },
+                },
                 Ok(None) => break,
                 Err(FrameError::Stream(e)) => {
                     debug!("push stream closed: {e}");
@@ -345,6 +360,20 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                 }
             }
         }
+    }
+}
+
+/// Counts and reports (at most once per interval) a push item that does not decode.
+fn skip_undecodable(daemon: &Daemon, offset: u64, e: &crate::wire::WireError) {
+    daemon
+        .shared
+        .metrics
+        .inc("handoff_pushes_undecodable_total", None);
+    if let Some(suppressed) = daemon.shared.guards.log.check("undecodable_push") {
+        warn!(
+            offset,
+            suppressed, "skipping a push item that does not decode: {e}"
+        );
     }
 }
 

@@ -1,23 +1,35 @@
 //! The server's HTTP API (DESIGN §8): content backends publish with a bearer token; `/healthz`
 //! and `/metrics` (Prometheus text) need none. Bodies are JSON, capped at 64 KiB; errors are
-//! `{"error": "..."}` with a 4xx/5xx status. A publish is answered 2xx only once the push is
-//! durably stored.
+//! `{"error": "..."}` with a 4xx/5xx status, every one of them (404 and 405 included). A
+//! publish is answered 2xx only once the push is durably stored.
+//!
+//! Bounds (`[limits] http_*`): headers must arrive within a timeout (also on an idle
+//! keep-alive connection) and a body within another; at most `http_max_connections` are held,
+//! and at the cap a new connection takes the place of the one that has waited longest for a
+//! request, so half-sent requests cannot lock out `/healthz` or a publisher.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
+use super::store::StoreError;
 use super::{Publication, PublishError, Server};
 use crate::config::HttpConfig;
 use crate::identity::TerminalId;
@@ -69,6 +81,7 @@ impl Token {
 struct App {
     server: Server,
     token: Option<Arc<Token>>,
+    body_timeout: Duration,
 }
 
 /// Binds the listener and serves until the server shuts down; returns the bound address.
@@ -92,28 +105,233 @@ pub async fn serve(server: Server, config: &HttpConfig) -> Result<SocketAddr, Ht
         addr: config.listen,
         source,
     })?;
+    let limits = server.shared.limits;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/terminals/{id}/push", post(push_one))
         .route("/v1/terminals/{id}/followers/push", post(push_followers))
         .route("/v1/terminals/{id}/session", put(set_session))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(App {
             server: server.clone(),
             token,
+            body_timeout: limits.http_body_timeout,
         });
-    let cancel = server.shared.cancel.clone();
-    server.shared.tasks.spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await
-        {
-            warn!("http listener failed: {e}");
-        }
-    });
+    let accept = accept(
+        server.clone(),
+        listener,
+        app,
+        Arc::new(Connections::default()),
+    );
+    server.shared.tasks.spawn(accept);
     info!(%addr, "http api listening");
     Ok(addr)
+}
+
+/// The HTTP connections held, each with the instant it started waiting for a request (`None`
+/// while it is being answered).
+#[derive(Default)]
+struct Connections {
+    next: AtomicU64,
+    held: Mutex<HashMap<u64, Held>>,
+}
+
+struct Held {
+    waiting_since: Option<Instant>,
+    evict: CancellationToken,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes room for one more under `cap`: evicts the connection that has waited longest for
+    /// a request. `false` if every held connection is being answered.
+    fn make_room(&self, cap: usize) -> Result<bool, ()> {
+        let held = self.lock();
+        // Evicted connections stay listed until their task ends; they no longer count.
+        if held.len() < cap || held.values().filter(|h| !h.evict.is_cancelled()).count() < cap {
+            return Ok(false);
+        }
+        let oldest = held
+            .values()
+            .filter(|h| !h.evict.is_cancelled())
+            .filter_map(|h| h.waiting_since.map(|since| (since, &h.evict)))
+            .min_by_key(|(since, _)| *since);
+        match oldest {
+            Some((_, evict)) => {
+                evict.cancel();
+                Ok(true)
+            }
+            None => Err(()),
+        }
+    }
+
+    fn insert(&self) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        self.lock().insert(
+            id,
+            Held {
+                waiting_since: Some(Instant::now()),
+                evict: evict.clone(),
+            },
+        );
+        (id, evict)
+    }
+
+    fn set_waiting(&self, id: u64, waiting: bool) {
+        if let Some(held) = self.lock().get_mut(&id) {
+            held.waiting_since = waiting.then(Instant::now);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+}
+
+/// What a connection gets when the cap is reached and every held connection is busy.
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 43\r\nconnection: close\r\n\r\n{\"error\":\"too many connections; try again\"}";
+
+/// Accepts HTTP connections until the server shuts down, within `[limits] http_*`.
+async fn accept(
+    server: Server,
+    listener: tokio::net::TcpListener,
+    app: Router,
+    conns: Arc<Connections>,
+) {
+    let limits = server.shared.limits;
+    let cancel = server.shared.cancel.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait a little rather than spin.
+                    if let Some(suppressed) = server.shared.log_limit.check("http_accept") {
+                        warn!(suppressed, "http accept failed: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        match conns.make_room(limits.http_max_connections) {
+            Ok(false) => {}
+            Ok(true) => server.over_limit(
+                "http_max_connections",
+                format_args!("closing the longest-waiting connection for {peer}"),
+            ),
+            Err(()) => {
+                server.over_limit("http_max_connections", format_args!("refusing {peer}"));
+                let _ = tcp.try_write(TOO_MANY);
+                continue;
+            }
+        }
+        let (id, evict) = conns.insert();
+        let (s, app, conns) = (server.clone(), app.clone(), conns.clone());
+        server.shared.tasks.spawn(async move {
+            serve_connection(&s, tcp, app, &conns, id, evict).await;
+            conns.remove(id);
+        });
+    }
+}
+
+/// Serves one connection until it closes, times out, is evicted, or the server shuts down.
+async fn serve_connection(
+    server: &Server,
+    tcp: tokio::net::TcpStream,
+    app: Router,
+    conns: &Arc<Connections>,
+    id: u64,
+    evict: CancellationToken,
+) {
+    let limits = server.shared.limits;
+    let inner = TowerToHyperService::new(app);
+    let tracked = conns.clone();
+    let service = hyper::service::service_fn(move |request| {
+        tracked.set_waiting(id, false);
+        let answer = hyper::service::Service::call(&inner, request);
+        let tracked = tracked.clone();
+        async move {
+            let response = answer.await;
+            tracked.set_waiting(id, true);
+            response
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.http_header_timeout);
+    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => match served {
+            Err(e) if e.is_timeout() => server.over_limit(
+                "http_header_timeout",
+                format_args!("no request headers within {:?}", limits.http_header_timeout),
+            ),
+            Err(e) => debug!("http connection: {e}"),
+            Ok(()) => {}
+        },
+        _ = evict.cancelled() => {}
+        _ = server.shared.cancel.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+        }
+    }
+}
+
+/// Gives every error response a JSON body `{"error": "..."}`: axum's own (an unknown method,
+/// a bad path parameter) come as text or empty.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match Limited::new(body, 4096).collect().await {
+        Ok(collected) => String::from_utf8_lossy(&collected.to_bytes())
+            .trim()
+            .to_string(),
+        Err(_) => String::new(),
+    };
+    let mut message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    if let Some(allow) = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+    {
+        message = format!("{message}; allowed: {allow}");
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let body = Body::from(json!({ "error": message }).to_string());
+    Response::from_parts(parts, body)
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -136,12 +354,13 @@ async fn metrics(State(app): State<App>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Checks the bearer token, the terminal ID and the body; the common front of the publish API.
-fn admit<T: serde::de::DeserializeOwned>(
+/// Checks the bearer token, the terminal ID and the body (read within the body timeout); the
+/// common front of the publish API.
+async fn admit<T: serde::de::DeserializeOwned>(
     app: &App,
     headers: &HeaderMap,
     id: &str,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(TerminalId, T), (StatusCode, String)> {
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -162,23 +381,47 @@ fn admit<T: serde::de::DeserializeOwned>(
     let id: TerminalId = id
         .parse()
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad terminal id: {e}")))?;
-    let body = body.map_err(|e| {
-        let status = e.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            (status, format!("request body larger than {MAX_BODY} bytes"))
-        } else {
-            (status, e.body_text())
-        }
-    })?;
+    let body = read_body(app, body).await?;
     let parsed = serde_json::from_slice(&body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))?;
     Ok((id, parsed))
+}
+
+/// Reads a request body of at most [`MAX_BODY`] bytes within `[limits] http_body_timeout_secs`.
+async fn read_body(app: &App, body: Body) -> Result<Bytes, (StatusCode, String)> {
+    match tokio::time::timeout(app.body_timeout, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        )),
+        Ok(Err(e)) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+        Err(_) => {
+            app.server.over_limit(
+                "http_body_timeout",
+                format_args!("no request body within {:?}", app.body_timeout),
+            );
+            Err((
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} s",
+                    app.body_timeout.as_secs()
+                ),
+            ))
+        }
+    }
 }
 
 fn publish_error(e: PublishError) -> Response {
     match e {
         PublishError::UnknownTerminal(_) => error(StatusCode::NOT_FOUND, e.to_string()),
         PublishError::BadTtl(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        PublishError::Store(StoreError::TooLarge { .. }) => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
         PublishError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
@@ -187,9 +430,10 @@ async fn push_one(
     State(app): State<App>,
     UrlPath(id): UrlPath<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let (id, publication): (TerminalId, Publication) = match admit(&app, &headers, &id, body) {
+    let (id, publication): (TerminalId, Publication) = match admit(&app, &headers, &id, body).await
+    {
         Ok(v) => v,
         Err((status, message)) => return error(status, message),
     };
@@ -206,9 +450,10 @@ async fn push_followers(
     State(app): State<App>,
     UrlPath(id): UrlPath<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let (id, publication): (TerminalId, Publication) = match admit(&app, &headers, &id, body) {
+    let (id, publication): (TerminalId, Publication) = match admit(&app, &headers, &id, body).await
+    {
         Ok(v) => v,
         Err((status, message)) => return error(status, message),
     };
@@ -229,9 +474,10 @@ async fn set_session(
     State(app): State<App>,
     UrlPath(id): UrlPath<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let (id, session): (TerminalId, Option<Session>) = match admit(&app, &headers, &id, body) {
+    let (id, session): (TerminalId, Option<Session>) = match admit(&app, &headers, &id, body).await
+    {
         Ok(v) => v,
         Err((status, message)) => return error(status, message),
     };
@@ -249,6 +495,18 @@ async fn set_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_busy_answer_is_well_formed() {
+        let text = std::str::from_utf8(TOO_MANY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(json["error"].is_string());
+    }
 
     #[test]
     fn token_compare_and_debug() {

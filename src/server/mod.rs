@@ -17,6 +17,7 @@
 pub mod cluster;
 mod http;
 pub mod store;
+pub mod strangers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +50,17 @@ const PAGE: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often expired items, links and nonces are swept from the store.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// `warn!`/`info!` for a line that remote input can trigger (DESIGN §7: logs are no flood
+/// vector): at most one per `key` and interval ([`LogLimiter`]), each with the count of lines
+/// held back since the last (`suppressed`).
+macro_rules! limited {
+    ($server:expr, $key:literal, $level:ident!($($arg:tt)+)) => {
+        if let Some(suppressed) = $server.shared.log_limit.check($key) {
+            $level!(suppressed, $($arg)+);
+        }
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -112,6 +124,8 @@ struct Shared {
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
     log_limit: LogLimiter,
+    /// Terminals per source network, for `[limits] known_terminals_per_source`.
+    strangers: strangers::KnownPerSource,
     http_addr: Mutex<Option<SocketAddr>>,
     /// The other nodes sharing this store (Redis), if any.
     cluster: Option<Arc<cluster::Cluster>>,
@@ -191,6 +205,10 @@ impl Server {
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
                 log_limit: LogLimiter::new(Duration::from_secs(10)),
+                strangers: strangers::KnownPerSource::new(
+                    config.limits.known_terminals_per_source,
+                    config.limits.idle_terminal,
+                ),
                 http_addr: Mutex::new(None),
                 cluster,
             }),
@@ -338,10 +356,11 @@ impl Server {
             .clone()
             .filter(|_| !elsewhere.is_empty())
         {
+            let server = self.clone();
             self.shared.tasks.spawn(async move {
                 let woken = tokio::task::spawn_blocking(move || cluster.wake(&elsewhere)).await;
                 if let Ok(Err(e)) = woken {
-                    warn!("cannot wake other nodes: {e}");
+                    limited!(server, "cluster", warn!("cannot wake other nodes: {e}"));
                 }
             });
         }
@@ -438,6 +457,11 @@ impl Server {
             return Ok(0);
         };
         let ttl = self.shared.push.default_ttl;
+        // What followers get must fit a frame; refused before anything is stored.
+        if let Err(e) = NewPush::session(id, &session, ttl).check_size("session") {
+            self.over_limit("session_size", format_args!("from {}: {e}", id.short()));
+            return Err(e);
+        }
         let items: Vec<(TerminalId, NewPush)> = followers
             .iter()
             .map(|(f, _)| (*f, NewPush::session(id, &session, ttl)))
@@ -459,7 +483,7 @@ impl Server {
             Some(t) if (1..=max).contains(&t) => Duration::from_secs(t),
             Some(_) => return Err(PublishError::BadTtl(max)),
         };
-        Ok(NewPush {
+        let push = NewPush {
             from: None,
             uri: p.uri,
             title: p.title,
@@ -468,7 +492,13 @@ impl Server {
             meta: p.meta,
             ttl,
             collapse_key: p.collapse_key,
-        })
+        };
+        // Accepted means deliverable: a push no frame can carry is refused up front.
+        if let Err(e) = push.check_size("push") {
+            self.over_limit("push_size", format_args!("{e}"));
+            return Err(e.into());
+        }
+        Ok(push)
     }
 }
 
@@ -532,6 +562,20 @@ async fn accept(server: Server) {
 }
 
 async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
+    // Before anything about a new terminal is stored: is its network over its quota?
+    let ip = conn.remote_address().ip().to_canonical();
+    if let Err(refused) = server.shared.strangers.admit(ip, id, Instant::now()) {
+        let limit = match refused {
+            strangers::Refused::Quota => "known_terminals_per_source",
+            strangers::Refused::Full => "known_terminals_tracked",
+        };
+        server.over_limit(limit, format_args!("refusing {} from {ip}", id.short()));
+        conn.close(
+            varint(ErrorCode::Busy),
+            b"too many terminals from this network",
+        );
+        return;
+    }
     if let Err(e) = server
         .shared
         .store
@@ -541,7 +585,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
         })
         .await
     {
-        warn!("store: {e}");
+        limited!(server, "store", warn!("store: {e}"));
         conn.close(varint(ErrorCode::Busy), b"store unavailable");
         return;
     }
@@ -569,8 +613,16 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
     if let Some(cluster) = server.shared.cluster.clone() {
         match tokio::task::spawn_blocking(move || cluster.register(&[id])).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!("cannot register with the cluster: {e}"),
-            Err(e) => warn!("cluster registration task failed: {e}"),
+            Ok(Err(e)) => limited!(
+                server,
+                "cluster",
+                warn!("cannot register with the cluster: {e}")
+            ),
+            Err(e) => limited!(
+                server,
+                "cluster",
+                warn!("cluster registration task failed: {e}")
+            ),
         }
     }
     // Taken by the first `Hello`, which starts the push stream.
@@ -639,7 +691,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                                 }
                             }
                             Err(e) => {
-                                warn!("store: {e}");
+                                limited!(s, "store", warn!("store: {e}"));
                                 conn.close(varint(ErrorCode::Busy), b"store unavailable");
                                 return;
                             }
@@ -690,13 +742,17 @@ impl Server {
                 (c.next, false)
             }
             Some(c) => {
-                info!(
-                    cursor_epoch = c.epoch,
-                    cursor = c.next,
-                    epoch,
-                    acked = log.acked,
-                    next = log.next,
-                    "cursor not honoured; resyncing"
+                limited!(
+                    self,
+                    "resync",
+                    info!(
+                        cursor_epoch = c.epoch,
+                        cursor = c.next,
+                        epoch,
+                        acked = log.acked,
+                        next = log.next,
+                        "cursor not honoured; resyncing"
+                    )
                 );
                 (log.acked, true)
             }
@@ -718,9 +774,12 @@ impl Server {
                 })
                 .await?;
             let ttl = self.shared.push.default_ttl;
+            // A session stored before sessions were size-checked may not fit a push: it is
+            // left out rather than failing every hello of its followers.
             let items = followed
                 .iter()
                 .map(|(first, s)| (id, NewPush::session(*first, s, ttl)))
+                .filter(|(_, push)| push.check_size("session").is_ok())
                 .collect();
             self.store_pushes(items, Vec::new()).await?;
         }
@@ -753,7 +812,11 @@ impl Server {
                 };
                 self.shared.store.write_one(revoke).await.map(|o| {
                     let removed = o == Outcome::Removed(true);
-                    info!(second = %second.short(), removed, "revoked by its first terminal");
+                    limited!(
+                        self,
+                        "revoked",
+                        info!(second = %second.short(), removed, "revoked by its first terminal")
+                    );
                     ResponseBody::Revoked { removed }
                 })
             }
@@ -765,12 +828,19 @@ impl Server {
                 }))
             }
         };
-        result.unwrap_or_else(|e| {
-            warn!("store: {e}");
-            ResponseBody::Refused(Refusal {
+        result.unwrap_or_else(|e| match e {
+            // Over a size limit (counted where it was found): the message names the limit.
+            StoreError::TooLarge { .. } => ResponseBody::Refused(Refusal {
                 reason: RefusalReason::Busy,
-                message: "the server's store failed; try again".into(),
-            })
+                message: e.to_string(),
+            }),
+            e => {
+                limited!(self, "store", warn!("store: {e}"));
+                ResponseBody::Refused(Refusal {
+                    reason: RefusalReason::Busy,
+                    message: "the server's store failed; try again".into(),
+                })
+            }
         })
     }
 
@@ -784,7 +854,11 @@ impl Server {
             self.shared
                 .metrics
                 .inc("handoff_refusals_total", Some(("reason", "bad_ticket")));
-            warn!(second = %second, first = %request.first, "refused follow: {message}");
+            limited!(
+                self,
+                "refused_follow",
+                warn!(second = %second, first = %request.first, "refused follow: {message}")
+            );
             Ok(ResponseBody::Refused(Refusal {
                 reason: RefusalReason::BadTicket,
                 message,
@@ -852,7 +926,11 @@ impl Server {
             Outcome::Revoked => return refuse(wire::ticket::TicketError::Revoked.to_string()),
             _ => return refuse(wire::ticket::TicketError::Replayed.to_string()),
         }
-        info!(first = %first.short(), until, "linked");
+        limited!(
+            self,
+            "linked",
+            info!(first = %first.short(), until, "linked")
+        );
         self.shared.metrics.inc("handoff_links_total", None);
         Ok(ResponseBody::Linked {
             until,
@@ -893,7 +971,7 @@ async fn write_pushes(
             {
                 Ok(read) => read,
                 Err(e) => {
-                    warn!("store: {e}");
+                    limited!(server, "store", warn!("store: {e}"));
                     conn.close(varint(ErrorCode::Busy), b"store unavailable");
                     return;
                 }
@@ -969,7 +1047,7 @@ async fn read_acks(server: Server, id: TerminalId, mut recv: quinn::RecvStream) 
                     .write_one(Op::Ack { to: id, next })
                     .await
                 {
-                    warn!("store: {e}");
+                    limited!(server, "store", warn!("store: {e}"));
                 }
             }
             Ok(None) => return,
@@ -1060,16 +1138,45 @@ async fn watch_epoch(server: Server) {
     }
 }
 
-/// Sweeps expired items, links and nonces from the store once a minute.
+/// Sweeps expired items, links and nonces from the store once a minute, and forgets terminals
+/// idle for `[limits] idle_terminal_secs`: the terminals connected to this node are marked seen
+/// first, so only those neither connected (to any node) nor linked go.
 async fn sweep(server: Server) {
     loop {
         tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
-            _ = tokio::time::sleep(SWEEP_EVERY) => {
-                if let Err(e) = server.shared.store.write_one(Op::Sweep { now: unix_now() }).await {
-                    warn!("store sweep: {e}");
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        let now = unix_now();
+        let connected: Vec<(std::net::IpAddr, TerminalId)> = server
+            .conns()
+            .iter()
+            .map(|(id, slot)| (slot.conn.remote_address().ip(), *id))
+            .collect();
+        server
+            .shared
+            .strangers
+            .refresh(connected.iter().copied(), Instant::now());
+        let mut ops: Vec<Op> = connected
+            .into_iter()
+            .map(|(_, id)| Op::Touch { id, now })
+            .collect();
+        ops.push(Op::Sweep { now });
+        let idle = server.shared.limits.idle_terminal.as_secs();
+        ops.push(Op::ExpireIdle {
+            now,
+            seen_before: now.saturating_sub(idle),
+        });
+        match server.shared.store.write(ops).await {
+            Ok(outcomes) => {
+                if let Some(Outcome::Expired(n)) = outcomes.last() {
+                    server
+                        .shared
+                        .metrics
+                        .add("handoff_terminals_expired_total", None, *n);
                 }
             }
+            Err(e) => warn!("store sweep: {e}"),
         }
     }
 }

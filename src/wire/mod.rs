@@ -110,6 +110,19 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireErro
     Ok(message)
 }
 
+/// The offset of a [`ServerPush::Item`] from the first bytes of its payload, also when the
+/// rest does not decode: what a terminal acknowledges to skip an item it cannot read.
+pub fn push_offset(payload: &[u8]) -> Option<u64> {
+    /// The leading fields of `ServerPush::Item(PushItem { offset, .. })`.
+    #[derive(serde::Deserialize)]
+    enum Head {
+        Item(u64),
+    }
+    let (Head::Item(offset), _) =
+        bincode::serde::decode_from_slice::<Head, _>(payload, config()).ok()?;
+    Some(offset)
+}
+
 /// Decodes a whole frame (header and payload) held in memory.
 pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> Result<T, WireError> {
     let header: [u8; HEADER_LEN] = frame

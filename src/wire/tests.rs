@@ -356,3 +356,26 @@ proptest! {
         let _ = decode_frame::<ServerPush>(&bytes);
     }
 }
+
+#[test]
+fn a_push_items_offset_is_read_even_when_the_rest_does_not_decode() {
+    let item = PushItem {
+        offset: 300,
+        from: Some(id(1)),
+        uri: "u".into(),
+        title: "t".into(),
+        body: None,
+        position: None,
+        meta: BTreeMap::new(),
+    };
+    let payload = encode_payload(&ServerPush::Item(item)).unwrap();
+    assert_eq!(push_offset(&payload), Some(300));
+    // Cut after the offset (varint 300 is 3 bytes after the 1-byte variant): the item no longer
+    // decodes, its offset still does.
+    assert!(decode_payload::<ServerPush>(&payload[..6]).is_err());
+    assert_eq!(push_offset(&payload[..4]), Some(300));
+    assert_eq!(push_offset(&payload[..2]), None);
+    assert_eq!(push_offset(&[]), None);
+    // Another variant than `Item` has no offset.
+    assert_eq!(push_offset(&[1, 5]), None);
+}

@@ -7,6 +7,9 @@ use super::*;
 use crate::identity::TerminalId;
 use crate::testing::redis::RedisServer;
 
+/// Cases about bounds under abuse (oversized ops, idle strangers), for every backend.
+mod bounds;
+
 const NOW: u64 = 1_800_000_000;
 
 fn id(b: u8) -> TerminalId {
@@ -686,6 +689,7 @@ fn redis_key_layout() {
     let tagged = |what: &str| format!("handoff:v1:{{{one}}}:{what}");
     let mut expected = vec![
         "handoff:v1:epoch".to_string(),
+        "handoff:v1:seen".to_string(),
         "handoff:v1:sweep".to_string(),
         tagged("collapse"),
         tagged("cursor"),
@@ -705,7 +709,12 @@ fn redis_key_layout() {
     for what in ["log", "expiry", "collapse", "nonces", "followers"] {
         assert!(ttl(&tagged(what)) > 0, "{what} expires");
     }
-    for persistent in [tagged("cursor"), tagged("known"), "handoff:v1:epoch".into()] {
+    for persistent in [
+        tagged("cursor"),
+        tagged("known"),
+        "handoff:v1:epoch".into(),
+        "handoff:v1:seen".into(),
+    ] {
         assert_eq!(ttl(&persistent), -1, "{persistent} never expires");
     }
 }

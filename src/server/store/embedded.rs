@@ -11,10 +11,14 @@ use crate::identity::TerminalId;
 use crate::wire::{self, Session};
 
 const SCHEMA: u64 = 1;
+/// Failed ops one batch is retried without before the whole batch is given up (a broken disk
+/// rather than bad ops).
+const MAX_FAILED_OPS: usize = 8;
 
 type Id<'a> = &'a [u8; 32];
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// terminal → when it was last seen.
 const KNOWN: TableDefinition<Id, u64> = TableDefinition::new("known");
 const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("sessions");
 /// (first, second) → until, and the same reversed for lookups by follower.
@@ -99,14 +103,52 @@ impl Backend for EmbeddedBackend {
         self.epoch
     }
 
-    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            out.push(apply_one(&txn, op)?);
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        // One transaction for the batch. An op that fails aborts it; the batch then runs again
+        // without that op, so it fails alone and the happy path stays one commit.
+        let mut failed: Vec<Option<StoreError>> = ops.iter().map(|_| None).collect();
+        for _ in 0..=MAX_FAILED_OPS {
+            let txn = self.db.begin_write().map_err(err)?;
+            let mut out = Vec::with_capacity(ops.len());
+            let mut culprit = None;
+            for (i, op) in ops.iter().enumerate() {
+                if failed[i].is_some() {
+                    out.push(None);
+                    continue;
+                }
+                match apply_one(&txn, op) {
+                    Ok(outcome) => out.push(Some(outcome)),
+                    Err(e) => {
+                        culprit = Some((i, e));
+                        break;
+                    }
+                }
+            }
+            if let Some((i, e)) = culprit {
+                txn.abort().map_err(err)?;
+                failed[i] = Some(e);
+                continue;
+            }
+            txn.commit().map_err(err)?;
+            return Ok(out
+                .into_iter()
+                .zip(failed)
+                .map(|(outcome, failure)| match (outcome, failure) {
+                    (Some(outcome), _) => Ok(outcome),
+                    (None, Some(e)) => Err(e),
+                    (None, None) => Err(StoreError::Backend("an op got no outcome".into())),
+                })
+                .collect());
         }
-        txn.commit().map_err(err)?;
-        Ok(out)
+        Err(StoreError::Backend(format!(
+            "more than {MAX_FAILED_OPS} operations of one batch failed; the first: {}",
+            failed
+                .iter()
+                .flatten()
+                .next()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        )))
     }
 
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {
@@ -223,10 +265,35 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
         }
         Op::Touch { id, now } => {
             let mut t = txn.open_table(KNOWN).map_err(err)?;
-            if t.get(id.as_bytes()).map_err(err)?.is_none() {
+            let seen = t.get(id.as_bytes()).map_err(err)?.map(|v| v.value());
+            if seen.is_none_or(|seen| seen < *now) {
                 t.insert(id.as_bytes(), *now).map_err(err)?;
             }
             Outcome::Done
+        }
+        Op::ExpireIdle { now, seen_before } => {
+            let mut known = txn.open_table(KNOWN).map_err(err)?;
+            let links = txn.open_table(LINKS).map_err(err)?;
+            let links_by_second = txn.open_table(LINKS_BY_SECOND).map_err(err)?;
+            let mut idle = Vec::new();
+            for entry in known.iter().map_err(err)? {
+                let (id, seen) = entry.map_err(err)?;
+                if seen.value() >= *seen_before {
+                    continue;
+                }
+                let id = TerminalId::from_bytes(*id.value());
+                if links_of(&links, &id, *now)?.is_empty()
+                    && links_of(&links_by_second, &id, *now)?.is_empty()
+                {
+                    idle.push(id);
+                }
+            }
+            let mut sessions = txn.open_table(SESSIONS).map_err(err)?;
+            for id in &idle {
+                known.remove(id.as_bytes()).map_err(err)?;
+                sessions.remove(id.as_bytes()).map_err(err)?;
+            }
+            Outcome::Expired(idle.len() as u64)
         }
         Op::SetSession { id, session } => {
             let mut t = txn.open_table(SESSIONS).map_err(err)?;

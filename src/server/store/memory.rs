@@ -17,6 +17,7 @@ struct Log {
 #[derive(Debug)]
 pub struct MemoryBackend {
     epoch: u64,
+    /// Terminal → when it was last seen.
     known: HashMap<TerminalId, u64>,
     sessions: HashMap<TerminalId, Session>,
     /// (first, second) → until.
@@ -52,8 +53,16 @@ impl Backend for MemoryBackend {
         self.epoch
     }
 
-    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
-        Ok(ops.iter().map(|op| self.apply_one(op)).collect())
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        // Memory holds anything, but what it holds must reach a terminal: an op the other
+        // backends could not store is refused here too.
+        Ok(ops
+            .iter()
+            .map(|op| {
+                op.check()?;
+                Ok(self.apply_one(op))
+            })
+            .collect())
     }
 
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {
@@ -141,8 +150,28 @@ impl MemoryBackend {
                 Outcome::Followed(offset)
             }
             Op::Touch { id, now } => {
-                self.known.entry(*id).or_insert(*now);
+                let seen = self.known.entry(*id).or_insert(*now);
+                *seen = (*seen).max(*now);
                 Outcome::Done
+            }
+            Op::ExpireIdle { now, seen_before } => {
+                let linked: std::collections::HashSet<TerminalId> = self
+                    .links
+                    .iter()
+                    .filter(|(_, until)| **until > *now)
+                    .flat_map(|((first, second), _)| [*first, *second])
+                    .collect();
+                let idle: Vec<TerminalId> = self
+                    .known
+                    .iter()
+                    .filter(|(id, seen)| **seen < *seen_before && !linked.contains(*id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &idle {
+                    self.known.remove(id);
+                    self.sessions.remove(id);
+                }
+                Outcome::Expired(idle.len() as u64)
             }
             Op::SetSession { id, session } => {
                 match session {

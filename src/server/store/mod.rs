@@ -5,7 +5,9 @@
 //! span recipients (so a Redis backend can implement them as scripts on hash-tagged keys). The
 //! [`Store`] actor owns the backend on a dedicated thread and applies every run of consecutive
 //! writes in one commit: many pushes share one fsync (group commit), and a write's future
-//! resolves only once that commit is durable.
+//! resolves only once that commit is durable. Each op is checked before it joins a batch
+//! ([`Op::check`]), and an op that still fails in the backend fails alone: the writes sharing
+//! its commit are applied without it ([`Backend::apply_each`]).
 //!
 //! The epoch can change while the store runs: a Redis backend notices when Redis lost its data
 //! and starts a new epoch, and [`Store::epoch`] follows it after every batch.
@@ -27,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::TerminalId;
-use crate::wire::{PushItem, Session};
+use crate::wire::{self, PushItem, ServerPush, Session};
 
 pub use embedded::EmbeddedBackend;
 pub use memory::MemoryBackend;
@@ -46,6 +48,17 @@ pub enum StoreError {
     Backend(String),
     #[error("the store has stopped")]
     Stopped,
+    /// A write refused before it reached the backend: what it stores would not fit a frame on
+    /// its way to the terminal. Nothing was changed.
+    #[error(
+        "{what} too large: pushed to a terminal it takes up to {size} bytes, over the \
+         {limit}-byte frame limit"
+    )]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
 }
 
 impl StoreError {
@@ -92,6 +105,46 @@ impl NewPush {
         }
     }
 
+    /// An upper bound on what this push takes on the wire and when decoded, whatever offset and
+    /// expiry it gets: bincode needs at most 9 bytes for a length or a `u64` and claims 8 when
+    /// decoding, so each string counts 9 bytes more than its text, and the fixed fields (offset,
+    /// sender, options, position, expiry, variant tags) fit in 128.
+    fn size_bound(&self) -> usize {
+        let strings = [
+            Some(&self.uri),
+            Some(&self.title),
+            self.body.as_ref(),
+            self.collapse_key.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.meta.iter().flat_map(|(k, v)| [k, v]));
+        128 + strings.map(|s| 9 + s.len()).sum::<usize>()
+    }
+
+    /// Checks that this push fits every frame and store limit on its way to the terminal,
+    /// whatever offset and expiry it gets: the log's record and the push frame both encode and
+    /// decode within [`wire::MAX_FRAME`]. Small pushes pass on [`NewPush::size_bound`] alone.
+    pub fn check_size(&self, what: &'static str) -> Result<(), StoreError> {
+        let bound = self.size_bound();
+        if bound <= wire::MAX_FRAME {
+            return Ok(());
+        }
+        let worst = self.stored(u64::MAX, u64::MAX);
+        let record = wire::encode_payload(&worst)
+            .and_then(|bytes| wire::decode_payload::<StoredPush>(&bytes));
+        let frame = wire::encode_frame(&ServerPush::Item(worst.item.clone()))
+            .and_then(|bytes| wire::decode_frame::<ServerPush>(&bytes));
+        match (record, frame) {
+            (Ok(_), Ok(_)) => Ok(()),
+            _ => Err(StoreError::TooLarge {
+                what,
+                size: bound,
+                limit: wire::MAX_FRAME,
+            }),
+        }
+    }
+
     pub(crate) fn stored(&self, offset: u64, now: u64) -> StoredPush {
         StoredPush {
             item: PushItem {
@@ -112,7 +165,8 @@ impl NewPush {
 /// One write; each is atomic on its own.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Marks a terminal as seen (the HTTP API answers 404 for terminals never seen).
+    /// Marks a terminal as seen at `now` (the HTTP API answers 404 for terminals not known).
+    /// The latest time counts: it is what [`Op::ExpireIdle`] judges.
     Touch { id: TerminalId, now: u64 },
     SetSession {
         id: TerminalId,
@@ -174,6 +228,10 @@ pub enum Op {
     Ack { to: TerminalId, next: u64 },
     /// Drops expired items, links, nonces and revocations.
     Sweep { now: u64 },
+    /// Forgets terminals last seen before `seen_before` that have no link alive at `now`, as
+    /// first or second: their known-terminal entry and their session (their push log keeps
+    /// its cursor, so offsets never restart). Answers [`Outcome::Expired`] with how many.
+    ExpireIdle { now: u64, seen_before: u64 },
 }
 
 /// The parts of an [`Op::Follow`]: the nonce use that decides, and what follows if it is fresh.
@@ -214,6 +272,24 @@ pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
     Some((use_nonce, link, append))
 }
 
+impl Op {
+    /// Checks what this op would store against the limits on its way to a terminal, before it
+    /// joins a batch: a push, and a session (as the push its followers get), must fit a frame.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match self {
+            Op::Append { push, .. } => push.check_size("push"),
+            Op::SetSession {
+                id,
+                session: Some(session),
+            } => NewPush::session(*id, session, Duration::ZERO).check_size("session"),
+            Op::Follow {
+                push: Some(push), ..
+            } => push.check_size("the first terminal's session"),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -227,6 +303,8 @@ pub enum Outcome {
     Followed(Option<u64>),
     /// For `UseNonce` and `Follow`: the first terminal revoked this ticket; nothing changed.
     Revoked,
+    /// For `ExpireIdle`: how many terminals were forgotten.
+    Expired(u64),
 }
 
 /// A slice of a recipient's log.
@@ -245,9 +323,16 @@ pub trait Backend: Send + 'static {
     /// The epoch of the push logs: a new value whenever they were lost (a new store, or a
     /// Redis that lost its data). It may change after [`Backend::apply`], never elsewhere.
     fn epoch(&self) -> u64;
-    /// Applies `ops` in order and makes them durable before returning. An empty batch is how a
-    /// shared backend (Redis) is asked to check that its data is still there (the epoch).
-    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError>;
+    /// Applies `ops` in order and makes them durable before returning, each op on its own: an
+    /// op that fails answers `Err` in its place, changes nothing, and the others are applied as
+    /// if it were not there. `Err` for the whole call: the batch as such failed (a commit, a
+    /// lost connection). An empty batch is how a shared backend (Redis) is asked to check that
+    /// its data is still there (the epoch).
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError>;
+    /// [`Backend::apply_each`], failing if any op failed.
+    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
+        self.apply_each(ops)?.into_iter().collect()
+    }
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError>;
     fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError>;
     /// Terminals following `first` with links alive at `now`.
@@ -326,7 +411,14 @@ impl Store {
     }
 
     /// Applies writes; resolves once they are durable. Cancel-safe (the writes still happen).
+    /// Each op is checked first ([`Op::check`]); one that would not fit its limits fails the
+    /// write before anything is queued. An op that fails in the backend fails this write only,
+    /// never the others sharing its commit; this write's other ops, each atomic on its own, may
+    /// then have been applied.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+        for op in &ops {
+            op.check()?;
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Write { ops, reply })
@@ -394,15 +486,17 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &Atomi
             }
         }
         if !replies.is_empty() {
-            let applied = backend.apply(&ops_all);
+            let applied = backend.apply_each(&ops_all);
             // Before the replies go out, so a caller that saw its write done sees the epoch
             // the write was made in.
             epoch.store(backend.epoch(), Ordering::Release);
             match applied {
-                Ok(outcomes) => {
-                    let mut outcomes = outcomes.into_iter();
+                Ok(results) => {
+                    // Each write gets its own ops' results: it fails if one of them failed.
+                    let mut results = results.into_iter();
                     for (reply, n) in replies {
-                        let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
+                        let mine: Vec<_> = results.by_ref().take(n).collect();
+                        let _ = reply.send(mine.into_iter().collect());
                     }
                 }
                 Err(e) => {

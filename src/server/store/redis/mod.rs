@@ -11,7 +11,8 @@
 //! |---|---|---|---|
 //! | `handoff:v1:epoch` | string | the push logs' epoch (decimal, non-zero) | none |
 //! | `handoff:v1:sweep` | zset | keys to sweep, scored by the earliest deadline in each | none |
-//! | `…{id}:known` | string | when `id` was first seen (Unix s) | none |
+//! | `handoff:v1:seen` | zset | terminal IDs, scored by when each was last seen | none |
+//! | `…{id}:known` | string | when `id` was last seen (Unix s) | none |
 //! | `…{id}:session` | string | `id`'s session (bincode) | none |
 //! | `…{id}:followers` | zset | terminals following `id`, scored by `until` | see below |
 //! | `…{id}:following` | zset | terminals `id` follows, scored by `until` | see below |
@@ -36,12 +37,14 @@
 //! terminal's `followers`, then the second's `following`), and so is an unlink; between them a
 //! reader may see one side only. Registering a key in `handoff:v1:sweep`, and a link set's TTL,
 //! are separate commands too; a missed registration only delays garbage collection to the key's
-//! TTL.
+//! TTL. A touch sets `known` and scores the terminal in `handoff:v1:seen`; idle expiry is a
+//! script per terminal that checks the score and the terminal's links and then deletes `known`
+//! and `session`.
 //!
 //! The append script also declares `handoff:v1:epoch`, so that epoch check and offset assignment
-//! are one step. That is the one script touching a second slot: this backend talks to a single
-//! Redis (or a replicated primary), not to a Cluster, and on a Cluster the append would need a
-//! per-slot copy of the epoch.
+//! are one step, and the idle-expiry script declares `handoff:v1:seen`. Those two scripts touch
+//! a second slot: this backend talks to a single Redis (or a replicated primary), not to a
+//! Cluster, and on a Cluster they would need per-slot copies of those keys.
 //!
 //! # Epoch
 //!
@@ -82,11 +85,13 @@ use crate::config::redact_url;
 use crate::identity::TerminalId;
 use crate::wire::{self, Session};
 use scripts::Scripts;
-use write::{apply_run, describe, sweep};
+use write::{apply_run, describe, expire_idle, sweep};
 
 const PREFIX: &str = "handoff:v1:";
 const EPOCH_KEY: &str = "handoff:v1:epoch";
 const SWEEP_KEY: &str = "handoff:v1:sweep";
+/// Terminals by when they were last seen (for [`Op::ExpireIdle`]).
+const SEEN_KEY: &str = "handoff:v1:seen";
 /// How long a key outlives the latest deadline it holds (clock skew between nodes and Redis).
 const GRACE: u64 = 3600;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -296,6 +301,10 @@ impl fmt::Display for Batch<'_> {
     }
 }
 
+/// One op's result within a batch: its outcome, or why it alone failed (the message, shown
+/// URL included).
+type OpResult = Result<Outcome, String>;
+
 /// A log's `next` and `acked`, absent before its first append.
 type Cursor = (Option<u64>, Option<u64>);
 
@@ -335,30 +344,51 @@ impl Backend for RedisBackend {
         self.epoch
     }
 
-    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, StoreError> {
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
         let slot = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let mut out = vec![None; ops.len()];
+        let shown = self.shown.clone();
+        let mut out: Vec<Option<OpResult>> = vec![None; ops.len()];
+        // An op whose push or session no frame can carry is refused before anything is sent,
+        // so it cannot be half applied.
+        let mut send = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            match op.check() {
+                Ok(()) => send.push(i),
+                Err(e) => out[i] = Some(Err(e.to_string())),
+            }
+        }
         let result = (|| {
             let conn = connect(&self.client, &self.scripts, slot)?;
+            let run = |conn: &mut Connection, epoch: &mut u64, idx: &[usize]| {
+                let run_ops: Vec<Op> = idx.iter().map(|&i| ops[i].clone()).collect();
+                let mut done = vec![None; run_ops.len()];
+                apply_run(conn, &self.scripts, &shown, epoch, &run_ops, &mut done)?;
+                Ok::<_, Failure>(done)
+            };
             // Runs between sweeps and follows go out as one pipeline each; a sweep takes its
             // own round trips, and a follow two (the nonce decides whether the rest happens).
-            let mut start = 0;
-            for (i, op) in ops.iter().enumerate() {
-                if !matches!(op, Op::Sweep { .. } | Op::Follow { .. }) {
+            let mut pending: Vec<usize> = Vec::new();
+            for &i in &send {
+                let op = &ops[i];
+                if !matches!(
+                    op,
+                    Op::Sweep { .. } | Op::Follow { .. } | Op::ExpireIdle { .. }
+                ) {
+                    pending.push(i);
                     continue;
                 }
-                apply_run(
-                    conn,
-                    &self.scripts,
-                    &self.shown,
-                    &mut self.epoch,
-                    &ops[start..i],
-                    &mut out[start..i],
-                )?;
-                start = i + 1;
+                let idx = std::mem::take(&mut pending);
+                for (j, r) in idx.iter().zip(run(conn, &mut self.epoch, &idx)?) {
+                    out[*j] = r;
+                }
                 if let Op::Sweep { now } = op {
                     sweep(conn, &self.scripts, *now)?;
-                    out[i] = Some(Outcome::Done);
+                    out[i] = Some(Ok(Outcome::Done));
+                    continue;
+                }
+                if let Op::ExpireIdle { now, seen_before } = op {
+                    let n = expire_idle(conn, &self.scripts, *now, *seen_before)?;
+                    out[i] = Some(Ok(Outcome::Expired(n)));
                     continue;
                 }
                 let Some((use_nonce, link, append)) = super::follow_parts(op) else {
@@ -368,43 +398,49 @@ impl Backend for RedisBackend {
                 apply_run(
                     conn,
                     &self.scripts,
-                    &self.shown,
+                    &shown,
                     &mut self.epoch,
                     std::slice::from_ref(&use_nonce),
                     &mut fresh,
                 )?;
-                if fresh[0] != Some(Outcome::Fresh(Some(true))) {
-                    out[i] = fresh[0];
-                    continue;
+                match fresh[0].take() {
+                    Some(Ok(Outcome::Fresh(Some(true)))) => {}
+                    other => {
+                        out[i] = other;
+                        continue;
+                    }
                 }
                 let rest: Vec<Op> = std::iter::once(link).chain(append).collect();
                 let mut done = vec![None; rest.len()];
                 apply_run(
                     conn,
                     &self.scripts,
-                    &self.shown,
+                    &shown,
                     &mut self.epoch,
                     &rest,
                     &mut done,
                 )?;
-                out[i] = Some(Outcome::Followed(match done.get(1) {
-                    Some(Some(Outcome::Offset(o))) => Some(*o),
-                    _ => None,
-                }));
+                out[i] = Some(match (done.first(), done.get(1)) {
+                    (Some(Some(Err(e))), _) | (_, Some(Some(Err(e)))) => Err(e.clone()),
+                    (_, Some(Some(Ok(Outcome::Offset(o))))) => Ok(Outcome::Followed(Some(*o))),
+                    _ => Ok(Outcome::Followed(None)),
+                });
             }
-            apply_run(
-                conn,
-                &self.scripts,
-                &self.shown,
-                &mut self.epoch,
-                &ops[start..],
-                &mut out[start..],
-            )
+            let last: Vec<usize> = std::mem::take(&mut pending);
+            for (j, r) in last.iter().zip(run(conn, &mut self.epoch, &last)?) {
+                out[*j] = r;
+            }
+            Ok(())
         })();
         settle(&self.shown, slot, Batch(ops), result)?;
-        out.into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::Backend("redis: an op got no outcome".into())))
-            .collect()
+        Ok(out
+            .into_iter()
+            .map(|o| match o {
+                Some(Ok(outcome)) => Ok(outcome),
+                Some(Err(reason)) => Err(StoreError::Backend(reason)),
+                None => Err(StoreError::Backend("redis: an op got no outcome".into())),
+            })
+            .collect())
     }
 
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {

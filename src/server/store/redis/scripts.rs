@@ -10,6 +10,7 @@ const USE_NONCE: &str = include_str!("lua/use_nonce.lua");
 const REVOKE: &str = include_str!("lua/revoke.lua");
 const SWEEP_LOG: &str = include_str!("lua/sweep_log.lua");
 const SWEEP_DEADLINES: &str = include_str!("lua/sweep_deadlines.lua");
+const EXPIRE_IDLE: &str = include_str!("lua/expire_idle.lua");
 
 pub(super) struct Scripts {
     /// Assigns the next offset (checking the epoch) and replaces an unacknowledged item with
@@ -25,6 +26,8 @@ pub(super) struct Scripts {
     pub sweep_log: Script,
     /// Drops the due members of a links or nonces set.
     pub sweep_deadlines: Script,
+    /// Forgets one idle, unlinked terminal's known entry and session.
+    pub expire_idle: Script,
 }
 
 impl Scripts {
@@ -37,6 +40,7 @@ impl Scripts {
             revoke: with_helpers(REVOKE),
             sweep_log: with_helpers(SWEEP_LOG),
             sweep_deadlines: with_helpers(SWEEP_DEADLINES),
+            expire_idle: with_helpers(EXPIRE_IDLE),
         }
     }
 
@@ -49,6 +53,7 @@ impl Scripts {
             &self.revoke,
             &self.sweep_log,
             &self.sweep_deadlines,
+            &self.expire_idle,
         ] {
             script.load(conn)?;
         }

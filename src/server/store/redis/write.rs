@@ -8,8 +8,8 @@ use tracing::warn;
 
 use super::scripts::{evalsha, Scripts};
 use super::{
-    establish_epoch, key, parse_epoch, unexpected, Failure, EPOCH_KEY, GRACE, PREFIX, RETRIES,
-    SWEEP_KEY, SWEEP_PAGE, SWEEP_ROUNDS,
+    establish_epoch, key, parse_epoch, unexpected, Failure, OpResult, EPOCH_KEY, GRACE, PREFIX,
+    RETRIES, SEEN_KEY, SWEEP_KEY, SWEEP_PAGE, SWEEP_ROUNDS,
 };
 use crate::server::store::{Op, Outcome};
 use crate::wire;
@@ -42,6 +42,7 @@ pub(super) fn describe(op: &Op) -> String {
         Op::Append { to, .. } => format!("append to {to}"),
         Op::Ack { to, .. } => format!("ack for {to}"),
         Op::Sweep { .. } => "sweep".to_string(),
+        Op::ExpireIdle { .. } => "expire idle terminals".to_string(),
         Op::Follow { first, second, .. } => format!("link {second} to {first} (follow)"),
     }
 }
@@ -58,7 +59,12 @@ fn queue(
     let encode_err = |e: wire::WireError| Failure::Other(format!("cannot encode: {e}"));
     Ok(match op {
         Op::Touch { id, now } => {
-            pipe.cmd("SET").arg(key(id, "known")).arg(now).arg("NX");
+            pipe.cmd("SET").arg(key(id, "known")).arg(now);
+            pipe.cmd("ZADD")
+                .arg(SEEN_KEY)
+                .arg("GT")
+                .arg(now)
+                .arg(id.to_string());
             Reply::Done
         }
         Op::SetSession { id, session } => {
@@ -184,7 +190,7 @@ fn queue(
             evalsha(pipe, &scripts.ack, &keys.map(String::as_str)).arg(next);
             Reply::Done
         }
-        Op::Sweep { .. } | Op::Follow { .. } => {
+        Op::Sweep { .. } | Op::Follow { .. } | Op::ExpireIdle { .. } => {
             return Err(Failure::Other(format!(
                 "{} cannot be pipelined (this is a bug)",
                 describe(op)
@@ -223,15 +229,20 @@ fn is_noscript(e: &RedisError) -> bool {
 }
 
 /// Applies a run of ops without sweeps as one pipeline (retrying those Redis could not apply),
-/// storing outcomes in `out` and the epoch Redis holds afterwards in `epoch`.
+/// storing results in `out` and the epoch Redis holds afterwards in `epoch`. An op that Redis
+/// refuses (an error reply to one of its commands) fails alone, in `out`; the others of the
+/// pipeline are applied all the same. `Err`: the run as such failed (connection, protocol).
 pub(super) fn apply_run(
     conn: &mut Connection,
     scripts: &Scripts,
     shown: &str,
     epoch: &mut u64,
     ops: &[Op],
-    out: &mut [Option<Outcome>],
+    out: &mut [Option<OpResult>],
 ) -> Result<(), Failure> {
+    let failed = |op: &Op, e: &dyn std::fmt::Display| {
+        Some(Err(format!("redis {shown}: {}: {e}", describe(op))))
+    };
     let now = unix_now();
     let mut todo: Vec<usize> = (0..ops.len()).collect();
     // The first round always goes out, even for no ops: its GET of the epoch is how an empty
@@ -244,8 +255,11 @@ pub(super) fn apply_run(
         let mut plan = Vec::with_capacity(todo.len());
         for &i in &todo {
             let start = pipe.len();
-            let reply = queue(&mut pipe, scripts, *epoch, &ops[i], now)?;
-            plan.push((i, start..pipe.len(), reply));
+            // An op that cannot be queued (it does not encode) adds no command: it fails alone.
+            match queue(&mut pipe, scripts, *epoch, &ops[i], now) {
+                Ok(reply) => plan.push((i, start..pipe.len(), reply)),
+                Err(e) => out[i] = failed(&ops[i], &e),
+            }
         }
         // The epoch as of the end of the batch: a loss is noticed on any write.
         pipe.cmd("GET").arg(EPOCH_KEY);
@@ -276,11 +290,12 @@ pub(super) fn apply_run(
                 }
             };
             if let Some(Err(e)) = rest.iter().find(|r| r.is_err()) {
-                return Err(Failure::Other(format!("{} failed: {e}", describe(&ops[i]))));
+                out[i] = failed(&ops[i], e);
+                continue;
             }
             match first {
                 Ok(value) => match outcome(reply, value)? {
-                    Attempt::Done(o) => out[i] = Some(o),
+                    Attempt::Done(o) => out[i] = Some(Ok(o)),
                     Attempt::Retry => {
                         renew = true;
                         retry.push(i);
@@ -290,7 +305,7 @@ pub(super) fn apply_run(
                     reload = true;
                     retry.push(i);
                 }
-                Err(e) => return Err(Failure::Other(format!("{} failed: {e}", describe(&ops[i])))),
+                Err(e) => out[i] = failed(&ops[i], e),
             }
         }
         let current = match replies.last() {
@@ -407,4 +422,65 @@ pub(super) fn sweep(conn: &mut Connection, scripts: &Scripts, now: u64) -> Resul
         }
     }
     Ok(())
+}
+
+/// Forgets terminals last seen before `seen_before` without a link alive at `now` (at most
+/// [`SWEEP_ROUNDS`] pages of [`SWEEP_PAGE`] per call; the rest waits for the next). Returns
+/// how many were forgotten.
+pub(super) fn expire_idle(
+    conn: &mut Connection,
+    scripts: &Scripts,
+    now: u64,
+    seen_before: u64,
+) -> Result<u64, Failure> {
+    let mut expired = 0;
+    for _ in 0..SWEEP_ROUNDS {
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(SEEN_KEY)
+            .arg("-inf")
+            .arg(format!("({seen_before}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_PAGE)
+            .query(conn)?;
+        if due.is_empty() {
+            break;
+        }
+        let mut pipe = redis::pipe();
+        for name in &due {
+            let Ok(id) = name.parse::<crate::identity::TerminalId>() else {
+                // Not an ID this layout writes: forget it.
+                pipe.cmd("ZREM").arg(SEEN_KEY).arg(name);
+                continue;
+            };
+            let keys = [
+                SEEN_KEY.to_string(),
+                key(&id, "known"),
+                key(&id, "session"),
+                key(&id, "followers"),
+                key(&id, "following"),
+            ];
+            evalsha(
+                &mut pipe,
+                &scripts.expire_idle,
+                &keys.each_ref().map(String::as_str),
+            )
+            .arg(name)
+            .arg(seen_before)
+            .arg(now);
+        }
+        let replies: Vec<RedisResult<Value>> = pipe.ignore_errors().query(conn)?;
+        for reply in replies {
+            match reply {
+                Ok(Value::Int(n)) => expired += n.max(0) as u64,
+                Ok(_) => {}
+                Err(e) if is_noscript(&e) => {
+                    scripts.load(conn)?;
+                    break;
+                }
+                Err(e) => return Err(Failure::Other(format!("expire idle terminals: {e}"))),
+            }
+        }
+    }
+    Ok(expired)
 }

@@ -1,0 +1,555 @@
+//! Bounded under abuse (issue 11), the server's side, in process on loopback: what the server
+//! acknowledges fits every limit on its way to the terminal, a terminal skips an item it cannot
+//! read instead of stalling, strangers' state expires, the HTTP API holds up under half-sent
+//! requests, and remote input cannot flood the log.
+
+mod support;
+
+use std::time::Duration;
+
+use handoff::config::ServerRef;
+use handoff::identity::Identity;
+use handoff::net::{read_frame, write_frame};
+use handoff::tls::{self, TransportLimits};
+use handoff::wire::{
+    self, PushAck, PushItem, Request, RequestBody, Response, ResponseBody, ServerPush, Session,
+};
+use support::inproc::*;
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+async fn next_push(
+    rx: &mut tokio::sync::broadcast::Receiver<handoff::control::PushRecord>,
+) -> handoff::control::PushRecord {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a push in time")
+        .unwrap()
+}
+
+/// A JSON publication of exactly `len` bytes whose uri fills it.
+fn publication_of(len: usize) -> String {
+    let frame = r#"{"uri":"","title":"big"}"#;
+    format!(
+        r#"{{"uri":"{}","title":"big"}}"#,
+        "u".repeat(len - frame.len())
+    )
+}
+
+/// Issue 11.1: a 65,529-byte publication was answered 200, and the terminal, unable to decode
+/// the push, stalled for good. Now it is refused with 413 naming the limit, and counted; the
+/// terminal goes on receiving.
+#[tokio::test]
+async fn an_oversized_push_is_refused_with_413_and_the_terminal_keeps_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    let mut pushes = b.subscribe();
+    let id = b.id();
+
+    let big = publication_of(65_529);
+    for path in [
+        format!("/v1/terminals/{id}/push"),
+        format!("/v1/terminals/{id}/followers/push"),
+    ] {
+        let (status, body) = http(http_addr, "POST", &path, Some(&token), big.as_bytes()).await;
+        assert_eq!(status, 413, "{path}: {body}");
+        let error = json(&body)["error"].as_str().unwrap().to_string();
+        assert!(error.contains("65536-byte frame limit"), "{error}");
+    }
+    // A session that would be pushed to followers is held to the same limit.
+    let session = format!(
+        r#"{{"uri":"{}","title":"t","position":null,"meta":{{}}}}"#,
+        "u".repeat(65_400)
+    );
+    let (status, body) = http(
+        http_addr,
+        "PUT",
+        &format!("/v1/terminals/{id}/session"),
+        Some(&token),
+        session.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.get("handoff_limit_hits_total", Some(("limit", "push_size"))),
+        2
+    );
+    assert_eq!(
+        metrics.get("handoff_limit_hits_total", Some(("limit", "session_size"))),
+        1
+    );
+
+    // The largest publication that still fits is accepted and arrives whole: the limit refuses
+    // only what cannot be delivered.
+    let mut fits = 65_529;
+    let (status, body) = loop {
+        let (status, body) = http(
+            http_addr,
+            "POST",
+            &format!("/v1/terminals/{id}/push"),
+            Some(&token),
+            publication_of(fits).as_bytes(),
+        )
+        .await;
+        if status != 413 {
+            break (status, body);
+        }
+        fits -= 4;
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(fits > 65_400, "only {fits} bytes fit");
+    let push = next_push(&mut pushes).await;
+    assert_eq!(push.uri.len(), fits - r#"{"uri":"","title":"big"}"#.len());
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{id}/push"),
+        Some(&token),
+        br#"{"uri":"https://media.example/after","title":"after"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(next_push(&mut pushes).await.title, "after");
+    server.shutdown().await;
+}
+
+/// Issue 11.2: a session that fits a request frame but whose push to followers would not is
+/// refused before it joins a batch, with a message naming the limit.
+#[tokio::test]
+async fn an_oversized_session_is_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let a = Identity::generate().unwrap();
+    let conn = raw_connect(&a, server.id(), server.local_addr()).await;
+    let session = |uri_len: usize| Session {
+        uri: "u".repeat(uri_len),
+        title: "t".into(),
+        position: None,
+        meta: Default::default(),
+    };
+    let big = RequestBody::SetSession(Some(session(65_450)));
+    assert!(
+        wire::encode_frame(&Request {
+            id: 1,
+            body: big.clone()
+        })
+        .is_ok(),
+        "the request itself fits a frame"
+    );
+    match handoff::net::request(&conn, big).await.unwrap() {
+        ResponseBody::Refused(r) => {
+            assert!(r.message.contains("65536-byte frame limit"), "{r}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .get("handoff_limit_hits_total", Some(("limit", "session_size"))),
+        1
+    );
+    // The connection and the store go on.
+    assert_eq!(
+        handoff::net::request(&conn, RequestBody::SetSession(Some(session(100))))
+            .await
+            .unwrap(),
+        ResponseBody::SessionStored
+    );
+    server.shutdown().await;
+}
+
+/// A server that says hello and stores sessions, for a terminal to connect to; the test drives
+/// its push stream by hand.
+async fn answer_requests(conn: quinn::Connection) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        tokio::spawn(async move {
+            let Ok(Some(request)) = read_frame::<Request>(&mut recv, WAIT, wire::MAX_FRAME).await
+            else {
+                return;
+            };
+            let body = match request.body {
+                RequestBody::Hello { .. } => ResponseBody::Welcome {
+                    epoch: 7,
+                    start: 0,
+                    window_lost: false,
+                },
+                _ => ResponseBody::SessionStored,
+            };
+            let response = Response {
+                id: request.id,
+                body,
+            };
+            if write_frame(&mut send, &response).await.is_ok() {
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+        });
+    }
+}
+
+/// Issue 11.1, the terminal's side: an item that does not decode (here one that fits a frame
+/// but exceeds the decoder's limit, as the server used to send) is reported, acknowledged past,
+/// and the items after it are delivered.
+#[tokio::test]
+async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::generate().unwrap();
+    let limits = TransportLimits {
+        max_bidi_streams: 16,
+        max_uni_streams: 0,
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: None,
+    };
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&identity, limits).unwrap(), loopback())
+            .unwrap();
+    let mut config = terminal(dir.path(), "b", None, vec![]);
+    config.server = Some(ServerRef {
+        id: identity.id(),
+        addrs: vec![endpoint.local_addr().unwrap().to_string()],
+    });
+    let b = start(config).await;
+    let mut pushes = b.subscribe();
+    let conn = tokio::time::timeout(WAIT, async {
+        endpoint.accept().await.unwrap().await.unwrap()
+    })
+    .await
+    .expect("the terminal connects");
+    tokio::spawn(answer_requests(conn.clone()));
+    wait_connected(&b).await;
+
+    let item = |offset: u64, uri: String, title: &str| {
+        ServerPush::Item(PushItem {
+            offset,
+            from: None,
+            uri,
+            title: title.into(),
+            body: None,
+            position: None,
+            meta: Default::default(),
+        })
+    };
+    let bad = wire::encode_frame(&item(0, "u".repeat(65_500), "bad")).unwrap();
+    assert!(bad.len() - 4 <= wire::MAX_FRAME);
+    assert!(
+        wire::decode_frame::<ServerPush>(&bad).is_err(),
+        "the first item must not decode"
+    );
+    let good = wire::encode_frame(&item(1, "https://media.example/ok".into(), "after")).unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&bad).await.unwrap();
+    send.write_all(&good).await.unwrap();
+
+    assert_eq!(next_push(&mut pushes).await.title, "after");
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            match read_frame::<PushAck>(&mut recv, WAIT, wire::MAX_FRAME).await {
+                Ok(Some(PushAck::Ack { next })) if next >= 2 => return next,
+                Ok(Some(_)) => continue,
+                other => panic!("no acknowledgement: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("acknowledged in time");
+    assert_eq!(acked, 2);
+    assert_eq!(b.metrics().get("handoff_pushes_undecodable_total", None), 1);
+}
+
+/// A server with the HTTP API and the given limits; returns it and the publish token.
+async fn start_server_with_limits(
+    dir: &std::path::Path,
+    limits: impl FnOnce(&mut handoff::config::ServerLimits),
+) -> (handoff::server::Server, String) {
+    let token = "test-token-0123456789".to_string();
+    let token_file = dir.join("publish.token");
+    std::fs::write(&token_file, &token).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut config = handoff::config::ServerConfig::with_defaults(
+        dir.join("server"),
+        loopback(),
+        handoff::config::StoreKind::Embedded,
+    );
+    config.http = Some(handoff::config::HttpConfig {
+        listen: loopback(),
+        token_file: Some(token_file),
+    });
+    limits(&mut config.limits);
+    let server = handoff::server::Server::start(
+        Identity::load_or_create(&config.state_dir).unwrap(),
+        &config,
+    )
+    .await
+    .unwrap();
+    (server, token)
+}
+
+/// Waits until the server closes `stream` (end of stream or reset); returns what it sent.
+async fn closed_by_server(mut stream: tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(3 * WAIT, stream.read_to_end(&mut got))
+        .await
+        .expect("the server closes a half-sent request");
+    got
+}
+
+/// Issue 11.6: half-sent requests are closed after the header timeout; while they hold every
+/// connection slot, `/healthz` and a publish still work; a body that never comes is answered
+/// 408; 404 and 405 answer JSON like every other error.
+#[tokio::test]
+async fn half_sent_requests_time_out_and_never_lock_out_the_api() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.http_max_connections = 16;
+        l.http_header_timeout = Duration::from_secs(2);
+        l.http_body_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    let mut pushes = b.subscribe();
+
+    // Far more half-sent requests than there are slots.
+    let mut half_sent = Vec::new();
+    for _ in 0..64 {
+        let mut stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+        stream
+            .write_all(b"POST /v1/terminals/x/push HTTP/1.1\r\nHost: t\r\n")
+            .await
+            .unwrap();
+        half_sent.push(stream);
+    }
+    let (status, body) = http(http_addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["status"], "ok");
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/push", b.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/a","title":"while flooded"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(next_push(&mut pushes).await.title, "while flooded");
+    // Every half-sent request is closed: the oldest to make room, the rest at the timeout.
+    for stream in half_sent {
+        closed_by_server(stream).await;
+    }
+    let hits = |limit| {
+        server
+            .metrics()
+            .get("handoff_limit_hits_total", Some(("limit", limit)))
+    };
+    assert!(
+        hits("http_max_connections") >= 48,
+        "{}",
+        hits("http_max_connections")
+    );
+    assert!(hits("http_header_timeout") >= 1);
+
+    // A body announced but never sent: 408, in JSON.
+    let mut stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    let head = format!(
+        "POST /v1/terminals/{}/push HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: 40\r\n\r\n",
+        b.id()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = String::from_utf8(closed_by_server(stream).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        json(body)["error"].as_str().unwrap().contains("body"),
+        "{body}"
+    );
+    assert!(hits("http_body_timeout") >= 1);
+
+    // Every error status answers JSON.
+    for (method, path, status) in [
+        ("GET", "/nope", 404),
+        ("GET", "/v1/terminals/x/push", 405),
+        ("DELETE", "/healthz", 405),
+        ("GET", "/v1/terminals/x/session", 405),
+    ] {
+        let (got, body) = http(http_addr, method, path, Some(&token), b"").await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        let error = json(&body)["error"].as_str().unwrap().to_string();
+        assert!(!error.is_empty(), "{method} {path}");
+    }
+    server.shutdown().await;
+}
+
+/// Issue 11.3: one network cannot make the server know unbounded terminals: past
+/// `known_terminals_per_source` new IDs are refused before anything is stored, while the ones
+/// it has come back as before.
+#[tokio::test]
+async fn one_network_gets_a_bounded_number_of_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.known_terminals_per_source = 3;
+    })
+    .await;
+    let http_addr = server.http_addr().unwrap();
+    let hello = RequestBody::Hello { cursor: None };
+    let mut known = Vec::new();
+    for _ in 0..3 {
+        let me = Identity::generate().unwrap();
+        let conn = raw_connect(&me, server.id(), server.local_addr()).await;
+        let answer = handoff::net::request(&conn, hello.clone()).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+        conn.close(0u32.into(), b"done");
+        known.push(me);
+    }
+    let stranger = Identity::generate().unwrap();
+    let conn = raw_connect(&stranger, server.id(), server.local_addr()).await;
+    let reason = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the server closes the connection");
+    assert!(
+        reason
+            .to_string()
+            .contains("too many terminals from this network"),
+        "{reason}"
+    );
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "known_terminals_per_source"))
+        ),
+        1
+    );
+    // Nothing about it was stored: the publish API does not know it.
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/push", stranger.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/a","title":"a"}"#,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    // A terminal the network already has is served as before.
+    let conn = raw_connect(&known[0], server.id(), server.local_addr()).await;
+    let answer = handoff::net::request(&conn, hello).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    server.shutdown().await;
+}
+
+/// Log lines captured from this thread's tracing events.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Issue 11.8: 10,519 "refused follow" lines in 30 s came from one host. Each line remote input
+/// can trigger is now logged at most once per interval, with the count held back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_of_refused_follows_logs_a_bounded_number_of_lines() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // Every task of this test runs on this thread (current-thread runtime).
+    let _logs = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = start_server_with_limits(dir.path(), |l| {
+        l.requests_per_sec_per_terminal = 1_000_000;
+    })
+    .await;
+    let mallory = Identity::generate().unwrap();
+    let victim = Identity::generate().unwrap();
+    let conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    let started = std::time::Instant::now();
+    // A ticket naming the victim as first, signed by mallory: refused, every time.
+    let follow = |n: u64| {
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&n.to_be_bytes());
+        let ticket = wire::Ticket {
+            first: victim.id(),
+            second: mallory.id(),
+            server: server.id(),
+            issued_at: handoff::net::unix_now(),
+            not_after: handoff::net::unix_now() + 60,
+            nonce,
+        }
+        .sign(&mallory);
+        RequestBody::Follow(wire::InfoRequest {
+            first: victim.id(),
+            second: mallory.id(),
+            ticket,
+        })
+    };
+    let flood = 1_000;
+    for n in 0..flood {
+        match handoff::net::request(&conn, follow(n)).await.unwrap() {
+            ResponseBody::Refused(r) => assert!(r.message.contains("signed"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .get("handoff_refusals_total", Some(("reason", "bad_ticket"))),
+        flood
+    );
+    // After the interval, the next line says how many were held back.
+    // (A new connection: the test client's idle timeout is shorter than the wait.)
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    handoff::net::request(&conn, follow(flood)).await.unwrap();
+    let lines = captured.lines_with("refused follow");
+    let intervals = started.elapsed().as_secs() / 10 + 1;
+    assert!(
+        (2..=intervals as usize + 1).contains(&lines.len()),
+        "{} lines for {} refusals in {:?}:\n{}",
+        lines.len(),
+        flood + 1,
+        started.elapsed(),
+        lines.join("\n")
+    );
+    let held_back: u64 = lines
+        .iter()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        held_back + lines.len() as u64,
+        flood + 1,
+        "every refusal is accounted for"
+    );
+    server.shutdown().await;
+}
