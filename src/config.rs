@@ -136,6 +136,11 @@ struct RawDaemonLimits {
     unknown_handshakes_per_sec: Option<u32>,
     requests_per_sec_per_peer: Option<u32>,
     pending_pairings: Option<usize>,
+    max_pending_handshakes: Option<usize>,
+    handshake_timeout_secs: Option<u64>,
+    max_peers: Option<usize>,
+    max_addrs_per_peer: Option<usize>,
+    peer_checks_per_round: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -232,14 +237,30 @@ pub struct DaemonLimits {
     pub max_connections: usize,
     /// Peer connections held at once from one source address.
     pub max_connections_per_source: usize,
-    /// New handshakes accepted per second from one source address (before any key is known).
+    /// New handshakes accepted per second from one source (before any key is known).
+    /// Sources are IPv4 addresses and IPv6 /64 prefixes; addresses where a trusted key proved
+    /// itself recently are exempt from per-source limits.
     pub handshakes_per_sec_per_source: u32,
-    /// Completed handshakes per second from keys that are not on the trust list.
+    /// Completed handshakes per second from keys that are not on the trust list, per source.
     pub unknown_handshakes_per_sec: u32,
     /// Requests per second from one peer ID.
     pub requests_per_sec_per_peer: u32,
     /// Unsolicited pairing requests remembered at once.
     pub pending_pairings: usize,
+    /// Handshakes in progress at once. From half of it on, a source must prove its address
+    /// (QUIC Retry) before its handshake starts; when all are taken, the oldest handshake from
+    /// a source not known as trusted is dropped for the new one.
+    pub max_pending_handshakes: usize,
+    /// How long a peer has to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// mDNS claims (peer adverts) held in the peer table. When it is full, claims that no
+    /// handshake proved, of peers not on the trust list, make room first.
+    pub max_peers: usize,
+    /// Addresses kept per advert, and dialled or listed per peer.
+    pub max_addrs_per_peer: usize,
+    /// Peers checked per liveness round (every 10 s) by a QUIC handshake: new adverts, and
+    /// verified peers whose last check is a round old.
+    pub peer_checks_per_round: usize,
 }
 
 impl Default for DaemonLimits {
@@ -253,6 +274,11 @@ impl Default for DaemonLimits {
             unknown_handshakes_per_sec: 20,
             requests_per_sec_per_peer: 20,
             pending_pairings: 16,
+            max_pending_handshakes: 32,
+            handshake_timeout: Duration::from_secs(2),
+            max_peers: 128,
+            max_addrs_per_peer: 16,
+            peer_checks_per_round: 32,
         }
     }
 }
@@ -417,6 +443,33 @@ impl DaemonConfig {
             pending_pairings: at_least_one(
                 "limits.pending_pairings",
                 l.pending_pairings.unwrap_or(d.pending_pairings),
+            )?,
+            max_pending_handshakes: match l.max_pending_handshakes {
+                Some(n) if n < 2 => {
+                    return Err(invalid(
+                        "limits.max_pending_handshakes",
+                        "must be at least 2",
+                    ))
+                }
+                n => n.unwrap_or(d.max_pending_handshakes),
+            },
+            handshake_timeout: match l.handshake_timeout_secs {
+                Some(secs) if !(1..=60).contains(&secs) => {
+                    return Err(invalid(
+                        "limits.handshake_timeout_secs",
+                        "must be between 1 and 60",
+                    ))
+                }
+                secs => secs.map_or(d.handshake_timeout, Duration::from_secs),
+            },
+            max_peers: at_least_one("limits.max_peers", l.max_peers.unwrap_or(d.max_peers))?,
+            max_addrs_per_peer: at_least_one(
+                "limits.max_addrs_per_peer",
+                l.max_addrs_per_peer.unwrap_or(d.max_addrs_per_peer),
+            )?,
+            peer_checks_per_round: at_least_one(
+                "limits.peer_checks_per_round",
+                l.peer_checks_per_round.unwrap_or(d.peer_checks_per_round),
             )?,
         };
         Ok(Self {

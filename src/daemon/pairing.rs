@@ -102,7 +102,7 @@ pub fn code(
 impl Daemon {
     /// Starts pairing with `query` and waits until both sides have derived the code.
     pub async fn pair(&self, query: &str) -> Result<PairCode, PairError> {
-        let peer = lock(&self.shared.peers).find(query)?;
+        let peer = self.find_peer(query).await?;
         let me = self.id();
         let mut my_nonce = [0u8; 16];
         rand::rng().fill_bytes(&mut my_nonce);
