@@ -727,7 +727,10 @@ async fn browse(daemon: Daemon, discovery: Arc<Discovery>) {
             DiscoveryEvent::Resolved(peer) => daemon.learn_peer(peer),
             DiscoveryEvent::Removed { instance } => daemon.forget_instance(&instance),
             DiscoveryEvent::Ignored { instance, reason } => {
-                debug!(%instance, %reason, "ignoring mDNS advert")
+                daemon.log_limited(
+                    "ignored_advert",
+                    format_args!("ignoring mDNS advert {instance}: {reason}"),
+                )
             }
         }
     }
