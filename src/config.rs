@@ -935,6 +935,8 @@ mod tests {
         let d = DaemonConfig::load(&root.join("daemon.toml")).unwrap();
         assert_eq!(d.accept, AcceptPolicy::Trusted);
         assert!(d.server.is_some());
+        // The example documents every limit with its default.
+        assert_eq!(d.limits, DaemonLimits::default());
         let s = ServerConfig::load(&root.join("server.toml")).unwrap();
         assert_eq!(s.listen.port(), DEFAULT_SERVER_PORT);
         assert_eq!(s.store, StoreKind::Embedded);
@@ -942,6 +944,29 @@ mod tests {
         assert_eq!(s.push, PushConfig::default());
         let text = std::fs::read_to_string(root.join("server.toml")).unwrap();
         assert_eq!(guess_kind(&text), ConfigKind::Server);
+    }
+
+    #[test]
+    fn daemon_abuse_limits_are_checked() {
+        let d = daemon("[limits]\nmax_peers = 5\nhandshake_timeout_secs = 3\n").unwrap();
+        assert_eq!(d.limits.max_peers, 5);
+        assert_eq!(d.limits.handshake_timeout, Duration::from_secs(3));
+        for (text, key) in [
+            (
+                "handshake_timeout_secs = 0",
+                "limits.handshake_timeout_secs",
+            ),
+            (
+                "max_pending_handshakes = 1",
+                "limits.max_pending_handshakes",
+            ),
+            ("max_peers = 0", "limits.max_peers"),
+            ("max_addrs_per_peer = 0", "limits.max_addrs_per_peer"),
+            ("peer_checks_per_round = 0", "limits.peer_checks_per_round"),
+        ] {
+            let err = daemon(&format!("[limits]\n{text}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::wire::ErrorCode;
 /// How often a verified peer is checked again.
 pub(super) const LIVENESS_EVERY: Duration = Duration::from_secs(10);
 /// How often the task looks for due checks when nothing changes.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_secs(1);
 /// Checks running at once.
 const IN_FLIGHT: usize = 4;
 

@@ -726,12 +726,10 @@ async fn browse(daemon: Daemon, discovery: Arc<Discovery>) {
         match event {
             DiscoveryEvent::Resolved(peer) => daemon.learn_peer(peer),
             DiscoveryEvent::Removed { instance } => daemon.forget_instance(&instance),
-            DiscoveryEvent::Ignored { instance, reason } => {
-                daemon.log_limited(
-                    "ignored_advert",
-                    format_args!("ignoring mDNS advert {instance}: {reason}"),
-                )
-            }
+            DiscoveryEvent::Ignored { instance, reason } => daemon.log_limited(
+                "ignored_advert",
+                format_args!("ignoring mDNS advert {instance}: {reason}"),
+            ),
         }
     }
 }
