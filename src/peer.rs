@@ -9,8 +9,8 @@
 //!   (for `pull`, `trust`, `pair`) only to proven names;
 //! - dials the address that answered last first, then a bounded number of claimed ones;
 //! - holds at most [`TableLimits::max_claims`] claims, [`MAX_CLAIMS_PER_ID`] per ID and
-//!   [`TableLimits::max_addrs_per_peer`] addresses per ID; when full, unproven claims of
-//!   untrusted IDs make room first.
+//!   [`TableLimits::max_addrs_per_peer`] addresses per ID; when full, claims of untrusted IDs
+//!   make room first, unproven ones before proven ones.
 //!
 //! Repeated resolutions update a claim; a goodbye removes it.
 
@@ -218,11 +218,12 @@ impl PeerTable {
         if self.instances.len() < self.limits.max_claims.max(1) {
             return true;
         }
-        // Table full: evict the claim of lowest rank (unproven before proven, untrusted before
-        // trusted, then the least recently seen), if it ranks below the newcomer.
+        // Table full: evict the claim of lowest rank (untrusted before trusted, then unproven
+        // before proven, then the least recently seen), if it ranks below the newcomer. Trusted
+        // first: an attacker can make its own keys answer handshakes, not a trusted peer's.
         let rank = |id: &TerminalId, seen: Instant| {
             let verified = self.ids.get(id).is_some_and(|s| s.verified);
-            (verified, trusted(id), seen)
+            (trusted(id), verified, seen)
         };
         let newcomer = rank(&peer.id, peer.last_seen);
         let Some(lowest) = self
@@ -720,7 +721,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_makes_room_with_unproven_untrusted_claims_only() {
+    fn a_full_table_makes_room_with_untrusted_unproven_claims_first() {
         let mut table = PeerTable::new(TableLimits {
             max_claims: 3,
             max_addrs_per_peer: 4,
@@ -742,11 +743,17 @@ mod tests {
             table.upsert(peer(2, "trusted-again"), trusted),
             Change::Updated
         );
+        assert_eq!(table.upsert(peer(5, "fake5"), trusted), Change::Refused);
+        assert_eq!(table.len(), 2);
+        // A trusted ID's claim outranks even a proven claim of an untrusted ID (an attacker
+        // can make its own keys answer).
         let mut other = peer(2, "trusted");
         other.instance = "trusted-2b".into();
         assert_eq!(table.upsert(other, trusted), Change::Updated);
-        assert_eq!(table.upsert(peer(5, "fake5"), trusted), Change::Refused);
-        assert_eq!(table.len(), 2);
+        assert_eq!(
+            table.list().iter().map(|p| p.id).collect::<Vec<_>>(),
+            [id(2)]
+        );
         // At most MAX_CLAIMS_PER_ID claims of one ID.
         let mut table = PeerTable::default();
         for i in 0..10 {
