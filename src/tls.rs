@@ -385,6 +385,32 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a peer presents, reading a name never panics and yields a usable name or
+        /// none: random bytes, and a real named certificate with one byte changed.
+        #[test]
+        fn certificate_names_are_usable_or_absent(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            at in 0usize..4096,
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let usable = |name: Option<String>| {
+                name.is_none_or(|n| {
+                    !n.is_empty() && n.len() <= 63 && !n.chars().any(char::is_control)
+                })
+            };
+            proptest::prop_assert!(usable(name_from_certificate(&CertificateDer::from(garbage))));
+            static CERT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let cert = CERT.get_or_init(|| {
+                Identity::generate().unwrap().named("tv").unwrap().certificate().to_vec()
+            });
+            let mut changed = cert.clone();
+            let i = at % changed.len();
+            changed[i] = byte;
+            proptest::prop_assert!(usable(name_from_certificate(&CertificateDer::from(changed))));
+        }
+    }
+
     #[test]
     fn garbage_certificate_has_no_id() {
         assert_eq!(

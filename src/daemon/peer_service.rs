@@ -470,3 +470,38 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
         ticket,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max_pending: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            state: Mutex::default(),
+            max_pending,
+            max_connections: 4,
+        })
+    }
+
+    #[test]
+    fn a_full_set_of_handshakes_drops_the_oldest_strangers() {
+        let a = admission(3);
+        let (known, _) = a.begin(true).unwrap();
+        let (first, _) = a.begin(false).unwrap();
+        let (second, evicted) = a.begin(false).unwrap();
+        assert!(!evicted && a.pending() == 3);
+        // Full: the oldest stranger's handshake is dropped, not the known source's.
+        let (_third, evicted) = a.begin(false).unwrap();
+        assert!(evicted && first.dropped.is_cancelled() && !known.dropped.is_cancelled());
+        assert_eq!(a.pending(), 3);
+        drop(first);
+        assert_eq!(a.pending(), 3, "an evicted slot was already freed");
+        drop(second);
+        assert_eq!(a.pending(), 2);
+        // Only known sources hold places: a newcomer is refused.
+        let b = admission(2);
+        let _k1 = b.begin(true).unwrap();
+        let _k2 = b.begin(true).unwrap();
+        assert!(b.begin(false).is_none() && b.begin(true).is_none());
+    }
+}

@@ -86,7 +86,7 @@ pub struct LinkOutcome {
 }
 
 impl Daemon {
-    /// Pulls what `query` (a peer's ID, unique ID prefix or unique name) is showing.
+    /// Pulls what `query` (a peer's ID, unique ID prefix or unique proven name) is showing.
     pub async fn pull(&self, query: &str, timeout: Duration) -> Result<PullOutcome, PullError> {
         let started = Instant::now();
         let peer = self.find_peer(query).await?;
