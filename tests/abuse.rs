@@ -426,7 +426,11 @@ fn fake_adverts(
                 &props[..],
             )
             .unwrap();
-            mdns.register(info).unwrap();
+            // mdns-sd's command queue is bounded: wait for room.
+            while let Err(e) = mdns.register(info.clone()) {
+                assert!(matches!(e, mdns_sd::Error::Again), "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
             registered.fetch_add(1, Ordering::Relaxed);
         }
         while !stop.load(Ordering::Relaxed) {

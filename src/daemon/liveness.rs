@@ -30,6 +30,41 @@ const TICK: Duration = Duration::from_secs(1);
 /// Checks running at once.
 const IN_FLIGHT: usize = 4;
 
+impl Daemon {
+    /// Records that `id`'s key answered a handshake (see [`crate::peer::PeerTable::prove`]);
+    /// watchers of the peer table hear of it when that changes what `handoff peers` shows.
+    pub(crate) fn note_proof(
+        &self,
+        id: &TerminalId,
+        name: Option<String>,
+        addr: Option<std::net::SocketAddr>,
+    ) {
+        let changed = {
+            let mut peers = lock(&self.shared.peers);
+            let before = peers.get(id).map(|p| (peers.is_verified(id), p.name));
+            peers.prove(id, name, addr);
+            let after = peers.get(id).map(|p| (peers.is_verified(id), p.name));
+            before != after
+        };
+        if changed {
+            self.shared.peer_changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Records that a check or dial of `id` found no one holding its key.
+    pub(crate) fn note_failure(&self, id: &TerminalId) {
+        let changed = {
+            let mut peers = lock(&self.shared.peers);
+            let was = peers.is_verified(id);
+            peers.suspect(id);
+            was
+        };
+        if changed {
+            self.shared.peer_changes.send_modify(|n| *n += 1);
+        }
+    }
+}
+
 /// Runs the checks until shutdown; `discovery` is asked about peers that stopped answering.
 pub(super) async fn run(daemon: Daemon, discovery: Option<Arc<Discovery>>) {
     let per_round = daemon.shared.config.limits.peer_checks_per_round;
@@ -100,7 +135,7 @@ async fn check(daemon: Daemon, id: TerminalId, discovery: Option<Arc<Discovery>>
     match daemon.dial(&peer).await {
         Ok(conn) => conn.close(varint(ErrorCode::Closed), b"checked"),
         Err(e) => {
-            lock(&daemon.shared.peers).suspect(&id);
+            daemon.note_failure(&id);
             daemon
                 .shared
                 .metrics

@@ -278,7 +278,7 @@ pub(crate) async fn serve(daemon: Daemon) {
                     return;
                 };
                 // The key holder reached us: it is present, and its certificate names it.
-                lock(&d.shared.peers).prove(&peer, peer_name(&conn), None);
+                d.note_proof(&peer, peer_name(&conn), None);
                 let Some(_slot) = admit(&d, &admission, &conn, peer, ip, source_slot) else {
                     return;
                 };

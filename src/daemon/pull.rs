@@ -238,7 +238,7 @@ impl Daemon {
     pub(crate) async fn dial_peer(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
         let result = self.dial(peer).await;
         if result.is_err() {
-            super::lock(&self.shared.peers).suspect(&peer.id);
+            self.note_failure(&peer.id);
             // Perhaps it is gone without a goodbye: have mDNS check now rather than at the
             // next round.
             self.suspect(&peer.id).await;
@@ -371,7 +371,7 @@ impl Daemon {
         conn: &quinn::Connection,
         addr: std::net::SocketAddr,
     ) {
-        super::lock(&self.shared.peers).prove(&id, peer_name(conn), Some(addr));
+        self.note_proof(&id, peer_name(conn), Some(addr));
         if self.shared.trust.is_trusted(&id) {
             self.shared.guards.trusted_sources.insert(addr.ip());
         }
