@@ -770,28 +770,35 @@ fn a_flood_of_refusals_logs_a_bounded_number_of_lines() {
             let _ = net::request(&conn, RequestBody::InterfaceInfo).await;
         })
     });
-    let summarised = wait_for(Duration::from_secs(5), || {
-        lan.log("a")
+    // Every refusal is accounted for: logged, or counted in a later line's `suppressed=`.
+    let held = |line: &str| -> Option<u64> {
+        let n = line.split("suppressed=").nth(1)?;
+        n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let accounted = wait_for(Duration::from_secs(5), || {
+        let log = lan.log("a");
+        let lines: Vec<&str> = log
             .lines()
-            .skip(lines_before + flood_lines.len())
-            .find(|l| l.contains("not trusted") && l.contains("suppressed="))
-            .map(str::to_string)
+            .skip(lines_before)
+            .filter(|l| l.contains("refused interface info"))
+            .collect();
+        let total: u64 = lines.iter().map(|l| 1 + held(l).unwrap_or(0)).sum();
+        let summary = lines.last().and_then(|l| held(l)).unwrap_or(0);
+        (total > refused as u64 && summary > 0).then_some((lines.len(), total))
     });
-    let line = summarised.unwrap_or_else(|| {
+    let (lines, total) = accounted.unwrap_or_else(|| {
         panic!(
-            "no line counts the held-back refusals:\n{}",
+            "the held-back refusals are not counted:\n{}",
             lan.log("a")
                 .lines()
-                .skip(lines_before + flood_lines.len())
+                .skip(lines_before)
+                .filter(|l| l.contains("refused interface info"))
                 .collect::<Vec<_>>()
                 .join("\n")
         )
     });
-    let held: u64 = line
-        .split("suppressed=")
-        .nth(1)
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    assert!(held >= 300, "{line}");
+    eprintln!(
+        "{} refusals (and one more) in {lines} log lines, which count {total}",
+        refused
+    );
 }
