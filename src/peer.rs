@@ -141,8 +141,17 @@ pub struct PeerTable {
     instances: HashMap<String, Peer>,
     ids: HashMap<TerminalId, IdState>,
     limits: TableLimits,
-    /// Claims evicted to make room, not yet reported ([`PeerTable::take_evictions`]).
-    evictions: usize,
+    /// Limits hit, not yet reported ([`PeerTable::take_hits`]).
+    hits: TableHits,
+}
+
+/// Limits the table enforced since they were last taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableHits {
+    /// Claims evicted to make room for newer ones.
+    pub evicted: usize,
+    /// Claims cut to [`TableLimits::max_addrs_per_peer`] addresses.
+    pub truncated: usize,
 }
 
 /// What an update did to the table.
@@ -169,6 +178,7 @@ impl PeerTable {
         let max_addrs = self.limits.max_addrs_per_peer.max(1);
         if peer.addrs.len() > max_addrs {
             peer.addrs = peer.addrs.iter().copied().take(max_addrs).collect();
+            self.hits.truncated += 1;
         }
         let known = self.ids.contains_key(&peer.id);
         match self.instances.get(&peer.instance) {
@@ -213,7 +223,7 @@ impl PeerTable {
             };
             let instance = oldest.instance.clone();
             self.instances.remove(&instance);
-            self.evictions += 1;
+            self.hits.evicted += 1;
         }
         if self.instances.len() < self.limits.max_claims.max(1) {
             return true;
@@ -239,13 +249,13 @@ impl PeerTable {
         let (instance, id) = (lowest.instance.clone(), lowest.id);
         self.instances.remove(&instance);
         self.forget_if_unclaimed(&id);
-        self.evictions += 1;
+        self.hits.evicted += 1;
         true
     }
 
-    /// How many claims were evicted to make room since the last call.
-    pub fn take_evictions(&mut self) -> usize {
-        std::mem::take(&mut self.evictions)
+    /// The limits hit since the last call.
+    pub fn take_hits(&mut self) -> TableHits {
+        std::mem::take(&mut self.hits)
     }
 
     fn forget_if_unclaimed(&mut self, id: &TerminalId) {
@@ -718,6 +728,7 @@ mod tests {
         );
         // The stuffed claim kept only max_addrs_per_peer addresses, and so does the merge.
         assert_eq!(table.get(&id(1)).unwrap().addrs.len(), 16);
+        assert_eq!(table.take_hits().truncated, 1);
     }
 
     #[test]
@@ -732,9 +743,9 @@ mod tests {
         table.upsert(peer(2, "trusted"), trusted);
         table.upsert(peer(3, "fake3"), trusted);
         // A fake replaces the older fake, never the proven or the trusted claim.
-        assert_eq!(table.take_evictions(), 0);
+        assert_eq!(table.take_hits(), TableHits::default());
         assert_eq!(table.upsert(peer(4, "fake4"), trusted), Change::Added);
-        assert_eq!(table.take_evictions(), 1);
+        assert_eq!(table.take_hits().evicted, 1);
         let ids: BTreeSet<TerminalId> = table.list().iter().map(|p| p.id).collect();
         assert_eq!(ids, BTreeSet::from([id(1), id(2), id(4)]));
         // A claim of a trusted ID outranks the fake; once only proven and trusted claims are

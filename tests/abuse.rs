@@ -561,8 +561,10 @@ fn stuffed_addresses_do_not_slow_a_pull() {
         assert!(out.status.success(), "pull {i}: {}", stderr(&out));
         assert_eq!(json_lines(&out.stdout)[0]["from"], a_id.as_str());
     }
+    let capped = limit_hits(&lan.status("b"), "max_addrs_per_peer");
     stop.store(true, Ordering::Relaxed);
     mallory.join().unwrap();
+    assert!(capped > 0, "B kept all 40 addresses of the stuffed advert");
     let dialled = dialled.lock().unwrap().clone();
     assert!(
         dialled.len() <= 3,

@@ -339,12 +339,18 @@ impl Daemon {
     pub fn learn_peer(&self, peer: Peer) {
         let (id, name) = (peer.id, peer.name.clone());
         let trust = &self.shared.trust;
-        let (change, evicted) = {
+        let (change, hits) = {
             let mut peers = lock(&self.shared.peers);
             let change = peers.upsert(peer, |id| trust.is_trusted(id));
-            (change, peers.take_evictions())
+            (change, peers.take_hits())
         };
-        if evicted > 0 {
+        if hits.truncated > 0 {
+            self.over_limit(
+                "max_addrs_per_peer",
+                format_args!("an mDNS advert for {} lists too many addresses", id.short()),
+            );
+        }
+        if hits.evicted > 0 {
             self.over_limit(
                 "max_peers",
                 format_args!(
