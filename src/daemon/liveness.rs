@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::{lock, Daemon};
 use crate::discovery::Discovery;
@@ -117,7 +118,8 @@ pub(super) async fn run(daemon: Daemon, discovery: Option<Arc<Discovery>>) {
                 break;
             }
             checking.insert(id);
-            running.spawn(check(daemon.clone(), id, discovery.clone()));
+            let span = tracing::info_span!("check", id = %id.short());
+            running.spawn(check(daemon.clone(), id, discovery.clone()).instrument(span));
         }
     }
 }
