@@ -480,13 +480,22 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 for p in &peers {
                     let addrs: Vec<String> =
                         p.addrs.iter().map(|a| format!("{a}:{}", p.port)).collect();
+                    // An unverified name is only what an mDNS advert claims.
+                    let name = if p.verified {
+                        p.name.clone()
+                    } else {
+                        format!("{}?", p.name)
+                    };
                     println!(
                         "{:<20} {:<12} {:<8} {}",
-                        p.name,
+                        name,
                         &p.id[..10],
                         if p.trusted { "yes" } else { "no" },
                         addrs.join(" ")
                     );
+                }
+                if peers.iter().any(|p| !p.verified) {
+                    println!("(NAME? = claimed by mDNS, not yet proven by a handshake)");
                 }
             }
         }

@@ -193,6 +193,11 @@ struct RawDaemonLimits {
     max_inbox_items: Option<usize>,
     max_inbox_bytes: Option<u64>,
     max_hook_queue: Option<usize>,
+    max_pending_handshakes: Option<usize>,
+    handshake_timeout_secs: Option<u64>,
+    max_peers: Option<usize>,
+    max_addrs_per_peer: Option<usize>,
+    peer_checks_per_round: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -303,9 +308,11 @@ pub struct DaemonLimits {
     pub max_connections: usize,
     /// Peer connections held at once from one source address.
     pub max_connections_per_source: usize,
-    /// New handshakes accepted per second from one source address (before any key is known).
+    /// New handshakes accepted per second from one source (before any key is known).
+    /// Sources are IPv4 addresses and IPv6 /64 prefixes; addresses where a trusted key proved
+    /// itself recently are exempt from per-source limits.
     pub handshakes_per_sec_per_source: u32,
-    /// Completed handshakes per second from keys that are not on the trust list.
+    /// Completed handshakes per second from keys that are not on the trust list, per source.
     pub unknown_handshakes_per_sec: u32,
     /// Requests per second from one peer ID.
     pub requests_per_sec_per_peer: u32,
@@ -319,6 +326,20 @@ pub struct DaemonLimits {
     /// Pushes waiting for a free hook slot; beyond it a push runs no hook (it is still in the
     /// inbox and reaches `watch`).
     pub max_hook_queue: usize,
+    /// Handshakes in progress at once. From half of it on, a source must prove its address
+    /// (QUIC Retry) before its handshake starts; when all are taken, the oldest handshake from
+    /// a source not known as trusted is dropped for the new one.
+    pub max_pending_handshakes: usize,
+    /// How long a peer has to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// mDNS claims (peer adverts) held in the peer table. When it is full, claims that no
+    /// handshake proved, of peers not on the trust list, make room first.
+    pub max_peers: usize,
+    /// Addresses kept per advert, and dialled or listed per peer.
+    pub max_addrs_per_peer: usize,
+    /// Peers checked per liveness round (every 10 s) by a QUIC handshake: new adverts, and
+    /// verified peers whose last check is a round old.
+    pub peer_checks_per_round: usize,
 }
 
 impl Default for DaemonLimits {
@@ -335,6 +356,11 @@ impl Default for DaemonLimits {
             max_inbox_items: 1000,
             max_inbox_bytes: 8 * 1024 * 1024,
             max_hook_queue: 64,
+            max_pending_handshakes: 32,
+            handshake_timeout: Duration::from_secs(2),
+            max_peers: 128,
+            max_addrs_per_peer: 16,
+            peer_checks_per_round: 32,
         }
     }
 }
@@ -524,6 +550,33 @@ impl DaemonConfig {
             )?,
             max_inbox_bytes: l.max_inbox_bytes.unwrap_or(d.max_inbox_bytes),
             max_hook_queue: l.max_hook_queue.unwrap_or(d.max_hook_queue),
+            max_pending_handshakes: match l.max_pending_handshakes {
+                Some(n) if n < 2 => {
+                    return Err(invalid(
+                        "limits.max_pending_handshakes",
+                        "must be at least 2",
+                    ))
+                }
+                n => n.unwrap_or(d.max_pending_handshakes),
+            },
+            handshake_timeout: match l.handshake_timeout_secs {
+                Some(secs) if !(1..=60).contains(&secs) => {
+                    return Err(invalid(
+                        "limits.handshake_timeout_secs",
+                        "must be between 1 and 60",
+                    ))
+                }
+                secs => secs.map_or(d.handshake_timeout, Duration::from_secs),
+            },
+            max_peers: at_least_one("limits.max_peers", l.max_peers.unwrap_or(d.max_peers))?,
+            max_addrs_per_peer: at_least_one(
+                "limits.max_addrs_per_peer",
+                l.max_addrs_per_peer.unwrap_or(d.max_addrs_per_peer),
+            )?,
+            peer_checks_per_round: at_least_one(
+                "limits.peer_checks_per_round",
+                l.peer_checks_per_round.unwrap_or(d.peer_checks_per_round),
+            )?,
         };
         // One push of the largest frame must fit, or the inbox could keep nothing.
         if limits.max_inbox_bytes < crate::wire::MAX_FRAME as u64 * 2 {
@@ -1176,6 +1229,8 @@ mod tests {
         let d = DaemonConfig::load(&root.join("daemon.toml")).unwrap();
         assert_eq!(d.accept, AcceptPolicy::Trusted);
         assert!(d.server.is_some());
+        // The example documents every limit with its default.
+        assert_eq!(d.limits, DaemonLimits::default());
         let s = ServerConfig::load(&root.join("server.toml")).unwrap();
         assert_eq!(s.listen.port(), DEFAULT_SERVER_PORT);
         assert_eq!(s.store, StoreKind::Embedded);
@@ -1190,6 +1245,29 @@ mod tests {
         assert_eq!(guess_kind(&text), Some(ConfigKind::Server));
         let text = std::fs::read_to_string(root.join("daemon.toml")).unwrap();
         assert_eq!(guess_kind(&text), Some(ConfigKind::Daemon));
+    }
+
+    #[test]
+    fn daemon_abuse_limits_are_checked() {
+        let d = daemon("[limits]\nmax_peers = 5\nhandshake_timeout_secs = 3\n").unwrap();
+        assert_eq!(d.limits.max_peers, 5);
+        assert_eq!(d.limits.handshake_timeout, Duration::from_secs(3));
+        for (text, key) in [
+            (
+                "handshake_timeout_secs = 0",
+                "limits.handshake_timeout_secs",
+            ),
+            (
+                "max_pending_handshakes = 1",
+                "limits.max_pending_handshakes",
+            ),
+            ("max_peers = 0", "limits.max_peers"),
+            ("max_addrs_per_peer = 0", "limits.max_addrs_per_peer"),
+            ("peer_checks_per_round = 0", "limits.peer_checks_per_round"),
+        ] {
+            let err = daemon(&format!("[limits]\n{text}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -88,6 +88,11 @@ pub struct PeerRecord {
     pub addrs: Vec<String>,
     pub port: u16,
     pub trusted: bool,
+    /// Whether the peer's key answered a handshake (since it was last suspected gone) and
+    /// `name` is the one it gives itself. `false`: only mDNS adverts vouch for this entry, and
+    /// its name is no target for `pull`, `trust` or `pair`.
+    #[serde(default)]
+    pub verified: bool,
 }
 
 /// A pushed item as printed by `--json` (DESIGN §8).

@@ -293,6 +293,25 @@ impl Identity {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.clone()))
     }
+
+    /// This identity with a certificate that also carries `name` (as the subject's
+    /// `pseudonym`, OID 2.5.4.65): a peer that completes a handshake pinning this key learns
+    /// the name from the key holder itself, not from an unauthenticated mDNS advert (DESIGN §7).
+    pub fn named(mut self, name: &str) -> Result<Self, IdentityError> {
+        let key = rcgen::KeyPair::try_from(self.pkcs8.as_slice())
+            .map_err(|e| IdentityError::Certificate(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::new(vec!["handoff".to_string()])
+            .map_err(|e| IdentityError::Certificate(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CustomDnType(vec![2, 5, 4, 65]), name);
+        self.certificate = params
+            .self_signed(&key)
+            .map_err(|e| IdentityError::Certificate(e.to_string()))?
+            .der()
+            .clone();
+        Ok(self)
+    }
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing; refuses one owned by another user or

@@ -4,9 +4,67 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The source a per-source limit counts an address under: an IPv4 address (also when it
+/// arrives IPv4-mapped on a dual-stack socket) by itself, an IPv6 address by its /64. One host
+/// usually holds a whole /64, so counting single IPv6 addresses would let it dodge every
+/// per-source bound by rotating addresses.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Addresses seen recently doing something only a trusted key can (completing a handshake as
+/// a trusted peer, or answering our dial of one), at most `cap` of them, each for `ttl`. The
+/// daemon exempts them from per-source limits, so strangers who share a /64 (or a NAT) with a
+/// trusted peer cannot spend its budget. Spoofing such an address gains nothing under load:
+/// then the daemon validates addresses (QUIC Retry) before it counts them.
+#[derive(Debug)]
+pub struct RecentSources {
+    seen: Mutex<HashMap<IpAddr, Instant>>,
+    cap: usize,
+    ttl: Duration,
+}
+
+impl RecentSources {
+    pub fn new(cap: usize, ttl: Duration) -> Self {
+        Self {
+            seen: Mutex::new(HashMap::new()),
+            cap,
+            ttl,
+        }
+    }
+
+    /// Remembers `ip` (canonical form) from now on.
+    pub fn insert(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains_key(&ip.to_canonical()) && seen.len() >= self.cap {
+            seen.retain(|_, at| now.saturating_duration_since(*at) < self.ttl);
+            if seen.len() >= self.cap {
+                // Forget the stalest to make room.
+                if let Some(oldest) = seen.iter().min_by_key(|(_, at)| **at).map(|(ip, _)| *ip) {
+                    seen.remove(&oldest);
+                }
+            }
+        }
+        seen.insert(ip.to_canonical(), now);
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&ip.to_canonical())
+            .is_some_and(|at| at.elapsed() < self.ttl)
+    }
+}
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
 #[derive(Debug, Clone)]
@@ -205,6 +263,27 @@ mod tests {
         assert!(c.acquire(ip).is_none());
         drop(g);
         assert!(c.acquire(ip).is_some());
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let key = |s: &str| source_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:10.0.0.1"), key("10.0.0.1"));
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
+    }
+
+    #[test]
+    fn recent_sources_are_bounded() {
+        let r = RecentSources::new(2, Duration::from_secs(3600));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        r.insert(ip("10.0.0.1"));
+        assert!(r.contains(ip("::ffff:10.0.0.1")));
+        r.insert(ip("10.0.0.2"));
+        r.insert(ip("10.0.0.3"));
+        assert!(!r.contains(ip("10.0.0.1")) && r.contains(ip("10.0.0.3")));
+        assert!(!RecentSources::new(2, Duration::ZERO).contains(ip("10.0.0.9")));
     }
 
     #[test]

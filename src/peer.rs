@@ -1,14 +1,29 @@
-//! The peer table: who mDNS says is on the LAN (DESIGN §3).
+//! The peer table: who mDNS says is on the LAN (DESIGN §3), and what handshakes proved.
 //!
-//! Entries are claims until a QUIC handshake pins the ID. Repeated resolutions update an entry; a
-//! goodbye removes it.
+//! An mDNS advert is a *claim* (an ID, a name, addresses) that anyone on the LAN can make. A
+//! claim becomes useful only through a QUIC handshake that pins the claimed ID: it proves the
+//! key holder is reachable, and the holder's certificate carries the name it gives itself. So
+//! the table keeps, per ID, a **proof** (the address that answered, the proven name) apart from
+//! the claims, and:
+//! - shows the proven name, never a claimed one, once the ID has been proven; resolves names
+//!   (for `pull`, `trust`, `pair`) only to proven names;
+//! - dials the address that answered last first, then a bounded number of claimed ones;
+//! - holds at most [`TableLimits::max_claims`] claims, [`MAX_CLAIMS_PER_ID`] per ID and
+//!   [`TableLimits::max_addrs_per_peer`] addresses per ID; when full, claims of untrusted IDs
+//!   make room first, unproven ones before proven ones.
+//!
+//! Repeated resolutions update a claim; a goodbye removes it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::identity::TerminalId;
+
+/// Claims (mDNS instances) one ID may have: its own, and a few others (a terminal that
+/// re-registered, or impostors). Beyond it the oldest claim that holds no proven address goes.
+pub const MAX_CLAIMS_PER_ID: usize = 4;
 
 /// An address a peer was seen at; IPv6 link-local addresses keep their interface scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,6 +50,8 @@ impl std::fmt::Display for PeerAddr {
     }
 }
 
+/// A claim: what one mDNS instance says about a peer. (From [`PeerTable::get`] and
+/// [`PeerTable::find`], the claims of one ID merged, named with the proven name if there is one.)
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub id: TerminalId,
@@ -59,6 +76,18 @@ impl Peer {
     }
 }
 
+/// A peer as `handoff peers` shows it: its claims merged, and whether its key answered a
+/// handshake since it was last suspected gone.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    /// Named with the proven name when there is one, else with the latest claim's name.
+    pub peer: Peer,
+    /// The ID's key answered a handshake (and has not failed one since).
+    pub verified: bool,
+    /// `peer.name` is the name the key holder gave itself.
+    pub name_proven: bool,
+}
+
 /// Why a query names no single peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FindError {
@@ -66,6 +95,42 @@ pub enum FindError {
     NotFound(String),
     #[error("{query:?} matches several peers: {candidates}")]
     Ambiguous { query: String, candidates: String },
+    #[error(
+        "no peer has proven the name {0:?}: only unverified mDNS adverts claim it (use the peer's ID, or wait until it answers a handshake)"
+    )]
+    Unverified(String),
+}
+
+/// Bounds on what mDNS adverts can make the table hold (DESIGN §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableLimits {
+    /// Claims (mDNS instances) held at once.
+    pub max_claims: usize,
+    /// Addresses kept per claim, and dialled or shown per ID.
+    pub max_addrs_per_peer: usize,
+}
+
+impl Default for TableLimits {
+    fn default() -> Self {
+        Self {
+            max_claims: 128,
+            max_addrs_per_peer: 16,
+        }
+    }
+}
+
+/// What a handshake pinning an ID proved.
+#[derive(Debug, Clone, Default)]
+struct IdState {
+    /// The name the key holder gave itself in its certificate (kept while the ID is listed).
+    name: Option<String>,
+    /// Whether the key answered a handshake since it was last suspected gone.
+    verified: bool,
+    /// The address where it answered our last dial.
+    addr: Option<SocketAddr>,
+    /// When the last liveness check or probe ended, and how many failed in a row.
+    checked: Option<Instant>,
+    failures: u32,
 }
 
 /// The peer table, keyed by mDNS instance: several instances may claim one ID (a terminal on two
@@ -74,6 +139,19 @@ pub enum FindError {
 #[derive(Debug, Default)]
 pub struct PeerTable {
     instances: HashMap<String, Peer>,
+    ids: HashMap<TerminalId, IdState>,
+    limits: TableLimits,
+    /// Limits hit, not yet reported ([`PeerTable::take_hits`]).
+    hits: TableHits,
+}
+
+/// Limits the table enforced since they were last taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableHits {
+    /// Claims evicted to make room for newer ones.
+    pub evicted: usize,
+    /// Claims cut to [`TableLimits::max_addrs_per_peer`] addresses.
+    pub truncated: usize,
 }
 
 /// What an update did to the table.
@@ -82,12 +160,45 @@ pub enum Change {
     /// The ID was not in the table before.
     Added,
     Updated,
+    /// The table is full of claims that rank above this one; it was not recorded.
+    Refused,
 }
 
 impl PeerTable {
+    pub fn new(limits: TableLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
     /// Records a resolution; an instance's addresses are replaced by its latest resolution.
-    pub fn upsert(&mut self, peer: Peer) -> Change {
-        let known = self.instances.values().any(|p| p.id == peer.id);
+    /// `trusted` says which IDs are on the trust list (their claims are evicted last).
+    pub fn upsert(&mut self, mut peer: Peer, trusted: impl Fn(&TerminalId) -> bool) -> Change {
+        let max_addrs = self.limits.max_addrs_per_peer.max(1);
+        if peer.addrs.len() > max_addrs {
+            peer.addrs = peer.addrs.iter().copied().take(max_addrs).collect();
+            self.hits.truncated += 1;
+        }
+        let known = self.ids.contains_key(&peer.id);
+        match self.instances.get(&peer.instance) {
+            Some(old) if old.id == peer.id => {}
+            Some(old) => {
+                // The instance now claims another ID: it is a new claim of that ID.
+                let old_id = old.id;
+                self.instances.remove(&peer.instance);
+                self.forget_if_unclaimed(&old_id);
+                if !self.make_room(&peer, &trusted) {
+                    return Change::Refused;
+                }
+            }
+            None => {
+                if !self.make_room(&peer, &trusted) {
+                    return Change::Refused;
+                }
+            }
+        }
+        self.ids.entry(peer.id).or_default();
         self.instances.insert(peer.instance.clone(), peer);
         if known {
             Change::Updated
@@ -96,10 +207,83 @@ impl PeerTable {
         }
     }
 
+    /// Frees a place for the new claim `peer`, if one of lower rank can go.
+    fn make_room(&mut self, peer: &Peer, trusted: &impl Fn(&TerminalId) -> bool) -> bool {
+        // Per ID: the oldest claim holding no proven address.
+        let proven_addr = self.ids.get(&peer.id).and_then(|s| s.addr);
+        let mut same: Vec<&Peer> = self
+            .instances
+            .values()
+            .filter(|p| p.id == peer.id)
+            .collect();
+        if same.len() >= MAX_CLAIMS_PER_ID {
+            same.retain(|p| !proven_addr.is_some_and(|a| p.dial_addrs().contains(&a)));
+            let Some(oldest) = same.iter().min_by_key(|p| p.last_seen) else {
+                return false;
+            };
+            let instance = oldest.instance.clone();
+            self.instances.remove(&instance);
+            self.hits.evicted += 1;
+        }
+        if self.instances.len() < self.limits.max_claims.max(1) {
+            return true;
+        }
+        // Table full: evict the claim of lowest rank (untrusted before trusted, then unproven
+        // before proven, then the least recently seen), if it ranks below the newcomer. Trusted
+        // first: an attacker can make its own keys answer handshakes, not a trusted peer's.
+        let rank = |id: &TerminalId, seen: Instant| {
+            let verified = self.ids.get(id).is_some_and(|s| s.verified);
+            (trusted(id), verified, seen)
+        };
+        let newcomer = rank(&peer.id, peer.last_seen);
+        let Some(lowest) = self
+            .instances
+            .values()
+            .min_by_key(|p| rank(&p.id, p.last_seen))
+        else {
+            return true;
+        };
+        if rank(&lowest.id, lowest.last_seen) >= newcomer {
+            return false;
+        }
+        let (instance, id) = (lowest.instance.clone(), lowest.id);
+        self.instances.remove(&instance);
+        self.forget_if_unclaimed(&id);
+        self.hits.evicted += 1;
+        true
+    }
+
+    /// The limits hit since the last call.
+    pub fn take_hits(&mut self) -> TableHits {
+        std::mem::take(&mut self.hits)
+    }
+
+    fn forget_if_unclaimed(&mut self, id: &TerminalId) {
+        if !self.instances.values().any(|p| p.id == *id) {
+            self.ids.remove(id);
+        }
+    }
+
     /// Removes an mDNS instance (a goodbye); returns the peer if no other instance claims its ID.
+    /// If others still do and the leaving one held the proven address, the ID must prove itself
+    /// again: the claims left may be an impostor's.
     pub fn remove_instance(&mut self, instance: &str) -> Option<Peer> {
         let peer = self.instances.remove(instance)?;
-        (!self.instances.values().any(|p| p.id == peer.id)).then_some(peer)
+        if self.instances.values().any(|p| p.id == peer.id) {
+            if let Some(state) = self.ids.get_mut(&peer.id) {
+                let held_proof = match state.addr {
+                    Some(addr) => peer.dial_addrs().contains(&addr),
+                    None => true,
+                };
+                if held_proof {
+                    state.verified = false;
+                    state.checked = None;
+                }
+            }
+            return None;
+        }
+        self.ids.remove(&peer.id);
+        Some(peer)
     }
 
     /// Drops every instance claiming `id` at `addr` (it failed the key check there).
@@ -113,7 +297,94 @@ impl PeerTable {
         for instance in &bad {
             self.instances.remove(instance);
         }
+        if let Some(state) = self.ids.get_mut(id) {
+            if state.addr == Some(*addr) {
+                state.addr = None;
+                state.verified = false;
+            }
+        }
+        self.forget_if_unclaimed(id);
         bad
+    }
+
+    /// Records that `id`'s key answered a handshake: `name` is what its certificate says (if
+    /// anything), `addr` where we reached it (`None` when it reached us). Returns whether the
+    /// ID is in the table (proofs of IDs nobody claims are not kept).
+    pub fn prove(
+        &mut self,
+        id: &TerminalId,
+        name: Option<String>,
+        addr: Option<SocketAddr>,
+    ) -> bool {
+        let Some(state) = self.ids.get_mut(id) else {
+            return false;
+        };
+        state.verified = true;
+        state.failures = 0;
+        state.checked = Some(Instant::now());
+        if name.is_some() {
+            state.name = name;
+        } else if state.name.is_none() {
+            // A certificate without a name: the key is proven, the name is not; show the ID.
+            state.name = Some(id.short());
+        }
+        if addr.is_some() {
+            state.addr = addr;
+        }
+        true
+    }
+
+    /// Records that a check of `id` failed: it must prove itself again before it counts as
+    /// present (its proven name stays).
+    pub fn suspect(&mut self, id: &TerminalId) {
+        if let Some(state) = self.ids.get_mut(id) {
+            state.verified = false;
+            state.failures = state.failures.saturating_add(1);
+            state.checked = Some(Instant::now());
+        }
+    }
+
+    /// Whether `id` answered a handshake since it was last suspected gone.
+    pub fn is_verified(&self, id: &TerminalId) -> bool {
+        self.ids.get(id).is_some_and(|s| s.verified)
+    }
+
+    /// Up to `max` IDs due for a check at `now`, most urgent first: never-checked claims of
+    /// trusted IDs, liveness checks of trusted IDs, never-checked claims of other IDs, liveness
+    /// checks of the others, then retries of claims that failed (backing off exponentially from
+    /// `every`).
+    pub fn due_for_check(
+        &self,
+        now: Instant,
+        every: Duration,
+        max: usize,
+        trusted: impl Fn(&TerminalId) -> bool,
+    ) -> Vec<TerminalId> {
+        let mut due: Vec<((u8, Option<Instant>), TerminalId)> = self
+            .ids
+            .iter()
+            .filter_map(|(id, s)| {
+                let trusted = trusted(id);
+                let class = match (s.verified, s.checked, trusted) {
+                    (false, None, true) => 0,
+                    (true, Some(at), true) if now.saturating_duration_since(at) >= every => 1,
+                    (false, None, false) => 2,
+                    (true, Some(at), false) if now.saturating_duration_since(at) >= every => 3,
+                    (false, Some(at), _) => {
+                        let backoff = every.saturating_mul(1 << s.failures.min(5));
+                        if now.saturating_duration_since(at) < backoff {
+                            return None;
+                        }
+                        4
+                    }
+                    (true, None, _) => 1 + 2 * u8::from(!trusted),
+                    _ => return None,
+                };
+                Some(((class, s.checked), *id))
+            })
+            .collect();
+        due.sort();
+        due.into_iter().take(max).map(|(_, id)| id).collect()
     }
 
     /// Every mDNS instance in the table.
@@ -134,29 +405,102 @@ impl PeerTable {
     pub fn remove(&mut self, id: &TerminalId) -> Option<Peer> {
         let merged = self.get(id);
         self.instances.retain(|_, p| p.id != *id);
+        self.ids.remove(id);
         merged
     }
 
-    /// The peer with `id`, its instances merged: all addresses, the latest name and port.
-    pub fn get(&self, id: &TerminalId) -> Option<Peer> {
+    /// The claims of `id`, the one holding the proven address first, then the latest.
+    fn claims(&self, id: &TerminalId) -> Vec<&Peer> {
+        let proven = self.ids.get(id).and_then(|s| s.addr);
         let mut claims: Vec<&Peer> = self.instances.values().filter(|p| p.id == *id).collect();
-        claims.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
-        let (latest, rest) = claims.split_first()?;
-        let mut merged = (*latest).clone();
+        claims.sort_by_key(|p| {
+            let holds = proven.is_some_and(|a| p.dial_addrs().contains(&a));
+            (std::cmp::Reverse(holds), std::cmp::Reverse(p.last_seen))
+        });
+        claims
+    }
+
+    /// The peer with `id`, its claims merged: addresses (at most `max_addrs_per_peer`, the
+    /// proven claim's first), the port of the first claim, and the proven name (else the
+    /// latest claim's).
+    pub fn get(&self, id: &TerminalId) -> Option<Peer> {
+        let claims = self.claims(id);
+        let (first, rest) = claims.split_first()?;
+        let mut merged = (*first).clone();
+        let max = self.limits.max_addrs_per_peer.max(1);
         for other in rest {
-            if other.port == merged.port {
-                merged.addrs.extend(other.addrs.iter().copied());
+            if other.port != merged.port {
+                continue;
             }
+            for addr in &other.addrs {
+                if merged.addrs.len() >= max {
+                    break;
+                }
+                merged.addrs.insert(*addr);
+            }
+        }
+        if let Some(name) = self.ids.get(id).and_then(|s| s.name.clone()) {
+            merged.name = name;
         }
         Some(merged)
     }
 
+    /// Where to dial `id`, in order, at most `max` addresses: where it answered last, then
+    /// the claims' addresses taken in turn from each claim (the proven claim first, then the
+    /// latest), IPv4 first within a claim. So addresses stuffed into one claim cost at most
+    /// one attempt each round, and never delay the address that worked.
+    pub fn dial_plan(&self, id: &TerminalId, max: usize) -> Vec<SocketAddr> {
+        let claims = self.claims(id);
+        let mut plan: Vec<SocketAddr> = Vec::new();
+        if let Some(addr) = self.ids.get(id).and_then(|s| s.addr) {
+            if claims.iter().any(|p| p.dial_addrs().contains(&addr)) {
+                plan.push(addr);
+            }
+        }
+        let lists: Vec<Vec<SocketAddr>> = claims.iter().map(|p| p.dial_addrs()).collect();
+        let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
+        for i in 0..longest {
+            for list in &lists {
+                if plan.len() >= max {
+                    return plan;
+                }
+                if let Some(addr) = list.get(i) {
+                    if !plan.contains(addr) {
+                        plan.push(*addr);
+                    }
+                }
+            }
+        }
+        plan.truncate(max);
+        plan
+    }
+
+    /// Peers (merged by ID) with what is proven about them, sorted by name, then ID.
+    pub fn views(&self) -> Vec<PeerView> {
+        let ids: BTreeSet<TerminalId> = self.instances.values().map(|p| p.id).collect();
+        let mut out: Vec<PeerView> = ids
+            .iter()
+            .filter_map(|id| {
+                let state = self.ids.get(id);
+                Some(PeerView {
+                    peer: self.get(id)?,
+                    verified: state.is_some_and(|s| s.verified),
+                    name_proven: state.is_some_and(|s| s.name.is_some()),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.peer
+                .name
+                .cmp(&b.peer.name)
+                .then(a.peer.id.cmp(&b.peer.id))
+        });
+        out
+    }
+
     /// Peers (merged by ID), sorted by name, then ID.
     pub fn list(&self) -> Vec<Peer> {
-        let ids: BTreeSet<TerminalId> = self.instances.values().map(|p| p.id).collect();
-        let mut out: Vec<Peer> = ids.iter().filter_map(|id| self.get(id)).collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        out
+        self.views().into_iter().map(|v| v.peer).collect()
     }
 
     /// Number of distinct IDs.
@@ -172,7 +516,9 @@ impl PeerTable {
         self.instances.is_empty()
     }
 
-    /// Finds a peer by full ID, unique ID prefix or unique name.
+    /// Finds a peer by full ID, unique ID prefix or unique *proven* name: a name only an
+    /// unverified advert claims is refused ([`FindError::Unverified`]), so an impostor's advert
+    /// can never make a name point at its ID.
     pub fn find(&self, query: &str) -> Result<Peer, FindError> {
         let query = query.trim();
         if let Ok(id) = query.parse::<TerminalId>() {
@@ -180,13 +526,18 @@ impl PeerTable {
                 .get(&id)
                 .ok_or_else(|| FindError::NotFound(query.into()));
         }
-        let peers = self.list();
-        let by_name: Vec<&Peer> = peers.iter().filter(|p| p.name == query).collect();
+        let views = self.views();
+        let by_name: Vec<&Peer> = views
+            .iter()
+            .filter(|v| v.name_proven && v.peer.name == query)
+            .map(|v| &v.peer)
+            .collect();
         let lower = query.to_ascii_lowercase();
         let by_prefix: Vec<&Peer> = if query.len() >= 4 {
-            peers
+            views
                 .iter()
-                .filter(|p| p.id.to_string().starts_with(&lower))
+                .filter(|v| v.peer.id.to_string().starts_with(&lower))
+                .map(|v| &v.peer)
                 .collect()
         } else {
             Vec::new()
@@ -197,6 +548,9 @@ impl PeerTable {
             by_name
         };
         match matches.as_slice() {
+            [] if self.instances.values().any(|p| p.name == query) => {
+                Err(FindError::Unverified(query.into()))
+            }
             [] => Err(FindError::NotFound(query.into())),
             [one] => Ok((*one).clone()),
             many => Err(FindError::Ambiguous {
@@ -209,6 +563,19 @@ impl PeerTable {
             }),
         }
     }
+
+    /// The IDs whose claims carry `name` but whose name is not proven (candidates for a
+    /// handshake that settles it).
+    pub fn unproven_named(&self, name: &str) -> Vec<TerminalId> {
+        let ids: BTreeSet<TerminalId> = self
+            .instances
+            .values()
+            .filter(|p| p.name == name)
+            .map(|p| p.id)
+            .filter(|id| self.ids.get(id).is_none_or(|s| s.name.is_none()))
+            .collect();
+        ids.into_iter().collect()
+    }
 }
 
 #[cfg(test)]
@@ -216,31 +583,56 @@ mod tests {
     use super::*;
 
     fn peer(byte: u8, name: &str) -> Peer {
+        claim(byte, name, &format!("{name}-{byte}"), &["10.0.0.1"])
+    }
+
+    fn claim(byte: u8, name: &str, instance: &str, ips: &[&str]) -> Peer {
         Peer {
             id: TerminalId::from_bytes([byte; 32]),
             name: name.into(),
-            instance: format!("{name}-{byte}._handoff._udp.local."),
-            addrs: BTreeSet::from([PeerAddr {
-                ip: "10.0.0.1".parse().unwrap(),
-                scope_id: 0,
-            }]),
+            instance: format!("{instance}._handoff._udp.local."),
+            addrs: ips
+                .iter()
+                .map(|ip| PeerAddr {
+                    ip: ip.parse().unwrap(),
+                    scope_id: 0,
+                })
+                .collect(),
             port: 1,
             last_seen: Instant::now(),
         }
     }
 
+    fn untrusted(_: &TerminalId) -> bool {
+        false
+    }
+
+    fn id(byte: u8) -> TerminalId {
+        TerminalId::from_bytes([byte; 32])
+    }
+
     #[test]
-    fn find_by_id_prefix_and_name() {
+    fn find_by_id_prefix_and_proven_name() {
         let mut table = PeerTable::default();
-        assert_eq!(table.upsert(peer(1, "tv")), Change::Added);
-        assert_eq!(table.upsert(peer(1, "tv")), Change::Updated);
+        assert_eq!(table.upsert(peer(1, "tv"), untrusted), Change::Added);
+        assert_eq!(table.upsert(peer(1, "tv"), untrusted), Change::Updated);
         assert_eq!(table.len(), 1);
-        table.upsert(peer(2, "phone"));
-        table.upsert(peer(3, "phone"));
-        let tv = TerminalId::from_bytes([1; 32]);
+        table.upsert(peer(2, "phone"), untrusted);
+        table.upsert(peer(3, "phone"), untrusted);
+        let tv = id(1);
+        // Names are claims until a handshake proves them.
+        assert_eq!(
+            table.find("tv").unwrap_err(),
+            FindError::Unverified("tv".into())
+        );
+        assert_eq!(table.unproven_named("tv"), [tv]);
+        assert!(table.prove(&tv, Some("tv".into()), None));
+        assert!(table.unproven_named("tv").is_empty());
         assert_eq!(table.find("tv").unwrap().id, tv);
         assert_eq!(table.find(&tv.to_string()).unwrap().id, tv);
         assert_eq!(table.find(&tv.to_string()[..6]).unwrap().id, tv);
+        table.prove(&id(2), Some("phone".into()), None);
+        table.prove(&id(3), Some("phone".into()), None);
         assert!(matches!(
             table.find("phone"),
             Err(FindError::Ambiguous { .. })
@@ -248,20 +640,55 @@ mod tests {
         assert!(matches!(table.find("radio"), Err(FindError::NotFound(_))));
         assert!(table.remove_instance("tv-1._handoff._udp.local.").is_some());
         assert!(table.find("tv").is_err());
+        // A proof of an ID nobody claims is not kept.
+        assert!(!table.prove(&tv, Some("tv".into()), None));
+    }
+
+    #[test]
+    fn an_unproven_claim_never_renames_a_proven_peer() {
+        let mut table = PeerTable::default();
+        table.upsert(claim(1, "tv", "tv", &["10.0.0.1"]), untrusted);
+        table.prove(
+            &id(1),
+            Some("tv".into()),
+            Some("10.0.0.1:1".parse().unwrap()),
+        );
+        table.upsert(claim(1, "impostor", "evil", &["10.0.0.66"]), untrusted);
+        let view = &table.views()[0];
+        assert_eq!(view.peer.name, "tv");
+        assert!(view.verified && view.name_proven);
+        assert!(matches!(
+            table.find("impostor"),
+            Err(FindError::Unverified(_))
+        ));
+        // The impostor's goodbye changes nothing; the real claim's goodbye leaves the ID to
+        // prove itself again, still under its proven name.
+        table.upsert(claim(1, "impostor2", "evil2", &["10.0.0.67"]), untrusted);
+        assert!(table
+            .remove_instance("evil2._handoff._udp.local.")
+            .is_none());
+        assert!(table.is_verified(&id(1)));
+        assert!(table.remove_instance("tv._handoff._udp.local.").is_none());
+        assert!(!table.is_verified(&id(1)));
+        assert_eq!(table.views()[0].peer.name, "tv");
+        assert_eq!(
+            table.due_for_check(Instant::now(), Duration::from_secs(10), 8, untrusted),
+            [id(1)]
+        );
     }
 
     #[test]
     fn an_impostor_claim_does_not_hide_the_real_peer() {
         let mut table = PeerTable::default();
-        table.upsert(peer(1, "tv"));
+        table.upsert(peer(1, "tv"), untrusted);
         let mut impostor = peer(1, "tv");
         impostor.instance = "evil._handoff._udp.local.".into();
         impostor.addrs = BTreeSet::from([PeerAddr {
             ip: "10.0.0.66".parse().unwrap(),
             scope_id: 0,
         }]);
-        table.upsert(impostor);
-        let merged = table.find("tv").unwrap();
+        table.upsert(impostor, untrusted);
+        let merged = table.find(&id(1).to_string()).unwrap();
         assert_eq!(
             merged.addrs.len(),
             2,
@@ -269,10 +696,106 @@ mod tests {
         );
         let bad = table.drop_claim(&merged.id, &"10.0.0.66:1".parse().unwrap());
         assert_eq!(bad, ["evil._handoff._udp.local."]);
-        assert_eq!(table.find("tv").unwrap().addrs.len(), 1);
+        assert_eq!(table.get(&id(1)).unwrap().addrs.len(), 1);
         // A goodbye of one instance keeps the ID while another instance still claims it.
-        table.upsert(peer(1, "tv"));
+        table.upsert(peer(1, "tv"), untrusted);
         assert!(table.remove_instance("nope").is_none());
+    }
+
+    #[test]
+    fn the_dial_plan_starts_where_the_key_answered_and_is_bounded() {
+        let mut table = PeerTable::default();
+        table.upsert(claim(1, "tv", "tv", &["10.99.0.2"]), untrusted);
+        let stuffed: Vec<String> = (1..=40).map(|i| format!("10.0.0.{i}")).collect();
+        let stuffed: Vec<&str> = stuffed.iter().map(String::as_str).collect();
+        table.upsert(claim(1, "tv", "stuffed", &stuffed), untrusted);
+        // Unproven: one address from each claim in turn, so the real one comes second.
+        let plan = table.dial_plan(&id(1), 4);
+        assert_eq!(plan.len(), 4);
+        assert!(
+            plan[..2].contains(&"10.99.0.2:1".parse().unwrap()),
+            "{plan:?}"
+        );
+        // Proven: the address that answered comes first.
+        table.prove(
+            &id(1),
+            Some("tv".into()),
+            Some("10.99.0.2:1".parse().unwrap()),
+        );
+        assert_eq!(
+            table.dial_plan(&id(1), 4)[0],
+            "10.99.0.2:1".parse().unwrap()
+        );
+        // The stuffed claim kept only max_addrs_per_peer addresses, and so does the merge.
+        assert_eq!(table.get(&id(1)).unwrap().addrs.len(), 16);
+        assert_eq!(table.take_hits().truncated, 1);
+    }
+
+    #[test]
+    fn a_full_table_makes_room_with_untrusted_unproven_claims_first() {
+        let mut table = PeerTable::new(TableLimits {
+            max_claims: 3,
+            max_addrs_per_peer: 4,
+        });
+        let trusted = |id: &TerminalId| *id == TerminalId::from_bytes([2; 32]);
+        table.upsert(peer(1, "proven"), trusted);
+        table.prove(&id(1), Some("proven".into()), None);
+        table.upsert(peer(2, "trusted"), trusted);
+        table.upsert(peer(3, "fake3"), trusted);
+        // A fake replaces the older fake, never the proven or the trusted claim.
+        assert_eq!(table.take_hits(), TableHits::default());
+        assert_eq!(table.upsert(peer(4, "fake4"), trusted), Change::Added);
+        assert_eq!(table.take_hits().evicted, 1);
+        let ids: BTreeSet<TerminalId> = table.list().iter().map(|p| p.id).collect();
+        assert_eq!(ids, BTreeSet::from([id(1), id(2), id(4)]));
+        // A claim of a trusted ID outranks the fake; once only proven and trusted claims are
+        // left, a fake is refused.
+        assert_eq!(
+            table.upsert(peer(2, "trusted-again"), trusted),
+            Change::Updated
+        );
+        assert_eq!(table.upsert(peer(5, "fake5"), trusted), Change::Refused);
+        assert_eq!(table.len(), 2);
+        // A trusted ID's claim outranks even a proven claim of an untrusted ID (an attacker
+        // can make its own keys answer).
+        let mut other = peer(2, "trusted");
+        other.instance = "trusted-2b".into();
+        assert_eq!(table.upsert(other, trusted), Change::Updated);
+        assert_eq!(
+            table.list().iter().map(|p| p.id).collect::<Vec<_>>(),
+            [id(2)]
+        );
+        // At most MAX_CLAIMS_PER_ID claims of one ID.
+        let mut table = PeerTable::default();
+        for i in 0..10 {
+            table.upsert(claim(7, "x", &format!("x{i}"), &["10.0.0.1"]), untrusted);
+        }
+        assert_eq!(table.instances_of(&id(7)).len(), MAX_CLAIMS_PER_ID);
+    }
+
+    #[test]
+    fn checks_are_ordered_and_back_off() {
+        let mut table = PeerTable::default();
+        let trusted = |id: &TerminalId| *id == TerminalId::from_bytes([2; 32]);
+        table.upsert(peer(1, "new"), trusted);
+        table.upsert(peer(2, "trusted"), trusted);
+        let now = Instant::now();
+        let every = Duration::from_secs(10);
+        assert_eq!(table.due_for_check(now, every, 8, trusted), [id(2), id(1)]);
+        assert_eq!(table.due_for_check(now, every, 1, trusted), [id(2)]);
+        table.prove(&id(2), None, None);
+        table.suspect(&id(1));
+        assert!(table
+            .due_for_check(Instant::now(), every, 8, trusted)
+            .is_empty());
+        let later = Instant::now() + Duration::from_secs(21);
+        assert_eq!(
+            table.due_for_check(later, every, 8, trusted),
+            [id(2), id(1)]
+        );
+        table.suspect(&id(1));
+        let later = Instant::now() + Duration::from_secs(21);
+        assert_eq!(table.due_for_check(later, every, 8, trusted), [id(2)]);
     }
 
     #[test]

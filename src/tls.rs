@@ -75,9 +75,101 @@ pub fn id_from_certificate(cert: &CertificateDer<'_>) -> Option<TerminalId> {
 
 /// The verified ID of the peer on a connection.
 pub fn peer_id(conn: &quinn::Connection) -> Option<TerminalId> {
+    id_from_certificate(&peer_certificate(conn)?)
+}
+
+/// The name the peer on a connection gives itself in its certificate (see
+/// [`Identity::named`]). The handshake proved that the peer holds the certificate's key, so the
+/// name comes from the key holder; `None` if it carries no usable name.
+pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    name_from_certificate(&peer_certificate(conn)?)
+}
+
+fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    id_from_certificate(certs.first()?)
+    certs.into_iter().next()
+}
+
+/// The name a certificate's subject gives as its `pseudonym` (see [`Identity::named`]), if it
+/// is a usable friendly name: UTF-8, 1 to
+/// [`MAX_NAME_LEN`](crate::wire::txt::MAX_NAME_LEN) bytes, no control characters (the rules of
+/// the mDNS `name`).
+pub fn name_from_certificate(cert: &CertificateDer<'_>) -> Option<String> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial,
+    // signature, issuer, validity, subject, ... }, ... } (RFC 5280 §4.1).
+    let (_, cert, _) = der::expect(cert.as_ref(), der::SEQUENCE)?;
+    let (_, mut tbs, _) = der::expect(cert, der::SEQUENCE)?;
+    if tbs.first() == Some(&der::VERSION) {
+        tbs = der::element(tbs)?.2;
+    }
+    for _ in 0..4 {
+        // serial, signature, issuer, validity
+        tbs = der::element(tbs)?.2;
+    }
+    let (_, mut subject, _) = der::expect(tbs, der::SEQUENCE)?;
+    // Name ::= SEQUENCE OF SET OF SEQUENCE { type OID, value }
+    while !subject.is_empty() {
+        let (_, mut set, rest) = der::expect(subject, der::SET)?;
+        subject = rest;
+        while !set.is_empty() {
+            let (_, attribute, rest) = der::expect(set, der::SEQUENCE)?;
+            set = rest;
+            let (_, oid, value) = der::expect(attribute, der::OID)?;
+            if oid != der::PSEUDONYM {
+                continue;
+            }
+            let (tag, text, _) = der::element(value)?;
+            if tag != der::UTF8_STRING && tag != der::PRINTABLE_STRING {
+                return None;
+            }
+            let name = std::str::from_utf8(text).ok()?;
+            let usable = !name.is_empty()
+                && name.len() <= crate::wire::txt::MAX_NAME_LEN
+                && !name.chars().any(char::is_control);
+            return usable.then(|| name.to_string());
+        }
+    }
+    None
+}
+
+/// Just enough DER to find a certificate's subject (definite lengths only, as DER requires).
+mod der {
+    pub const SEQUENCE: u8 = 0x30;
+    pub const SET: u8 = 0x31;
+    pub const OID: u8 = 0x06;
+    pub const VERSION: u8 = 0xa0;
+    pub const UTF8_STRING: u8 = 0x0c;
+    pub const PRINTABLE_STRING: u8 = 0x13;
+    /// 2.5.4.65 (id-at-pseudonym), encoded.
+    pub const PSEUDONYM: &[u8] = &[0x55, 0x04, 0x41];
+
+    /// The first element of `input`: its tag, its contents and what follows it.
+    pub fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, &rest[..len], &rest[len..]))
+    }
+
+    /// Like [`element`], failing unless the tag is `tag`.
+    pub fn expect(input: &[u8], tag: u8) -> Option<(u8, &[u8], &[u8])> {
+        element(input).filter(|(t, _, _)| *t == tag)
+    }
 }
 
 /// A server endpoint configuration: our certificate, client certificates required.
@@ -258,6 +350,65 @@ mod tests {
             id_from_certificate(&identity.certificate()),
             Some(identity.id())
         );
+    }
+
+    #[test]
+    fn a_named_certificate_carries_id_and_name() {
+        let identity = Identity::generate().unwrap();
+        assert_eq!(name_from_certificate(&identity.certificate()), None);
+        let named = identity.named("Living room TV ✓").unwrap();
+        let cert = named.certificate();
+        assert_eq!(id_from_certificate(&cert), Some(named.id()));
+        assert_eq!(
+            name_from_certificate(&cert).as_deref(),
+            Some("Living room TV ✓")
+        );
+        let long = Identity::generate()
+            .unwrap()
+            .named(&"x".repeat(64))
+            .unwrap();
+        assert_eq!(name_from_certificate(&long.certificate()), None);
+        let control = Identity::generate().unwrap().named("a\u{7}b").unwrap();
+        assert_eq!(name_from_certificate(&control.certificate()), None);
+    }
+
+    #[test]
+    fn truncated_certificates_have_no_name() {
+        let cert = Identity::generate()
+            .unwrap()
+            .named("tv")
+            .unwrap()
+            .certificate();
+        for len in 0..cert.len() {
+            let cut = CertificateDer::from(cert.as_ref()[..len].to_vec());
+            assert_eq!(name_from_certificate(&cut), None, "cut at {len}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a peer presents, reading a name never panics and yields a usable name or
+        /// none: random bytes, and a real named certificate with one byte changed.
+        #[test]
+        fn certificate_names_are_usable_or_absent(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            at in 0usize..4096,
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let usable = |name: Option<String>| {
+                name.is_none_or(|n| {
+                    !n.is_empty() && n.len() <= 63 && !n.chars().any(char::is_control)
+                })
+            };
+            proptest::prop_assert!(usable(name_from_certificate(&CertificateDer::from(garbage))));
+            static CERT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let cert = CERT.get_or_init(|| {
+                Identity::generate().unwrap().named("tv").unwrap().certificate().to_vec()
+            });
+            let mut changed = cert.clone();
+            let i = at % changed.len();
+            changed[i] = byte;
+            proptest::prop_assert!(usable(name_from_certificate(&CertificateDer::from(changed))));
+        }
     }
 
     #[test]

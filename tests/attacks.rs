@@ -421,8 +421,10 @@ fn an_advert_claiming_a_peers_id_with_another_key_is_not_that_peer() {
         "B pulled from an impostor: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Either the pull met the wrong key itself, or B's own check of the claim did first and
+    // dropped it (then nothing claims A's ID until Mallory's next advert).
     assert!(
-        stderr.contains("does not hold the expected key"),
+        stderr.contains("does not hold the expected key") || stderr.contains("no peer matches"),
         "{stderr}"
     );
     assert_eq!(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use handoff::daemon::{Daemon, PullError};
 use handoff::identity::{Identity, TerminalId};
 use handoff::net::{self, read_frame, unix_now, write_frame, RequestError};
+use handoff::peer::FindError;
 use handoff::server::Server;
 use handoff::tls;
 use handoff::wire::{
@@ -99,15 +100,46 @@ async fn untrusted_peer_is_refused_with_a_reason() {
 #[tokio::test]
 async fn pinned_tls_rejects_a_peer_with_another_key() {
     let w = world().await;
-    // B believes "impostor" claims A's ID, but the endpoint at that address is C's.
+    // B is told that A's ID is also at C's address, under another name. That name is only
+    // claimed (A's key holder calls itself "a"): it leads nowhere, whether the claim is still
+    // there or already dropped (a check dialled C's address and met the wrong key).
     introduce(&w.b, "impostor", w.a.id(), w.c.quic_addr());
-    // The table is keyed by ID, so the impostor's claim replaced A's address.
     let err = w.b.pull("impostor", WAIT).await.unwrap_err();
-    assert!(matches!(err, PullError::Unreachable { .. }), "{err}");
     assert!(
-        err.to_string().contains("does not hold the expected key"),
+        matches!(
+            err,
+            PullError::Find(FindError::Unverified(_) | FindError::NotFound(_))
+        ),
         "{err}"
     );
+    // D knows A's ID only at C's address. Whether D's pull or D's own check of the claim dials
+    // first, the endpoint there fails the key check and the claim is dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(terminal(dir.path(), "d", None, vec![])).await;
+    introduce(&d, "a", w.a.id(), w.c.quic_addr());
+    let a_id = w.a.id().to_string();
+    match d.pull(&a_id, WAIT).await.unwrap_err() {
+        PullError::Unreachable { reason, .. } => {
+            assert!(
+                reason.contains("does not hold the expected key"),
+                "{reason}"
+            )
+        }
+        PullError::Find(FindError::NotFound(_)) => {}
+        other => panic!("{other}"),
+    }
+    tokio::time::timeout(WAIT, async {
+        while d.metrics().get(
+            "handoff_handshakes_failed_total",
+            Some(("reason", "wrong_key")),
+        ) == 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the key check failed");
+    assert!(d.peers().iter().all(|p| p.id != a_id), "{:?}", d.peers());
 }
 
 #[tokio::test]

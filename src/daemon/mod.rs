@@ -10,6 +10,7 @@
 
 mod control_server;
 mod follow;
+mod liveness;
 mod metrics_http;
 pub mod pairing;
 mod peer_service;
@@ -36,10 +37,10 @@ use crate::control::{PeerRecord, PushRecord, ServerStatus, StatusRecord};
 use crate::discovery::{Discovery, DiscoveryEvent};
 use crate::identity::{Identity, IdentityError, ServerId, TerminalId};
 use crate::inbox::{Inbox, InboxError, InboxLimits};
-use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
+use crate::limits::{KeyedLimiter, LogLimiter, RecentSources, SourceCounter};
 use crate::metrics::Metrics;
 use crate::net::varint;
-use crate::peer::{Change, Peer, PeerTable};
+use crate::peer::{Change, Peer, PeerTable, TableLimits};
 use crate::tls::{self, TransportLimits};
 use crate::trust::{TrustError, TrustStore};
 use crate::wire::{self, ErrorCode, PushItem, ServerInfo, Session};
@@ -164,12 +165,15 @@ pub(crate) struct Shared {
     pub metrics_addr: Mutex<Option<std::net::SocketAddr>>,
 }
 
-/// The limiters of DESIGN §7, built from `[limits]`.
+/// The limiters of DESIGN §7, built from `[limits]`. Sources are keyed by
+/// [`crate::limits::source_key`] (IPv6 per /64).
 pub(crate) struct Guards {
     pub handshakes_per_source: KeyedLimiter<std::net::IpAddr>,
     pub per_source: SourceCounter,
-    pub unknown_handshakes: KeyedLimiter<()>,
+    pub unknown_handshakes: KeyedLimiter<std::net::IpAddr>,
     pub requests_per_peer: KeyedLimiter<TerminalId>,
+    /// Addresses where a trusted key proved itself recently: exempt from per-source limits.
+    pub trusted_sources: RecentSources,
     pub log: LogLimiter,
 }
 
@@ -188,7 +192,8 @@ impl Daemon {
     /// Starts every part of the daemon: identity, QUIC endpoint, server link, discovery and the
     /// control socket. Returns once all are bound and registered.
     pub async fn start(config: DaemonConfig, options: DaemonOptions) -> Result<Self, DaemonError> {
-        let identity = Identity::load_or_create(&config.state_dir)?;
+        // The certificate carries the name, so peers learn it from the key holder (DESIGN §7).
+        let identity = Identity::load_or_create(&config.state_dir)?.named(&config.name)?;
         let trust = TrustStore::open(&config.state_dir, config.accept, &config.trusted_peers)?;
         for id in trust.revoked_in_config() {
             warn!(peer = %id, "[trust] peers lists a peer revoked with `handoff untrust`; it stays revoked until `handoff trust`");
@@ -229,7 +234,10 @@ impl Daemon {
             live: Mutex::new(reload::LiveConfig::of(&config)),
             endpoint,
             dial_config: Mutex::new(HashMap::new()),
-            peers: Mutex::new(PeerTable::default()),
+            peers: Mutex::new(PeerTable::new(TableLimits {
+                max_claims: limits.max_peers,
+                max_addrs_per_peer: limits.max_addrs_per_peer,
+            })),
             trust,
             session: watch::Sender::new(SessionState::default()),
             home,
@@ -251,8 +259,9 @@ impl Daemon {
                     4096,
                 ),
                 per_source: SourceCounter::new(limits.max_connections_per_source),
-                unknown_handshakes: KeyedLimiter::new(limits.unknown_handshakes_per_sec, 1),
+                unknown_handshakes: KeyedLimiter::new(limits.unknown_handshakes_per_sec, 4096),
                 requests_per_peer: KeyedLimiter::new(limits.requests_per_sec_per_peer, 4096),
+                trusted_sources: RecentSources::new(256, Duration::from_secs(600)),
                 log: LogLimiter::new(Duration::from_secs(10)),
             },
             pairings: Mutex::new(pairing::Pairings::default()),
@@ -301,10 +310,16 @@ impl Daemon {
                 tracing::info_span!("discovery"),
             );
             daemon.spawn(
-                check_liveness(daemon.clone(), discovery),
+                liveness::run(daemon.clone(), Some(discovery)),
                 tracing::info_span!("liveness"),
             );
             info!(interfaces = ?config.interfaces, "advertising on mDNS");
+        } else {
+            // Peers introduced by hand (tests) are checked all the same.
+            daemon.spawn(
+                liveness::run(daemon.clone(), None),
+                tracing::info_span!("liveness"),
+            );
         }
         Ok(daemon)
     }
@@ -316,6 +331,14 @@ impl Daemon {
             .inc("handoff_limit_hits_total", Some(("limit", limit)));
         if let Some(suppressed) = self.shared.guards.log.check(limit) {
             warn!(limit, suppressed, "over limit: {detail}");
+        }
+    }
+
+    /// Logs a line that remote input can trigger at most once per interval per `key`, with
+    /// how many were held back since the last one (so an attack cannot flood the log).
+    pub(crate) fn log_limited(&self, key: &'static str, detail: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.shared.guards.log.check(key) {
+            debug!(suppressed, "{detail}");
         }
     }
 
@@ -347,34 +370,83 @@ impl Daemon {
             .unwrap_or(self.shared.config.listen)
     }
 
-    /// Records a peer as discovery would; used by discovery and by tests that run without mDNS.
+    /// Records a peer's claim as discovery would; used by discovery and by tests that run
+    /// without mDNS. The claim's ID gets checked by a handshake soon after (see `liveness`).
     pub fn learn_peer(&self, peer: Peer) {
         let (id, name) = (peer.id, peer.name.clone());
-        let change = lock(&self.shared.peers).upsert(peer);
-        if change == Change::Added {
-            info!(peer = %id.short(), %name, "peer discovered");
+        let trust = &self.shared.trust;
+        let (change, hits) = {
+            let mut peers = lock(&self.shared.peers);
+            let change = peers.upsert(peer, |id| trust.is_trusted(id));
+            (change, peers.take_hits())
+        };
+        if hits.truncated > 0 {
+            self.over_limit(
+                "max_addrs_per_peer",
+                format_args!("an mDNS advert for {} lists too many addresses", id.short()),
+            );
+        }
+        if hits.evicted > 0 {
+            self.over_limit(
+                "max_peers",
+                format_args!(
+                    "the peer table is full: dropped an unverified advert for a newer one"
+                ),
+            );
+        }
+        match change {
+            Change::Added => {
+                if let Some(suppressed) = self.shared.guards.log.check("peer_discovered") {
+                    info!(peer = %id.short(), claimed_name = %name, suppressed, "peer discovered");
+                }
+            }
+            Change::Updated => {}
+            Change::Refused => {
+                self.over_limit(
+                    "max_peers",
+                    format_args!(
+                        "ignoring an mDNS advert for {}: the peer table is full",
+                        id.short()
+                    ),
+                );
+                return;
+            }
         }
         self.shared.peer_changes.send_modify(|n| *n += 1);
     }
 
     fn forget_instance(&self, instance: &str) {
-        if let Some(peer) = lock(&self.shared.peers).remove_instance(instance) {
-            info!(peer = %peer.id.short(), name = %peer.name, "peer left");
-            self.shared.peer_changes.send_modify(|n| *n += 1);
+        let left = lock(&self.shared.peers).remove_instance(instance);
+        if let Some(peer) = left {
+            if let Some(suppressed) = self.shared.guards.log.check("peer_left") {
+                info!(peer = %peer.id.short(), name = %peer.name, suppressed, "peer left");
+            }
         }
+        // Also when other claims of the ID remain: it may have to prove itself again.
+        self.shared.peer_changes.send_modify(|n| *n += 1);
     }
 
-    /// Peers as `handoff peers` lists them.
+    /// Peers as `handoff peers` lists them: under the name a handshake proved (`verified`
+    /// says whether the key answered since it was last suspected gone). A trusted peer is
+    /// listed only while verified, so nobody else's advert can keep it listed.
     pub fn peers(&self) -> Vec<PeerRecord> {
-        let peers = lock(&self.shared.peers).list();
-        peers
+        let views = lock(&self.shared.peers).views();
+        views
             .into_iter()
-            .map(|p| PeerRecord {
-                id: p.id.to_string(),
-                name: crate::text::clean(p.name),
-                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                port: p.port,
-                trusted: self.shared.trust.is_trusted(&p.id),
+            .filter_map(|v| {
+                let trusted = self.shared.trust.is_trusted(&v.peer.id);
+                if trusted && !v.verified {
+                    return None;
+                }
+                let p = v.peer;
+                Some(PeerRecord {
+                    id: p.id.to_string(),
+                    name: crate::text::clean(p.name),
+                    addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                    port: p.port,
+                    trusted,
+                    verified: v.verified && v.name_proven,
+                })
             })
             .collect()
     }
@@ -481,7 +553,11 @@ impl Daemon {
             .map(|(id, source)| crate::control::TrustedRecord {
                 id: id.to_string(),
                 source: source.to_string(),
-                name: peers.get(&id).map(|p| p.name),
+                name: peers
+                    .views()
+                    .into_iter()
+                    .find(|v| v.peer.id == id && v.name_proven)
+                    .map(|v| v.peer.name),
             })
             .collect()
     }
@@ -517,7 +593,7 @@ impl Daemon {
                 addrs: h.server.addrs.clone(),
                 connected: h.is_connected(),
             }),
-            peers: lock(&sh.peers).len(),
+            peers: self.peers().len(),
             trusted: sh.trust.list().len(),
             inbox,
             session: self.session(),
@@ -704,25 +780,6 @@ impl Daemon {
     }
 }
 
-/// How often every peer is asked whether it is still there, so one that vanished without a
-/// goodbye (crash, power cut) leaves the table within about this plus the verify timeout,
-/// rather than at the end of its records' 120 s TTL.
-const LIVENESS_EVERY: Duration = Duration::from_secs(10);
-
-/// Verifies every peer periodically (see [`LIVENESS_EVERY`]).
-async fn check_liveness(daemon: Daemon, discovery: Arc<Discovery>) {
-    loop {
-        tokio::select! {
-            _ = daemon.cancelled() => return,
-            _ = tokio::time::sleep(LIVENESS_EVERY) => {}
-        }
-        let instances = lock(&daemon.shared.peers).instances();
-        for instance in instances {
-            discovery.verify(&instance);
-        }
-    }
-}
-
 impl Daemon {
     /// A peer did not answer: ask mDNS at once whether it is still there.
     pub(crate) async fn suspect(&self, id: &TerminalId) {
@@ -755,9 +812,10 @@ async fn browse(daemon: Daemon, discovery: Arc<Discovery>) {
         match event {
             DiscoveryEvent::Resolved(peer) => daemon.learn_peer(peer),
             DiscoveryEvent::Removed { instance } => daemon.forget_instance(&instance),
-            DiscoveryEvent::Ignored { instance, reason } => {
-                debug!(%instance, %reason, "ignoring mDNS advert")
-            }
+            DiscoveryEvent::Ignored { instance, reason } => daemon.log_limited(
+                "ignored_advert",
+                format_args!("ignoring mDNS advert {instance}: {reason}"),
+            ),
         }
     }
 }

@@ -196,7 +196,7 @@ enum Attempt {
 impl Daemon {
     /// Starts pairing with `query` and waits until both sides have derived the code.
     pub async fn pair(&self, query: &str) -> Result<PairCode, PairError> {
-        let peer = lock(&self.shared.peers).find(query)?;
+        let peer = self.find_peer(query).await?;
         let me = self.id();
         if peer.id == me {
             return Err(PairError::Myself);

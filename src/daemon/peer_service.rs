@@ -3,31 +3,165 @@
 //!
 //! Any peer that completes the mutual-TLS handshake may ask; the trust policy decides whether it
 //! gets interface info with a ticket or a refusal it can show its user. Limits (DESIGN §7) apply
-//! before the handshake (per-source handshake rate, connections per source, connections in all)
-//! and after it (handshakes from keys not on the trust list, requests per peer, streams per
-//! connection, frame size).
+//! before the handshake and after it, arranged so that strangers cannot take from trusted peers
+//! what those need:
+//! - before: when handshakes pile up (half of `max_pending_handshakes`), a source must prove its
+//!   address with a QUIC Retry round trip before any handshake state exists; then per-source
+//!   handshake rate and connection count (a source is an IPv4 address or an IPv6 /64), from which
+//!   addresses where a trusted key proved itself recently are exempt; then the handshakes in
+//!   progress, capped: when all are taken the oldest one from a source not known as trusted is
+//!   dropped, and each has `handshake_timeout` to finish;
+//! - after: a key not on the trust list spends its source's budget of unknown handshakes and may
+//!   take a connection slot only while one is free; a trusted key takes a slot even when all are
+//!   held, closing the oldest connection of an unknown key. Then requests per peer, streams per
+//!   connection, frame size.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use rand::RngCore;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::Daemon;
+use super::{lock, Daemon};
 use crate::identity::TerminalId;
+use crate::limits::{source_key, SourceGuard};
 use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_TIMEOUT};
-use crate::tls::peer_id;
+use crate::tls::{peer_id, peer_name};
 use crate::wire::{
     ErrorCode, InterfaceInfo, Refusal, RefusalReason, Request, RequestBody, Response, ResponseBody,
     Ticket,
 };
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress and established connections (see the module docs).
+struct Admission {
+    state: Mutex<AdmissionState>,
+    max_pending: usize,
+    max_connections: usize,
+}
+
+#[derive(Default)]
+struct AdmissionState {
+    next: u64,
+    /// Handshakes in progress, oldest first: whether the source is known as trusted, and the
+    /// token that drops it.
+    pending: BTreeMap<u64, (bool, CancellationToken)>,
+    /// Established connections of trusted keys.
+    trusted: usize,
+    /// Established connections of other keys, oldest first.
+    unknown: BTreeMap<u64, quinn::Connection>,
+}
+
+/// A handshake's place among those in progress; leaves when dropped.
+struct PendingSlot {
+    admission: Arc<Admission>,
+    key: u64,
+    dropped: CancellationToken,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        lock(&self.admission.state).pending.remove(&self.key);
+    }
+}
+
+/// An established connection's slot; freed when dropped.
+struct ConnectionSlot {
+    admission: Arc<Admission>,
+    /// `None` for a trusted key's slot.
+    unknown: Option<u64>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut state = lock(&self.admission.state);
+        match self.unknown {
+            Some(key) => {
+                state.unknown.remove(&key);
+            }
+            None => state.trusted = state.trusted.saturating_sub(1),
+        }
+    }
+}
+
+impl Admission {
+    fn pending(&self) -> usize {
+        lock(&self.state).pending.len()
+    }
+
+    /// A place for a new handshake; when all are taken, the oldest one from a source not known
+    /// as trusted is dropped for it (the `bool` says so). `None`: every place is held by a
+    /// known source.
+    fn begin(self: &Arc<Self>, known: bool) -> Option<(PendingSlot, bool)> {
+        let mut state = lock(&self.state);
+        let mut evicted = false;
+        if state.pending.len() >= self.max_pending {
+            let oldest = state
+                .pending
+                .iter()
+                .find(|(_, (known, _))| !known)
+                .map(|(key, _)| *key)?;
+            if let Some((_, token)) = state.pending.remove(&oldest) {
+                token.cancel();
+            }
+            evicted = true;
+        }
+        let key = state.next;
+        state.next += 1;
+        let dropped = CancellationToken::new();
+        state.pending.insert(key, (known, dropped.clone()));
+        Some((
+            PendingSlot {
+                admission: self.clone(),
+                key,
+                dropped,
+            },
+            evicted,
+        ))
+    }
+
+    /// A slot for a trusted key; if all are held, the oldest unknown key's connection is
+    /// returned for closing. `None`: every slot is a trusted key's.
+    fn connect_trusted(self: &Arc<Self>) -> Option<(ConnectionSlot, Option<quinn::Connection>)> {
+        let mut state = lock(&self.state);
+        let mut evicted = None;
+        if state.trusted + state.unknown.len() >= self.max_connections {
+            let oldest = *state.unknown.keys().next()?;
+            evicted = state.unknown.remove(&oldest);
+        }
+        state.trusted += 1;
+        let slot = ConnectionSlot {
+            admission: self.clone(),
+            unknown: None,
+        };
+        Some((slot, evicted))
+    }
+
+    /// A slot for a key not on the trust list, if one is free.
+    fn connect_unknown(self: &Arc<Self>, conn: &quinn::Connection) -> Option<ConnectionSlot> {
+        let mut state = lock(&self.state);
+        if state.trusted + state.unknown.len() >= self.max_connections {
+            return None;
+        }
+        let key = state.next;
+        state.next += 1;
+        state.unknown.insert(key, conn.clone());
+        Some(ConnectionSlot {
+            admission: self.clone(),
+            unknown: Some(key),
+        })
+    }
+}
 
 pub(crate) async fn serve(daemon: Daemon) {
     let limits = daemon.shared.config.limits;
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = Arc::new(Admission {
+        state: Mutex::default(),
+        max_pending: limits.max_pending_handshakes,
+        max_connections: limits.max_connections,
+    });
+    let retry_above = limits.max_pending_handshakes / 2;
     loop {
         let incoming = tokio::select! {
             _ = daemon.cancelled() => return,
@@ -36,44 +170,106 @@ pub(crate) async fn serve(daemon: Daemon) {
                 None => return,
             },
         };
+        let guards = &daemon.shared.guards;
         // Canonical, so an IPv4 peer counts the same on a dual-stack socket (::ffff:a.b.c.d).
         let ip = incoming.remote_address().ip().to_canonical();
-        if !daemon.shared.guards.handshakes_per_source.allow(&ip) {
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && admission.pending() >= retry_above
+        {
+            // Stateless: a source that cannot receive at its address never gets further.
+            daemon
+                .shared
+                .metrics
+                .inc("handoff_handshake_retries_total", None);
+            let _ = incoming.retry();
+            continue;
+        }
+        let source = source_key(ip);
+        let known = guards.trusted_sources.contains(ip);
+        if !known && !guards.handshakes_per_source.allow(&source) {
             daemon.over_limit(
                 "handshakes_per_sec_per_source",
-                format_args!("handshakes from {ip}"),
+                format_args!("handshakes from {source}"),
             );
             incoming.refuse();
             continue;
         }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            daemon.over_limit("max_connections", format_args!("refusing {ip}"));
+        let source_slot = if known {
+            None
+        } else {
+            let Some(slot) = guards.per_source.acquire(source) else {
+                daemon.over_limit(
+                    "max_connections_per_source",
+                    format_args!("refusing {source}"),
+                );
+                incoming.refuse();
+                continue;
+            };
+            Some(slot)
+        };
+        let Some((pending, evicted)) = admission.begin(known) else {
+            daemon.over_limit(
+                "max_pending_handshakes",
+                format_args!("refusing {ip}: every handshake in progress is a trusted source's"),
+            );
             incoming.refuse();
             continue;
         };
-        let Some(source) = daemon.shared.guards.per_source.acquire(ip) else {
-            daemon.over_limit("max_connections_per_source", format_args!("refusing {ip}"));
-            incoming.refuse();
-            continue;
+        if evicted {
+            daemon.over_limit(
+                "max_pending_handshakes",
+                format_args!("dropped the oldest handshake in progress for one from {ip}"),
+            );
+        }
+        let connecting = match incoming.accept() {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                daemon.log_limited(
+                    "peer_handshake_failed",
+                    format_args!("peer handshake failed: {e}"),
+                );
+                continue;
+            }
         };
         let d = daemon.clone();
+        let admission = admission.clone();
         daemon.spawn(
             async move {
-                let _slots = (permit, source);
-                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                let timeout = d.shared.config.limits.handshake_timeout;
+                let outcome = tokio::select! {
+                    _ = pending.dropped.cancelled() => {
+                        d.shared.metrics.inc(
+                            "handoff_handshakes_failed_total",
+                            Some(("reason", "dropped")),
+                        );
+                        return;
+                    }
+                    outcome = tokio::time::timeout(timeout, connecting) => outcome,
+                };
+                drop(pending);
+                let conn = match outcome {
                     Ok(Ok(conn)) => conn,
                     Ok(Err(e)) => {
                         d.shared
                             .metrics
                             .inc("handoff_handshakes_failed_total", Some(("reason", "tls")));
-                        return debug!("peer handshake failed: {e}");
+                        d.log_limited(
+                            "peer_handshake_failed",
+                            format_args!("peer handshake failed: {e}"),
+                        );
+                        return;
                     }
                     Err(_) => {
                         d.shared.metrics.inc(
                             "handoff_handshakes_failed_total",
                             Some(("reason", "timeout")),
                         );
-                        return debug!("peer handshake timed out");
+                        d.log_limited(
+                            "peer_handshake_timeout",
+                            format_args!("peer handshake timed out after {timeout:?}"),
+                        );
+                        return;
                     }
                 };
                 d.shared.metrics.inc("handoff_connections_total", None);
@@ -81,25 +277,67 @@ pub(crate) async fn serve(daemon: Daemon) {
                     conn.close(varint(ErrorCode::Unexpected), b"no usable certificate");
                     return;
                 };
-                if !d.shared.trust.is_trusted(&peer)
-                    && !d.shared.guards.unknown_handshakes.allow(&())
-                {
-                    d.over_limit(
-                        "unknown_handshakes_per_sec",
-                        format_args!("closing {}", peer.short()),
-                    );
-                    conn.close(
-                        varint(ErrorCode::Busy),
-                        b"too many handshakes from unknown keys",
-                    );
+                // The key holder reached us: it is present, and its certificate names it.
+                d.note_proof(&peer, peer_name(&conn), None);
+                let Some(_slot) = admit(&d, &admission, &conn, peer, ip, source_slot) else {
                     return;
-                }
+                };
                 let span = tracing::info_span!("peer", id = %peer.short());
                 serve_connection(d, conn, peer).instrument(span).await;
             },
             tracing::Span::none(),
         );
     }
+}
+
+/// Gives an established connection its slot, or closes it (see the module docs). A trusted
+/// key's connection stops counting against its source.
+fn admit(
+    daemon: &Daemon,
+    admission: &Arc<Admission>,
+    conn: &quinn::Connection,
+    peer: TerminalId,
+    ip: IpAddr,
+    source_slot: Option<SourceGuard>,
+) -> Option<(ConnectionSlot, Option<SourceGuard>)> {
+    let guards = &daemon.shared.guards;
+    if daemon.shared.trust.is_trusted(&peer) {
+        guards.trusted_sources.insert(ip);
+        drop(source_slot);
+        let Some((slot, evicted)) = admission.connect_trusted() else {
+            daemon.over_limit(
+                "max_connections",
+                format_args!("closing {}: every slot is a trusted peer's", peer.short()),
+            );
+            conn.close(varint(ErrorCode::Busy), b"too many connections");
+            return None;
+        };
+        if let Some(other) = evicted {
+            daemon.over_limit(
+                "max_connections",
+                format_args!("closed an unknown key's connection for {}", peer.short()),
+            );
+            other.close(varint(ErrorCode::Busy), b"making room for a trusted peer");
+        }
+        return Some((slot, None));
+    }
+    if !guards.unknown_handshakes.allow(&source_key(ip)) {
+        daemon.over_limit(
+            "unknown_handshakes_per_sec",
+            format_args!("closing {}", peer.short()),
+        );
+        conn.close(
+            varint(ErrorCode::Busy),
+            b"too many handshakes from unknown keys",
+        );
+        return None;
+    }
+    let Some(slot) = admission.connect_unknown(conn) else {
+        daemon.over_limit("max_connections", format_args!("closing {}", peer.short()));
+        conn.close(varint(ErrorCode::Busy), b"too many connections");
+        return None;
+    };
+    Some((slot, source_slot))
 }
 
 async fn serve_connection(daemon: Daemon, conn: quinn::Connection, peer: TerminalId) {
@@ -148,7 +386,9 @@ async fn serve_connection(daemon: Daemon, conn: quinn::Connection, peer: Termina
                         RequestBody::InterfaceInfo => interface_info(&d, peer),
                         RequestBody::Pair(step) => d.answer_pair_step(peer, step),
                         other => {
-                            debug!("peer sent a server request: {other:?}");
+                            if let Some(suppressed) = d.shared.guards.log.check("wrong_endpoint") {
+                                debug!(suppressed, "peer sent a server request: {other:?}");
+                            }
                             refusal(
                                 &d,
                                 RefusalReason::WrongEndpoint,
@@ -186,7 +426,9 @@ pub(crate) fn refusal(daemon: &Daemon, reason: RefusalReason, message: String) -
 fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
     let shared = &daemon.shared;
     if !shared.trust.accepts(&peer) {
-        warn!(peer = %peer, "refused interface info: peer is not trusted");
+        if let Some(suppressed) = shared.guards.log.check("refused_interface_info") {
+            warn!(peer = %peer, suppressed, "refused interface info: peer is not trusted");
+        }
         return refusal(
             daemon,
             RefusalReason::NotTrusted,
@@ -217,7 +459,13 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
         nonce,
     }
     .sign(&shared.identity);
-    info!(peer = %peer.short(), "gave interface info");
+    // Every one to a trusted peer (bounded by its request rate); to others (`accept = "any"`)
+    // at most one line per interval.
+    if shared.trust.is_trusted(&peer) {
+        info!(peer = %peer.short(), "gave interface info");
+    } else if let Some(suppressed) = shared.guards.log.check("gave_interface_info") {
+        info!(peer = %peer.short(), suppressed, "gave interface info");
+    }
     shared.metrics.inc("handoff_interface_info_total", None);
     ResponseBody::InterfaceInfo(Box::new(InterfaceInfo {
         server: home.server.clone(),
@@ -225,4 +473,39 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
         session: daemon.session(),
         ticket,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max_pending: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            state: Mutex::default(),
+            max_pending,
+            max_connections: 4,
+        })
+    }
+
+    #[test]
+    fn a_full_set_of_handshakes_drops_the_oldest_strangers() {
+        let a = admission(3);
+        let (known, _) = a.begin(true).unwrap();
+        let (first, _) = a.begin(false).unwrap();
+        let (second, evicted) = a.begin(false).unwrap();
+        assert!(!evicted && a.pending() == 3);
+        // Full: the oldest stranger's handshake is dropped, not the known source's.
+        let (_third, evicted) = a.begin(false).unwrap();
+        assert!(evicted && first.dropped.is_cancelled() && !known.dropped.is_cancelled());
+        assert_eq!(a.pending(), 3);
+        drop(first);
+        assert_eq!(a.pending(), 3, "an evicted slot was already freed");
+        drop(second);
+        assert_eq!(a.pending(), 2);
+        // Only known sources hold places: a newcomer is refused.
+        let b = admission(2);
+        let _k1 = b.begin(true).unwrap();
+        let _k2 = b.begin(true).unwrap();
+        assert!(b.begin(false).is_none() && b.begin(true).is_none());
+    }
 }

@@ -15,12 +15,20 @@ use super::{lock, Daemon};
 use crate::control::{PullTiming, PushRecord};
 use crate::net::{self, unix_now, varint, RequestError};
 use crate::peer::{FindError, Peer};
-use crate::tls::SERVER_NAME;
+use crate::tls::{peer_name, SERVER_NAME};
 use crate::wire::{ErrorCode, InfoRequest, Refusal, RequestBody, ResponseBody};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a dial waits for one address before also trying the next.
 const DIAL_STAGGER: Duration = Duration::from_millis(250);
+/// Addresses one dial tries at most: the one that answered last, then others in turn from
+/// each claim (see [`crate::peer::PeerTable::dial_plan`]). With [`DIAL_STAGGER`], addresses
+/// stuffed into adverts cost a dial at most 0.75 s, and nothing once the peer has answered.
+const MAX_DIAL_ADDRS: usize = 4;
+/// No attempt starts later than this into a dial, and none outlives it.
+const DIAL_DEADLINE: Duration = Duration::from_secs(3);
+/// IDs checked at once when a name is only claimed by unverified adverts.
+const MAX_NAME_CHECKS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -78,15 +86,10 @@ pub struct LinkOutcome {
 }
 
 impl Daemon {
-    /// Pulls what `query` (a peer's ID, unique ID prefix or unique name) is showing.
+    /// Pulls what `query` (a peer's ID, unique ID prefix or unique proven name) is showing.
     pub async fn pull(&self, query: &str, timeout: Duration) -> Result<PullOutcome, PullError> {
         let started = Instant::now();
-        let peer = self
-            .shared
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .find(query)?;
+        let peer = self.find_peer(query).await?;
         // Subscribe before linking: the server may push before its answer arrives.
         let mut pushes = self.subscribe();
         let link = self.link_to(&peer).await?;
@@ -130,6 +133,30 @@ impl Daemon {
                 timeout,
             }),
         }
+    }
+
+    /// Finds a peer by ID, unique ID prefix or unique proven name, like
+    /// [`crate::peer::PeerTable::find`]; a name that only unverified adverts claim is settled
+    /// first by handshakes with (a few of) the IDs claiming it: each key holder's certificate
+    /// says what it is called.
+    pub(crate) async fn find_peer(&self, query: &str) -> Result<Peer, FindError> {
+        let found = super::lock(&self.shared.peers).find(query);
+        let Err(FindError::Unverified(_)) = found else {
+            return found;
+        };
+        let mut ids = super::lock(&self.shared.peers).unproven_named(query.trim());
+        ids.sort_by_key(|id| !self.shared.trust.is_trusted(id));
+        ids.truncate(MAX_NAME_CHECKS);
+        let checks = ids.iter().map(|id| async move {
+            let peer = super::lock(&self.shared.peers).get(id);
+            if let Some(peer) = peer {
+                if let Ok(conn) = self.dial_peer(&peer).await {
+                    conn.close(varint(ErrorCode::Closed), b"checked");
+                }
+            }
+        });
+        futures_join_all(checks).await;
+        super::lock(&self.shared.peers).find(query)
     }
 
     /// Fetches `peer`'s interface info and asks the server it names to link us to it.
@@ -217,9 +244,24 @@ impl Daemon {
         })
     }
 
-    /// Dials a peer at each advertised address in turn, pinning its advertised ID. An address
-    /// whose endpoint holds another key is an impostor's claim: it is dropped from the table.
+    /// Dials a peer pinning its ID (see [`Daemon::dial`]). When no address answers, the peer
+    /// must prove itself again, and mDNS is asked at once whether it is still there.
     pub(crate) async fn dial_peer(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
+        let result = self.dial(peer).await;
+        if result.is_err() {
+            self.note_failure(&peer.id);
+            // Perhaps it is gone without a goodbye: have mDNS check now rather than at the
+            // next round.
+            self.suspect(&peer.id).await;
+        }
+        result
+    }
+
+    /// Dials a peer pinning its ID, at the addresses of the table's dial plan (where it answered
+    /// last first; at most [`MAX_DIAL_ADDRS`], within [`DIAL_DEADLINE`]). A handshake that
+    /// completes proves the ID and the name in its certificate; an address whose endpoint holds
+    /// another key is an impostor's claim: it is dropped from the table.
+    pub(crate) async fn dial(&self, peer: &Peer) -> Result<quinn::Connection, PullError> {
         let unreachable = |reason: String| PullError::Unreachable {
             name: peer.name.clone(),
             reason,
@@ -227,29 +269,38 @@ impl Daemon {
         let config = self
             .dial_config(peer.id)
             .map_err(|e| unreachable(e.to_string()))?;
+        let mut plan = super::lock(&self.shared.peers).dial_plan(&peer.id, MAX_DIAL_ADDRS);
+        if plan.is_empty() {
+            plan = peer.dial_addrs();
+            plan.truncate(MAX_DIAL_ADDRS);
+        }
         // Happy eyeballs (RFC 8305 in spirit): a peer may advertise addresses that do not
         // work from here (another network of a dual-homed peer, a stale address). Start with
         // the first, start the next every DIAL_STAGGER while none has answered, keep the first
         // connection that completes and drop the rest. All in this task: a spawned task per
         // attempt cost the warm pull a scheduling hop (measured: p99 10.7 -> 17 ms).
         let mut errors = Vec::new();
-        let mut waiting = peer.dial_addrs().into_iter();
+        let mut waiting = plan.into_iter();
         let mut live: Vec<(
             std::net::SocketAddr,
             tokio::time::Instant,
             quinn::Connecting,
         )> = Vec::new();
-        let mut next_start = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
+        let deadline = started + DIAL_DEADLINE;
+        let mut next_start = started;
         loop {
             let now = tokio::time::Instant::now();
-            if now >= next_start {
+            if now >= next_start && now < deadline {
                 if let Some(addr) = waiting.next() {
                     match self
                         .shared
                         .endpoint
                         .connect_with(config.clone(), addr, SERVER_NAME)
                     {
-                        Ok(connecting) => live.push((addr, now + CONNECT_TIMEOUT, connecting)),
+                        Ok(connecting) => {
+                            live.push((addr, (now + CONNECT_TIMEOUT).min(deadline), connecting))
+                        }
                         Err(e) => errors.push(format!("{addr}: {e}")),
                     }
                     next_start = now + DIAL_STAGGER;
@@ -257,7 +308,7 @@ impl Daemon {
                 }
             }
             if live.is_empty() {
-                if waiting.len() == 0 {
+                if waiting.len() == 0 || now >= deadline {
                     break;
                 }
                 // Nothing in flight (the last start failed at once): start the next now.
@@ -267,7 +318,7 @@ impl Daemon {
             let wake_at = live
                 .iter()
                 .map(|(_, deadline, _)| *deadline)
-                .chain((waiting.len() > 0).then_some(next_start))
+                .chain((waiting.len() > 0 && next_start < deadline).then_some(next_start))
                 .min()
                 .unwrap_or(next_start);
             let finished = std::future::poll_fn(|cx| {
@@ -283,20 +334,23 @@ impl Daemon {
                 (i, result) = finished => {
                     let (addr, _, _) = live.swap_remove(i);
                     match result {
-                        Ok(conn) => return Ok(conn),
+                        Ok(conn) => {
+                            self.proven(peer.id, &conn, addr);
+                            return Ok(conn);
+                        }
                         Err(e) => {
                             if is_key_mismatch(&e) {
-                                let dropped = self
-                                    .shared
-                                    .peers
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
+                                let dropped = super::lock(&self.shared.peers)
                                     .drop_claim(&peer.id, &addr);
                                 self.shared.metrics.inc(
                                     "handoff_handshakes_failed_total",
                                     Some(("reason", "wrong_key")),
                                 );
-                                warn!(peer = %peer.id, %addr, ?dropped, "an endpoint claiming this id holds another key; ignoring its claim");
+                                if let Some(suppressed) =
+                                    self.shared.guards.log.check("wrong_key_claim")
+                                {
+                                    warn!(peer = %peer.id, %addr, ?dropped, suppressed, "an endpoint claiming this id holds another key; ignoring its claim");
+                                }
                             }
                             errors.push(format!("{addr}: {}", explain_connect_error(&e)));
                         }
@@ -304,10 +358,10 @@ impl Daemon {
                 }
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = tokio::time::Instant::now();
-                    live.retain(|(addr, deadline, _)| {
-                        let alive = *deadline > now;
+                    live.retain(|(addr, until, _)| {
+                        let alive = *until > now;
                         if !alive {
-                            errors.push(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"));
+                            errors.push(format!("{addr}: no answer within {:?}", until.duration_since(started).min(CONNECT_TIMEOUT)));
                         }
                         alive
                     });
@@ -317,8 +371,34 @@ impl Daemon {
         if errors.is_empty() {
             errors.push("it advertised no address".into());
         }
-        // Perhaps it is gone without a goodbye: have mDNS check now rather than at the next round.
-        self.suspect(&peer.id).await;
         Err(unreachable(errors.join("; ")))
     }
+
+    /// Records what a completed dial proved: `id` answers at `addr` under the name its
+    /// certificate carries; a trusted key's address is exempt from per-source limits.
+    fn proven(
+        &self,
+        id: crate::identity::TerminalId,
+        conn: &quinn::Connection,
+        addr: std::net::SocketAddr,
+    ) {
+        self.note_proof(&id, peer_name(conn), Some(addr));
+        if self.shared.trust.is_trusted(&id) {
+            self.shared.guards.trusted_sources.insert(addr.ip());
+        }
+    }
+}
+
+/// Runs futures concurrently in this task and waits for all of them.
+async fn futures_join_all<F: Future<Output = ()>>(futures: impl IntoIterator<Item = F>) {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        futures.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if futures.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
