@@ -581,6 +581,12 @@ impl Daemon {
                             ),
                         );
                     }
+                    if appended.repeat {
+                        debug!(
+                            offset = record.offset,
+                            "push repeats the inbox's newest from this terminal: kept once"
+                        );
+                    }
                     appended.fresh
                 }
                 Ok(Err(e)) => {
