@@ -606,7 +606,7 @@ impl Daemon {
             return;
         }
         info!(
-            from = record.from.as_deref().unwrap_or("publisher"),
+            from = %record.from.as_deref().unwrap_or("publisher"),
             title = %record.title,
             offset = record.offset,
             "push received"
