@@ -13,6 +13,8 @@ use crate::identity::Identity;
 
 /// Default control socket, as in the shipped daemon config.
 pub const DEFAULT_SOCKET: &str = "/run/handoff/control.sock";
+/// The environment variable naming the control socket when no flag does.
+pub const SOCKET_ENV: &str = "HANDOFF_SOCKET";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,19 +27,18 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How a command finds the daemon: its config file (whose `control_socket` is used) or the socket.
+/// How a command finds the daemon: `--socket`, else the `control_socket` of `--config`, else
+/// `$HANDOFF_SOCKET`, else [`DEFAULT_SOCKET`]. The variable is read here rather than by clap:
+/// clap counts a value from the environment as given, so it would conflict with a `--config`
+/// the user typed; a flag on the command line wins over the environment.
 #[derive(Debug, Args, Clone)]
 pub struct DaemonTarget {
-    /// The daemon's config file; its `control_socket` is used.
+    /// The daemon's config file; its control_socket is used (wins over $HANDOFF_SOCKET).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The daemon's control socket.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "HANDOFF_SOCKET",
-        conflicts_with = "config"
-    )]
+    /// The daemon's control socket [default: $HANDOFF_SOCKET if set, else
+    /// /run/handoff/control.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
     pub socket: Option<PathBuf>,
 }
 
@@ -52,16 +53,19 @@ pub struct JsonFlag {
 pub enum Command {
     /// Print this machine's identity (creating the key if missing).
     Id {
+        /// The state directory holding the key (identity.key, mode 0600).
         #[arg(long, value_name = "DIR")]
         state_dir: PathBuf,
     },
     /// Run the terminal daemon in the foreground.
     Daemon {
+        /// The daemon's config file (TOML; e.g. /etc/handoff/daemon.toml).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Run the content server in the foreground.
     Server {
+        /// The server's config file (TOML; e.g. /etc/handoff/server.toml).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -82,7 +86,13 @@ pub enum Command {
         /// The peer's ID, a unique ID prefix, or its unique name.
         peer: String,
         /// How long to wait for the first push, in seconds.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 10.0,
+            allow_negative_numbers = true,
+            value_parser = parse_timeout
+        )]
         timeout: f64,
         #[command(flatten)]
         target: DaemonTarget,
@@ -123,6 +133,7 @@ pub enum Command {
     },
     /// Stop trusting a peer (its live link at this terminal's server ends too).
     Untrust {
+        /// A full ID, or the name or ID prefix of a discovered peer.
         id: String,
         #[command(flatten)]
         target: DaemonTarget,
@@ -162,6 +173,7 @@ pub enum Command {
     },
     /// Print a shell completion script (e.g. `handoff completions bash > /etc/bash_completion.d/handoff`).
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -177,12 +189,19 @@ pub enum Command {
 pub enum SessionAction {
     /// Set the session: what this terminal shows now.
     Set {
+        /// What is shown: the URI another terminal opens to show it too.
         #[arg(long)]
         uri: String,
+        /// A title for people (shown by peers and passed to their on_push hook).
         #[arg(long, default_value = "")]
         title: String,
-        /// Playback position in seconds.
-        #[arg(long)]
+        /// Playback position in seconds (0 or more).
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            allow_negative_numbers = true,
+            value_parser = parse_position
+        )]
         position: Option<f64>,
         /// Extra metadata, KEY=VALUE; may be repeated.
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
@@ -208,6 +227,7 @@ pub enum SessionAction {
 pub enum ConfigAction {
     /// Validate a daemon or server config: exit 0, or 78 naming the offending key.
     Check {
+        /// The config file to check.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Which program the file is for; guessed from its keys if not given.
@@ -218,8 +238,29 @@ pub enum ConfigAction {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum KindArg {
+    /// A terminal daemon's config (`handoff daemon`).
     Daemon,
+    /// A content server's config (`handoff server`).
     Server,
+}
+
+/// `--position`: seconds into what is shown. Negative numbers reach this parser (rather than
+/// being taken for flags) so that they are refused with a reason; so are NaN and infinities,
+/// which JSON cannot carry.
+fn parse_position(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        Ok(_) => Err("a position is a number of seconds, 0 or more".into()),
+        Err(_) => Err("a position is a number of seconds, e.g. 12 or 12.5".into()),
+    }
+}
+
+/// `--timeout`: a positive, finite number of seconds.
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 => Ok(t),
+        _ => Err("a timeout is a number of seconds greater than 0, e.g. 10".into()),
+    }
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -257,39 +298,79 @@ pub fn print_completions(shell: clap_complete::Shell) -> Result<(), CliError> {
     write_stdout(&out)
 }
 
-/// Writes the man pages into `dir` (handoff.1, handoff-pull.1, ...), or to stdout as one page:
-/// `handoff(1)` with every subcommand in its own section.
+/// Writes the man pages into `dir` (handoff.1, handoff-pull.1, ...), or to stdout as one
+/// self-contained page (see [`man_page`]).
 pub fn print_man(dir: Option<&Path>) -> Result<(), CliError> {
-    let mut command = <Cli as clap::CommandFactory>::command();
+    let command = <Cli as clap::CommandFactory>::command();
     if let Some(dir) = dir {
         return clap_mangen::generate_to(command, dir).map_err(|e| {
             CliError::new(format!("cannot write man pages to {}: {e}", dir.display()))
         });
     }
-    // Building sets each subcommand's full name (`handoff pull`) for its synopsis.
+    let page =
+        man_page(command).map_err(|e| CliError::new(format!("cannot render the man page: {e}")))?;
+    write_stdout(&page)
+}
+
+/// `handoff(1)` as one page: the top command's sections, a COMMANDS list naming each command's
+/// section, then a section per command at every depth (`HANDOFF SESSION SET`) with its
+/// description, synopsis and every option. clap_mangen writes one page per command and links
+/// them as `handoff-pull(1)`; those pages exist only with `--dir`, so this page links nothing.
+pub fn man_page(command: clap::Command) -> std::io::Result<Vec<u8>> {
+    let mut command = command.disable_help_subcommand(true);
+    // Building sets each subcommand's full name (`handoff session set`) for its synopsis.
     command.build();
+    let top = clap_mangen::Man::new(command.clone());
     let mut out = Vec::new();
-    let render = |man: &clap_mangen::Man, out: &mut Vec<u8>, top: bool| {
-        if top {
-            man.render(out)
-        } else {
-            man.render_description_section(out)
-                .and_then(|()| man.render_synopsis_section(out))
-                .and_then(|()| man.render_options_section(out))
-        }
-        .map_err(|e| CliError::new(format!("cannot render the man page: {e}")))
-    };
-    render(&clap_mangen::Man::new(command.clone()), &mut out, true)?;
-    // clap_mangen renders one page per command; the subcommands follow as sections here so a
-    // single `handoff(1)` documents them all.
-    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+    top.render_title(&mut out)?;
+    top.render_name_section(&mut out)?;
+    top.render_synopsis_section(&mut out)?;
+    top.render_description_section(&mut out)?;
+    top.render_options_section(&mut out)?;
+    let mut commands = Vec::new();
+    command_tree(&command, "handoff", &mut commands);
+    out.extend_from_slice(b".SH COMMANDS\nEach command is described in its own section below.\n");
+    for (name, sub) in &commands {
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        let entry = format!(".TP\n\\fB{}\\fR\n{}\n", roff_text(name), roff_text(&about));
+        out.extend_from_slice(entry.as_bytes());
+    }
+    for (name, sub) in &commands {
+        let man = clap_mangen::Man::new((*sub).clone());
         let mut text = Vec::new();
-        render(&clap_mangen::Man::new(sub.clone()), &mut text, false)?;
-        let heading = format!(".SH \"HANDOFF {}\"\n", sub.get_name().to_uppercase());
+        man.render_description_section(&mut text)?;
+        man.render_synopsis_section(&mut text)?;
+        man.render_options_section(&mut text)?;
+        let heading = format!(".SH \"{}\"\n", roff_text(&name.to_uppercase()));
         out.extend_from_slice(heading.as_bytes());
         out.extend_from_slice(&demote_headings(&text));
     }
-    write_stdout(&out)
+    top.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+/// Every visible command below `command`, depth first, with its full name.
+fn command_tree<'a>(
+    command: &'a clap::Command,
+    name: &str,
+    out: &mut Vec<(String, &'a clap::Command)>,
+) {
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let full = format!("{name} {}", sub.get_name());
+        out.push((full.clone(), sub));
+        command_tree(sub, &full, out);
+    }
+}
+
+/// Text safe to place on a roff text line: backslashes and hyphens escaped, and a leading
+/// `.` or `'` kept from being read as a request.
+fn roff_text(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with(['.', '\'']) {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
 }
 
 /// Turns a rendered section's `.SH` headings into `.SS` subheadings.
@@ -352,7 +433,10 @@ impl DaemonTarget {
         if let Some(config) = &self.config {
             return Ok(DaemonConfig::load(config)?.control_socket);
         }
-        Ok(PathBuf::from(DEFAULT_SOCKET))
+        match std::env::var_os(SOCKET_ENV) {
+            Some(socket) if !socket.is_empty() => Ok(PathBuf::from(socket)),
+            _ => Ok(PathBuf::from(DEFAULT_SOCKET)),
+        }
     }
 }
 
@@ -555,12 +639,6 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             target,
             out,
         } => {
-            if !(timeout.is_finite() && timeout > 0.0) {
-                return Err(CliError {
-                    code: 2,
-                    message: "--timeout must be a positive number of seconds".into(),
-                });
-            }
             let reply = call(
                 &target,
                 ControlRequest::Pull {

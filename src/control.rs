@@ -19,9 +19,9 @@ use crate::wire::{PushItem, Session};
 /// Longest request line the daemon reads.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// A request on the control socket.
+/// A request on the control socket. A field the command does not have is an error naming it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "cmd", rename_all = "snake_case", from = "RequestLine")]
 pub enum ControlRequest {
     Status,
     Peers,
@@ -60,6 +60,77 @@ pub enum ControlRequest {
     },
     /// The trust list.
     Trusted,
+}
+
+/// A request line as read: [`ControlRequest`] with every command a struct, because serde ignores
+/// extra fields after the tag of a unit variant (`{"cmd":"status","verbose":true}` would pass).
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+enum RequestLine {
+    Status {},
+    Peers {},
+    SessionSet {
+        uri: String,
+        #[serde(default)]
+        title: String,
+        #[serde(default)]
+        position: Option<f64>,
+        #[serde(default)]
+        meta: BTreeMap<String, String>,
+    },
+    SessionClear {},
+    SessionShow {},
+    Pull {
+        peer: String,
+        #[serde(default)]
+        timeout_secs: Option<f64>,
+    },
+    Watch {},
+    Trust {
+        id: String,
+    },
+    Untrust {
+        id: String,
+    },
+    Inbox {},
+    Pair {
+        peer: String,
+    },
+    PairConfirm {
+        peer: String,
+        code: String,
+    },
+    Trusted {},
+}
+
+impl From<RequestLine> for ControlRequest {
+    fn from(line: RequestLine) -> Self {
+        match line {
+            RequestLine::Status {} => Self::Status,
+            RequestLine::Peers {} => Self::Peers,
+            RequestLine::SessionSet {
+                uri,
+                title,
+                position,
+                meta,
+            } => Self::SessionSet {
+                uri,
+                title,
+                position,
+                meta,
+            },
+            RequestLine::SessionClear {} => Self::SessionClear,
+            RequestLine::SessionShow {} => Self::SessionShow,
+            RequestLine::Pull { peer, timeout_secs } => Self::Pull { peer, timeout_secs },
+            RequestLine::Watch {} => Self::Watch,
+            RequestLine::Trust { id } => Self::Trust { id },
+            RequestLine::Untrust { id } => Self::Untrust { id },
+            RequestLine::Inbox {} => Self::Inbox,
+            RequestLine::Pair { peer } => Self::Pair { peer },
+            RequestLine::PairConfirm { peer, code } => Self::PairConfirm { peer, code },
+            RequestLine::Trusted {} => Self::Trusted,
+        }
+    }
 }
 
 /// An entry of the trust list as `handoff trusted --json` prints it.
@@ -370,11 +441,40 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"explode"}"#).is_err());
-        // A misspelt field is an error, not silently dropped.
-        assert!(serde_json::from_str::<ControlRequest>(
-            r#"{"cmd":"session_set","uri":"u","titel":"x"}"#
-        )
-        .is_err());
+        // A misspelt or foreign field is an error naming it, not silently dropped, also for
+        // commands without fields.
+        for (line, field) in [
+            (r#"{"cmd":"session_set","uri":"u","titel":"x"}"#, "titel"),
+            (r#"{"cmd":"status","verbose":true}"#, "verbose"),
+            (r#"{"cmd":"watch","since":0}"#, "since"),
+            (r#"{"cmd":"pull","peer":"tv","timeout":3}"#, "timeout"),
+        ] {
+            let e = serde_json::from_str::<ControlRequest>(line).unwrap_err();
+            assert!(e.to_string().contains(field), "{line}: {e}");
+        }
+        // Every command still reads as it is written.
+        for request in [
+            ControlRequest::Status,
+            ControlRequest::Peers,
+            ControlRequest::SessionClear,
+            ControlRequest::SessionShow,
+            ControlRequest::Watch,
+            ControlRequest::Inbox,
+            ControlRequest::Trusted,
+            ControlRequest::Trust { id: "x".into() },
+            ControlRequest::Untrust { id: "x".into() },
+            ControlRequest::Pair { peer: "x".into() },
+            ControlRequest::PairConfirm {
+                peer: "x".into(),
+                code: "123456".into(),
+            },
+        ] {
+            let line = serde_json::to_string(&request).unwrap();
+            assert_eq!(
+                serde_json::from_str::<ControlRequest>(&line).unwrap(),
+                request
+            );
+        }
     }
 
     #[test]

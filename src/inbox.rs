@@ -6,6 +6,14 @@
 //! twice: the cursors are rebuilt from the file at start. A crash can leave a torn last line;
 //! reading skips it.
 //!
+//! A push that repeats the newest kept push from the same terminal — the same session pushed
+//! again because it was pulled again or its follow renewed, with nothing changed — is kept once:
+//! the inbox is a history of what was shown, and a second identical entry tells the user
+//! nothing. It is still delivered (to `pull`, `watch` and the hook); only a cursor line is
+//! written for it, so it is known as delivered across restarts. A change of anything (uri,
+//! title, body, position, meta) is a new entry, and so is going back to an earlier session.
+//! Publishers' pushes are always kept: the same news pushed twice may be meant twice.
+//!
 //! The inbox is bounded (`[limits] max_inbox_items`, `max_inbox_bytes`): it keeps the newest
 //! pushes and drops the oldest. Once the file holds a quarter more than the limits allow, it is
 //! rewritten (atomically, through [`crate::files::write_private_file`]) with the newest pushes
@@ -75,7 +83,14 @@ pub struct Appended {
     pub dropped: usize,
     /// The limit that made the rewrite drop them: `"max_inbox_items"` or `"max_inbox_bytes"`.
     pub limit: Option<&'static str>,
+    /// The push repeats the newest kept push from the same terminal, so it was not kept a
+    /// second time (it is fresh all the same: deliver it).
+    pub repeat: bool,
 }
+
+/// Cursor lines (one per repeated push) the file may gather beyond one per server before it is
+/// rewritten.
+const MAX_EXTRA_CURSOR_LINES: usize = 64;
 
 #[derive(Debug)]
 struct State {
@@ -86,6 +101,10 @@ struct State {
     sizes: VecDeque<u64>,
     /// Their sum.
     bytes: u64,
+    /// Per sending terminal: the newest push from it in the file, to recognise a repeat.
+    latest: HashMap<String, PushRecord>,
+    /// Cursor lines in the file.
+    cursor_lines: usize,
 }
 
 impl State {
@@ -101,6 +120,47 @@ impl State {
             kept += 1;
         }
         kept
+    }
+
+    /// The limit the pushes in the file exceed, if any.
+    fn exceeded(&self, limits: InboxLimits) -> Option<&'static str> {
+        if self.sizes.len() > limits.max_items {
+            Some("max_inbox_items")
+        } else if self.bytes > limits.max_bytes {
+            Some("max_inbox_bytes")
+        } else {
+            None
+        }
+    }
+
+    /// Whether `push` repeats the newest kept push from its terminal (all but the offset).
+    fn repeats(&self, push: &PushRecord) -> bool {
+        let Some(from) = &push.from else {
+            return false;
+        };
+        self.latest.get(from).is_some_and(|last| {
+            let PushRecord {
+                from: _,
+                uri,
+                title,
+                body,
+                position,
+                meta,
+                offset: _,
+            } = last;
+            *uri == push.uri
+                && *title == push.title
+                && *body == push.body
+                && *position == push.position
+                && *meta == push.meta
+        })
+    }
+
+    /// Remembers `push` as the newest from its terminal.
+    fn note_latest(&mut self, push: &PushRecord) {
+        if let Some(from) = &push.from {
+            self.latest.insert(from.clone(), push.clone());
+        }
     }
 }
 
@@ -137,13 +197,21 @@ impl Inbox {
         }
         let mut cursors: HashMap<ServerId, Cursor> = HashMap::new();
         let mut sizes = VecDeque::new();
+        let mut latest = HashMap::new();
+        let mut cursor_lines = 0;
         for line in read_lines(&path).map_err(err)? {
             let (server, epoch, next) = match line {
                 Line::Entry(entry, size) => {
                     sizes.push_back(size);
+                    if let Some(from) = &entry.push.from {
+                        latest.insert(from.clone(), entry.push.clone());
+                    }
                     (entry.server, entry.epoch, entry.push.offset + 1)
                 }
-                Line::Cursor(c) => (c.cursor_server, c.cursor_epoch, c.cursor_next),
+                Line::Cursor(c) => {
+                    cursor_lines += 1;
+                    (c.cursor_server, c.cursor_epoch, c.cursor_next)
+                }
             };
             let Ok(server) = server.parse::<ServerId>() else {
                 continue;
@@ -165,6 +233,8 @@ impl Inbox {
                 cursors,
                 sizes,
                 bytes,
+                latest,
+                cursor_lines,
             }),
         })
     }
@@ -174,9 +244,10 @@ impl Inbox {
         self.lock().cursors.get(server).copied()
     }
 
-    /// Keeps `push` (from `server`, in `epoch`) durably, unless it was delivered before, and
-    /// drops the oldest pushes when the file has grown past the limits. Blocking: call from a
-    /// blocking context.
+    /// Keeps `push` (from `server`, in `epoch`) durably, unless it was delivered before or
+    /// repeats the newest push kept from its terminal (then only its cursor is kept), and drops
+    /// the oldest pushes when the file has grown past the limits. Blocking: call from a blocking
+    /// context.
     pub fn append(
         &self,
         server: &ServerId,
@@ -189,12 +260,21 @@ impl Inbox {
                 return Ok(Appended::default());
             }
         }
-        let entry = Entry {
-            push: push.clone(),
-            server: server.to_string(),
-            epoch,
-        };
-        let mut line = serde_json::to_vec(&entry).unwrap_or_default();
+        let repeat = state.repeats(push);
+        let mut line = if repeat {
+            serde_json::to_vec(&CursorLine {
+                cursor_server: server.to_string(),
+                cursor_epoch: epoch,
+                cursor_next: push.offset + 1,
+            })
+        } else {
+            serde_json::to_vec(&Entry {
+                push: push.clone(),
+                server: server.to_string(),
+                epoch,
+            })
+        }
+        .unwrap_or_default();
         line.push(b'\n');
         (&state.file)
             .write_all(&line)
@@ -210,23 +290,34 @@ impl Inbox {
                 next: push.offset + 1,
             },
         );
-        let size = line.len() as u64;
-        state.sizes.push_back(size);
-        state.bytes += size;
+        if repeat {
+            state.cursor_lines += 1;
+        } else {
+            let size = line.len() as u64;
+            state.sizes.push_back(size);
+            state.bytes += size;
+            state.note_latest(push);
+        }
         let mut appended = Appended {
             fresh: true,
+            repeat,
             ..Appended::default()
         };
         let limits = self.limits;
         let items_over = state.sizes.len() > limits.max_items + limits.max_items / 4;
         let bytes_over = state.bytes > limits.max_bytes + limits.max_bytes / 4;
-        if items_over || bytes_over {
-            appended.dropped = self.rewrite(&mut state)?;
-            appended.limit = Some(if items_over {
-                "max_inbox_items"
+        let cursors_over = state.cursor_lines > state.cursors.len() + MAX_EXTRA_CURSOR_LINES;
+        if items_over || bytes_over || cursors_over {
+            let exceeded = if items_over {
+                Some("max_inbox_items")
+            } else if bytes_over {
+                Some("max_inbox_bytes")
             } else {
-                "max_inbox_bytes"
-            });
+                // Rewritten for the cursor lines; pushes go only if they were over a limit.
+                state.exceeded(limits)
+            };
+            appended.dropped = self.rewrite(&mut state)?;
+            appended.limit = exceeded.filter(|_| appended.dropped > 0);
         }
         Ok(appended)
     }
@@ -250,11 +341,15 @@ impl Inbox {
         let skip = entries.len().saturating_sub(kept);
         let mut text = Vec::new();
         let mut sizes = VecDeque::new();
+        let mut latest = HashMap::new();
         for (entry, _) in &entries[skip..] {
             let start = text.len();
             text.extend(serde_json::to_vec(entry).unwrap_or_default());
             text.push(b'\n');
             sizes.push_back((text.len() - start) as u64);
+            if let Some(from) = &entry.push.from {
+                latest.insert(from.clone(), entry.push.clone());
+            }
         }
         // After the entries: the cursors win over what the kept entries say.
         for (server, cursor) in &state.cursors {
@@ -270,6 +365,8 @@ impl Inbox {
         state.file = open_append(&self.path).map_err(err)?;
         state.bytes = sizes.iter().sum();
         state.sizes = sizes;
+        state.latest = latest;
+        state.cursor_lines = state.cursors.len();
         Ok(skip)
     }
 
@@ -382,6 +479,115 @@ mod tests {
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 8, next: 1 }));
         let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
         assert_eq!(titles, ["a", "b", "c"]);
+    }
+
+    /// Pulling an unchanged session again (or a follow's renewal) delivers it again with a new
+    /// offset; the inbox keeps it once, and still knows the new offset as delivered after a
+    /// restart. Any change, going back to an earlier session, and publishers' pushes are kept.
+    #[test]
+    fn a_repeated_unchanged_session_is_kept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerId::from_bytes([1; 32]);
+        let from = |offset: u64, title: &str, by: &str| PushRecord {
+            from: Some(by.into()),
+            position: Some(12.0),
+            ..record(offset, title)
+        };
+        let titles = |inbox: &Inbox| -> Vec<(String, u64)> {
+            inbox
+                .list()
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.title, r.offset))
+                .collect()
+        };
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert!(
+            !inbox
+                .append(&server, 1, &from(0, "a", "tv"))
+                .unwrap()
+                .repeat
+        );
+        let again = inbox.append(&server, 1, &from(1, "a", "tv")).unwrap();
+        assert!(again.fresh && again.repeat, "{again:?}");
+        assert_eq!(titles(&inbox), [("a".to_string(), 0)]);
+        assert_eq!(inbox.len(), 1);
+        // Another terminal showing the same thing is another entry.
+        assert!(
+            !inbox
+                .append(&server, 1, &from(2, "a", "pc"))
+                .unwrap()
+                .repeat
+        );
+        // Still a repeat of tv's newest, with pc's push in between.
+        assert!(
+            inbox
+                .append(&server, 1, &from(3, "a", "tv"))
+                .unwrap()
+                .repeat
+        );
+        drop(inbox);
+
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 1, next: 4 }));
+        assert!(!inbox.append(&server, 1, &from(3, "a", "tv")).unwrap().fresh);
+        assert!(
+            inbox
+                .append(&server, 1, &from(4, "a", "tv"))
+                .unwrap()
+                .repeat
+        );
+        // A moved position is a change; so is going back to "a" after "b".
+        let mut moved = from(5, "a", "tv");
+        moved.position = Some(40.0);
+        assert!(!inbox.append(&server, 1, &moved).unwrap().repeat);
+        assert!(
+            !inbox
+                .append(&server, 1, &from(6, "b", "tv"))
+                .unwrap()
+                .repeat
+        );
+        assert!(
+            !inbox
+                .append(&server, 1, &from(7, "a", "tv"))
+                .unwrap()
+                .repeat
+        );
+        // A publisher's push twice is twice.
+        assert!(!inbox.append(&server, 1, &record(8, "news")).unwrap().repeat);
+        assert!(!inbox.append(&server, 1, &record(9, "news")).unwrap().repeat);
+        let offsets: Vec<u64> = titles(&inbox).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(offsets, [0, 2, 5, 6, 7, 8, 9]);
+
+        // Endless repeats leave a bounded file that still knows the newest offset.
+        let before = std::fs::metadata(dir.path().join(INBOX_FILE))
+            .unwrap()
+            .len();
+        for offset in 10..1000 {
+            let repeated = inbox.append(&server, 1, &from(offset, "a", "tv")).unwrap();
+            assert!(repeated.repeat && repeated.dropped == 0, "{repeated:?}");
+        }
+        let after = std::fs::metadata(dir.path().join(INBOX_FILE))
+            .unwrap()
+            .len();
+        assert!(after < before + 100 * 200, "{before} -> {after}");
+        assert_eq!(offsets.len(), inbox.len());
+        drop(inbox);
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert_eq!(
+            inbox.cursor(&server),
+            Some(Cursor {
+                epoch: 1,
+                next: 1000
+            })
+        );
+        assert!(
+            inbox
+                .append(&server, 1, &from(1000, "a", "tv"))
+                .unwrap()
+                .repeat
+        );
+        assert_eq!(inbox.len(), offsets.len());
     }
 
     /// A flood of pushes leaves the newest `max_items` in the inbox and a file that stops

@@ -76,6 +76,8 @@ impl Peer {
     }
 }
 
+/// The shortest ID prefix that names a peer: shorter ones match too easily by accident.
+pub const MIN_ID_PREFIX: usize = 4;
 /// A peer as `handoff peers` shows it: its claims merged, and whether its key answered a
 /// handshake since it was last suspected gone.
 #[derive(Debug, Clone)]
@@ -93,6 +95,11 @@ pub struct PeerView {
 pub enum FindError {
     #[error("no peer matches {0:?} (see `handoff peers`)")]
     NotFound(String),
+    #[error(
+        "no peer is named {0:?}, and an ID prefix needs at least {MIN_ID_PREFIX} characters \
+         (see `handoff peers`)"
+    )]
+    PrefixTooShort(String),
     #[error("{query:?} matches several peers: {candidates}")]
     Ambiguous { query: String, candidates: String },
     #[error(
@@ -533,7 +540,7 @@ impl PeerTable {
             .map(|v| &v.peer)
             .collect();
         let lower = query.to_ascii_lowercase();
-        let by_prefix: Vec<&Peer> = if query.len() >= 4 {
+        let by_prefix: Vec<&Peer> = if query.len() >= MIN_ID_PREFIX {
             views
                 .iter()
                 .filter(|v| v.peer.id.to_string().starts_with(&lower))
@@ -550,6 +557,9 @@ impl PeerTable {
         match matches.as_slice() {
             [] if self.instances.values().any(|p| p.name == query) => {
                 Err(FindError::Unverified(query.into()))
+            }
+            [] if query.len() < MIN_ID_PREFIX && looks_like_id_prefix(&lower) => {
+                Err(FindError::PrefixTooShort(query.into()))
             }
             [] => Err(FindError::NotFound(query.into())),
             [one] => Ok((*one).clone()),
@@ -576,6 +586,14 @@ impl PeerTable {
             .collect();
         ids.into_iter().collect()
     }
+}
+
+/// Whether `text` could begin an ID: lowercase base32 (a-z, 2-7).
+fn looks_like_id_prefix(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
 }
 
 #[cfg(test)]
@@ -638,6 +656,14 @@ mod tests {
             Err(FindError::Ambiguous { .. })
         ));
         assert!(matches!(table.find("radio"), Err(FindError::NotFound(_))));
+        // Too short to be a prefix: the message says how long one must be.
+        let short = table.find(&tv.to_string()[..3]).unwrap_err();
+        assert_eq!(short, FindError::PrefixTooShort(tv.to_string()[..3].into()));
+        assert!(
+            short.to_string().contains("at least 4 characters"),
+            "{short}"
+        );
+        assert!(matches!(table.find("tv!"), Err(FindError::NotFound(_))));
         assert!(table.remove_instance("tv-1._handoff._udp.local.").is_some());
         assert!(table.find("tv").is_err());
         // A proof of an ID nobody claims is not kept.

@@ -31,7 +31,7 @@ pub enum TrustError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is this terminal's own ID")]
+    #[error("{0} is this terminal's own ID; name another terminal (see `handoff peers`)")]
     Myself(TerminalId),
 }
 

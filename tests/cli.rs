@@ -1,10 +1,13 @@
-//! The command-line contract (DESIGN §8) that needs no network: `id`, `config check`, exit codes
-//! and error lines.
+//! The command-line contract (DESIGN §8): `id`, `config check`, exit codes and error lines, help
+//! and the man page, and the CLI against daemons run in process on loopback (no mDNS).
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
 
+use support::inproc::*;
 use support::{handoff, BIN};
 
 fn stderr(out: &std::process::Output) -> String {
@@ -253,4 +256,390 @@ fn completions_and_man_page_come_from_the_cli_definition() {
         let text = std::fs::read_to_string(dir.path().join(page)).unwrap_or_default();
         assert!(text.contains(".TH"), "{page} missing or empty");
     }
+}
+
+/// `handoff ARGS` with `HANDOFF_SOCKET` set to `env` (or removed), off the async runtime.
+async fn handoff_env(args: &[&str], env: Option<&Path>) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args);
+    match env {
+        Some(socket) => command.env("HANDOFF_SOCKET", socket),
+        None => command.env_remove("HANDOFF_SOCKET"),
+    };
+    command.output().await.expect("run handoff")
+}
+
+/// A daemon without a server or trusted peers, and its control socket.
+async fn start_at(dir: &Path, name: &str) -> (handoff::daemon::Daemon, std::path::PathBuf) {
+    let config = terminal(dir, name, None, vec![]);
+    let socket = config.control_socket.clone();
+    (start(config).await, socket)
+}
+
+fn shown(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Issue 12.10: `HANDOFF_SOCKET` in the environment is a default, not a flag: a typed
+/// `--config` or `--socket` wins over it, and only both flags typed together conflict.
+#[tokio::test]
+async fn handoff_socket_in_the_environment_yields_to_a_typed_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, socket) = start_at(dir.path(), "a").await;
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!("control_socket = \"{}\"\n", socket.display()),
+    )
+    .unwrap();
+    let elsewhere = dir.path().join("elsewhere.sock");
+    let config = config.to_str().unwrap();
+
+    // --config: its daemon answers although the environment names another socket.
+    let out = handoff_env(&["status", "--json", "--config", config], Some(&elsewhere)).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["id"], daemon.id().to_string());
+    // --socket likewise.
+    let out = handoff_env(
+        &["status", "--socket", socket.to_str().unwrap()],
+        Some(&elsewhere),
+    )
+    .await;
+    assert!(out.status.success(), "{}", shown(&out));
+    // Without a flag the environment decides.
+    let out = handoff_env(&["status"], Some(&socket)).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    let out = handoff_env(&["status"], Some(&elsewhere)).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(stderr(&out).contains("elsewhere.sock"), "{}", shown(&out));
+    // Two flags typed together still contradict each other.
+    let out = handoff_env(
+        &[
+            "status",
+            "--config",
+            config,
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", shown(&out));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        shown(&out)
+    );
+    daemon.shutdown().await;
+}
+
+/// Issue 12.11: every command and every option of every command says what it is for.
+#[test]
+fn every_command_and_option_has_help_text() {
+    fn walk(command: &clap::Command, name: &str, missing: &mut Vec<String>) {
+        if command
+            .get_about()
+            .is_none_or(|a| a.to_string().trim().is_empty())
+        {
+            missing.push(format!("{name} (the command)"));
+        }
+        for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+            let help = arg.get_help().or(arg.get_long_help());
+            if help.is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(format!("{name} {}", arg.get_id()));
+            }
+            for value in arg
+                .get_possible_values()
+                .iter()
+                .filter(|v| !v.is_hide_set())
+            {
+                // Shells are clap_complete's own list; every value of ours says what it means.
+                if arg.get_id() != "shell" && value.get_help().is_none() {
+                    missing.push(format!("{name} {} {}", arg.get_id(), value.get_name()));
+                }
+            }
+        }
+        for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+            walk(sub, &format!("{name} {}", sub.get_name()), missing);
+        }
+    }
+    let mut command = <handoff::cli::Cli as clap::CommandFactory>::command();
+    command.build();
+    let mut missing = Vec::new();
+    walk(&command, "handoff", &mut missing);
+    assert!(missing.is_empty(), "without help text: {missing:#?}");
+}
+
+/// Issue 12.11: `handoff man` alone documents every command at every depth with every option,
+/// and refers to no other page (per-command pages exist only with `--dir`).
+#[test]
+fn the_one_man_page_documents_every_option_and_links_no_other_page() {
+    let out = handoff(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!page.contains("(1)"), "links another page");
+    assert!(
+        !page.contains("HANDOFF HELP"),
+        "the help pseudo-command is not documented"
+    );
+
+    let mut command = <handoff::cli::Cli as clap::CommandFactory>::command();
+    command.build();
+    // (section heading, command), depth first.
+    fn sections<'a>(c: &'a clap::Command, name: &str, out: &mut Vec<(String, &'a clap::Command)>) {
+        for sub in c
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            let full = format!("{name} {}", sub.get_name().to_uppercase());
+            out.push((full.clone(), sub));
+            sections(sub, &full, out);
+        }
+    }
+    let mut all = Vec::new();
+    sections(&command, "HANDOFF", &mut all);
+    for needle in ["HANDOFF SESSION SET", "HANDOFF CONFIG CHECK"] {
+        assert!(all.iter().any(|(h, _)| h == needle), "{needle}");
+    }
+    for (heading, sub) in &all {
+        let start = page
+            .find(&format!(".SH \"{heading}\"\n"))
+            .unwrap_or_else(|| panic!("no section {heading}"));
+        let body = &page[start + 1..];
+        let body = &body[..body.find("\n.SH ").unwrap_or(body.len())];
+        for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+            let shown = match arg.get_long() {
+                Some(long) => format!("\\-\\-{}", long.replace('-', "\\-")),
+                None => format!("<\\fI{}\\fR>", arg.get_id().as_str().to_uppercase()),
+            };
+            assert!(body.contains(&shown), "{heading} lacks {shown}");
+        }
+    }
+    for option in ["\\-\\-uri", "\\-\\-position", "\\-\\-meta", "\\-\\-kind"] {
+        assert!(page.contains(option), "{option}");
+    }
+}
+
+/// Issue 12.14: a negative, NaN or infinite position or timeout is refused by the CLI with a
+/// reason (not taken for a flag, not sent as null); a good one reaches the daemon.
+#[tokio::test]
+async fn positions_and_timeouts_must_be_finite_and_in_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, socket) = start_at(dir.path(), "a").await;
+    let socket = socket.to_str().unwrap();
+    for bad in ["-5", "-0.5", "NaN", "inf", "twelve"] {
+        let out = handoff_env(
+            &[
+                "session",
+                "set",
+                "--uri",
+                "https://x/",
+                "--position",
+                bad,
+                "--socket",
+                socket,
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", shown(&out));
+        let err = stderr(&out);
+        assert!(err.starts_with("error: invalid value"), "{bad}: {err}");
+        assert!(err.contains("--position"), "{bad}: {err}");
+        assert!(
+            err.contains("a position is a number of seconds"),
+            "{bad}: {err}"
+        );
+        assert!(!err.contains("unexpected argument"), "{bad}: {err}");
+    }
+    assert_eq!(daemon.session(), None, "nothing reached the daemon");
+    for bad in ["-1", "0", "NaN", "inf"] {
+        let out = handoff_env(&["pull", "tv", "--timeout", bad, "--socket", socket], None).await;
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", shown(&out));
+        assert!(
+            stderr(&out).contains("a timeout is a number of seconds"),
+            "{}",
+            shown(&out)
+        );
+    }
+    let out = handoff_env(
+        &[
+            "session",
+            "set",
+            "--uri",
+            "https://x/",
+            "--position",
+            "12.5",
+            "--socket",
+            socket,
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(daemon.session().and_then(|s| s.position), Some(12.5));
+    daemon.shutdown().await;
+}
+
+/// Issue 12.14: `trust` and `untrust` of this terminal's own ID, name or ID prefix say that it
+/// is this terminal's own and change nothing; an ID prefix too short to name a peer says how
+/// long one must be.
+#[tokio::test]
+async fn trust_refuses_this_terminal_and_too_short_prefixes_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, socket) = start_at(dir.path(), "living-room").await;
+    let socket = socket.to_str().unwrap();
+    let me = daemon.id().to_string();
+    for command in ["trust", "untrust"] {
+        for name in [me.as_str(), &me[..6], "living-room"] {
+            let out = handoff_env(&[command, name, "--socket", socket], None).await;
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{command} {name}: {}",
+                shown(&out)
+            );
+            let err = stderr(&out);
+            assert!(err.starts_with("error: "), "{err}");
+            assert!(
+                err.contains("this terminal's own ID"),
+                "{command} {name}: {err}"
+            );
+        }
+    }
+    assert!(daemon.trusted().is_empty());
+
+    let peer = handoff::identity::Identity::generate().unwrap().id();
+    introduce(&daemon, "tv", peer, "127.0.0.1:9".parse().unwrap());
+    let out = handoff_env(&["trust", &peer.to_string()[..3], "--socket", socket], None).await;
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(
+        stderr(&out).contains("at least 4 characters"),
+        "{}",
+        shown(&out)
+    );
+    assert!(daemon.trusted().is_empty());
+    let out = handoff_env(&["trust", &peer.to_string()[..4], "--socket", socket], None).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(daemon.trusted().len(), 1);
+    assert_eq!(daemon.trusted()[0].id, peer.to_string());
+    daemon.shutdown().await;
+}
+
+/// Issue 12.15: a field a command does not have is refused, naming it, for commands with fields
+/// and without; the connection stays usable.
+#[tokio::test]
+async fn the_control_socket_refuses_unknown_fields_by_name() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, socket) = start_at(dir.path(), "a").await;
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut ask = async |line: &str| -> serde_json::Value {
+        write
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        let reply = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .expect("a reply line");
+        serde_json::from_str(&reply).unwrap()
+    };
+    for (line, field) in [
+        (r#"{"cmd":"status","verbose":true}"#, "verbose"),
+        (r#"{"cmd":"inbox","limit":3}"#, "limit"),
+        (
+            r#"{"cmd":"session_set","uri":"https://x/","titel":"typo"}"#,
+            "titel",
+        ),
+    ] {
+        let reply = ask(line).await;
+        assert_eq!(reply["ok"], false, "{line}: {reply}");
+        let error = reply["error"].as_str().unwrap_or_default();
+        assert!(error.contains(field), "{line}: {reply}");
+    }
+    assert_eq!(
+        daemon.session(),
+        None,
+        "the misspelt request changed nothing"
+    );
+    let reply = ask(r#"{"cmd":"status"}"#).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    daemon.shutdown().await;
+}
+
+/// Issue 12.14: pulling an unchanged session again prints it again, but the inbox keeps it
+/// once; a changed session is a new entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulling_an_unchanged_session_again_keeps_one_inbox_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let b_id = handoff::identity::Identity::load_or_create(&dir.path().join("b"))
+        .unwrap()
+        .id();
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b_id])).await;
+    let (b, socket) = start_at(dir.path(), "b").await;
+    let socket = socket.to_str().unwrap();
+    wait_connected(&a).await;
+    assert!(a.set_session(Some(session("film")), WAIT).await);
+    introduce(&b, "a", a.id(), a.quic_addr());
+    let inbox = async || -> Vec<serde_json::Value> {
+        let out = handoff_env(&["inbox", "--json", "--socket", socket], None).await;
+        assert!(out.status.success(), "{}", shown(&out));
+        support::json_lines(&out.stdout)
+    };
+    for _ in 0..3 {
+        let out = handoff_env(&["pull", "a", "--json", "--socket", socket], None).await;
+        assert!(out.status.success(), "{}", shown(&out));
+        let push = &support::json_lines(&out.stdout)[0];
+        assert_eq!(push["title"], "film");
+    }
+    let items = inbox().await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["from"], a.id().to_string());
+
+    let mut moved = session("film");
+    moved.position = Some(60.0);
+    assert!(a.set_session(Some(moved), WAIT).await);
+    let out = handoff_env(&["pull", "a", "--json", "--socket", socket], None).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    let items = inbox().await;
+    let positions: Vec<&serde_json::Value> = items.iter().map(|i| &i["position"]).collect();
+    assert_eq!(positions, [3.0, 60.0], "{items:?}");
+    b.shutdown().await;
+    a.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Issue 12.14: a second daemon given a socket another daemon serves stops before it creates
+/// anything: no state directory, no key; the first daemon keeps serving.
+#[tokio::test]
+async fn a_second_daemon_on_a_busy_socket_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, socket) = start_at(dir.path(), "a").await;
+    let mut second = terminal(dir.path(), "b", None, vec![]);
+    second.control_socket = socket.clone();
+    let state_dir = second.state_dir.clone();
+    let err =
+        handoff::daemon::Daemon::start(second, handoff::daemon::DaemonOptions { discovery: false })
+            .await
+            .err()
+            .expect("the second daemon is refused");
+    assert!(
+        err.to_string().contains("another daemon is listening"),
+        "{err}"
+    );
+    assert!(!state_dir.exists(), "{} was created", state_dir.display());
+    let out = handoff_env(&["status", "--socket", socket.to_str().unwrap()], None).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    first.shutdown().await;
 }

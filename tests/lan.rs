@@ -131,6 +131,14 @@ fn handoff_across_a_namespace_lan() {
     assert_eq!(first["position"], 12.0);
     assert_eq!(first["meta"]["kind"], "video");
     assert!(first["body"].is_null());
+    // B's log names the sender by its ID (not `Some("…")`).
+    wait_for(Duration::from_secs(5), || {
+        let log = lan.log("b");
+        log.contains(&format!("push received from={a_id}"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no 'push received from=ID' line\n{}", lan.log("b")));
+    assert!(!lan.log("b").contains("from=Some("), "{}", lan.log("b"));
 
     // B's watch prints A's next change.
     let mut watch = Command::new(BIN)

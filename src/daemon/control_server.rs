@@ -42,11 +42,8 @@ pub(crate) fn bind(path: &Path, group: Option<&ControlGroup>) -> Result<UnixList
         _ => Path::new("."),
     };
     prepare_dir(path, dir, group)?;
-    if std::fs::symlink_metadata(path).is_ok()
-        && std::os::unix::net::UnixStream::connect(path).is_ok()
-    {
-        return Err(err("another daemon is listening on it".into()));
-    }
+    // Checked again: another daemon may have bound it since `ensure_free`.
+    ensure_free(path)?;
     let private = make_private_dir(dir, name).map_err(|e| {
         err(format!(
             "cannot make a private directory in {} to bind in: {e}",
@@ -75,6 +72,21 @@ pub(crate) fn bind(path: &Path, group: Option<&ControlGroup>) -> Result<UnixList
     let _ = std::fs::remove_file(&staged);
     let _ = std::fs::remove_dir(&private);
     bound
+}
+
+/// Refuses a socket another daemon listens on. [`super::Daemon::start`] calls it before it
+/// creates anything (state directory, key, trust list), so a second daemon started by mistake
+/// leaves no trace.
+pub(crate) fn ensure_free(path: &Path) -> Result<(), DaemonError> {
+    if std::fs::symlink_metadata(path).is_ok()
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+    {
+        return Err(DaemonError::Control {
+            path: path.to_path_buf(),
+            reason: "another daemon is listening on it (control_socket)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Makes sure the socket's directory is safe to bind in and, with a group, traversable by it.

@@ -192,6 +192,8 @@ impl Daemon {
     /// Starts every part of the daemon: identity, QUIC endpoint, server link, discovery and the
     /// control socket. Returns once all are bound and registered.
     pub async fn start(config: DaemonConfig, options: DaemonOptions) -> Result<Self, DaemonError> {
+        // Before anything is created: a daemon already serving this socket is not disturbed.
+        control_server::ensure_free(&config.control_socket)?;
         // The certificate carries the name, so peers learn it from the key holder (DESIGN §7).
         let identity = Identity::load_or_create(&config.state_dir)?.named(&config.name)?;
         let trust = TrustStore::open(&config.state_dir, config.accept, &config.trusted_peers)?;
@@ -505,6 +507,9 @@ impl Daemon {
         &self,
         id: TerminalId,
     ) -> Result<(crate::trust::Untrusted, Option<bool>), TrustError> {
+        if id == self.id() {
+            return Err(TrustError::Myself(id));
+        }
         let untrusted = self.shared.trust.untrust(id)?;
         info!(peer = %id, "peer revoked");
         if untrusted.in_config {
@@ -563,11 +568,22 @@ impl Daemon {
     }
 
     /// Resolves a CLI argument naming a peer: a known peer's name or ID prefix, or a full ID.
+    /// This terminal's own name or ID prefix resolves to its own ID when no peer matches, so
+    /// that `trust` and `untrust` can say it is this terminal's own.
     pub fn resolve_id(&self, query: &str) -> Result<TerminalId, crate::peer::FindError> {
         if let Ok(id) = query.trim().parse() {
             return Ok(id);
         }
-        lock(&self.shared.peers).find(query).map(|p| p.id)
+        let found = lock(&self.shared.peers).find(query).map(|p| p.id);
+        let query = query.trim();
+        let me = self.id();
+        let is_me = query == self.shared.config.name
+            || (query.len() >= crate::peer::MIN_ID_PREFIX
+                && me.to_string().starts_with(&query.to_ascii_lowercase()));
+        match found {
+            Err(crate::peer::FindError::NotFound(_)) if is_me => Ok(me),
+            found => found,
+        }
     }
 
     pub async fn inbox(&self) -> Result<Vec<PushRecord>, InboxError> {
@@ -641,6 +657,12 @@ impl Daemon {
                             ),
                         );
                     }
+                    if appended.repeat {
+                        debug!(
+                            offset = record.offset,
+                            "push repeats the inbox's newest from this terminal: kept once"
+                        );
+                    }
                     appended.fresh
                 }
                 Ok(Err(e)) => {
@@ -659,7 +681,12 @@ impl Daemon {
                 .inc("handoff_pushes_duplicate_total", None);
             return;
         }
-        info!(from = ?record.from, title = %record.title, offset = record.offset, "push received");
+        info!(
+            from = %record.from.as_deref().unwrap_or("publisher"),
+            title = %record.title,
+            offset = record.offset,
+            "push received"
+        );
         self.shared
             .metrics
             .inc("handoff_pushes_received_total", None);
