@@ -91,6 +91,8 @@ struct RawDaemon {
     log: RawLog,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    player: RawPlayer,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -221,6 +223,8 @@ pub struct DaemonConfig {
     pub log_level: String,
     /// Where to serve Prometheus metrics over HTTP (`[metrics] listen`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[player]`: read by `handoff player`, not by the daemon.
+    pub player: PlayerConfig,
 }
 
 /// Bounds on what peers can make a daemon do; over a limit a request is refused or a connection
@@ -466,6 +470,7 @@ impl DaemonConfig {
                 .listen
                 .map(|text| parse_addr("metrics.listen", &text))
                 .transpose()?,
+            player: PlayerConfig::validate(raw.player)?,
         })
     }
 }
@@ -476,6 +481,145 @@ fn default_name() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "handoff".to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Player (`handoff player`, see crate::player)
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPlayer {
+    share: Option<Vec<String>>,
+    clear_on_stop: Option<bool>,
+    position_poll_secs: Option<f64>,
+    settle_secs: Option<f64>,
+    open: Option<bool>,
+    drive: Option<Vec<String>>,
+    replace_playing: Option<bool>,
+    #[serde(default)]
+    command: Vec<String>,
+    schemes: Option<Vec<String>>,
+    load_timeout_secs: Option<f64>,
+    tolerance_secs: Option<f64>,
+}
+
+/// `[player]`: how `handoff player` bridges the desktop's media players (MPRIS on the session
+/// bus) and the daemon. Player patterns match the bus name after `org.mpris.MediaPlayer2.`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlayerConfig {
+    /// Players whose playback becomes this terminal's session; empty shares nothing.
+    pub share: Vec<String>,
+    /// Clear the session when the shared player stops or quits (else the last one stays).
+    pub clear_on_stop: bool,
+    /// How often the position of a playing player is read (players do not signal it).
+    pub position_poll: Duration,
+    /// How long a player's track must stay unchanged before it is shared (players show
+    /// provisional metadata while loading).
+    pub settle: Duration,
+    /// Open what followed terminals push in a player.
+    pub open: bool,
+    /// Players that may be told to open a push.
+    pub drive: Vec<String>,
+    /// Take over a player that is playing something else.
+    pub replace_playing: bool,
+    /// argv started when no player to drive is running; empty starts nothing.
+    pub command: Vec<String>,
+    /// URI schemes shared and opened (lowercase).
+    pub schemes: Vec<String>,
+    /// How long a player may take to load a pushed URI (or to appear after `command`).
+    pub load_timeout: Duration,
+    /// Position differences up to this are not changes (neither shared nor followed).
+    pub tolerance: Duration,
+}
+
+impl Default for PlayerConfig {
+    fn default() -> Self {
+        Self::validate(RawPlayer::default())
+            .unwrap_or_else(|e| unreachable!("the player defaults are valid: {e}"))
+    }
+}
+
+impl PlayerConfig {
+    fn validate(raw: RawPlayer) -> Result<Self, ConfigError> {
+        fn patterns(
+            key: &'static str,
+            list: Option<Vec<String>>,
+        ) -> Result<Vec<String>, ConfigError> {
+            let list = list.unwrap_or_else(|| vec!["*".to_string()]);
+            for pattern in &list {
+                let valid = !pattern.is_empty()
+                    && pattern.len() <= 255
+                    && pattern
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '*'));
+                if !valid {
+                    return Err(invalid(
+                        key,
+                        format!("{pattern:?} is not a player name pattern (e.g. \"mpv\", \"vlc\", \"*\")"),
+                    ));
+                }
+            }
+            Ok(list)
+        }
+        fn secs(
+            key: &'static str,
+            value: Option<f64>,
+            default: f64,
+            min: f64,
+            max: f64,
+        ) -> Result<Duration, ConfigError> {
+            let value = value.unwrap_or(default);
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be between {min} and {max} seconds"),
+                ));
+            }
+            Ok(Duration::from_secs_f64(value))
+        }
+        if raw.command.first().is_some_and(|p| p.is_empty()) {
+            return Err(invalid("player.command", "the program name is empty"));
+        }
+        let schemes = match raw.schemes {
+            None => crate::hook::DEFAULT_SCHEMES.map(String::from).to_vec(),
+            Some(list) => {
+                for scheme in &list {
+                    if !crate::hook::is_scheme(scheme) {
+                        return Err(invalid(
+                            "player.schemes",
+                            format!("{scheme:?} is not a URI scheme (e.g. \"https\")"),
+                        ));
+                    }
+                }
+                list.iter().map(|s| s.to_ascii_lowercase()).collect()
+            }
+        };
+        Ok(Self {
+            share: patterns("player.share", raw.share)?,
+            clear_on_stop: raw.clear_on_stop.unwrap_or(true),
+            position_poll: secs(
+                "player.position_poll_secs",
+                raw.position_poll_secs,
+                5.0,
+                0.5,
+                600.0,
+            )?,
+            settle: secs("player.settle_secs", raw.settle_secs, 1.0, 0.0, 30.0)?,
+            open: raw.open.unwrap_or(true),
+            drive: patterns("player.drive", raw.drive)?,
+            replace_playing: raw.replace_playing.unwrap_or(false),
+            command: raw.command,
+            schemes,
+            load_timeout: secs(
+                "player.load_timeout_secs",
+                raw.load_timeout_secs,
+                20.0,
+                1.0,
+                300.0,
+            )?,
+            tolerance: secs("player.tolerance_secs", raw.tolerance_secs, 2.0, 0.5, 60.0)?,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
