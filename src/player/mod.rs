@@ -104,6 +104,7 @@ pub struct Player {
     tasks: TaskTracker,
     events: broadcast::Sender<PlayerEvent>,
     failed: watch::Receiver<Option<String>>,
+    watching: watch::Receiver<bool>,
 }
 
 impl Player {
@@ -133,11 +134,13 @@ impl Player {
             actions,
             cancel.clone(),
         ));
+        let (watching_tx, watching) = watch::channel(false);
         if config.open {
             let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
             tasks.spawn(sink::watch_pushes(
                 options.control_socket.clone(),
                 push_tx,
+                watching_tx,
                 cancel.clone(),
             ));
             let opener = sink::Opener::new(bus, config, options.bus.clone(), events.clone());
@@ -149,12 +152,22 @@ impl Player {
             tasks,
             events,
             failed,
+            watching,
         })
     }
 
     /// Every event of the sink from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<PlayerEvent> {
         self.events.subscribe()
+    }
+
+    /// Resolves once the sink watches the daemon's pushes (never without `[player] open`):
+    /// pushes delivered from then on reach it.
+    pub async fn watching(&self) {
+        let mut watching = self.watching.clone();
+        if watching.wait_for(|w| *w).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Resolves with the reason when the bridge cannot go on (the bus went away).

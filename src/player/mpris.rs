@@ -381,6 +381,11 @@ impl Bus {
         self.player_call(name, "Play", &()).await
     }
 
+    /// `Pause`.
+    pub async fn pause(&self, name: &str) -> zbus::Result<()> {
+        self.player_call(name, "Pause", &()).await
+    }
+
     /// Name changes of MPRIS players, and property changes and seeks of `sender` (a unique
     /// name), or of every player when `sender` is None. Subscribe before making the calls whose
     /// effects you wait for.

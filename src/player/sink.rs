@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -156,6 +156,7 @@ fn unix_ms() -> u64 {
 pub(crate) async fn watch_pushes(
     socket: PathBuf,
     pushes: mpsc::Sender<PushRecord>,
+    watching: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(500);
@@ -170,6 +171,7 @@ pub(crate) async fn watch_pushes(
                 ));
             }
             info!("watching pushes on {}", socket.display());
+            watching.send_replace(true);
             loop {
                 let line: WatchLine = client.read_line().await?;
                 if pushes.send(line.push).await.is_err() {
@@ -181,6 +183,7 @@ pub(crate) async fn watch_pushes(
             _ = cancel.cancelled() => return,
             ended = session => ended,
         };
+        watching.send_replace(false);
         match ended {
             Ok(()) => return,
             Err(e) if !reported => {
@@ -479,6 +482,15 @@ impl Opener {
         if let Err(e) = self.bus.play(&player).await {
             self.fail(&uri, Some(&player), format!("Play failed: {e}"));
             return;
+        }
+        // mpv-mpris 0.7 goes on reporting Stopped after a load into an idle mpv until `pause`
+        // changes, which `Play` on an unpaused mpv does not do; a pause/play pair makes it tell
+        // the truth (so this terminal's own source shares what now plays).
+        if self.bus.state(&player).await.is_ok_and(|s| {
+            s.status == Status::Stopped && s.track.url.as_deref() == Some(uri.as_str())
+        }) {
+            let _ = self.bus.pause(&player).await;
+            let _ = self.bus.play(&player).await;
         }
         self.failed = None;
         self.current = Some(Opened {
