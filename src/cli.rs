@@ -150,7 +150,7 @@ pub enum Command {
     /// what plays as the session, open what followed terminals push. Runs in the foreground.
     Player {
         /// A daemon config: its `[player]` section and its `control_socket`.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "HANDOFF_CONFIG")]
         config: Option<PathBuf>,
         /// The daemon's control socket (instead of the config's).
         #[arg(long, value_name = "PATH", env = "HANDOFF_SOCKET")]

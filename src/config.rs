@@ -1202,6 +1202,56 @@ mod tests {
     }
 
     #[test]
+    fn player_section_is_validated() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let p = DaemonConfig::load(&root.join("daemon.toml"))
+            .unwrap()
+            .player;
+        assert_eq!(p.drive, ["mpv", "vlc"]);
+        assert_eq!(p.command, ["mpv", "--idle=yes", "--force-window=yes"]);
+        assert_eq!(p.position_poll, Duration::from_secs(5));
+        assert!(p.open && p.clear_on_stop && !p.replace_playing);
+        let d = daemon("").unwrap().player;
+        assert_eq!(d, PlayerConfig::default());
+        assert_eq!(d.share, ["*"]);
+        assert_eq!(d.schemes, ["http", "https"]);
+        assert!(d.command.is_empty());
+        assert_eq!(d.settle, Duration::from_secs(1));
+        assert_eq!(d.tolerance, Duration::from_secs(2));
+        let p = daemon("[player]\nschemes = [\"HTTPS\", \"file\"]\nsettle_secs = 0.25")
+            .unwrap()
+            .player;
+        assert_eq!(p.schemes, ["https", "file"]);
+        assert_eq!(p.settle, Duration::from_millis(250));
+        let cases = [
+            ("[player]\nshare = [\"org.mpris/x\"]", "player.share"),
+            ("[player]\ndrive = [\"\"]", "player.drive"),
+            ("[player]\nschemes = [\"ht tp\"]", "player.schemes"),
+            (
+                "[player]\nposition_poll_secs = 0",
+                "player.position_poll_secs",
+            ),
+            ("[player]\nsettle_secs = -1", "player.settle_secs"),
+            (
+                "[player]\nload_timeout_secs = 1000",
+                "player.load_timeout_secs",
+            ),
+            ("[player]\ntolerance_secs = 0.1", "player.tolerance_secs"),
+            ("[player]\ncommand = [\"\", \"x\"]", "player.command"),
+        ];
+        for (text, key) in cases {
+            match daemon(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
+        }
+        let err = daemon("[player]\nopen_on_push = true")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("open_on_push"), "{err}");
+    }
+
+    #[test]
     fn wrong_types_are_rejected_naming_the_key() {
         let err = daemon("[trust]\npeers = \"notalist\"")
             .unwrap_err()
