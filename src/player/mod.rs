@@ -187,6 +187,12 @@ impl Player {
     /// Stops every task (waiting up to 3 s for them).
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
+        if tokio::time::timeout(Duration::from_secs(3), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the player's tasks did not end within 3 s");
+        }
+        tracing::debug!("player tasks ended");
     }
 }
