@@ -631,3 +631,229 @@ async fn a_player_playing_something_else_is_taken_over_only_with_replace_playing
     );
     bridge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_player_running_the_configured_command_starts_one() {
+    let Some(plugin) = require_players("with_no_player_running_the_configured_command_starts_one")
+    else {
+        return;
+    };
+    let t = terminals().await;
+    let http = media_server(vec![("started.wav", wav(60, "Started"))]).await;
+    let url = format!("http://{http}/started.wav");
+    let bus_b = PrivateBus::start(t.dir.path(), "b");
+    let dbus_b = Bus::connect(Some(&bus_b.address)).await.unwrap();
+    // The command records its pid, so the test can stop the player it starts.
+    let pid_file = t.dir.path().join("started.pid");
+    let log = t.dir.path().join("mpv-started.log");
+    let script = format!(
+        "echo $$ > {}; exec mpv --no-config --script={} --no-video --vo=null --ao=null --idle=yes --ytdl=no --no-terminal --log-file={}",
+        pid_file.display(),
+        plugin.display(),
+        log.display()
+    );
+    let config = PlayerConfig {
+        command: vec!["sh".into(), "-c".into(), script],
+        ..test_config()
+    };
+    let bridge = t.bridge("b", &bus_b, config).await;
+    let mut events = bridge.subscribe();
+    watching(&bridge).await;
+    let session = Session {
+        uri: url.clone(),
+        title: "Started".into(),
+        position: Some(12.0),
+        meta: Default::default(),
+    };
+    assert!(t.a.set_session(Some(session), LONG).await);
+    t.b.pull("a", LONG).await.expect("pull");
+    let event = next_event(&mut events).await;
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the command ran");
+    let stop = Stop(pid);
+    let PlayerEvent::Opened {
+        uri,
+        player,
+        position,
+    } = &event
+    else {
+        panic!(
+            "expected Opened, got {event:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    assert_eq!(uri, &url);
+    let position = position.expect("seeked");
+    assert!((position - 12.0).abs() <= 2.0, "opened at {position}");
+    assert_eq!(
+        dbus_b.state(player).await.unwrap().track.url.as_deref(),
+        Some(url.as_str())
+    );
+    bridge.shutdown().await;
+    drop(stop);
+}
+
+/// Kills a process the test did not spawn itself (by pid) on drop.
+struct Stop(i32);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is a player this test started.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// A network namespace holding only `lo`, removed on drop.
+struct LoopbackNs(String);
+
+impl LoopbackNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("ho{}{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {:?}", out);
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Self(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `f` on a thread inside the namespace; threads and processes it starts are inside
+    /// too.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("the test inside the namespace")
+    }
+}
+
+impl Drop for LoopbackNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// VLC, which refuses to run as root, as `nobody`, through `setpriv` (which execs it, so the pid
+/// is VLC's), with its MPRIS interface on `bus`.
+fn start_vlc(bus: &PrivateBus, home: &Path, log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "cvlc",
+            "--control=dbus",
+            "--aout=dummy",
+            "--vout=dummy",
+            "--no-video",
+            "--no-lua",
+            "--no-metadata-network-access",
+            "--no-auto-preparse",
+        ])
+        .env_clear()
+        .env("HOME", home)
+        .env("PATH", "/usr/bin:/bin")
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start vlc");
+    Proc(child)
+}
+
+#[test]
+fn a_push_opens_in_vlc_at_the_pushed_position_and_follows_a_seek() {
+    let test = "a_push_opens_in_vlc_at_the_pushed_position_and_follows_a_seek";
+    if !support::require_root(test) {
+        return;
+    }
+    let missing: Vec<&str> = ["cvlc", "setpriv", "dbus-daemon"]
+        .into_iter()
+        .filter(|p| !on_path(p))
+        .collect();
+    if !missing.is_empty() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test} needs {missing:?} (apt-get install vlc-bin vlc-plugin-base dbus-daemon), and CI=true forbids skipping it");
+        }
+        eprintln!("SKIPPED {test}: needs {missing:?} (apt-get install vlc-bin vlc-plugin-base dbus-daemon)");
+        return;
+    }
+    // VLC may look for things on the network by itself: it runs where only loopback exists.
+    let ns = LoopbackNs::new("vlc");
+    ns.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(vlc_body())
+    });
+}
+
+async fn vlc_body() {
+    let t = terminals().await;
+    let http = media_server(vec![("vlc.wav", wav(120, "For VLC"))]).await;
+    let url = format!("http://{http}/vlc.wav");
+    // VLC runs as nobody: its bus socket and home are in a directory it can reach.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        shared.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let home = shared.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let bus_b = PrivateBus::start(shared.path(), "b");
+    let vlc_log = t.dir.path().join("vlc.log");
+    let _vlc = start_vlc(&bus_b, &home, &vlc_log);
+    let dbus_b = Bus::connect(Some(&bus_b.address)).await.unwrap();
+    let name = player_name(&dbus_b).await;
+    assert!(name.contains("vlc"), "{name}");
+
+    let bridge = t.bridge("b", &bus_b, test_config()).await;
+    let mut events = bridge.subscribe();
+    watching(&bridge).await;
+    let session = |position: f64| Session {
+        uri: url.clone(),
+        title: "For VLC".into(),
+        position: Some(position),
+        meta: [("status".to_string(), "paused".to_string())].into(),
+    };
+    assert!(t.a.set_session(Some(session(30.0)), LONG).await);
+    t.b.pull("a", LONG).await.expect("pull");
+    let event = next_event(&mut events).await;
+    let vlc_says = || std::fs::read_to_string(&vlc_log).unwrap_or_default();
+    let PlayerEvent::Opened { uri, position, .. } = &event else {
+        panic!("expected Opened, got {event:?}\n{}", vlc_says());
+    };
+    assert_eq!(uri, &url);
+    let position = position.expect("VLC seeked");
+    assert!((position - 30.0).abs() <= 2.0, "VLC opened at {position}");
+    let state = dbus_b.state(&name).await.unwrap();
+    assert_eq!(state.track.url.as_deref(), Some(url.as_str()));
+
+    // A jumps to 70 s: VLC follows.
+    assert!(t.a.set_session(Some(session(70.0)), LONG).await);
+    let event = next_event(&mut events).await;
+    let PlayerEvent::Followed { position, .. } = &event else {
+        panic!("expected Followed, got {event:?}\n{}", vlc_says());
+    };
+    let position = position.expect("VLC seeked");
+    assert!((position - 70.0).abs() <= 2.0, "VLC followed to {position}");
+    bridge.shutdown().await;
+}
