@@ -36,6 +36,8 @@ use crate::hook::HookRefusal;
 const POLL: Duration = Duration::from_millis(500);
 /// How long a player may show `Stopped` without the track before the load counts as failed.
 const STOPPED_GRACE: Duration = Duration::from_secs(1);
+/// How long a player may take to report a new status.
+const STATUS_WAIT: Duration = Duration::from_secs(5);
 /// How long a player may take to seek.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest extrapolation of a playing timeline (clocks far apart must not send a player to the
@@ -127,7 +129,8 @@ pub(crate) fn choose(
     if let Some(i) = find(&|(_, s)| s.track.url.as_deref() == Some(uri)) {
         return Choice::Use(i);
     }
-    if let Some(i) = find(&|(_, s)| s.status == Status::Stopped) {
+    // Idle: stopped, or showing no track (an idle mpv-mpris 0.7 may say Playing).
+    if let Some(i) = find(&|(_, s)| s.status == Status::Stopped || s.track.url.is_none()) {
         return Choice::Use(i);
     }
     if let Some(i) = find(&|(_, s)| s.status == Status::Paused) {
@@ -443,6 +446,15 @@ impl Opener {
         };
         let loaded =
             state.track.url.as_deref() == Some(uri.as_str()) && state.track.length().is_some();
+        // Paused first: mpv keeps its pause state across files, so it loads paused and `Play`
+        // is a change it reports (mpv-mpris 0.7 reports a load into an idle mpv as Stopped
+        // until `pause` changes). Players that play on their own (VLC) lose nothing.
+        if state.status == Status::Playing {
+            let _ = self.bus.pause(&player).await;
+            wait_status(&self.bus, &player, &mut signals, |s| s != Status::Playing).await;
+        } else if state.status == Status::Stopped {
+            let _ = self.bus.pause(&player).await;
+        }
         let trackid = match (loaded, state.track.trackid.clone()) {
             (true, Some(trackid)) => trackid,
             _ => {
@@ -483,14 +495,16 @@ impl Opener {
             self.fail(&uri, Some(&player), format!("Play failed: {e}"));
             return;
         }
-        // mpv-mpris 0.7 goes on reporting Stopped after a load into an idle mpv until `pause`
-        // changes, which `Play` on an unpaused mpv does not do; a pause/play pair makes it tell
-        // the truth (so this terminal's own source shares what now plays).
-        if self.bus.state(&player).await.is_ok_and(|s| {
-            s.status == Status::Stopped && s.track.url.as_deref() == Some(uri.as_str())
-        }) {
+        // Confirm it plays. mpv-mpris 0.7 may miss a pause change that came too soon after
+        // another: a second pause/play pair, each waited for, makes it tell the truth (so this
+        // terminal's own source shares what now plays).
+        if !wait_status(&self.bus, &player, &mut signals, |s| s == Status::Playing).await {
             let _ = self.bus.pause(&player).await;
+            wait_status(&self.bus, &player, &mut signals, |s| s == Status::Paused).await;
             let _ = self.bus.play(&player).await;
+            if !wait_status(&self.bus, &player, &mut signals, |s| s == Status::Playing).await {
+                warn!(%uri, %player, "the player does not report playing it");
+            }
         }
         self.failed = None;
         self.current = Some(Opened {
@@ -561,6 +575,28 @@ impl Opener {
                     return Err(Some("the bus connection ended".into()));
                 },
             }
+        }
+    }
+}
+
+/// Waits (up to [`STATUS_WAIT`]) until `player`'s status satisfies `want`; whether it did.
+async fn wait_status(
+    bus: &Bus,
+    player: &str,
+    signals: &mut Signals,
+    want: impl Fn(Status) -> bool,
+) -> bool {
+    let deadline = Instant::now() + STATUS_WAIT;
+    loop {
+        if bus.state(player).await.is_ok_and(|s| want(s.status)) {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => return false,
+            _ = tokio::time::sleep(POLL) => {}
+            s = signals.next() => if s.is_none() {
+                return false;
+            },
         }
     }
 }
@@ -802,5 +838,8 @@ mod tests {
             Choice::Use(0)
         );
         assert_eq!(choose(&[], "http://h/z", None, true), Choice::NoPlayer);
+        // "Playing" nothing is idle.
+        let idle = vec![player("mpv", Status::Playing, None)];
+        assert_eq!(choose(&idle, "http://h/z", None, false), Choice::Use(0));
     }
 }
