@@ -857,3 +857,36 @@ async fn vlc_body() {
     assert!((position - 70.0).abs() <= 2.0, "VLC followed to {position}");
     bridge.shutdown().await;
 }
+
+#[test]
+fn a_bad_player_key_exits_78_naming_it_and_a_missing_bus_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(&config, "[player]\ntolerance_secs = 0\n").unwrap();
+    let out = Command::new(support::BIN)
+        .args(["player", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.starts_with("error:") && err.contains("player.tolerance_secs"),
+        "{err}"
+    );
+
+    let out = Command::new(support::BIN)
+        .args(["player", "--socket", "/nonexistent/handoff.sock"])
+        .env(
+            "DBUS_SESSION_BUS_ADDRESS",
+            format!("unix:path={}", dir.path().join("no-bus").display()),
+        )
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: cannot connect to the D-Bus session bus"),
+        "{err}"
+    );
+}
