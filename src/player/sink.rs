@@ -662,6 +662,12 @@ async fn seek(
     tolerance: Duration,
 ) -> Result<f64, String> {
     let tolerance = tolerance.as_secs_f64();
+    // Already there (e.g. the other terminal follows this one): no seek, no glitch.
+    if let Ok(Some(p)) = bus.position(player).await {
+        if (p - timeline.at(Instant::now())).abs() <= tolerance / 2.0 {
+            return Ok(p);
+        }
+    }
     let target = timeline.at(Instant::now());
     bus.set_position(player, trackid, target)
         .await
