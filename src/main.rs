@@ -48,7 +48,13 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: CliError) -> ExitCode {
-    eprintln!("error: {}", e.message.replace('\n', " "));
+    // A config error keeps its lines (TOML's points at the mistake with `^^^`); anything else
+    // is one line, whatever text it carries.
+    if e.code == handoff::config::EXIT_CONFIG {
+        eprintln!("error: {}", e.message);
+    } else {
+        eprintln!("error: {}", e.message.replace('\n', " "));
+    }
     ExitCode::from(u8::try_from(e.code).unwrap_or(1))
 }
 
@@ -118,11 +124,15 @@ async fn run(
         } => cli::check_config(&config, kind),
         Command::Daemon { config: path } => {
             let config = DaemonConfig::load(&path)?;
+            config.check_files()?;
             logs.set_level(&config.log_level);
             let mut signals = Signals::new()?;
             let daemon = Daemon::start(config, DaemonOptions::default())
                 .await
-                .map_err(|e| CliError::new(e.to_string()))?;
+                .map_err(|e| CliError {
+                    code: e.exit_code(),
+                    message: e.to_string(),
+                })?;
             service::notify(&format!(
                 "READY=1\nSTATUS=serving as {}",
                 daemon.id().short()
@@ -135,7 +145,10 @@ async fn run(
                         logs.set_level(&config.log_level);
                         daemon.reload(&config);
                     }
-                    Err(e) => tracing::error!("config not reloaded, keeping the running one: {e}"),
+                    Err(e) => tracing::error!(
+                        "config not reloaded, keeping the running one: {}",
+                        one_line(&e)
+                    ),
                 }
                 service::notify("READY=1");
             }
@@ -146,13 +159,19 @@ async fn run(
         }
         Command::Server { config: path } => {
             let config = ServerConfig::load(&path)?;
+            config.check_files()?;
             logs.set_level(&config.log_level);
             let mut signals = Signals::new()?;
-            let identity = Identity::load_or_create(&config.state_dir)
-                .map_err(|e| CliError::new(e.to_string()))?;
+            let identity = Identity::load_or_create(&config.state_dir).map_err(|e| CliError {
+                code: e.exit_code(),
+                message: e.to_string(),
+            })?;
             let server = Server::start(identity, &config)
                 .await
-                .map_err(|e| CliError::new(e.to_string()))?;
+                .map_err(|e| CliError {
+                    code: e.exit_code(),
+                    message: e.to_string(),
+                })?;
             service::notify(&format!(
                 "READY=1\nSTATUS=serving as {}",
                 server.id().short()
@@ -173,7 +192,10 @@ async fn run(
                             );
                         }
                     }
-                    Err(e) => tracing::error!("config not reloaded, keeping the running one: {e}"),
+                    Err(e) => tracing::error!(
+                        "config not reloaded, keeping the running one: {}",
+                        one_line(&e)
+                    ),
                 }
                 service::notify("READY=1");
             }
@@ -228,6 +250,11 @@ async fn run(
         }
         other => cli::run_client(other).await,
     }
+}
+
+/// An error on one log line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace('\n', " ")
 }
 
 #[derive(Debug, PartialEq, Eq)]
