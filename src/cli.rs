@@ -157,6 +157,16 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Bridge this desktop's media players (MPRIS on the session bus) and the daemon: share
+    /// what plays as the session, open what followed terminals push. Runs in the foreground.
+    Player {
+        /// A daemon config: its `[player]` section and its `control_socket`.
+        #[arg(long, value_name = "FILE", env = "HANDOFF_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's control socket (instead of the config's).
+        #[arg(long, value_name = "PATH", env = "HANDOFF_SOCKET")]
+        socket: Option<PathBuf>,
+    },
     /// Run a server and two terminals on loopback and show a real handoff.
     Demo,
     /// Check the network, discovery and the server link of a daemon's config: each line ok or
@@ -448,6 +458,19 @@ pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
     })?;
     println!("{}", identity.id());
     Ok(())
+}
+
+/// `handoff player`'s settings: `[player]` of `config` (defaults without one) and the control
+/// socket: `socket`, else the config's, else the default.
+pub fn player_setup(
+    config: Option<&Path>,
+    socket: Option<PathBuf>,
+) -> Result<(config::PlayerConfig, PathBuf), CliError> {
+    let daemon = config.map(DaemonConfig::load).transpose()?;
+    let socket = socket
+        .or_else(|| daemon.as_ref().map(|d| d.control_socket.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    Ok((daemon.map(|d| d.player).unwrap_or_default(), socket))
 }
 
 /// `handoff config check`: the config itself, then the files it names (state_dir, key and

@@ -104,6 +104,8 @@ struct RawDaemon {
     metrics: RawMetrics,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    player: RawPlayer,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -286,6 +288,8 @@ pub struct DaemonConfig {
     /// The group whose members may use the control socket (`[control] group`); without it only
     /// the daemon's user and root may.
     pub control_group: Option<ControlGroup>,
+    /// `[player]`: read by `handoff player`, not by the daemon.
+    pub player: PlayerConfig,
 }
 
 /// `[control] group`, resolved when the config is loaded.
@@ -626,6 +630,7 @@ impl DaemonConfig {
                 .map(|text| parse_addr("metrics.listen", &text))
                 .transpose()?,
             control_group,
+            player: PlayerConfig::validate(raw.player)?,
         })
     }
 
@@ -652,6 +657,145 @@ fn default_name() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "handoff".to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Player (`handoff player`, see crate::player)
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPlayer {
+    share: Option<Vec<String>>,
+    clear_on_stop: Option<bool>,
+    position_poll_secs: Option<f64>,
+    settle_secs: Option<f64>,
+    open: Option<bool>,
+    drive: Option<Vec<String>>,
+    replace_playing: Option<bool>,
+    #[serde(default)]
+    command: Vec<String>,
+    schemes: Option<Vec<String>>,
+    load_timeout_secs: Option<f64>,
+    tolerance_secs: Option<f64>,
+}
+
+/// `[player]`: how `handoff player` bridges the desktop's media players (MPRIS on the session
+/// bus) and the daemon. Player patterns match the bus name after `org.mpris.MediaPlayer2.`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlayerConfig {
+    /// Players whose playback becomes this terminal's session; empty shares nothing.
+    pub share: Vec<String>,
+    /// Clear the session when the shared player stops or quits (else the last one stays).
+    pub clear_on_stop: bool,
+    /// How often the position of a playing player is read (players do not signal it).
+    pub position_poll: Duration,
+    /// How long a player's track must stay unchanged before it is shared (players show
+    /// provisional metadata while loading).
+    pub settle: Duration,
+    /// Open what followed terminals push in a player.
+    pub open: bool,
+    /// Players that may be told to open a push.
+    pub drive: Vec<String>,
+    /// Take over a player that is playing something else.
+    pub replace_playing: bool,
+    /// argv started when no player to drive is running; empty starts nothing.
+    pub command: Vec<String>,
+    /// URI schemes shared and opened (lowercase).
+    pub schemes: Vec<String>,
+    /// How long a player may take to load a pushed URI (or to appear after `command`).
+    pub load_timeout: Duration,
+    /// Position differences up to this are not changes (neither shared nor followed).
+    pub tolerance: Duration,
+}
+
+impl Default for PlayerConfig {
+    fn default() -> Self {
+        Self::validate(RawPlayer::default())
+            .unwrap_or_else(|e| unreachable!("the player defaults are valid: {e}"))
+    }
+}
+
+impl PlayerConfig {
+    fn validate(raw: RawPlayer) -> Result<Self, ConfigError> {
+        fn patterns(
+            key: &'static str,
+            list: Option<Vec<String>>,
+        ) -> Result<Vec<String>, ConfigError> {
+            let list = list.unwrap_or_else(|| vec!["*".to_string()]);
+            for pattern in &list {
+                let valid = !pattern.is_empty()
+                    && pattern.len() <= 255
+                    && pattern
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '*'));
+                if !valid {
+                    return Err(invalid(
+                        key,
+                        format!("{pattern:?} is not a player name pattern (e.g. \"mpv\", \"vlc\", \"*\")"),
+                    ));
+                }
+            }
+            Ok(list)
+        }
+        fn secs(
+            key: &'static str,
+            value: Option<f64>,
+            default: f64,
+            min: f64,
+            max: f64,
+        ) -> Result<Duration, ConfigError> {
+            let value = value.unwrap_or(default);
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be between {min} and {max} seconds"),
+                ));
+            }
+            Ok(Duration::from_secs_f64(value))
+        }
+        if raw.command.first().is_some_and(|p| p.is_empty()) {
+            return Err(invalid("player.command", "the program name is empty"));
+        }
+        let schemes = match raw.schemes {
+            None => crate::hook::DEFAULT_SCHEMES.map(String::from).to_vec(),
+            Some(list) => {
+                for scheme in &list {
+                    if !crate::hook::is_scheme(scheme) {
+                        return Err(invalid(
+                            "player.schemes",
+                            format!("{scheme:?} is not a URI scheme (e.g. \"https\")"),
+                        ));
+                    }
+                }
+                list.iter().map(|s| s.to_ascii_lowercase()).collect()
+            }
+        };
+        Ok(Self {
+            share: patterns("player.share", raw.share)?,
+            clear_on_stop: raw.clear_on_stop.unwrap_or(true),
+            position_poll: secs(
+                "player.position_poll_secs",
+                raw.position_poll_secs,
+                5.0,
+                0.5,
+                600.0,
+            )?,
+            settle: secs("player.settle_secs", raw.settle_secs, 1.0, 0.0, 30.0)?,
+            open: raw.open.unwrap_or(true),
+            drive: patterns("player.drive", raw.drive)?,
+            replace_playing: raw.replace_playing.unwrap_or(false),
+            command: raw.command,
+            schemes,
+            load_timeout: secs(
+                "player.load_timeout_secs",
+                raw.load_timeout_secs,
+                20.0,
+                1.0,
+                300.0,
+            )?,
+            tolerance: secs("player.tolerance_secs", raw.tolerance_secs, 2.0, 0.5, 60.0)?,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1502,6 +1646,56 @@ mod tests {
             assert_eq!(redacted, shown, "{url}");
             assert!(!redacted.contains("SECRET"), "{url} → {redacted}");
         }
+    }
+
+    #[test]
+    fn player_section_is_validated() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let p = DaemonConfig::load(&root.join("daemon.toml"))
+            .unwrap()
+            .player;
+        assert_eq!(p.drive, ["mpv", "vlc"]);
+        assert_eq!(p.command, ["mpv", "--idle=yes", "--force-window=yes"]);
+        assert_eq!(p.position_poll, Duration::from_secs(5));
+        assert!(p.open && p.clear_on_stop && !p.replace_playing);
+        let d = daemon("").unwrap().player;
+        assert_eq!(d, PlayerConfig::default());
+        assert_eq!(d.share, ["*"]);
+        assert_eq!(d.schemes, ["http", "https"]);
+        assert!(d.command.is_empty());
+        assert_eq!(d.settle, Duration::from_secs(1));
+        assert_eq!(d.tolerance, Duration::from_secs(2));
+        let p = daemon("[player]\nschemes = [\"HTTPS\", \"file\"]\nsettle_secs = 0.25")
+            .unwrap()
+            .player;
+        assert_eq!(p.schemes, ["https", "file"]);
+        assert_eq!(p.settle, Duration::from_millis(250));
+        let cases = [
+            ("[player]\nshare = [\"org.mpris/x\"]", "player.share"),
+            ("[player]\ndrive = [\"\"]", "player.drive"),
+            ("[player]\nschemes = [\"ht tp\"]", "player.schemes"),
+            (
+                "[player]\nposition_poll_secs = 0",
+                "player.position_poll_secs",
+            ),
+            ("[player]\nsettle_secs = -1", "player.settle_secs"),
+            (
+                "[player]\nload_timeout_secs = 1000",
+                "player.load_timeout_secs",
+            ),
+            ("[player]\ntolerance_secs = 0.1", "player.tolerance_secs"),
+            ("[player]\ncommand = [\"\", \"x\"]", "player.command"),
+        ];
+        for (text, key) in cases {
+            match daemon(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
+        }
+        let err = daemon("[player]\nopen_on_push = true")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("open_on_push"), "{err}");
     }
 
     #[test]

@@ -86,15 +86,22 @@ pub fn argv(
     Ok(out)
 }
 
-fn check_scheme(uri: &str, schemes: &[String]) -> Result<(), HookRefusal> {
+/// Whether `scheme` is a URI scheme (RFC 3986: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )).
+pub fn is_scheme(scheme: &str) -> bool {
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// Checks that `uri` is absolute, free of whitespace, control and bidi characters, and has a
+/// scheme from `schemes` (lowercase), so it can be handed to another program as a URI (it
+/// then cannot start with `-` either). Also used by [`crate::player`].
+pub fn check_scheme(uri: &str, schemes: &[String]) -> Result<(), HookRefusal> {
     let Some((scheme, _)) = uri.split_once(':') else {
         return Err(HookRefusal::NotAbsolute);
     };
-    // RFC 3986: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
-    let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    let valid = is_scheme(scheme);
     if !valid
         || uri
             .chars()

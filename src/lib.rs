@@ -18,6 +18,8 @@
 //! - [`control`] — the daemon's local control socket protocol (JSON Lines) and its client.
 //! - [`cli`] — the command line; [`demo`] — the loopback demonstration; [`isolate`] — private
 //!   network namespaces for the demo; [`doctor`] — network checks for `handoff doctor`.
+//! - [`player`] — `handoff player`: the desktop's media players (MPRIS on D-Bus) as the source
+//!   of this terminal's session and the place pushes open.
 //! - [`metrics`] — Prometheus counters and histograms; [`service`] — sd_notify for systemd;
 //!   [`limits`] — rate limiters and counters for the bounds of DESIGN §7.
 //! - `testing` (hidden) — helpers the tests share, e.g. a private `redis-server` per test.
@@ -45,6 +47,7 @@ pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod peer;
+pub mod player;
 pub mod server;
 pub mod service;
 #[doc(hidden)]

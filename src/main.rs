@@ -204,6 +204,33 @@ async fn run(
             watchdog.inspect(|w| w.abort());
             Ok(())
         }
+        Command::Player { config, socket } => {
+            let (config, socket) = cli::player_setup(config.as_deref(), socket)?;
+            logs.set_level("info");
+            let mut signals = Signals::new()?;
+            let options = handoff::player::PlayerOptions {
+                bus: None,
+                control_socket: socket,
+            };
+            let player = handoff::player::Player::start(config, options)
+                .await
+                .map_err(|e| CliError::new(e.to_string()))?;
+            service::notify("READY=1");
+            let result = loop {
+                tokio::select! {
+                    signal = signals.next() => match signal {
+                        Signal::Stop => break Ok(()),
+                        Signal::Reload => tracing::warn!(
+                            "[player] is read at start: restart `handoff player` to apply changes"
+                        ),
+                    },
+                    reason = player.failed() => break Err(CliError::new(reason)),
+                }
+            };
+            service::notify("STOPPING=1");
+            player.shutdown().await;
+            result
+        }
         Command::Demo => {
             match demo_isolated {
                 Some(Ok(())) => {}
