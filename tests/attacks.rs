@@ -407,13 +407,18 @@ fn an_advert_claiming_a_peers_id_with_another_key_is_not_that_peer() {
     // With A gone (process 1 of the deployment), only Mallory claims A's ID: B refuses to treat
     // her as A.
     lan.signal(1, libc::SIGTERM);
+    // B drops A's own advert on its goodbye; what is left for A's ID is Mallory's claim, which B
+    // lists until its own handshake check of the claim fails (then nothing, until her next
+    // advert).
     wait_for(Duration::from_secs(20), || {
         let peers = lan.peers("b");
-        let entry = peers.iter().find(|p| p["id"] == a_id.as_str())?;
+        let Some(entry) = peers.iter().find(|p| p["id"] == a_id.as_str()) else {
+            return Some(());
+        };
         let addrs = entry["addrs"].as_array().unwrap();
-        (addrs.iter().all(|x| x == m_ip.as_str()) && !addrs.is_empty()).then_some(())
+        addrs.iter().all(|x| x == m_ip.as_str()).then_some(())
     })
-    .unwrap_or_else(|| panic!("B never listed the impostor alone\n{}", lan.log("b")));
+    .unwrap_or_else(|| panic!("B kept listing A's own address\n{}", lan.log("b")));
     let out = pull(&lan, "b", "a");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -424,7 +429,9 @@ fn an_advert_claiming_a_peers_id_with_another_key_is_not_that_peer() {
     // Either the pull met the wrong key itself, or B's own check of the claim did first and
     // dropped it (then nothing claims A's ID until Mallory's next advert).
     assert!(
-        stderr.contains("does not hold the expected key") || stderr.contains("no peer matches"),
+        stderr.contains("does not hold the expected key")
+            || stderr.contains("no peer matches")
+            || stderr.contains("no peer is named"),
         "{stderr}"
     );
     assert_eq!(
