@@ -17,6 +17,7 @@
 //! - [`cli`] — the command line; [`demo`] — the loopback demonstration; [`isolate`] — private
 //!   network namespaces for the demo; [`doctor`] — network checks for `handoff doctor`.
 //! - [`metrics`] — Prometheus counters and histograms; [`service`] — sd_notify for systemd;
+//!   [`logging`] — log lines for stderr, with journald priorities when stderr is the journal;
 //!   [`limits`] — rate limiters and counters for the bounds of DESIGN §7.
 //! - `testing` (hidden) — helpers the tests share, e.g. a private `redis-server` per test.
 //!
@@ -38,6 +39,7 @@ pub mod identity;
 pub mod inbox;
 pub mod isolate;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod peer;
