@@ -145,39 +145,62 @@ fn interfaces_used(
         }
     } else {
         for name in &config.interfaces {
-            match all.iter().find(|i| &i.name == name) {
-                None => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "does not exist",
-                    format!("fix [discovery] interfaces; this host has: {}", names(all)),
-                )),
-                Some(i) if !i.up => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "is down",
-                    format!("bring it up (ip link set {name} up)"),
-                )),
-                Some(i) if !i.multicast => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "has multicast off",
-                    format!("ip link set {name} multicast on"),
-                )),
-                Some(i) if i.addrs.is_empty() => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "has no address",
-                    "give it an address (DHCP, SLAAC or static)",
-                )),
-                Some(i) => used.push(i.clone()),
+            match configured_interface(name, all) {
+                Ok(i) => used.push(i.clone()),
+                Err(failed) => report.push(failed),
             }
         }
     }
     for i in &used {
         let addrs: Vec<String> = i.addrs.iter().map(|a| scoped(*a, i.index)).collect();
+        let kind = if i.loopback { "loopback" } else { "multicast" };
         report.push(Check::ok(
             format!("interface {}", i.name),
-            format!("up, multicast, {}", addrs.join(" ")),
+            format!("up, {kind}, {}", addrs.join(" ")),
         ));
     }
     used
+}
+
+/// One interface named in `[discovery] interfaces`: usable for mDNS, or why not. Loopback needs
+/// no multicast flag: the kernel loops multicast back on `lo` regardless, and mDNS works there.
+fn configured_interface<'a>(name: &str, all: &'a [Interface]) -> Result<&'a Interface, Check> {
+    match all.iter().find(|i| i.name == name) {
+        None => Err(Check::fail(
+            format!("interface {name}"),
+            "does not exist",
+            format!("fix [discovery] interfaces; this host has: {}", names(all)),
+        )),
+        Some(i) if !i.up => Err(Check::fail(
+            format!("interface {name}"),
+            "is down",
+            format!("bring it up (ip link set {name} up)"),
+        )),
+        Some(i) if !i.multicast && !i.loopback => Err(Check::fail(
+            format!("interface {name}"),
+            "has multicast off",
+            format!("ip link set {name} multicast on"),
+        )),
+        Some(i) if i.addrs.is_empty() => Err(Check::fail(
+            format!("interface {name}"),
+            "has no address",
+            "give it an address (DHCP, SLAAC or static)",
+        )),
+        Some(i) => Ok(i),
+    }
+}
+
+/// The interfaces named in `[discovery] interfaces` that mDNS cannot use now (missing, down, no
+/// multicast, no address), each as a not-ok check: what the daemon warns about when it starts.
+pub fn unusable_interfaces(names: &[String]) -> Vec<Check> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let all = list_interfaces();
+    names
+        .iter()
+        .filter_map(|name| configured_interface(name, &all).err())
+        .collect()
 }
 
 fn names(all: &[Interface]) -> String {
@@ -451,4 +474,37 @@ fn list_interfaces() -> Vec<Interface> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(name: &str, up: bool, multicast: bool, loopback: bool) -> Interface {
+        Interface {
+            name: name.into(),
+            index: 1,
+            up,
+            multicast,
+            loopback,
+            addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        }
+    }
+
+    #[test]
+    fn loopback_needs_no_multicast_flag_but_other_interfaces_do() {
+        let all = [
+            iface("lo", true, false, true),
+            iface("eth0", true, false, false),
+            iface("eth1", false, true, false),
+        ];
+        assert!(configured_interface("lo", &all).is_ok());
+        let detail = |name| configured_interface(name, &all).unwrap_err().detail;
+        assert_eq!(detail("eth0"), "has multicast off");
+        assert_eq!(detail("eth1"), "is down");
+        let missing = configured_interface("wlan9", &all).unwrap_err();
+        assert_eq!(missing.check, "interface wlan9");
+        assert_eq!(missing.detail, "does not exist");
+        assert!(missing.hint.unwrap().contains("lo, eth0, eth1"));
+    }
 }
