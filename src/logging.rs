@@ -54,15 +54,23 @@ fn stderr_dev_ino() -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
-/// The line `main` prints for a fatal error (`error: ...`, on one line), with the error priority
-/// when stderr is the journal.
-pub fn fatal_line(message: &str, journal: bool) -> String {
-    let line = format!("error: {}", message.replace(['\n', '\r'], " "));
-    if journal {
-        format!("{}{line}", priority_prefix(&Level::ERROR))
+/// What `main` prints for a fatal error: `error: MESSAGE` and a newline; when stderr is the
+/// journal, every line of it with the error priority (a message may keep several lines, e.g.
+/// TOML's pointer at a mistake).
+pub fn fatal_error(message: &str, journal: bool) -> String {
+    let text = format!("error: {message}");
+    let prefix = if journal {
+        priority_prefix(&Level::ERROR)
     } else {
-        line
+        ""
+    };
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.lines() {
+        out.push_str(prefix);
+        out.push_str(line);
+        out.push('\n');
     }
+    out
 }
 
 /// Wraps an event format so that every line it writes starts with the event's priority prefix
@@ -94,9 +102,10 @@ where
         self.inner
             .format_event(ctx, Writer::new(&mut text), event)?;
         let prefix = priority_prefix(event.metadata().level());
-        for line in text.lines() {
+        for (i, line) in text.lines().enumerate() {
             writer.write_str(prefix)?;
-            writer.write_str(line)?;
+            // Without a timestamp the level is the first field, padded to its width.
+            writer.write_str(if i == 0 { line.trim_start() } else { line })?;
             writer.write_char('\n')?;
         }
         Ok(())
@@ -177,6 +186,7 @@ mod tests {
             ("<7>", "TRACE", "t1"),
             ("<4>", "WARN", "first"),
         ];
+        assert!(lines[2].starts_with("<6>INFO "), "{}", lines[2]);
         for (line, (prefix, level, message)) in lines.iter().zip(expect) {
             assert!(line.starts_with(prefix), "{line:?} should start {prefix}");
             assert!(line.contains(level) && line.contains(message), "{line:?}");
@@ -209,11 +219,12 @@ mod tests {
     }
 
     #[test]
-    fn fatal_line_is_one_line_with_the_error_priority_in_the_journal() {
+    fn fatal_error_lines_all_carry_the_error_priority_in_the_journal() {
+        assert_eq!(fatal_error("bad config", true), "<3>error: bad config\n");
         assert_eq!(
-            fatal_line("bad\nconfig", true),
-            "<3>error: bad config".to_string()
+            fatal_error("line 2\n  | x = \n  |    ^", true),
+            "<3>error: line 2\n<3>  | x = \n<3>  |    ^\n"
         );
-        assert_eq!(fatal_line("bad\r\nconfig", false), "error: bad  config");
+        assert_eq!(fatal_error("bad\nconfig", false), "error: bad\nconfig\n");
     }
 }

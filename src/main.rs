@@ -49,7 +49,8 @@ fn main() -> ExitCode {
 
 fn fail(e: CliError) -> ExitCode {
     let journal = handoff::logging::stderr_is_journal();
-    eprintln!("{}", handoff::logging::fatal_line(&e.message, journal));
+    let message = e.message.replace('\n', " ");
+    eprint!("{}", handoff::logging::fatal_error(&message, journal));
     ExitCode::from(u8::try_from(e.code).unwrap_or(1))
 }
 
