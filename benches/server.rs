@@ -12,7 +12,12 @@
 //! - 1:1 pushes to N connected terminals: publish → the terminal reads it, p50/p99;
 //! - one session change fanned out to N followers: until every follower has it, p50/p99;
 //! - server memory (VmRSS) per idle connected terminal.
+//!
+//! Then the same load against Mosquitto 2 in the same namespaces (`benches/server/mosquitto.rs`; skipped
+//! with `--no-mosquitto` or when `mosquitto` is not installed), and a table of the ratios.
 
+#[path = "server/mosquitto.rs"]
+mod mosquitto;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -258,6 +263,11 @@ fn main() {
     println!("setup: release build, {} cores; server in namespace srv, load generator in namespace load, veth bridge",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 
+    let versus = !std::env::args().any(|a| a == "--no-mosquitto")
+        && std::process::Command::new("mosquitto")
+            .arg("-h")
+            .output()
+            .is_ok();
     let nodes = numeric_arg("--nodes", 1).clamp(1, 2);
     let hosts: &[&str] = if nodes == 2 {
         &["srv", "srv2", "load"]
@@ -330,7 +340,7 @@ fn main() {
     let server_id: handoff::identity::TerminalId = server_id.parse().unwrap();
     let rss_all = move || pids.iter().map(|pid| rss_kib(*pid)).sum::<u64>();
 
-    lan.run_in("load", move || {
+    let ours = lan.run_in("load", move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
@@ -386,6 +396,11 @@ fn main() {
                 ok as f64 / publish_secs
             );
             percentiles("  publish -> terminal received", &mut latency);
+            let mut measured = mosquitto::Measured {
+                rate: ok as f64 / publish_secs,
+                p99_1to1_ms: p99(&mut latency),
+                ..Default::default()
+            };
 
             // Fan-out: `followers` terminals follow one first terminal A; A's session changes once.
             let extra_needed = followers.saturating_sub(conns.len());
@@ -448,7 +463,10 @@ fn main() {
                 stored.as_secs_f64() * 1000.0
             );
             percentiles("  change -> follower received", &mut fan);
+            measured.fanout_delivered = fan.len();
+            measured.fanout_p99_ms = p99(&mut fan);
             let per_conn = (rss_connected.saturating_sub(rss_before)) as f64 / all.len().max(1) as f64;
+            measured.kib_per_conn = per_conn;
             println!(
                 "{:<48} RSS {} KiB before, {} KiB with {} connections = {:.1} KiB per connection",
                 "server memory", rss_before, rss_connected, all.len(), per_conn
@@ -458,6 +476,108 @@ fn main() {
             }
             // Closing 10,000 connections can take a while to drain; do not wait forever.
             let _ = tokio::time::timeout(Duration::from_secs(10), endpoint.wait_idle()).await;
-        });
+            measured
+        })
     });
+    if !versus {
+        println!("mosquitto: skipped (--no-mosquitto, or not installed: apt install mosquitto)");
+        return;
+    }
+    // The handoff server is done; Mosquitto gets the machine to itself.
+    for node in 0..nodes {
+        lan.signal(node, libc::SIGTERM);
+        let _ = lan.wait(node, Duration::from_secs(10));
+    }
+    let ip: std::net::IpAddr = lan.host("srv").ip.parse().unwrap();
+    let pki = mosquitto::Pki::new(ip);
+    let config = mosquitto::write_config(&lan.path("mosquitto"), &pki, &lan.host("srv").ip);
+    let log = std::fs::File::create(lan.path("mosquitto.log")).unwrap();
+    let mut broker = std::process::Command::new("ip")
+        .args(["netns", "exec", &lan.host("srv").ns, "mosquitto", "-c"])
+        .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start mosquitto");
+    let broker_pid = broker.id();
+    let tls = format!("{ip}:8883");
+    wait_for(Duration::from_secs(10), || {
+        lan.run_in("load", {
+            let tls = tls.clone();
+            move || std::net::TcpStream::connect(&tls).ok()
+        })
+        .map(|_| ())
+    })
+    .unwrap_or_else(|| {
+        let log = std::fs::read_to_string(lan.path("mosquitto.log")).unwrap_or_default();
+        panic!("mosquitto does not listen on {tls}:\n{log}")
+    });
+    let version = std::process::Command::new("mosquitto")
+        .arg("-h")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    println!("{version}: TLS 1.3 subscribers with client certificates, QoS 1, persistent sessions; TCP publishers");
+    let theirs = lan.run_in("load", move || {
+        mosquitto::run(
+            &pki, ip, broker_pid, terminals, followers, pushes, publishers,
+        )
+    });
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(broker_pid as i32, libc::SIGTERM) };
+    let _ = broker.wait();
+    println!();
+    println!(
+        "{:<34} {:>12} {:>12} {:>10}",
+        "side by side", "handoff", "mosquitto", "ratio"
+    );
+    let row = |name: &str, ours: f64, theirs: f64, ratio: f64, unit: &str| {
+        println!("{name:<34} {ours:>10.1}{unit:<2} {theirs:>10.1}{unit:<2} {ratio:>9.2}x");
+    };
+    row(
+        "1:1 rate (higher is better)",
+        ours.rate,
+        theirs.rate,
+        ours.rate / theirs.rate,
+        "/s",
+    );
+    row(
+        "1:1 p99 (lower is better)",
+        ours.p99_1to1_ms,
+        theirs.p99_1to1_ms,
+        theirs.p99_1to1_ms / ours.p99_1to1_ms,
+        "ms",
+    );
+    row(
+        "fan-out p99 (lower is better)",
+        ours.fanout_p99_ms,
+        theirs.fanout_p99_ms,
+        theirs.fanout_p99_ms / ours.fanout_p99_ms,
+        "ms",
+    );
+    row(
+        "KiB per idle connection (lower)",
+        ours.kib_per_conn,
+        theirs.kib_per_conn,
+        theirs.kib_per_conn / ours.kib_per_conn,
+        "Ki",
+    );
+    println!(
+        "fan-out delivered: handoff {} of {followers}, mosquitto {} of {followers}; a ratio >= 1.00x means handoff is at or ahead",
+        ours.fanout_delivered, theirs.fanout_delivered
+    );
+}
+
+fn p99(samples: &mut [f64]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[((samples.len() as f64 - 1.0) * 0.99).round() as usize]
 }

@@ -358,31 +358,61 @@ impl DaemonTarget {
 
 /// `handoff id`.
 pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
-    let identity = Identity::load_or_create(state_dir).map_err(|e| CliError::new(e.to_string()))?;
+    let identity = Identity::load_or_create(state_dir).map_err(|e| CliError {
+        code: e.exit_code(),
+        message: e.to_string(),
+    })?;
     println!("{}", identity.id());
     Ok(())
 }
 
-/// `handoff config check`.
+/// `handoff config check`: the config itself, then the files it names (state_dir, key and
+/// token files), as the program would find them when run as this user.
 pub fn check_config(path: &Path, kind: Option<KindArg>) -> Result<(), CliError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
         source,
     })?;
     let kind = match kind {
-        Some(KindArg::Daemon) => ConfigKind::Daemon,
-        Some(KindArg::Server) => ConfigKind::Server,
+        Some(KindArg::Daemon) => Some(ConfigKind::Daemon),
+        Some(KindArg::Server) => Some(ConfigKind::Server),
         None => config::guess_kind(&text),
     };
+    let daemon =
+        || -> Result<(), ConfigError> { DaemonConfig::from_toml(path, &text)?.check_files() };
+    let server =
+        || -> Result<(), ConfigError> { ServerConfig::from_toml(path, &text)?.check_files() };
+    let shown = path.display();
     match kind {
-        ConfigKind::Daemon => {
-            DaemonConfig::from_toml(path, &text)?;
-            println!("{}: ok (daemon config)", path.display());
+        Some(ConfigKind::Daemon) => {
+            daemon()?;
+            println!("{shown}: ok (daemon config)");
         }
-        ConfigKind::Server => {
-            ServerConfig::from_toml(path, &text)?;
-            println!("{}: ok (server config)", path.display());
+        Some(ConfigKind::Server) => {
+            server()?;
+            println!("{shown}: ok (server config)");
         }
+        // Its keys do not tell: it is fine if it is fine for either program.
+        None => match (daemon(), server()) {
+            (Ok(()), Ok(())) => println!(
+                "{shown}: ok (valid as a daemon or a server config; \
+                 --kind daemon|server checks it as one)"
+            ),
+            (Ok(()), Err(_)) => println!("{shown}: ok (daemon config)"),
+            (Err(_), Ok(())) => println!("{shown}: ok (server config)"),
+            // The same complaint either way (a syntax error, a bad shared key).
+            (Err(d), Err(s)) if d.to_string() == s.to_string() => return Err(d.into()),
+            (Err(d), Err(s)) => {
+                return Err(CliError {
+                    code: EXIT_CONFIG,
+                    message: format!(
+                        "{shown} is neither a valid daemon nor server config \
+                         (--kind daemon|server checks it as one).\n\
+                         As a daemon config: {d}\nAs a server config: {s}"
+                    ),
+                })
+            }
+        },
     }
     Ok(())
 }

@@ -27,6 +27,16 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A file or directory the config names is not fit for use (state_dir, key or token file).
+    #[error("config key `{key}`: {source}")]
+    File {
+        key: &'static str,
+        source: crate::files::FileError,
+    },
+}
+
+fn file_problem(key: &'static str) -> impl FnOnce(crate::files::FileError) -> ConfigError {
+    move |source| ConfigError::File { key, source }
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -46,8 +56,9 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        // toml's message names the key and shows the offending line; keep it on one line.
-        message: e.to_string().trim().replace('\n', " "),
+        // toml's message names the key and shows the offending line with a `^^^` under the
+        // mistake, over several lines; they are kept.
+        message: e.to_string().trim_end().to_string(),
     })
 }
 
@@ -91,6 +102,14 @@ struct RawDaemon {
     log: RawLog,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    group: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -108,9 +127,44 @@ struct RawMetrics {
 /// The default log filter of the long-running programs.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
-/// Checks a `[log] level` filter (`info`, `debug`, `handoff=debug,warn`, ...).
+/// Level names a `[log] level` directive may end in.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `[log] level` filter (`info`, `debug`, `handoff=debug,warn`, ...). Each directive is a
+/// level or `TARGET=LEVEL`: a bare word that is not a level (`verbose`) would parse as a target
+/// name and silence everything else, so it is refused.
 fn parse_log_level(raw: RawLog) -> Result<String, ConfigError> {
     let level = raw.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+    let is_level = |word: &str| {
+        let word = word.trim().to_ascii_lowercase();
+        LOG_LEVELS.contains(&word.as_str())
+    };
+    let directives: Vec<&str> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(invalid(
+            "log.level",
+            format!("is empty; use a level ({})", LOG_LEVELS.join(", ")),
+        ));
+    }
+    for directive in directives {
+        let ok = match directive.rsplit_once('=') {
+            Some((target, lvl)) => !target.trim().is_empty() && is_level(lvl),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{directive:?} in {level:?} is neither a level ({}) nor TARGET=LEVEL",
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+    }
     tracing_subscriber::EnvFilter::try_new(&level)
         .map_err(|e| invalid("log.level", format!("{level:?} is not a log filter: {e}")))?;
     Ok(level)
@@ -136,6 +190,9 @@ struct RawDaemonLimits {
     unknown_handshakes_per_sec: Option<u32>,
     requests_per_sec_per_peer: Option<u32>,
     pending_pairings: Option<usize>,
+    max_inbox_items: Option<usize>,
+    max_inbox_bytes: Option<u64>,
+    max_hook_queue: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -221,6 +278,16 @@ pub struct DaemonConfig {
     pub log_level: String,
     /// Where to serve Prometheus metrics over HTTP (`[metrics] listen`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The group whose members may use the control socket (`[control] group`); without it only
+    /// the daemon's user and root may.
+    pub control_group: Option<ControlGroup>,
+}
+
+/// `[control] group`, resolved when the config is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 /// Bounds on what peers can make a daemon do; over a limit a request is refused or a connection
@@ -244,6 +311,14 @@ pub struct DaemonLimits {
     pub requests_per_sec_per_peer: u32,
     /// Unsolicited pairing requests remembered at once.
     pub pending_pairings: usize,
+    /// Pushes the inbox keeps; beyond it the oldest are dropped.
+    pub max_inbox_items: usize,
+    /// Bytes the inbox keeps (its file holds up to a quarter more before it is rewritten);
+    /// beyond it the oldest pushes are dropped.
+    pub max_inbox_bytes: u64,
+    /// Pushes waiting for a free hook slot; beyond it a push runs no hook (it is still in the
+    /// inbox and reaches `watch`).
+    pub max_hook_queue: usize,
 }
 
 impl Default for DaemonLimits {
@@ -257,6 +332,9 @@ impl Default for DaemonLimits {
             unknown_handshakes_per_sec: 20,
             requests_per_sec_per_peer: 20,
             pending_pairings: 16,
+            max_inbox_items: 1000,
+            max_inbox_bytes: 8 * 1024 * 1024,
+            max_hook_queue: 64,
         }
     }
 }
@@ -440,6 +518,34 @@ impl DaemonConfig {
                 "limits.pending_pairings",
                 l.pending_pairings.unwrap_or(d.pending_pairings),
             )?,
+            max_inbox_items: at_least_one(
+                "limits.max_inbox_items",
+                l.max_inbox_items.unwrap_or(d.max_inbox_items),
+            )?,
+            max_inbox_bytes: l.max_inbox_bytes.unwrap_or(d.max_inbox_bytes),
+            max_hook_queue: l.max_hook_queue.unwrap_or(d.max_hook_queue),
+        };
+        // One push of the largest frame must fit, or the inbox could keep nothing.
+        if limits.max_inbox_bytes < crate::wire::MAX_FRAME as u64 * 2 {
+            return Err(invalid(
+                "limits.max_inbox_bytes",
+                format!(
+                    "must be at least {} (two frames)",
+                    crate::wire::MAX_FRAME * 2
+                ),
+            ));
+        }
+        let control_group = match raw.control.group {
+            None => None,
+            Some(name) => {
+                let gid = crate::accounts::group_id(&name).ok_or_else(|| {
+                    invalid(
+                        "control.group",
+                        format!("there is no group {name:?} on this system"),
+                    )
+                })?;
+                Some(ControlGroup { name, gid })
+            }
         };
         Ok(Self {
             name,
@@ -466,8 +572,25 @@ impl DaemonConfig {
                 .listen
                 .map(|text| parse_addr("metrics.listen", &text))
                 .transpose()?,
+            control_group,
         })
     }
+
+    /// Checks the files this config names, as the daemon will use them: `state_dir` (if it
+    /// exists: owned by this user, not writable by group or others) and its key file (mode
+    /// 0600). `handoff config check` and the daemon run it before anything else.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        check_state_files(&self.state_dir)
+    }
+}
+
+/// `state_dir` and the key file in it, as [`crate::identity::Identity::load_or_create`] will
+/// find them.
+fn check_state_files(state_dir: &Path) -> Result<(), ConfigError> {
+    crate::files::check_state_dir(state_dir).map_err(file_problem("state_dir"))?;
+    crate::files::check_private_file(&state_dir.join(crate::identity::KEY_FILE), "key file")
+        .map_err(file_problem("state_dir"))?;
+    Ok(())
 }
 
 fn default_name() -> String {
@@ -866,6 +989,18 @@ impl ServerConfig {
             log_level: parse_log_level(raw.log)?,
         })
     }
+
+    /// Checks the files this config names, as the server will use them: `state_dir` and its key
+    /// file (as for the daemon) and the token file (readable, mode 0600, not empty; from
+    /// systemd's credentials directory when it holds the file's base name).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        check_state_files(&self.state_dir)?;
+        if let Some(token_file) = self.http.as_ref().and_then(|h| h.token_file.as_deref()) {
+            crate::files::read_secret(token_file, "token file")
+                .map_err(file_problem("http.token_file"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Which program a config file is for, judged by its keys.
@@ -875,17 +1010,54 @@ pub enum ConfigKind {
     Server,
 }
 
-/// Guesses whether `text` configures a daemon or a server: server-only tables decide.
-pub fn guess_kind(text: &str) -> ConfigKind {
-    match text.parse::<toml::Table>() {
-        Ok(table)
-            if ["store", "http", "push"]
-                .iter()
-                .any(|k| table.contains_key(*k)) =>
-        {
-            ConfigKind::Server
-        }
-        _ => ConfigKind::Daemon,
+/// Top-level keys only a daemon config has.
+const DAEMON_KEYS: [&str; 9] = [
+    "name",
+    "control_socket",
+    "discovery",
+    "server",
+    "trust",
+    "hooks",
+    "follow",
+    "metrics",
+    "control",
+];
+/// Top-level keys only a server config has.
+const SERVER_KEYS: [&str; 3] = ["store", "http", "push"];
+/// `[limits]` keys only a daemon config has.
+const DAEMON_LIMITS: [&str; 6] = [
+    "unknown_handshakes_per_sec",
+    "requests_per_sec_per_peer",
+    "pending_pairings",
+    "max_inbox_items",
+    "max_inbox_bytes",
+    "max_hook_queue",
+];
+/// `[limits]` keys only a server config has.
+const SERVER_LIMITS: [&str; 3] = [
+    "max_lease_secs",
+    "replay_cache",
+    "requests_per_sec_per_terminal",
+];
+
+/// Guesses whether `text` configures a daemon or a server from the keys only one of them has;
+/// `None` when they do not tell (a file valid for both, or one that does not parse).
+pub fn guess_kind(text: &str) -> Option<ConfigKind> {
+    let table = text.parse::<toml::Table>().ok()?;
+    let count = |keys: &[&str], table: &toml::Table| {
+        keys.iter().filter(|k| table.contains_key(**k)).count()
+    };
+    let limits = table.get("limits").and_then(|l| l.as_table());
+    let mut daemon = count(&DAEMON_KEYS, &table);
+    let mut server = count(&SERVER_KEYS, &table);
+    if let Some(limits) = limits {
+        daemon += count(&DAEMON_LIMITS, limits);
+        server += count(&SERVER_LIMITS, limits);
+    }
+    match daemon.cmp(&server) {
+        std::cmp::Ordering::Greater => Some(ConfigKind::Daemon),
+        std::cmp::Ordering::Less => Some(ConfigKind::Server),
+        std::cmp::Ordering::Equal => None,
     }
 }
 
@@ -913,7 +1085,9 @@ mod tests {
         assert_eq!(s.http.as_ref().map(|h| h.listen.port()), Some(47780));
         assert_eq!(s.push, PushConfig::default());
         let text = std::fs::read_to_string(root.join("server.toml")).unwrap();
-        assert_eq!(guess_kind(&text), ConfigKind::Server);
+        assert_eq!(guess_kind(&text), Some(ConfigKind::Server));
+        let text = std::fs::read_to_string(root.join("daemon.toml")).unwrap();
+        assert_eq!(guess_kind(&text), Some(ConfigKind::Daemon));
     }
 
     #[test]
@@ -945,6 +1119,54 @@ mod tests {
         match server("[log]\nlevel = \"a=b=c\"") {
             Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "log.level"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_group_and_local_bounds_are_checked() {
+        let d = daemon("[control]\ngroup = \"root\"").unwrap();
+        assert_eq!(
+            d.control_group,
+            Some(ControlGroup {
+                name: "root".into(),
+                gid: 0
+            })
+        );
+        assert_eq!(daemon("").unwrap().control_group, None);
+        for (text, key) in [
+            ("[control]\ngroup = \"no-such-group-here\"", "control.group"),
+            ("[limits]\nmax_inbox_items = 0", "limits.max_inbox_items"),
+            ("[limits]\nmax_inbox_bytes = 1000", "limits.max_inbox_bytes"),
+        ] {
+            match daemon(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(daemon("[control]\ngrp = \"x\"")
+            .unwrap_err()
+            .to_string()
+            .contains("grp"));
+        let d = daemon("[limits]\nmax_inbox_items = 5\nmax_hook_queue = 0").unwrap();
+        assert_eq!(d.limits.max_inbox_items, 5);
+        assert_eq!(d.limits.max_hook_queue, 0);
+        // A log level that is no level would silence every line: refused.
+        for bad in ["verbose", "", "handoff=loud", "info,,chatty"] {
+            match daemon(&format!("[log]\nlevel = \"{bad}\"")) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "log.level", "{bad}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        for good in [
+            "warn",
+            "DEBUG",
+            "handoff=debug,warn",
+            "handoff::daemon=trace,off",
+        ] {
+            assert!(
+                daemon(&format!("[log]\nlevel = \"{good}\"")).is_ok(),
+                "{good}"
+            );
         }
     }
 

@@ -1,5 +1,5 @@
-//! The control socket: a Unix stream socket (mode 0600) speaking JSON Lines, through which the CLI
-//! and local programs drive the daemon.
+//! The control socket: a Unix stream socket (mode 0600, 0660 with `[control] group`) speaking
+//! JSON Lines, through which the CLI and local programs drive the daemon.
 //!
 //! Each request is one JSON object on one line with a `cmd` field; the daemon answers with one
 //! line `{"ok":true,...}` or `{"ok":false,"error":"..."}`. `watch` answers `{"ok":true}` and then
@@ -227,7 +227,7 @@ pub struct WatchLine {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the daemon's control socket {path}: {source} (is `handoff daemon` running?)")]
+    #[error("{}", connect_message(path, source))]
     Connect {
         path: PathBuf,
         source: std::io::Error,
@@ -238,6 +238,39 @@ pub enum ClientError {
     Closed,
     #[error("the daemon sent an unreadable line: {0}")]
     BadLine(String),
+}
+
+/// What to tell a user whose connection to the socket failed: a permission problem says who may
+/// use it; a missing socket or one nobody listens on asks whether the daemon runs.
+fn connect_message(path: &Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            let who = match std::fs::metadata(path) {
+                Ok(meta) if meta.mode() & 0o060 == 0o060 => {
+                    let group = crate::accounts::group_name(meta.gid())
+                        .unwrap_or_else(|| format!("gid {}", meta.gid()));
+                    format!("you need to be in group {group} or root")
+                }
+                Ok(meta) => format!(
+                    "only {} and root may use it (the daemon's [control] group can let a \
+                     group in)",
+                    crate::accounts::describe_user(meta.uid())
+                ),
+                // Its directory is closed to us: the group's members (or root) can reach it.
+                Err(_) => "you cannot reach its directory; you need to be in the daemon's \
+                           [control] group or root"
+                    .to_string(),
+            };
+            format!("permission denied on {shown}: {who}")
+        }
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
+            "cannot connect to the daemon's control socket {shown}: {e} (is `handoff daemon` \
+             running?)"
+        ),
+        _ => format!("cannot connect to the daemon's control socket {shown}: {e}"),
+    }
 }
 
 /// A connection to a daemon's control socket.
@@ -266,7 +299,13 @@ impl ControlClient {
         let mut line =
             serde_json::to_vec(request).map_err(|e| ClientError::BadLine(e.to_string()))?;
         line.push(b'\n');
-        self.writer.write_all(&line).await?;
+        if let Err(e) = self.writer.write_all(&line).await {
+            // A daemon that refused this client said why before closing.
+            return match self.read_line::<Reply>().await {
+                Ok(reply) if !reply.ok => Ok(reply),
+                _ => Err(e.into()),
+            };
+        }
         self.read_line().await
     }
 

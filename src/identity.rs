@@ -6,9 +6,6 @@
 //! is rebuilt from the key at every start; it only carries the key.
 
 use std::fmt;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -164,11 +161,8 @@ impl FromStr for TerminalId {
 /// Failures loading or creating an identity.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot create state directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     #[error("cannot read key file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -179,14 +173,21 @@ pub enum IdentityError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "key file {path} is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`"
-    )]
-    Permissions { path: PathBuf, mode: u32 },
     #[error("key file {path} does not hold an Ed25519 PKCS#8 key: {reason}")]
     BadKey { path: PathBuf, reason: String },
     #[error("cannot build a certificate for the key: {0}")]
     Certificate(String),
+}
+
+impl IdentityError {
+    /// The exit status for this error: 78 (bad configuration) when the state directory or the
+    /// key file needs fixing by hand, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::File(_) | Self::BadKey { .. } => crate::config::EXIT_CONFIG,
+            Self::Read { .. } | Self::Write { .. } | Self::Certificate(_) => 1,
+        }
+    }
 }
 
 /// A key pair together with the certificate that carries it in TLS.
@@ -219,13 +220,9 @@ impl Identity {
     pub fn load_or_create(state_dir: &Path) -> Result<Self, IdentityError> {
         create_state_dir(state_dir)?;
         let path = state_dir.join(KEY_FILE);
-        match fs::metadata(&path) {
-            Ok(meta) => {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(IdentityError::Permissions { path, mode });
-                }
-                let pem = fs::read_to_string(&path).map_err(|source| IdentityError::Read {
+        match crate::files::check_private_file(&path, "key file") {
+            Ok(true) => {
+                let pem = std::fs::read_to_string(&path).map_err(|source| IdentityError::Read {
                     path: path.clone(),
                     source,
                 })?;
@@ -235,7 +232,7 @@ impl Identity {
                 })?;
                 Self::from_pkcs8(key.serialize_der(), &path)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(false) => {
                 let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
                     .map_err(|e| IdentityError::Certificate(e.to_string()))?;
                 write_private_file(&path, key.serialize_pem().as_bytes()).map_err(|source| {
@@ -246,7 +243,7 @@ impl Identity {
                 })?;
                 Self::from_pkcs8(key.serialize_der(), &path)
             }
-            Err(source) => Err(IdentityError::Read { path, source }),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -298,45 +295,19 @@ impl Identity {
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing.
+/// Creates `dir` (and parents) with mode 0700 if missing; refuses one owned by another user or
+/// writable by group or others (see [`crate::files::prepare_state_dir`]).
 pub fn create_state_dir(dir: &Path) -> Result<(), IdentityError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| IdentityError::StateDir {
-            path: dir.to_path_buf(),
-            source,
-        })
+    Ok(crate::files::prepare_state_dir(dir)?)
 }
 
-use std::os::unix::fs::DirBuilderExt;
-
-/// Writes a file readable by its owner only, atomically: a temporary file with mode 0600, fsync,
-/// rename, fsync of the directory. A crash leaves either the old file or the new one.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
-}
+pub use crate::files::write_private_file;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn id_text_round_trip() {
@@ -389,8 +360,58 @@ mod tests {
         let path = dir.path().join(KEY_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = Identity::load_or_create(dir.path()).unwrap_err();
-        assert!(matches!(err, IdentityError::Permissions { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                IdentityError::File(crate::files::FileError::LooseMode { .. })
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"));
+        assert_eq!(err.exit_code(), crate::config::EXIT_CONFIG);
+    }
+
+    /// Another user pre-created the state directory (world-writable) and planted a link where
+    /// the key's temporary file used to go: the key must never land in a file they can read.
+    #[test]
+    fn a_state_dir_prepared_by_another_user_never_receives_the_key() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        let stolen = dir.path().join("stolen");
+        fs::write(&stolen, b"").unwrap();
+        fs::set_permissions(&stolen, fs::Permissions::from_mode(0o666)).unwrap();
+        std::os::unix::fs::symlink(&stolen, state.join("identity.tmp")).unwrap();
+        if crate::accounts::euid() == 0 {
+            let path = std::ffi::CString::new(state.as_os_str().as_bytes()).unwrap();
+            // SAFETY: chown of a path this test made.
+            assert_eq!(unsafe { libc::chown(path.as_ptr(), 65_534, 65_534) }, 0);
+            let err = Identity::load_or_create(&state).unwrap_err();
+            assert!(err.to_string().contains("owned by"), "{err}");
+            assert_eq!(err.exit_code(), crate::config::EXIT_CONFIG);
+            assert_eq!(unsafe { libc::chown(path.as_ptr(), 0, 0) }, 0);
+        }
+        let err = Identity::load_or_create(&state).unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), crate::config::EXIT_CONFIG);
+        assert!(!state.join(KEY_FILE).exists());
+        // Made private, the directory is used; the planted link is removed, never followed.
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+        Identity::load_or_create(&state).unwrap();
+        assert_eq!(
+            fs::read(&stolen).unwrap(),
+            b"",
+            "the key was written through the link"
+        );
+        let key = fs::symlink_metadata(state.join(KEY_FILE)).unwrap();
+        assert!(key.file_type().is_file());
+        assert_eq!(key.permissions().mode() & 0o777, 0o600);
+        assert!(fs::symlink_metadata(state.join("identity.tmp")).is_err());
     }
 
     #[test]

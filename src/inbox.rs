@@ -5,8 +5,14 @@
 //! a push the server sends again (after a crash or reconnect) is recognised and not delivered
 //! twice: the cursors are rebuilt from the file at start. A crash can leave a torn last line;
 //! reading skips it.
+//!
+//! The inbox is bounded (`[limits] max_inbox_items`, `max_inbox_bytes`): it keeps the newest
+//! pushes and drops the oldest. Once the file holds a quarter more than the limits allow, it is
+//! rewritten (atomically, through [`crate::files::write_private_file`]) with the newest pushes
+//! that fit, followed by one cursor line per server, so the pushes dropped are never delivered
+//! again. Listing shows the newest pushes within the limits even before that rewrite.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,33 +43,82 @@ struct Entry {
     epoch: u64,
 }
 
+/// A line written when the file is rewritten: where a server's log left off, so pushes dropped
+/// from the file are still known as delivered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CursorLine {
+    cursor_server: String,
+    cursor_epoch: u64,
+    cursor_next: u64,
+}
+
+/// A parsed line of the inbox file.
+enum Line {
+    Entry(Entry, u64),
+    Cursor(CursorLine),
+}
+
+/// How much the inbox keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxLimits {
+    pub max_items: usize,
+    pub max_bytes: u64,
+}
+
+/// What [`Inbox::append`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Appended {
+    /// The push was not delivered before (and is now kept).
+    pub fresh: bool,
+    /// Old pushes dropped by the rewrite this append caused.
+    pub dropped: usize,
+    /// The limit that made the rewrite drop them: `"max_inbox_items"` or `"max_inbox_bytes"`.
+    pub limit: Option<&'static str>,
+}
+
 #[derive(Debug)]
 struct State {
     file: File,
     /// Per server: the epoch and the next offset not yet delivered.
     cursors: HashMap<ServerId, Cursor>,
-    len: usize,
+    /// The size in bytes of each push in the file, oldest first.
+    sizes: VecDeque<u64>,
+    /// Their sum.
+    bytes: u64,
+}
+
+impl State {
+    /// How many of the newest pushes fit the limits.
+    fn kept(&self, limits: InboxLimits) -> usize {
+        let mut bytes = 0;
+        let mut kept = 0;
+        for size in self.sizes.iter().rev() {
+            if kept == limits.max_items || bytes + size > limits.max_bytes {
+                break;
+            }
+            bytes += size;
+            kept += 1;
+        }
+        kept
+    }
 }
 
 #[derive(Debug)]
 pub struct Inbox {
     path: PathBuf,
+    limits: InboxLimits,
     state: Mutex<State>,
 }
 
 impl Inbox {
-    pub fn open(state_dir: &Path) -> Result<Self, InboxError> {
+    pub fn open(state_dir: &Path, limits: InboxLimits) -> Result<Self, InboxError> {
         let path = state_dir.join(INBOX_FILE);
         let err = |source| InboxError {
             path: path.clone(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(err)?;
+        let mut file = open_append(&path).map_err(err)?;
         // End a line torn by a crash, so the next append starts a line of its own.
         let len = file.metadata().map_err(err)?.len();
         let mut last = [b'\n'];
@@ -81,30 +136,36 @@ impl Inbox {
                 .map_err(err)?;
         }
         let mut cursors: HashMap<ServerId, Cursor> = HashMap::new();
-        let mut len = 0;
-        for entry in read_entries(&path).map_err(err)? {
-            len += 1;
-            let Ok(server) = entry.server.parse::<ServerId>() else {
+        let mut sizes = VecDeque::new();
+        for line in read_lines(&path).map_err(err)? {
+            let (server, epoch, next) = match line {
+                Line::Entry(entry, size) => {
+                    sizes.push_back(size);
+                    (entry.server, entry.epoch, entry.push.offset + 1)
+                }
+                Line::Cursor(c) => (c.cursor_server, c.cursor_epoch, c.cursor_next),
+            };
+            let Ok(server) = server.parse::<ServerId>() else {
                 continue;
             };
-            let next = entry.push.offset + 1;
-            let cursor = cursors.entry(server).or_insert(Cursor {
-                epoch: entry.epoch,
-                next,
-            });
-            if cursor.epoch != entry.epoch {
+            let cursor = cursors.entry(server).or_insert(Cursor { epoch, next });
+            if cursor.epoch != epoch {
                 // A later epoch in the file supersedes the earlier one.
-                *cursor = Cursor {
-                    epoch: entry.epoch,
-                    next,
-                };
+                *cursor = Cursor { epoch, next };
             } else {
                 cursor.next = cursor.next.max(next);
             }
         }
+        let bytes = sizes.iter().sum();
         Ok(Self {
             path,
-            state: Mutex::new(State { file, cursors, len }),
+            limits,
+            state: Mutex::new(State {
+                file,
+                cursors,
+                sizes,
+                bytes,
+            }),
         })
     }
 
@@ -113,18 +174,19 @@ impl Inbox {
         self.lock().cursors.get(server).copied()
     }
 
-    /// Keeps `push` (from `server`, in `epoch`) durably, unless it was delivered before.
-    /// Returns whether it is new. Blocking: call from a blocking context.
+    /// Keeps `push` (from `server`, in `epoch`) durably, unless it was delivered before, and
+    /// drops the oldest pushes when the file has grown past the limits. Blocking: call from a
+    /// blocking context.
     pub fn append(
         &self,
         server: &ServerId,
         epoch: u64,
         push: &PushRecord,
-    ) -> Result<bool, InboxError> {
+    ) -> Result<Appended, InboxError> {
         let mut state = self.lock();
         if let Some(cursor) = state.cursors.get(server) {
             if cursor.epoch == epoch && push.offset < cursor.next {
-                return Ok(false);
+                return Ok(Appended::default());
             }
         }
         let entry = Entry {
@@ -148,21 +210,91 @@ impl Inbox {
                 next: push.offset + 1,
             },
         );
-        state.len += 1;
-        Ok(true)
+        let size = line.len() as u64;
+        state.sizes.push_back(size);
+        state.bytes += size;
+        let mut appended = Appended {
+            fresh: true,
+            ..Appended::default()
+        };
+        let limits = self.limits;
+        let items_over = state.sizes.len() > limits.max_items + limits.max_items / 4;
+        let bytes_over = state.bytes > limits.max_bytes + limits.max_bytes / 4;
+        if items_over || bytes_over {
+            appended.dropped = self.rewrite(&mut state)?;
+            appended.limit = Some(if items_over {
+                "max_inbox_items"
+            } else {
+                "max_inbox_bytes"
+            });
+        }
+        Ok(appended)
     }
 
-    /// Every record, oldest first. Blocking.
+    /// Rewrites the file with the newest pushes within the limits and a cursor line per server;
+    /// returns how many pushes it dropped.
+    fn rewrite(&self, state: &mut State) -> Result<usize, InboxError> {
+        let err = |source| InboxError {
+            path: self.path.clone(),
+            source,
+        };
+        let kept = state.kept(self.limits);
+        let entries: Vec<(Entry, u64)> = read_lines(&self.path)
+            .map_err(err)?
+            .into_iter()
+            .filter_map(|line| match line {
+                Line::Entry(entry, size) => Some((entry, size)),
+                Line::Cursor(_) => None,
+            })
+            .collect();
+        let skip = entries.len().saturating_sub(kept);
+        let mut text = Vec::new();
+        let mut sizes = VecDeque::new();
+        for (entry, _) in &entries[skip..] {
+            let start = text.len();
+            text.extend(serde_json::to_vec(entry).unwrap_or_default());
+            text.push(b'\n');
+            sizes.push_back((text.len() - start) as u64);
+        }
+        // After the entries: the cursors win over what the kept entries say.
+        for (server, cursor) in &state.cursors {
+            let line = CursorLine {
+                cursor_server: server.to_string(),
+                cursor_epoch: cursor.epoch,
+                cursor_next: cursor.next,
+            };
+            text.extend(serde_json::to_vec(&line).unwrap_or_default());
+            text.push(b'\n');
+        }
+        crate::files::write_private_file(&self.path, &text).map_err(err)?;
+        state.file = open_append(&self.path).map_err(err)?;
+        state.bytes = sizes.iter().sum();
+        state.sizes = sizes;
+        Ok(skip)
+    }
+
+    /// The newest records within the limits, oldest first. Blocking.
     pub fn list(&self) -> Result<Vec<PushRecord>, InboxError> {
-        let entries = read_entries(&self.path).map_err(|source| InboxError {
+        let kept = self.len();
+        let lines = read_lines(&self.path).map_err(|source| InboxError {
             path: self.path.clone(),
             source,
         })?;
-        Ok(entries.into_iter().map(|e| e.push).collect())
+        let mut entries: Vec<PushRecord> = lines
+            .into_iter()
+            .filter_map(|line| match line {
+                Line::Entry(entry, _) => Some(entry.push),
+                Line::Cursor(_) => None,
+            })
+            .collect();
+        let skip = entries.len().saturating_sub(kept);
+        entries.drain(..skip);
+        Ok(entries)
     }
 
+    /// How many records [`Inbox::list`] shows.
     pub fn len(&self) -> usize {
-        self.lock().len
+        self.lock().kept(self.limits)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -175,13 +307,26 @@ impl Inbox {
     }
 }
 
-fn read_entries(path: &Path) -> std::io::Result<Vec<Entry>> {
+/// Opens the inbox file for appending (created 0600), never through a symlink.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
     let file = File::open(path)?;
     let mut out = Vec::new();
     for line in BufReader::new(file).lines() {
+        let line = line?;
         // A torn or foreign line is skipped rather than hiding everything after it.
-        if let Ok(entry) = serde_json::from_str(&line?) {
-            out.push(entry);
+        if let Ok(cursor) = serde_json::from_str::<CursorLine>(&line) {
+            out.push(Line::Cursor(cursor));
+        } else if let Ok(entry) = serde_json::from_str::<Entry>(&line) {
+            out.push(Line::Entry(entry, line.len() as u64 + 1));
         }
     }
     Ok(out)
@@ -191,6 +336,11 @@ fn read_entries(path: &Path) -> std::io::Result<Vec<Entry>> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    const LIMITS: InboxLimits = InboxLimits {
+        max_items: 1000,
+        max_bytes: 1 << 20,
+    };
 
     fn record(offset: u64, title: &str) -> PushRecord {
         PushRecord {
@@ -208,11 +358,11 @@ mod tests {
     fn duplicates_are_dropped_across_restarts_and_epochs_reset() {
         let dir = tempfile::tempdir().unwrap();
         let server = ServerId::from_bytes([1; 32]);
-        let inbox = Inbox::open(dir.path()).unwrap();
-        assert!(inbox.append(&server, 7, &record(0, "a")).unwrap());
-        assert!(inbox.append(&server, 7, &record(1, "b")).unwrap());
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert!(inbox.append(&server, 7, &record(0, "a")).unwrap().fresh);
+        assert!(inbox.append(&server, 7, &record(1, "b")).unwrap().fresh);
         assert!(
-            !inbox.append(&server, 7, &record(1, "b")).unwrap(),
+            !inbox.append(&server, 7, &record(1, "b")).unwrap().fresh,
             "resent: not delivered twice"
         );
         drop(inbox);
@@ -223,14 +373,85 @@ mod tests {
             .unwrap()
             .write_all(b"{\"from\":nu")
             .unwrap();
-        let inbox = Inbox::open(dir.path()).unwrap();
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 7, next: 2 }));
         assert_eq!(inbox.len(), 2);
-        assert!(!inbox.append(&server, 7, &record(0, "a")).unwrap());
+        assert!(!inbox.append(&server, 7, &record(0, "a")).unwrap().fresh);
         // A new epoch starts over.
-        assert!(inbox.append(&server, 8, &record(0, "c")).unwrap());
+        assert!(inbox.append(&server, 8, &record(0, "c")).unwrap().fresh);
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 8, next: 1 }));
         let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
         assert_eq!(titles, ["a", "b", "c"]);
+    }
+
+    /// A flood of pushes leaves the newest `max_items` in the inbox and a file that stops
+    /// growing; a push dropped from the file is still known as delivered, across a restart.
+    #[test]
+    fn the_inbox_keeps_the_newest_pushes_and_the_file_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerId::from_bytes([1; 32]);
+        let limits = InboxLimits {
+            max_items: 8,
+            max_bytes: 1 << 20,
+        };
+        let inbox = Inbox::open(dir.path(), limits).unwrap();
+        let mut dropped = 0;
+        let mut largest_file = 0;
+        for offset in 0..100 {
+            let appended = inbox
+                .append(&server, 1, &record(offset, &format!("p{offset}")))
+                .unwrap();
+            assert!(appended.fresh);
+            dropped += appended.dropped;
+            if appended.dropped > 0 {
+                assert_eq!(appended.limit, Some("max_inbox_items"));
+            }
+            let len = std::fs::metadata(dir.path().join(INBOX_FILE))
+                .unwrap()
+                .len();
+            largest_file = largest_file.max(len);
+            assert!(inbox.len() <= 8);
+        }
+        let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
+        let newest: Vec<String> = (92..100).map(|i| format!("p{i}")).collect();
+        assert_eq!(titles, newest);
+        assert!(dropped >= 80, "{dropped}");
+        // At most 8 + 2 pushes (the quarter before a rewrite) and a cursor line.
+        assert!(largest_file < 11 * 200, "{largest_file}");
+        drop(inbox);
+        let inbox = Inbox::open(dir.path(), limits).unwrap();
+        assert_eq!(
+            inbox.cursor(&server),
+            Some(Cursor {
+                epoch: 1,
+                next: 100
+            })
+        );
+        assert!(!inbox.append(&server, 1, &record(3, "p3")).unwrap().fresh);
+        assert_eq!(inbox.list().unwrap().len(), 8);
+
+        // The byte limit: big pushes leave only what fits.
+        let limits = InboxLimits {
+            max_items: 1000,
+            max_bytes: 10_000,
+        };
+        let other = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(other.path(), limits).unwrap();
+        let mut hit = None;
+        for offset in 0..40 {
+            let mut big = record(offset, "big");
+            big.body = Some("x".repeat(1000));
+            hit = hit.or(inbox.append(&server, 1, &big).unwrap().limit);
+        }
+        assert_eq!(hit, Some("max_inbox_bytes"));
+        let kept = inbox.list().unwrap();
+        assert!(kept.len() < 10 && kept.len() >= 8, "{}", kept.len());
+        assert_eq!(kept.last().unwrap().offset, 39);
+        assert!(
+            std::fs::metadata(other.path().join(INBOX_FILE))
+                .unwrap()
+                .len()
+                < 12_600
+        );
     }
 }

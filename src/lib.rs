@@ -2,6 +2,8 @@
 //!
 //! Module map:
 //! - [`identity`] — Ed25519 key pairs and the base32 IDs they define.
+//! - [`files`] — the state directory's checks, atomic private writes, secret files;
+//!   [`accounts`] — Unix user and group lookups.
 //! - [`config`] — the daemon's and server's TOML, validated (errors name the key).
 //! - [`wire`] — pure protocol: messages, frames, the bincode config, TXT records, tickets, error codes.
 //! - [`tls`] — mutual TLS 1.3 that pins peer keys; a connection's peer ID.
@@ -27,6 +29,7 @@
 //! session on a stream it opens on B's connection; B's server link delivers it to the inbox,
 //! watchers and the `on_push` hook.
 
+pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -35,6 +38,7 @@ pub mod demo;
 pub mod discovery;
 pub mod doctor;
 pub mod hook;
+pub mod files;
 pub mod identity;
 pub mod inbox;
 pub mod isolate;

@@ -48,8 +48,14 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: CliError) -> ExitCode {
+    // A config error keeps its lines (TOML's points at the mistake with `^^^`); anything else
+    // is one line, whatever text it carries. In the journal every line has the error priority.
+    let message = if e.code == handoff::config::EXIT_CONFIG {
+        e.message.clone()
+    } else {
+        e.message.replace('\n', " ")
+    };
     let journal = handoff::logging::stderr_is_journal();
-    let message = e.message.replace('\n', " ");
     eprint!("{}", handoff::logging::fatal_error(&message, journal));
     ExitCode::from(u8::try_from(e.code).unwrap_or(1))
 }
@@ -132,11 +138,15 @@ async fn run(
         } => cli::check_config(&config, kind),
         Command::Daemon { config: path } => {
             let config = DaemonConfig::load(&path)?;
+            config.check_files()?;
             logs.set_level(&config.log_level);
             let mut signals = Signals::new()?;
             let daemon = Daemon::start(config, DaemonOptions::default())
                 .await
-                .map_err(|e| CliError::new(e.to_string()))?;
+                .map_err(|e| CliError {
+                    code: e.exit_code(),
+                    message: e.to_string(),
+                })?;
             service::notify(&format!(
                 "READY=1\nSTATUS=serving as {}",
                 daemon.id().short()
@@ -149,7 +159,10 @@ async fn run(
                         logs.set_level(&config.log_level);
                         daemon.reload(&config);
                     }
-                    Err(e) => tracing::error!("config not reloaded, keeping the running one: {e}"),
+                    Err(e) => tracing::error!(
+                        "config not reloaded, keeping the running one: {}",
+                        one_line(&e)
+                    ),
                 }
                 service::notify("READY=1");
             }
@@ -160,13 +173,19 @@ async fn run(
         }
         Command::Server { config: path } => {
             let config = ServerConfig::load(&path)?;
+            config.check_files()?;
             logs.set_level(&config.log_level);
             let mut signals = Signals::new()?;
-            let identity = Identity::load_or_create(&config.state_dir)
-                .map_err(|e| CliError::new(e.to_string()))?;
+            let identity = Identity::load_or_create(&config.state_dir).map_err(|e| CliError {
+                code: e.exit_code(),
+                message: e.to_string(),
+            })?;
             let server = Server::start(identity, &config)
                 .await
-                .map_err(|e| CliError::new(e.to_string()))?;
+                .map_err(|e| CliError {
+                    code: e.exit_code(),
+                    message: e.to_string(),
+                })?;
             service::notify(&format!(
                 "READY=1\nSTATUS=serving as {}",
                 server.id().short()
@@ -187,7 +206,10 @@ async fn run(
                             );
                         }
                     }
-                    Err(e) => tracing::error!("config not reloaded, keeping the running one: {e}"),
+                    Err(e) => tracing::error!(
+                        "config not reloaded, keeping the running one: {}",
+                        one_line(&e)
+                    ),
                 }
                 service::notify("READY=1");
             }
@@ -215,6 +237,11 @@ async fn run(
         }
         other => cli::run_client(other).await,
     }
+}
+
+/// An error on one log line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace('\n', " ")
 }
 
 #[derive(Debug, PartialEq, Eq)]

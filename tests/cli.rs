@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
+
 use support::{handoff, BIN};
 
 fn stderr(out: &std::process::Output) -> String {
@@ -32,13 +34,20 @@ fn id_is_stable_base32() {
 #[test]
 fn shipped_configs_check_ok() {
     let root = env!("CARGO_MANIFEST_DIR");
+    // The server's token as systemd would pass it (`LoadCredential=publish.token:...`).
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("publish.token"), "t0ken\n").unwrap();
     for (file, kind) in [("daemon.toml", "daemon"), ("server.toml", "server")] {
-        let out = handoff(&[
-            "config",
-            "check",
-            "--config",
-            &format!("{root}/config/{file}"),
-        ]);
+        let out = std::process::Command::new(BIN)
+            .args([
+                "config",
+                "check",
+                "--config",
+                &format!("{root}/config/{file}"),
+            ])
+            .env("CREDENTIALS_DIRECTORY", credentials.path())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{file}: {}", stderr(&out));
         assert!(String::from_utf8_lossy(&out.stdout).contains(kind));
     }
@@ -74,11 +83,98 @@ fn bad_configs_exit_78_naming_the_key() {
         assert_eq!(out.status.code(), Some(78), "{file}");
         let err = stderr(&out);
         assert!(err.starts_with("error:"), "{err}");
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
         if key != "test" {
             assert!(err.contains(key), "{file}: {err}");
         }
+        // TOML's own errors keep their lines, with `^` under the mistake.
+        if ["unknown.toml", "nested.toml", "syntax.toml"].contains(&file) {
+            assert!(err.lines().count() > 2, "{file}: {err}");
+            assert!(err.lines().any(|l| l.trim_end().ends_with('^')), "{err}");
+        } else {
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
+        }
     }
+}
+
+/// `config check` checks what the config names too, tells a server's file from a daemon's by
+/// the keys only one of them has (or takes `--kind`), and refuses a log level that would
+/// silence the log.
+#[test]
+fn config_check_finds_file_problems_and_the_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str, kind: Option<&str>| {
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut args = vec!["config", "check", "--config", path.to_str().unwrap()];
+        if let Some(kind) = kind {
+            args.extend(["--kind", kind]);
+        }
+        handoff(&args)
+    };
+    let token = dir.path().join("publish.token");
+    let server = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+        token.display()
+    );
+    // Missing, empty, readable by others: 78, naming the key; then fine.
+    let out = check(&server, None);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("http.token_file"), "{}", stderr(&out));
+    std::fs::write(&token, "\n").unwrap();
+    std::fs::set_permissions(&token, PermissionsExt::from_mode(0o600)).unwrap();
+    let out = check(&server, None);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is empty"), "{}", stderr(&out));
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, PermissionsExt::from_mode(0o644)).unwrap();
+    let out = check(&server, None);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("s3cret"));
+    std::fs::set_permissions(&token, PermissionsExt::from_mode(0o600)).unwrap();
+    let out = check(&server, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("server config"));
+
+    // A key file readable by others.
+    let state = dir.path().join("state");
+    support::id_of(&state);
+    std::fs::set_permissions(state.join("identity.key"), PermissionsExt::from_mode(0o640)).unwrap();
+    let out = check(&format!("state_dir = \"{}\"\n", state.display()), None);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("state_dir"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+
+    // A small server file is a server's; a server typo lists the server's keys.
+    let out = check("[limits]\nreplay_cache = 10\n", None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("server config"));
+    let out = check("[limits]\nreplay_cache = 10\nmax_lease = 60\n", None);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("max_lease_secs"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("pending_pairings"),
+        "{}",
+        stderr(&out)
+    );
+    let out = check("[stor]\nkind = \"memory\"\n", Some("server"));
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("store"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("discovery"), "{}", stderr(&out));
+    // Keys both programs have: fine for either.
+    let out = check("[quic]\nlisten = \"[::]:47700\"\n", None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = check("[quic]\nlisten = \"[::]:47700\"\n", Some("server"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("server config"));
+
+    // `verbose` is not a level: it would silence every line after a SIGHUP.
+    for bad in ["verbose", "handoff=loud", "info,chatty"] {
+        let out = check(&format!("[log]\nlevel = \"{bad}\"\n"), Some("daemon"));
+        assert_eq!(out.status.code(), Some(78), "{bad}");
+        assert!(stderr(&out).contains("log.level"), "{}", stderr(&out));
+    }
+    let out = check("[log]\nlevel = \"handoff=debug,warn\"\n", Some("daemon"));
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

@@ -28,7 +28,12 @@ fn deployment(tag: &str) -> (Lan, usize, String) {
         "{}",
         lan.log("srv")
     );
-    lan.start_daemon("b", &lan.server_section("srv", &server_id));
+    // The inbox must hold every push of the run (by default it keeps the newest 1000).
+    let b_config = format!(
+        "{}[limits]\nmax_inbox_items = 1000000\n",
+        lan.server_section("srv", &server_id)
+    );
+    lan.start_daemon("b", &b_config);
     assert!(
         wait_for(Duration::from_secs(10), || lan.status("b")["server"]
             ["connected"]

@@ -335,6 +335,10 @@ fn sighup_reloads_the_trust_list_without_dropping_connections() {
         .status
         .success());
     lan.wait_for_peer("b", &a_id);
+    // The metrics below count A's discovery of B. B seeing A says nothing about it: A learns
+    // of B only from B's announcement, which follows B's own probing (about 0.75 s), and on a
+    // loaded machine everything up to the metrics check can finish before that.
+    lan.wait_for_peer("a", &b_id);
 
     let out = handoff(&["pull", &a_id, "--socket", &lan.socket("b")]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -1,7 +1,7 @@
 //! The daemon's side of the control socket (protocol in [`crate::control`]).
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use super::{Daemon, DaemonError};
+use crate::accounts;
+use crate::config::ControlGroup;
 use crate::control::{ControlRequest, Reply, WatchLine, MAX_LINE};
 use crate::wire::Session;
 
@@ -21,27 +23,224 @@ const MAX_CLIENTS: usize = 64;
 const SYNC_WAIT: Duration = Duration::from_secs(3);
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds the socket with mode 0600, replacing a stale socket file left by a crash.
-pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the control socket with its final mode from the start: 0600, or 0660 and group
+/// `[control] group`. The socket is bound inside a fresh private directory (mode 0700), given
+/// its mode and group there, then renamed into place, so no one else can ever connect to it
+/// while it is looser (whatever the process umask); the rename also replaces a stale socket
+/// left by a crash. The socket's directory is created 0700 (0710 with the group) or, if it
+/// exists, must not be writable by other users (unless sticky, as /tmp).
+pub(crate) fn bind(path: &Path, group: Option<&ControlGroup>) -> Result<UnixListener, DaemonError> {
     let err = |reason: String| DaemonError::Control {
         path: path.to_path_buf(),
         reason,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+    let Some(name) = path.file_name() else {
+        return Err(err("the path has no file name".into()));
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    prepare_dir(path, dir, group)?;
+    if std::fs::symlink_metadata(path).is_ok()
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+    {
+        return Err(err("another daemon is listening on it".into()));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err("another daemon is listening on it".into()));
+    let private = make_private_dir(dir, name).map_err(|e| {
+        err(format!(
+            "cannot make a private directory in {} to bind in: {e}",
+            dir.display()
+        ))
+    })?;
+    let staged = private.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged).map_err(|e| err(e.to_string()))?;
+        let mode = match group {
+            Some(group) => {
+                chown_group(&staged, group.gid).map_err(|e| DaemonError::ControlDir {
+                    path: path.to_path_buf(),
+                    reason: group_error(group, &e),
+                })?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&staged, path)
+            .map_err(|e| err(format!("cannot move it into place: {e}")))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Makes sure the socket's directory is safe to bind in and, with a group, traversable by it.
+fn prepare_dir(path: &Path, dir: &Path, group: Option<&ControlGroup>) -> Result<(), DaemonError> {
+    let err = |reason: String| DaemonError::ControlDir {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mode = if group.is_some() { 0o710 } else { 0o700 };
+    let created = match std::fs::symlink_metadata(dir) {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)
+                    .map_err(|e| err(format!("cannot create {}: {e}", parent.display())))?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => true,
+                // Someone made it meanwhile: checked below like any existing directory.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(err(format!("cannot create {}: {e}", dir.display()))),
+            }
         }
-        std::fs::remove_file(path)
-            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+        Err(e) => return Err(err(format!("cannot inspect {}: {e}", dir.display()))),
+    };
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| err(format!("cannot inspect {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(err(format!("{} is not a directory", dir.display())));
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(listener)
+    let me = accounts::euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(err(format!(
+            "its directory {} is owned by {}: that user could replace the socket; use a \
+             directory owned by {} or root",
+            dir.display(),
+            accounts::describe_user(meta.uid()),
+            accounts::describe_user(me),
+        )));
+    }
+    let dir_mode = meta.mode() & 0o7777;
+    if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+        return Err(err(format!(
+            "its directory {} is writable by group or others (mode {dir_mode:o}): they could \
+             replace the socket; run `chmod go-w {}` or use another directory",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    if created {
+        if let Some(group) = group {
+            chown_group(dir, group.gid).map_err(|e| err(group_error(group, &e)))?;
+        }
+        // Exactly this mode, whatever the umask took away (it can only have taken).
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| err(format!("cannot set the mode of {}: {e}", dir.display())))?;
+        return Ok(());
+    }
+    let Some(group) = group else { return Ok(()) };
+    let traversable = dir_mode & 0o001 != 0 || (meta.gid() == group.gid && dir_mode & 0o010 != 0);
+    if traversable {
+        return Ok(());
+    }
+    // A directory of our own that holds only the socket (systemd's RuntimeDirectory=) is
+    // opened to the group; any other is left alone and the fix named.
+    if meta.uid() == me && holds_only_the_socket(dir, path) {
+        chown_group(dir, group.gid).map_err(|e| err(group_error(group, &e)))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode | 0o010))
+            .map_err(|e| err(format!("cannot set the mode of {}: {e}", dir.display())))?;
+        return Ok(());
+    }
+    warn!(
+        dir = %dir.display(),
+        "members of group {} cannot reach the control socket: its directory is not \
+         traversable by them (mode {dir_mode:o}); run `chgrp {} {}` and `chmod g+x {}`",
+        group.name,
+        group.name,
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Whether `dir` holds nothing but the socket `path` (and this module's staging directories).
+fn holds_only_the_socket(dir: &Path, path: &Path) -> bool {
+    let (Some(name), Ok(entries)) = (path.file_name(), std::fs::read_dir(dir)) else {
+        return false;
+    };
+    let staging = format!(".{}.", name.to_string_lossy());
+    entries.flatten().all(|entry| {
+        let entry = entry.file_name();
+        entry == name || entry.to_string_lossy().starts_with(&staging)
+    })
+}
+
+/// Creates `DIR/.NAME.PID.N` with mode 0700, trying further names if one exists.
+fn make_private_dir(dir: &Path, name: &std::ffi::OsStr) -> std::io::Result<PathBuf> {
+    let pid = std::process::id();
+    let mut last = None;
+    for n in 0..16u32 {
+        let mut staged = std::ffi::OsString::from(".");
+        staged.push(name);
+        staged.push(format!(".{pid}.{n}"));
+        let candidate = dir.join(staged);
+        match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
+}
+
+fn chown_group(path: &Path, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, None, Some(gid))
+}
+
+fn group_error(group: &ControlGroup, e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        format!(
+            "cannot hand it to group {} ([control] group): the daemon's user is not a member \
+             (with systemd, add SupplementaryGroups={} to the unit)",
+            group.name, group.name
+        )
+    } else {
+        format!(
+            "cannot hand it to group {} ([control] group): {e}",
+            group.name
+        )
+    }
+}
+
+/// Whether the process at the other end of `stream` may use the socket: root, the daemon's own
+/// user, or (with `[control] group`) a member of that group. The socket's mode already keeps
+/// others out; this holds even if the mode was loosened by hand.
+async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    if uid == 0 || uid == accounts::euid() {
+        return Ok(());
+    }
+    if let Some(group) = group {
+        let wanted = group.gid;
+        // The group database may be remote (NSS): off the runtime's threads.
+        let member = tokio::task::spawn_blocking(move || accounts::is_member(uid, gid, wanted))
+            .await
+            .unwrap_or(false);
+        if member {
+            return Ok(());
+        }
+        return Err(format!(
+            "permission denied: {} is not root, the daemon's user or a member of group {}",
+            accounts::describe_user(uid),
+            group.name
+        ));
+    }
+    Err(format!(
+        "permission denied: {} is not root or the daemon's user (the daemon's [control] group \
+         can let a group in)",
+        accounts::describe_user(uid)
+    ))
 }
 
 pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
@@ -66,6 +265,11 @@ pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
         daemon.spawn(
             async move {
                 let _permit = permit;
+                let group = d.shared.config.control_group.clone();
+                if let Err(reason) = peer_allowed(&stream, group.as_ref()).await {
+                    refuse(&d, stream, reason).await;
+                    return;
+                }
                 if let Err(e) = serve_client(d, stream).await {
                     debug!("control client: {e}");
                 }
@@ -73,6 +277,27 @@ pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
             tracing::info_span!("control-client"),
         );
     }
+}
+
+/// Tells a client it may not use the socket, counts it and logs it (rate-limited: local users
+/// could otherwise fill the log).
+async fn refuse(daemon: &Daemon, stream: UnixStream, reason: String) {
+    daemon.shared.metrics.inc(
+        "handoff_refusals_total",
+        Some(("reason", "control_credentials")),
+    );
+    if let Some(suppressed) = daemon.shared.guards.log.check("control_credentials") {
+        warn!(suppressed, "refused a control connection: {reason}");
+    }
+    let (read, mut write) = stream.into_split();
+    // Say why, then let the client finish writing its request (for at most a second) so it
+    // reads the reason rather than a broken pipe.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        send(&mut write, &Reply::error(reason)).await?;
+        let mut sink = read.take(MAX_LINE as u64 + 1);
+        tokio::io::copy(&mut sink, &mut tokio::io::sink()).await
+    })
+    .await;
 }
 
 async fn serve_client(daemon: Daemon, stream: UnixStream) -> std::io::Result<()> {

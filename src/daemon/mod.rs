@@ -35,7 +35,7 @@ use crate::config::{AcceptPolicy, DaemonConfig};
 use crate::control::{PeerRecord, PushRecord, ServerStatus, StatusRecord};
 use crate::discovery::{Discovery, DiscoveryEvent};
 use crate::identity::{Identity, IdentityError, ServerId, TerminalId};
-use crate::inbox::{Inbox, InboxError};
+use crate::inbox::{Inbox, InboxError, InboxLimits};
 use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
 use crate::metrics::Metrics;
 use crate::net::varint;
@@ -47,7 +47,8 @@ use server_link::ServerLink;
 
 /// Pushes buffered for slow `watch` subscribers before they are told they lagged.
 const PUSH_BUFFER: usize = 256;
-/// Hook processes running at once; further pushes wait for a slot.
+/// Hook processes running at once; further pushes wait for a slot, up to
+/// `[limits] max_hook_queue` of them.
 const HOOK_SLOTS: usize = 8;
 
 /// Connections the daemon opens (to peers and servers): servers may open push streams.
@@ -87,6 +88,25 @@ pub enum DaemonError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// The control socket's directory or group is not fit for use: fix the config or the
+    /// directory.
+    #[error("control socket {path}: {reason}")]
+    ControlDir {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+impl DaemonError {
+    /// The exit status for this error: 78 (bad configuration) when a file, directory or group
+    /// the config names needs fixing by hand, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Identity(e) => e.exit_code(),
+            Self::ControlDir { .. } => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
 }
 
 /// How the daemon is started; the binary uses the defaults.
@@ -125,7 +145,10 @@ pub(crate) struct Shared {
     pub pushes: broadcast::Sender<PushRecord>,
     pub peer_changes: watch::Sender<u64>,
     pub inbox: Inbox,
+    /// Hook processes running at once.
     pub hooks: Arc<Semaphore>,
+    /// Hooks running or waiting for a slot: `HOOK_SLOTS + [limits] max_hook_queue`.
+    pub hook_queue: Arc<Semaphore>,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
     pub discovery: tokio::sync::Mutex<Option<Arc<Discovery>>>,
@@ -170,7 +193,13 @@ impl Daemon {
         for id in trust.revoked_in_config() {
             warn!(peer = %id, "[trust] peers lists a peer revoked with `handoff untrust`; it stays revoked until `handoff trust`");
         }
-        let inbox = Inbox::open(&config.state_dir)?;
+        let inbox = Inbox::open(
+            &config.state_dir,
+            InboxLimits {
+                max_items: config.limits.max_inbox_items,
+                max_bytes: config.limits.max_inbox_bytes,
+            },
+        )?;
         let limits = config.limits;
         let peer_transport = TransportLimits {
             max_bidi_streams: limits.max_streams_per_connection,
@@ -209,6 +238,7 @@ impl Daemon {
             peer_changes: watch::Sender::new(0),
             inbox,
             hooks: Arc::new(Semaphore::new(HOOK_SLOTS)),
+            hook_queue: Arc::new(Semaphore::new(HOOK_SLOTS + limits.max_hook_queue)),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             discovery: tokio::sync::Mutex::new(None),
@@ -239,7 +269,7 @@ impl Daemon {
             let bound = metrics_http::start(&daemon, addr).await?;
             *lock(&daemon.shared.metrics_addr) = Some(bound);
         }
-        let listener = control_server::bind(&config.control_socket)?;
+        let listener = control_server::bind(&config.control_socket, config.control_group.as_ref())?;
         daemon.spawn(
             control_server::serve(daemon.clone(), listener),
             tracing::info_span!("control"),
@@ -528,7 +558,23 @@ impl Daemon {
             match tokio::task::spawn_blocking(move || shared.inbox.append(&server, epoch, &stored))
                 .await
             {
-                Ok(Ok(fresh)) => fresh,
+                Ok(Ok(appended)) => {
+                    if let Some(limit) = appended.limit {
+                        self.shared.metrics.add(
+                            "handoff_inbox_dropped_total",
+                            None,
+                            appended.dropped as u64,
+                        );
+                        self.over_limit(
+                            limit,
+                            format_args!(
+                                "the inbox dropped its {} oldest pushes",
+                                appended.dropped
+                            ),
+                        );
+                    }
+                    appended.fresh
+                }
                 Ok(Err(e)) => {
                     warn!("push not kept in the inbox: {e}");
                     true
@@ -571,9 +617,22 @@ impl Daemon {
                 return;
             }
         };
+        // A place in the queue first, so pushes cannot pile up waiting for a slot.
+        let Ok(queued) = self.shared.hook_queue.clone().try_acquire_owned() else {
+            self.over_limit(
+                "max_hook_queue",
+                format_args!(
+                    "on_push hook not run for offset {}: {} hooks wait already (the push is in \
+                     the inbox)",
+                    record.offset, self.shared.config.limits.max_hook_queue
+                ),
+            );
+            return;
+        };
         let slots = self.shared.hooks.clone();
         self.spawn(
             async move {
+                let _queued = queued;
                 let Ok(_permit) = slots.acquire_owned().await else {
                     return;
                 };

@@ -113,6 +113,7 @@ impl Daemon {
                 "metrics.listen",
                 new.metrics_listen != running.metrics_listen,
             ),
+            ("control.group", new.control_group != running.control_group),
         ];
         report.needs_restart = fixed
             .into_iter()

@@ -5,8 +5,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -34,15 +33,9 @@ pub enum HttpError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot read the token file {path}: {source}")]
-    Token {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("token file {path} is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`")]
-    TokenPermissions { path: PathBuf, mode: u32 },
-    #[error("token file {0} is empty")]
-    EmptyToken(PathBuf),
+    /// Missing, unreadable, empty, or readable by group or others (`[http] token_file`).
+    #[error("config key `http.token_file`: {0}")]
+    Token(#[from] crate::files::FileError),
 }
 
 /// The publish token. `Debug` never shows it.
@@ -55,27 +48,10 @@ impl fmt::Debug for Token {
 }
 
 impl Token {
+    /// Reads the token from systemd's credentials directory when it has the file's base name,
+    /// else from `path` (see [`crate::files::read_secret`]).
     fn read(path: &Path) -> Result<Self, HttpError> {
-        let meta = std::fs::metadata(path).map_err(|source| HttpError::Token {
-            path: path.into(),
-            source,
-        })?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(HttpError::TokenPermissions {
-                path: path.into(),
-                mode,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| HttpError::Token {
-            path: path.into(),
-            source,
-        })?;
-        let token = text.trim().to_string();
-        if token.is_empty() {
-            return Err(HttpError::EmptyToken(path.into()));
-        }
-        Ok(Self(token))
+        Ok(Self(crate::files::read_secret(path, "token file")?))
     }
 
     /// Compares in time independent of where the first difference is.

@@ -65,6 +65,17 @@ pub enum ServerError {
     Http(#[from] http::HttpError),
 }
 
+impl ServerError {
+    /// The exit status for this error: 78 (bad configuration) for a token file that needs
+    /// fixing by hand, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Http(http::HttpError::Token(_)) => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
 /// Where a terminal's push stream starts (see [`Server::hello`]).
 struct Hello {
     start: u64,

@@ -1,0 +1,456 @@
+//! What a terminal keeps and lets others touch on its own machine: who may drive a daemon
+//! through its control socket (issues 11.10, 12.3), the files a config names (11.11, 12.2), and
+//! the bounds of the inbox and the hook queue (11.9).
+//!
+//! The tests run as root and act as ordinary users (`nobody`, `daemon`) by starting the CLI with
+//! another uid and gid. Daemons run in process on the host's loopback (no mDNS), or as their own
+//! process on a namespace host when the test needs the real binary.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use handoff::accounts;
+use handoff::config::ControlGroup;
+use handoff::identity::Identity;
+use support::inproc::*;
+use support::{require_root, Lan, BIN};
+
+/// An unprivileged user with its primary group (Debian's `nobody`, `nogroup`).
+const NOBODY: (u32, u32) = (65_534, 65_534);
+/// Another one, not in `nogroup` (Debian's `daemon`).
+const OTHER: (u32, u32) = (1, 1);
+
+/// Whether the accounts these tests act as exist; they belong to every Debian system.
+fn users_exist(test: &str) -> bool {
+    let ok = accounts::user(NOBODY.0).is_some_and(|(_, gid)| gid == NOBODY.1)
+        && accounts::group_id("nogroup") == Some(NOBODY.1)
+        && accounts::user(OTHER.0).is_some_and(|(_, gid)| gid == OTHER.1);
+    if !ok {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test} needs the users nobody (in nogroup) and daemon"
+        );
+        eprintln!("SKIPPED {test}: needs the users nobody (in nogroup) and daemon");
+    }
+    ok
+}
+
+/// `handoff ARGS` run as `user` (uid, gid; no supplementary groups).
+async fn handoff_as(user: (u32, u32), args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .args(args)
+        .uid(user.0)
+        .gid(user.1)
+        .env_remove("HANDOFF_SOCKET");
+    command.output().await.expect("run handoff")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A test directory that other users may traverse (the socket's own directory decides).
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// `[control] group = "nogroup"`: the socket is 0660 in group nogroup and its directory 0710,
+/// so `nobody` runs `handoff peers`; `daemon`, not in the group, is told it needs the group.
+#[tokio::test]
+async fn a_member_of_the_control_group_drives_the_daemon_and_others_are_told_why_not() {
+    if !require_root("control group") || !users_exist("control group") {
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+
+    let sock = std::fs::metadata(&socket).unwrap();
+    assert_eq!(sock.mode() & 0o777, 0o660);
+    assert_eq!(sock.gid(), NOBODY.1);
+    let run = std::fs::metadata(dir.path().join("run")).unwrap();
+    assert_eq!(run.mode() & 0o777, 0o710);
+    assert_eq!(run.gid(), NOBODY.1);
+
+    let out = handoff_as(NOBODY, &["peers", "--json", "--socket", &socket]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = handoff_as(NOBODY, &["status", "--json", "--socket", &socket]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&daemon.id().to_string()));
+
+    let out = handoff_as(OTHER, &["peers", "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: permission denied on ")
+            && err.contains("root")
+            && !err.contains("is `handoff daemon` running"),
+        "{err}"
+    );
+    daemon.shutdown().await;
+}
+
+/// Without a group, only root and the daemon's user may use the socket. Even with the socket
+/// opened to everyone by hand (what an attacker who wins a race at startup would see), the
+/// daemon checks the caller's credentials: `nobody` cannot add a peer to root's trust list.
+#[tokio::test]
+async fn the_daemon_checks_who_is_calling_even_through_a_loosened_socket() {
+    if !require_root("peer credentials") || !users_exist("peer credentials") {
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+    assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("run")).unwrap().mode() & 0o777,
+        0o700
+    );
+
+    // The socket's mode keeps nobody out, and the message says who may use it.
+    let out = handoff_as(NOBODY, &["peers", "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied on "), "{err}");
+
+    // Opened by hand: the daemon itself refuses.
+    std::fs::set_permissions(
+        dir.path().join("run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let stranger = Identity::generate().unwrap().id().to_string();
+    let out = handoff_as(NOBODY, &["trust", &stranger, "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(daemon.trusted().is_empty(), "nobody changed the trust list");
+    let counters = daemon.metrics().snapshot();
+    assert_eq!(
+        counters.get("handoff_refusals_total{reason=\"control_credentials\"}"),
+        Some(&1),
+        "{counters:?}"
+    );
+    // Root still may.
+    let out = tokio::process::Command::new(BIN)
+        .args(["trust", &stranger, "--socket", &socket])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.trusted().len(), 1);
+    daemon.shutdown().await;
+}
+
+/// A daemon started under umask 000 creates its socket's directory and the socket with their
+/// final modes, while `nobody` keeps trying to add a peer to its trust list.
+#[test]
+fn under_umask_000_the_socket_is_never_open_to_others() {
+    if !require_root("umask 000") || !users_exist("umask 000") {
+        return;
+    }
+    let lan = Lan::new("umask", &["a"]);
+    std::fs::set_permissions(lan.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = lan.path("run");
+    let socket = run.join("control.sock");
+    let config = lan.daemon_config("a", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &lan.path("a.sock").display().to_string(),
+        &socket.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let stranger = Identity::generate().unwrap().id().to_string();
+
+    // nobody's attempts, as fast as processes start, until the daemon is up and a while after.
+    let attacker = {
+        let socket = socket.clone();
+        let stranger = stranger.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(4);
+            let mut won = 0;
+            while std::time::Instant::now() < deadline {
+                let out = Command::new(BIN)
+                    .args(["trust", &stranger, "--socket", socket.to_str().unwrap()])
+                    .uid(NOBODY.0)
+                    .gid(NOBODY.1)
+                    .output()
+                    .unwrap();
+                won += usize::from(out.status.success());
+            }
+            won
+        })
+    };
+    let ns = lan.host("a").ns.clone();
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &ns, BIN, "daemon", "--config", &config])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let up = support::wait_for_socket(&socket, Duration::from_secs(10));
+    let won = attacker.join().unwrap();
+    let modes = (
+        std::fs::metadata(&run).map(|m| m.mode() & 0o7777),
+        std::fs::metadata(&socket).map(|m| m.mode() & 0o777),
+    );
+    let trusted = Command::new(BIN)
+        .args(["trusted", "--json", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    // SAFETY: kill of the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert!(up, "the daemon did not start");
+    assert_eq!(modes.0.unwrap(), 0o700, "the socket's directory");
+    assert_eq!(modes.1.unwrap(), 0o600, "the socket");
+    assert_eq!(won, 0, "nobody added a peer to root's trust list");
+    assert!(trusted.status.success());
+    assert!(
+        !String::from_utf8_lossy(&trusted.stdout).contains(&stranger),
+        "{}",
+        String::from_utf8_lossy(&trusted.stdout)
+    );
+    // The state the daemon made under umask 000 is private too.
+    let state = lan.path("a");
+    assert_eq!(state.metadata().unwrap().mode() & 0o777, 0o700);
+    for file in ["identity.key", "inbox.jsonl"] {
+        let mode = Path::new(&state).join(file).metadata().unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+/// Every problem with a file the config names stops the daemon and the server with status 78,
+/// so systemd does not restart them into it: a state_dir owned by another user, a key file
+/// others can read, a token file missing, empty or readable by others. Run on a namespace host,
+/// so a program that wrongly starts sends nothing on the host's network.
+#[test]
+fn file_problems_stop_daemon_and_server_with_78() {
+    if !require_root("file problems") || !users_exist("file problems") {
+        return;
+    }
+    let mut lan = Lan::new("files", &["h"]);
+    let state = lan.path("h");
+    let run = |lan: &mut Lan, args: &[&str], log: &str| {
+        let child = lan.spawn("h", args, log);
+        let code = lan.wait(child, Duration::from_secs(20));
+        (code, lan.log(log))
+    };
+
+    // The daemon, in a state_dir another user made: nothing is written into it.
+    std::fs::create_dir(&state).unwrap();
+    chown(&state, NOBODY.0, NOBODY.1);
+    let config = lan.daemon_config("h", "");
+    let (code, log) = run(&mut lan, &["daemon", "--config", &config], "d1");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("state_dir") && log.contains("owned by"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+
+    // Its key file readable by others.
+    chown(&state, 0, 0);
+    support::id_of(&state);
+    let key = state.join("identity.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, log) = run(&mut lan, &["daemon", "--config", &config], "d2");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("chmod 600"), "{log}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The server's token file: missing, empty, readable by others.
+    let token = lan.path("publish.token");
+    let http = format!(
+        "[http]\nlisten = \"{}\"\ntoken_file = \"{}\"\n",
+        lan.host("h").addr(47780),
+        token.display()
+    );
+    let config = lan.server_config("h", &http);
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s1");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("http.token_file"), "{log}");
+    std::fs::write(&token, "").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s2");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains("is empty"), "{log}");
+    std::fs::write(&token, "s3cret").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s3");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("chmod 600") && !log.contains("s3cret"),
+        "{log}"
+    );
+}
+
+/// systemd's credentials: a `DynamicUser=` server cannot read the root-only token file, so the
+/// unit passes it with `LoadCredential=publish.token:/etc/handoff/publish.token`, and the
+/// server reads it from `$CREDENTIALS_DIRECTORY` (here while the configured path does not even
+/// exist). The publish API then accepts that token.
+#[test]
+fn the_server_reads_its_token_from_systemd_credentials() {
+    if !require_root("credentials") {
+        return;
+    }
+    let mut lan = Lan::new("creds", &["h"]);
+    let credentials = lan.path("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("publish.token"), "from-systemd\n").unwrap();
+    std::fs::set_permissions(
+        credentials.join("publish.token"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
+    let addr = lan.host("h").addr(47780);
+    let http = format!(
+        "[http]\nlisten = \"{addr}\"\ntoken_file = \"/nonexistent/handoff/publish.token\"\n"
+    );
+    let config = lan.server_config("h", &http);
+    let check = Command::new(BIN)
+        .args(["config", "check", "--config", &config])
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    lan.spawn_env(
+        "h",
+        &["server", "--config", &config],
+        "h",
+        &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())],
+    );
+    support::wait_for(Duration::from_secs(10), || {
+        lan.log("h").contains("http api listening").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the server did not start\n{}", lan.log("h")));
+    let stranger = Identity::generate().unwrap().id();
+    let path = format!("/v1/terminals/{stranger}/push");
+    let body = r#"{"uri":"https://m.example/1","title":"t"}"#;
+    let (right, wrong) = lan.run_in("h", move || {
+        (
+            support::http_post(&addr, &path, "from-systemd", body),
+            support::http_post(&addr, &path, "guess", body),
+        )
+    });
+    // Past the token check: the terminal is unknown (404). A wrong token: 401.
+    assert_eq!(right, Some(404), "{}", lan.log("h"));
+    assert_eq!(wrong, Some(401));
+}
+
+/// A flood of pushes: at most `max_hook_queue` hooks wait for a slot (the rest are dropped and
+/// counted), and the inbox keeps the newest `max_inbox_items`.
+#[tokio::test]
+async fn a_flood_of_pushes_is_bounded_in_the_hook_queue_and_the_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let mut config = terminal(dir.path(), "a", Some(&server), vec![]);
+    config.limits.max_hook_queue = 2;
+    config.limits.max_inbox_items = 10;
+    // Each hook marks that it started, waits for the test to release it (30 s at most, so
+    // nothing outlives a failed test for long), and marks that it ran.
+    let marks = dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let script = format!(
+        "cd {} && touch started.$$ && for i in $(seq 600); do [ -e release ] && break; \
+         sleep 0.05; done; touch ran.$$",
+        marks.display()
+    );
+    config.on_push = vec!["sh".into(), "-c".into(), script];
+    let a = start(config).await;
+    wait_connected(&a).await;
+    for n in 0..20 {
+        let publication = handoff::server::Publication {
+            uri: format!("https://m.example/{n}"),
+            title: format!("p{n}"),
+            body: None,
+            meta: Default::default(),
+            ttl_secs: None,
+            collapse_key: None,
+        };
+        server.publish(a.id(), publication).await.unwrap();
+    }
+    let count = |prefix: &str| {
+        std::fs::read_dir(&marks)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .count()
+    };
+    tokio::time::timeout(WAIT, async {
+        while a.metrics().get("handoff_pushes_received_total", None) < 20 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("20 pushes delivered");
+    // 8 hooks run, 2 wait, 10 were dropped.
+    let hits = a.metrics().get(
+        "handoff_limit_hits_total",
+        Some(("limit", "max_hook_queue")),
+    );
+    assert_eq!(hits, 10);
+    tokio::time::timeout(WAIT, async {
+        while count("started.") < 8 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("8 hooks started");
+    std::fs::write(marks.join("release"), b"").unwrap();
+    tokio::time::timeout(WAIT, async {
+        while count("ran.") < 10 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the 10 queued hooks ran");
+    assert_eq!(count("started."), 10, "only the queued hooks ran");
+
+    // The inbox holds the newest 10.
+    let titles: Vec<String> = a
+        .inbox()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.title)
+        .collect();
+    let newest: Vec<String> = (10..20).map(|n| format!("p{n}")).collect();
+    assert_eq!(titles, newest);
+    assert_eq!(a.status().await.inbox, 10);
+    assert!(a.metrics().get("handoff_inbox_dropped_total", None) > 0);
+    a.shutdown().await;
+}
