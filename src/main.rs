@@ -134,8 +134,13 @@ async fn run(
             cli::print_doctor(&report, out.json)
         }
         Command::Config {
-            action: ConfigAction::Check { config, kind },
-        } => cli::check_config(&config, kind),
+            action:
+                ConfigAction::Check {
+                    config,
+                    kind,
+                    reload,
+                },
+        } => cli::check_config(&config, kind, reload),
         Command::Daemon { config: path } => {
             let config = DaemonConfig::load(&path)?;
             config.check_files()?;
