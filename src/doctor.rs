@@ -145,39 +145,62 @@ fn interfaces_used(
         }
     } else {
         for name in &config.interfaces {
-            match all.iter().find(|i| &i.name == name) {
-                None => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "does not exist",
-                    format!("fix [discovery] interfaces; this host has: {}", names(all)),
-                )),
-                Some(i) if !i.up => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "is down",
-                    format!("bring it up (ip link set {name} up)"),
-                )),
-                Some(i) if !i.multicast => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "has multicast off",
-                    format!("ip link set {name} multicast on"),
-                )),
-                Some(i) if i.addrs.is_empty() => report.push(Check::fail(
-                    format!("interface {name}"),
-                    "has no address",
-                    "give it an address (DHCP, SLAAC or static)",
-                )),
-                Some(i) => used.push(i.clone()),
+            match configured_interface(name, all) {
+                Ok(i) => used.push(i.clone()),
+                Err(failed) => report.push(failed),
             }
         }
     }
     for i in &used {
         let addrs: Vec<String> = i.addrs.iter().map(|a| scoped(*a, i.index)).collect();
+        let kind = if i.loopback { "loopback" } else { "multicast" };
         report.push(Check::ok(
             format!("interface {}", i.name),
-            format!("up, multicast, {}", addrs.join(" ")),
+            format!("up, {kind}, {}", addrs.join(" ")),
         ));
     }
     used
+}
+
+/// One interface named in `[discovery] interfaces`: usable for mDNS, or why not. Loopback needs
+/// no multicast flag: the kernel loops multicast back on `lo` regardless, and mDNS works there.
+fn configured_interface<'a>(name: &str, all: &'a [Interface]) -> Result<&'a Interface, Check> {
+    match all.iter().find(|i| i.name == name) {
+        None => Err(Check::fail(
+            format!("interface {name}"),
+            "does not exist",
+            format!("fix [discovery] interfaces; this host has: {}", names(all)),
+        )),
+        Some(i) if !i.up => Err(Check::fail(
+            format!("interface {name}"),
+            "is down",
+            format!("bring it up (ip link set {name} up)"),
+        )),
+        Some(i) if !i.multicast && !i.loopback => Err(Check::fail(
+            format!("interface {name}"),
+            "has multicast off",
+            format!("ip link set {name} multicast on"),
+        )),
+        Some(i) if i.addrs.is_empty() => Err(Check::fail(
+            format!("interface {name}"),
+            "has no address",
+            "give it an address (DHCP, SLAAC or static)",
+        )),
+        Some(i) => Ok(i),
+    }
+}
+
+/// The interfaces named in `[discovery] interfaces` that mDNS cannot use now (missing, down, no
+/// multicast, no address), each as a not-ok check: what the daemon warns about when it starts.
+pub fn unusable_interfaces(names: &[String]) -> Vec<Check> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let all = list_interfaces();
+    names
+        .iter()
+        .filter_map(|name| configured_interface(name, &all).err())
+        .collect()
 }
 
 fn names(all: &[Interface]) -> String {
@@ -415,40 +438,138 @@ fn firewall(config: &DaemonConfig, used: &[Interface]) -> Check {
         ok: true,
         detail,
         hint: Some(
-            "firewalld: firewall-cmd --permanent --add-service=handoff (systemd/firewalld/); \
-             ufw: ufw allow handoff (systemd/ufw/)"
+            "firewalld: firewall-cmd --permanent --add-service=handoff && firewall-cmd --reload; \
+             ufw: ufw allow handoff (the package installs both; else see systemd/README.md)"
                 .into(),
         ),
     }
 }
 
-/// Every interface with its flags (from /sys/class/net) and addresses.
+/// Every interface with its index, flags and addresses, as the kernel reports them to this
+/// process: names and indexes from `if_nameindex(3)`, flags from `SIOCGIFFLAGS`, addresses from
+/// netlink (if-addrs). Not from /sys/class/net: in a container that is often the sysfs of
+/// another network namespace, with other interfaces and other indexes.
 fn list_interfaces() -> Vec<Interface> {
     let addrs = if_addrs::get_if_addrs().unwrap_or_default();
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let read =
-            |file: &str| std::fs::read_to_string(entry.path().join(file)).unwrap_or_default();
-        let flags =
-            u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16).unwrap_or(0);
-        let index = read("ifindex").trim().parse().unwrap_or(0);
-        out.push(Interface {
-            up: flags & libc::IFF_UP as u32 != 0,
-            multicast: flags & libc::IFF_MULTICAST as u32 != 0,
-            loopback: flags & libc::IFF_LOOPBACK as u32 != 0,
-            addrs: addrs
-                .iter()
-                .filter(|a| a.name == name)
-                .map(|a| a.ip())
-                .collect(),
-            name,
-            index,
-        });
-    }
+    // Any socket serves for the flags ioctl; it is never bound or used to send.
+    let probe = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .or_else(|_| std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)))
+        .ok();
+    let mut out: Vec<Interface> = name_index()
+        .into_iter()
+        .map(|(name, index)| {
+            let flags = probe
+                .as_ref()
+                .and_then(|socket| interface_flags(socket, &name))
+                .unwrap_or(0);
+            Interface {
+                up: flags & libc::IFF_UP != 0,
+                multicast: flags & libc::IFF_MULTICAST != 0,
+                loopback: flags & libc::IFF_LOOPBACK != 0,
+                addrs: addrs
+                    .iter()
+                    .filter(|a| a.name == name)
+                    .map(|a| a.ip())
+                    .collect(),
+                name,
+                index,
+            }
+        })
+        .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The names and indexes of this network namespace's interfaces.
+fn name_index() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns null or an array ending with a zeroed entry, whose names are
+    // NUL-terminated strings; it stays valid until the if_freenameindex below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*entry).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push((name, (*entry).if_index));
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// The `IFF_*` flags of interface `name`, or None when the kernel does not say.
+fn interface_flags(socket: &std::net::UdpSocket, name: &str) -> Option<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return None;
+    }
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name (the rest of the zeroed array) and
+    // writes ifru_flags of the request it is given, which lives across the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: after a successful SIOCGIFFLAGS the union holds the flags.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    // The flags are an unsigned 16-bit field that the C type calls short.
+    Some(libc::c_int::from(flags as u16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(name: &str, up: bool, multicast: bool, loopback: bool) -> Interface {
+        Interface {
+            name: name.into(),
+            index: 1,
+            up,
+            multicast,
+            loopback,
+            addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        }
+    }
+
+    #[test]
+    fn loopback_is_listed_up_with_the_kernels_index() {
+        let all = list_interfaces();
+        let lo = all
+            .iter()
+            .find(|i| i.loopback)
+            .unwrap_or_else(|| panic!("no loopback in {all:?}"));
+        assert!(lo.up, "{lo:?}");
+        assert!(lo.index > 0, "{lo:?}");
+        // SAFETY: the name is a valid C string; if_nametoindex only reads it.
+        let name = std::ffi::CString::new(lo.name.clone()).unwrap();
+        assert_eq!(unsafe { libc::if_nametoindex(name.as_ptr()) }, lo.index);
+    }
+
+    #[test]
+    fn loopback_needs_no_multicast_flag_but_other_interfaces_do() {
+        let all = [
+            iface("lo", true, false, true),
+            iface("eth0", true, false, false),
+            iface("eth1", false, true, false),
+        ];
+        assert!(configured_interface("lo", &all).is_ok());
+        let detail = |name| configured_interface(name, &all).unwrap_err().detail;
+        assert_eq!(detail("eth0"), "has multicast off");
+        assert_eq!(detail("eth1"), "is down");
+        let missing = configured_interface("wlan9", &all).unwrap_err();
+        assert_eq!(missing.check, "interface wlan9");
+        assert_eq!(missing.detail, "does not exist");
+        assert!(missing.hint.unwrap().contains("lo, eth0, eth1"));
+    }
 }

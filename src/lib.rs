@@ -21,6 +21,7 @@
 //! - [`player`] — `handoff player`: the desktop's media players (MPRIS on D-Bus) as the source
 //!   of this terminal's session and the place pushes open.
 //! - [`metrics`] — Prometheus counters and histograms; [`service`] — sd_notify for systemd;
+//!   [`logging`] — log lines for stderr, with journald priorities when stderr is the journal;
 //!   [`limits`] — rate limiters and counters for the bounds of DESIGN §7.
 //! - `testing` (hidden) — helpers the tests share, e.g. a private `redis-server` per test.
 //!
@@ -44,6 +45,7 @@ pub mod identity;
 pub mod inbox;
 pub mod isolate;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod peer;

@@ -49,18 +49,20 @@ fn main() -> ExitCode {
 
 fn fail(e: CliError) -> ExitCode {
     // A config error keeps its lines (TOML's points at the mistake with `^^^`); anything else
-    // is one line, whatever text it carries.
-    if e.code == handoff::config::EXIT_CONFIG {
-        eprintln!("error: {}", e.message);
+    // is one line, whatever text it carries. In the journal every line has the error priority.
+    let message = if e.code == handoff::config::EXIT_CONFIG {
+        e.message.clone()
     } else {
-        eprintln!("error: {}", e.message.replace('\n', " "));
-    }
+        e.message.replace('\n', " ")
+    };
+    let journal = handoff::logging::stderr_is_journal();
+    eprint!("{}", handoff::logging::fatal_error(&message, journal));
     ExitCode::from(u8::try_from(e.code).unwrap_or(1))
 }
 
-/// The logger: plain lines on stderr (no colour unless stderr is a terminal, so journald keeps
-/// them clean), filtered by `RUST_LOG` if set, else by the config's `[log] level`, which SIGHUP
-/// reloads.
+/// The logger: plain lines on stderr (no colour unless stderr is a terminal), or, when stderr is
+/// the journal, lines with their priority prefix and without a timestamp (journald keeps its
+/// own); filtered by `RUST_LOG` if set, else by the config's `[log] level`, which SIGHUP reloads.
 struct Logs {
     filter: reload::Handle<EnvFilter, Registry>,
     from_env: bool,
@@ -73,13 +75,25 @@ impl Logs {
         let filter = env.unwrap_or_else(|| EnvFilter::new(default_level));
         let (filter, handle) = reload::Layer::new(filter);
         let is_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let journal = handoff::logging::stderr_is_journal();
+        let plain = (!journal).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(is_terminal)
+        });
+        let journald = journal.then(|| {
+            let format = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_ansi(false);
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .event_format(handoff::logging::JournalFormat::new(format))
+        });
         tracing_subscriber::registry()
             .with(filter)
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(is_terminal),
-            )
+            .with(plain)
+            .with(journald)
             .init();
         Self {
             filter: handle,
@@ -120,8 +134,13 @@ async fn run(
             cli::print_doctor(&report, out.json)
         }
         Command::Config {
-            action: ConfigAction::Check { config, kind },
-        } => cli::check_config(&config, kind),
+            action:
+                ConfigAction::Check {
+                    config,
+                    kind,
+                    reload,
+                },
+        } => cli::check_config(&config, kind, reload),
         Command::Daemon { config: path } => {
             let config = DaemonConfig::load(&path)?;
             config.check_files()?;

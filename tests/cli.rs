@@ -643,3 +643,39 @@ async fn a_second_daemon_on_a_busy_socket_leaves_no_trace() {
     assert!(out.status.success(), "{}", shown(&out));
     first.shutdown().await;
 }
+
+/// `config check --reload` (the units' ExecReload=) checks what SIGHUP applies: keys and values,
+/// not the files the config names, which systemd 252 does not let ExecReload= read (issue 12.5).
+#[test]
+fn config_check_for_reload_skips_the_files_but_not_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    let config = |extra: &str| {
+        format!(
+            "state_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n{extra}",
+            dir.path().join("state").display(),
+            dir.path().join("missing.token").display()
+        )
+    };
+    let check = |args: &[&str]| {
+        let mut all = vec!["config", "check", "--kind", "server", "--config"];
+        all.push(path.to_str().unwrap());
+        all.extend_from_slice(args);
+        handoff(&all)
+    };
+    std::fs::write(&path, config("")).unwrap();
+    let full = check(&[]);
+    assert_eq!(full.status.code(), Some(78), "{}", stderr(&full));
+    assert!(stderr(&full).contains("token"), "{}", stderr(&full));
+    let reload = check(&["--reload"]);
+    assert_eq!(reload.status.code(), Some(0), "{}", stderr(&reload));
+
+    std::fs::write(&path, config("[push]\ndefault_ttl_secs = \"soon\"\n")).unwrap();
+    let broken = check(&["--reload"]);
+    assert_eq!(broken.status.code(), Some(78));
+    assert!(
+        stderr(&broken).contains("default_ttl_secs"),
+        "{}",
+        stderr(&broken)
+    );
+}

@@ -296,6 +296,14 @@ impl Daemon {
         // Always running, so a reload can add follows; idle while there are none.
         daemon.spawn(follow::run(daemon.clone()), tracing::info_span!("follow"));
         if options.discovery {
+            for unusable in crate::doctor::unusable_interfaces(&config.interfaces) {
+                warn!(
+                    "[discovery] interfaces: {} {}: mDNS cannot use it ({})",
+                    unusable.check,
+                    unusable.detail,
+                    unusable.hint.unwrap_or_default()
+                );
+            }
             let advert = wire::txt::Advert {
                 version: wire::PROTOCOL_MAJOR,
                 id: me,
