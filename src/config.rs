@@ -491,11 +491,7 @@ impl DaemonConfig {
             None => crate::hook::DEFAULT_SCHEMES.map(String::from).to_vec(),
             Some(list) => {
                 for scheme in &list {
-                    let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-                        && scheme
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-                    if !valid {
+                    if !crate::hook::is_scheme(scheme) {
                         return Err(invalid(
                             "hooks.schemes",
                             format!("{scheme:?} is not a URI scheme (e.g. \"https\")"),

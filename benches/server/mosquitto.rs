@@ -289,6 +289,39 @@ async fn subscriber(
     sub
 }
 
+/// Connects subscribers `range`, at most 64 handshakes at a time; with `one_to_one`, subscriber
+/// `n` subscribes to `t/<n>`.
+async fn connect_subscribers(
+    connector: tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    range: std::ops::Range<usize>,
+    one_to_one: bool,
+    arrivals: Arrivals,
+    subscribed: Arc<tokio::sync::Semaphore>,
+) -> Vec<Subscriber> {
+    let mut subs = Vec::with_capacity(range.len());
+    let mut pending = Vec::new();
+    for n in range {
+        pending.push(tokio::spawn(subscriber(
+            connector.clone(),
+            addr,
+            n,
+            one_to_one.then(|| format!("t/{n}")),
+            arrivals.clone(),
+            subscribed.clone(),
+        )));
+        if pending.len() >= 64 {
+            for p in pending.drain(..) {
+                subs.push(p.await.unwrap());
+            }
+        }
+    }
+    for p in pending {
+        subs.push(p.await.unwrap());
+    }
+    subs
+}
+
 /// A publisher on plain TCP that waits for each PUBACK.
 struct Publisher {
     stream: TcpStream,
@@ -330,14 +363,6 @@ impl Publisher {
     }
 }
 
-fn p99(samples: &mut [f64]) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    samples[((samples.len() as f64 - 1.0) * 0.99).round() as usize]
-}
-
 /// Runs the 1:1, fan-out and memory measurements against a broker at `ip` (TLS on 8883, TCP on
 /// 1883) whose process is `pid`. Call from a thread inside the load namespace.
 pub fn run(
@@ -358,25 +383,17 @@ pub fn run(
         let rss_before = super::rss_kib(pid);
         let started = Instant::now();
         let mut subs = Vec::with_capacity(followers.max(terminals));
-        let mut pending = Vec::new();
-        for n in 0..terminals {
-            pending.push(tokio::spawn(subscriber(
+        let connect = |range: std::ops::Range<usize>, one_to_one: bool| {
+            connect_subscribers(
                 connector.clone(),
                 tls,
-                n,
-                Some(format!("t/{n}")),
+                range,
+                one_to_one,
                 arrivals.clone(),
                 subscribed.clone(),
-            )));
-            if pending.len() >= 64 {
-                for p in pending.drain(..) {
-                    subs.push(p.await.unwrap());
-                }
-            }
-        }
-        for p in pending.drain(..) {
-            subs.push(p.await.unwrap());
-        }
+            )
+        };
+        subs.extend(connect(0..terminals, true).await);
         let _ = subscribed.acquire_many(terminals as u32).await.unwrap();
         println!(
             "{:<48} {} TLS subscribers in {:.1} s",
@@ -440,29 +457,13 @@ pub fn run(
             format!("mosquitto: 1:1, {terminals} subscribers"),
         );
         super::percentiles("  publish -> subscriber received", &mut latency.clone());
-        let p99_1to1_ms = p99(&mut latency);
+        let p99_1to1_ms = super::p99(&mut latency);
 
         // Fan-out: every subscriber (the 1:1 ones and more, up to `followers`) subscribes to one
         // topic; one message goes out.
         let started = Instant::now();
-        for n in subs.len()..followers {
-            pending.push(tokio::spawn(subscriber(
-                connector.clone(),
-                tls,
-                n,
-                None,
-                arrivals.clone(),
-                subscribed.clone(),
-            )));
-            if pending.len() >= 64 {
-                for p in pending.drain(..) {
-                    subs.push(p.await.unwrap());
-                }
-            }
-        }
-        for p in pending.drain(..) {
-            subs.push(p.await.unwrap());
-        }
+        let more = connect(subs.len()..followers, false).await;
+        subs.extend(more);
         for sub in subs.iter().take(followers) {
             sub.subscribe(2, "fan").await;
         }
@@ -517,7 +518,7 @@ pub fn run(
         Measured {
             rate,
             p99_1to1_ms,
-            fanout_p99_ms: p99(&mut fan),
+            fanout_p99_ms: super::p99(&mut fan),
             fanout_delivered,
             kib_per_conn,
         }
