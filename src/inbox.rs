@@ -110,16 +110,7 @@ struct State {
 impl State {
     /// How many of the newest pushes fit the limits.
     fn kept(&self, limits: InboxLimits) -> usize {
-        let mut bytes = 0;
-        let mut kept = 0;
-        for size in self.sizes.iter().rev() {
-            if kept == limits.max_items || bytes + size > limits.max_bytes {
-                break;
-            }
-            bytes += size;
-            kept += 1;
-        }
-        kept
+        newest_within(self.sizes.iter().copied(), limits)
     }
 
     /// The limit the pushes in the file exceed, if any.
@@ -372,21 +363,26 @@ impl Inbox {
 
     /// The newest records within the limits, oldest first. Blocking.
     pub fn list(&self) -> Result<Vec<PushRecord>, InboxError> {
-        let kept = self.len();
         let lines = read_lines(&self.path).map_err(|source| InboxError {
             path: self.path.clone(),
             source,
         })?;
-        let mut entries: Vec<PushRecord> = lines
+        let entries: Vec<(PushRecord, u64)> = lines
             .into_iter()
             .filter_map(|line| match line {
-                Line::Entry(entry, _) => Some(entry.push),
+                Line::Entry(entry, size) => Some((entry.push, size)),
                 Line::Cursor(_) => None,
             })
             .collect();
-        let skip = entries.len().saturating_sub(kept);
-        entries.drain(..skip);
-        Ok(entries)
+        // The limits apply to what was read: pushes appended while the file was being read are
+        // not in `entries`, and must not push older ones out of the listing.
+        let kept = newest_within(entries.iter().map(|(_, size)| *size), self.limits);
+        let skip = entries.len() - kept;
+        Ok(entries
+            .into_iter()
+            .skip(skip)
+            .map(|(push, _)| push)
+            .collect())
     }
 
     /// How many records [`Inbox::list`] shows.
@@ -412,6 +408,20 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
+}
+
+/// How many of the newest pushes (their line sizes, oldest first) fit the limits.
+fn newest_within(sizes: impl DoubleEndedIterator<Item = u64>, limits: InboxLimits) -> usize {
+    let mut bytes = 0;
+    let mut kept = 0;
+    for size in sizes.rev() {
+        if kept == limits.max_items || bytes + size > limits.max_bytes {
+            break;
+        }
+        bytes += size;
+        kept += 1;
+    }
+    kept
 }
 
 fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
@@ -449,6 +459,38 @@ mod tests {
             meta: BTreeMap::new(),
             offset,
         }
+    }
+
+    /// A listing taken while pushes are being appended shows every push from the first on
+    /// (the limits are far away): appends racing the read never hide the oldest ones.
+    #[test]
+    fn a_listing_during_appends_never_hides_the_oldest_pushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        let server = ServerId::from_bytes([1; 32]);
+        let appending = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 0..600 {
+                    inbox
+                        .append(&server, 1, &record(i, &i.to_string()))
+                        .unwrap();
+                }
+                appending.store(false, std::sync::atomic::Ordering::Relaxed);
+            });
+            let mut listings = 0;
+            while appending.load(std::sync::atomic::Ordering::Relaxed) {
+                let listed = inbox.list().unwrap();
+                let offsets: Vec<u64> = listed.iter().map(|p| p.offset).collect();
+                let expected: Vec<u64> = (0..offsets.len() as u64).collect();
+                assert_eq!(
+                    offsets, expected,
+                    "listing {listings} lost its oldest pushes"
+                );
+                listings += 1;
+            }
+        });
+        assert_eq!(inbox.list().unwrap().len(), 600);
     }
 
     #[test]

@@ -101,7 +101,13 @@ fn check_inbox(lan: &Lan, acknowledged: &[usize]) {
         "out of order or duplicated: {inbox:?}"
     );
     let missing: Vec<&usize> = acknowledged.iter().filter(|i| !inbox.contains(i)).collect();
-    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but lost: {missing:?}\n--- b ---\n{}\n--- srv ---\n{}{}",
+        lan.log("b"),
+        lan.log("srv"),
+        lan.log("srv2")
+    );
 }
 
 #[test]
