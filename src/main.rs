@@ -26,15 +26,26 @@ fn main() -> ExitCode {
         Command::Daemon { .. } | Command::Server { .. } => "info",
         _ => "warn",
     };
+    let long_running = matches!(
+        cli.command,
+        Command::Daemon { .. } | Command::Server { .. } | Command::Player { .. } | Command::Demo
+    );
+    if !long_running {
+        // A one-shot command piped into `head` or `grep -q` ends quietly when the reader goes,
+        // as other command-line tools do, instead of failing on a write error.
+        // SAFETY: no other thread exists yet; SIG_DFL is the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let logs = Logs::init(default_level);
     // Long-running programs get worker threads; a one-shot client command starts faster on one.
-    let runtime = match cli.command {
-        Command::Daemon { .. } | Command::Server { .. } | Command::Demo => {
-            tokio::runtime::Runtime::new()
-        }
-        _ => tokio::runtime::Builder::new_current_thread()
+    let runtime = if long_running && !matches!(cli.command, Command::Player { .. }) {
+        tokio::runtime::Runtime::new()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build(),
+            .build()
     };
     let runtime = match runtime {
         Ok(rt) => rt,

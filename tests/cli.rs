@@ -679,3 +679,39 @@ fn config_check_for_reload_skips_the_files_but_not_the_keys() {
         stderr(&broken)
     );
 }
+
+/// A one-shot command whose reader goes away (`handoff man | head -1`) ends quietly, as other
+/// command-line tools do: killed by SIGPIPE, with no panic or error on stderr.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A pipe smaller than the man page, so the command is still writing when the reader goes.
+    let size = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) };
+    assert!(size >= 4096, "F_SETPIPE_SZ");
+    let mut child = std::process::Command::new(BIN)
+        .arg("man")
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::fs::File::from(read_end);
+    let mut first = [0u8; 64];
+    reader.read_exact(&mut first).unwrap();
+    drop(reader);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+    assert!(err.is_empty(), "{err}");
+}
