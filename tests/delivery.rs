@@ -145,6 +145,90 @@ async fn http_api_answers_each_case_with_the_documented_status() {
         .all(|l| l.starts_with("handoff_")));
 }
 
+/// `POST /v1/push`: many pushes in one request, one commit; each answered on its own, a bad one
+/// failing alone; the good ones delivered in order.
+#[tokio::test]
+async fn a_batch_publish_stores_the_good_pushes_and_answers_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    let c = start(terminal(dir.path(), "c", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    wait_connected(&c).await;
+    let mut b_pushes = b.subscribe();
+    let mut c_pushes = c.subscribe();
+    let stranger = Identity::generate().unwrap().id();
+    let (b_id, c_id) = (b.id(), c.id());
+    let batch = format!(
+        r#"[
+        {{"to":"{b_id}","uri":"https://m.example/1","title":"b1"}},
+        {{"to":"{c_id}","uri":"https://m.example/2","title":"c1"}},
+        {{"to":"{stranger}","uri":"https://m.example/3","title":"nobody"}},
+        {{"uri":"https://m.example/4","title":"no to"}},
+        {{"to":"{b_id}","uri":"u","title":"t","ttl_secs":0}},
+        {{"to":"{b_id}","uri":"u","title":"t","extra":1}},
+        {{"to":"{b_id}","uri":"u","title":"{}"}},
+        {{"to":"{b_id}","uri":"https://m.example/5","title":"b2"}}
+    ]"#,
+        "x".repeat(70 * 1024)
+    );
+    let (status, body) = http(http_addr, "POST", "/v1/push", None, batch.as_bytes()).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        "/v1/push",
+        Some(&token),
+        batch.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer = json(&body);
+    assert_eq!(answer["epoch"], server.epoch());
+    let results = answer["results"].as_array().unwrap();
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap_or(200))
+        .collect();
+    assert_eq!(statuses, [200, 200, 404, 400, 400, 400, 413, 200], "{body}");
+    assert_eq!(results[0]["offset"], 0);
+    assert_eq!(results[0]["terminal"], b_id.to_string());
+    assert_eq!(results[1]["offset"], 0);
+    assert_eq!(results[7]["offset"], 1);
+    assert!(results[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("never connected"));
+    assert_eq!(next_push(&mut b_pushes).await.title, "b1");
+    assert_eq!(next_push(&mut b_pushes).await.title, "b2");
+    assert_eq!(next_push(&mut c_pushes).await.title, "c1");
+    assert_eq!(b.inbox().await.unwrap().len(), 2);
+
+    for bad in [&b"{}"[..], b"[1]", b"not json"] {
+        let (status, body) = http(http_addr, "POST", "/v1/push", Some(&token), bad).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    let too_many = format!(
+        "[{}]",
+        vec![format!(r#"{{"to":"{b_id}","uri":"u","title":"t"}}"#); 1001].join(",")
+    );
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        "/v1/push",
+        Some(&token),
+        too_many.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        b.inbox().await.unwrap().len(),
+        2,
+        "refused batches stored nothing"
+    );
+}
+
 #[tokio::test]
 async fn followers_push_and_session_put_reach_every_follower() {
     let dir = tempfile::tempdir().unwrap();

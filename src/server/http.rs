@@ -1,7 +1,8 @@
 //! The server's HTTP API (DESIGN §8): content backends publish with a bearer token; `/healthz`
-//! and `/metrics` (Prometheus text) need none. Bodies are JSON, capped at 64 KiB; errors are
-//! `{"error": "..."}` with a 4xx/5xx status, every one of them (404 and 405 included). A
-//! publish is answered 2xx only once the push is durably stored.
+//! and `/metrics` (Prometheus text) need none. Bodies are JSON, capped at 64 KiB (a batch at
+//! 1 MiB); errors are `{"error": "..."}` with a 4xx/5xx status, every one of them (404 and 405
+//! included). A publish is answered 2xx only once the push is durably stored; a batch answers
+//! each push on its own.
 //!
 //! Bounds (`[limits] http_*`): headers must arrive within a timeout (also on an idle
 //! keep-alive connection) and a body within another; at most `http_max_connections` are held,
@@ -37,6 +38,10 @@ use crate::wire::Session;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest body of a batch publish (`POST /v1/push`).
+pub const MAX_BATCH_BODY: usize = 1024 * 1024;
+/// Most pushes in one batch publish.
+pub const MAX_BATCH_ITEMS: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -109,6 +114,7 @@ pub async fn serve(server: Server, config: &HttpConfig) -> Result<SocketAddr, Ht
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/v1/push", post(push_batch))
         .route("/v1/terminals/{id}/push", post(push_one))
         .route("/v1/terminals/{id}/followers/push", post(push_followers))
         .route("/v1/terminals/{id}/session", put(set_session))
@@ -362,6 +368,18 @@ async fn admit<T: serde::de::DeserializeOwned>(
     id: &str,
     body: Body,
 ) -> Result<(TerminalId, T), (StatusCode, String)> {
+    authorize(app, headers)?;
+    let id: TerminalId = id
+        .parse()
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad terminal id: {e}")))?;
+    let body = read_body(app, body, MAX_BODY).await?;
+    let parsed = serde_json::from_slice(&body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))?;
+    Ok((id, parsed))
+}
+
+/// Checks the bearer token.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -378,22 +396,16 @@ async fn admit<T: serde::de::DeserializeOwned>(
             "missing or wrong bearer token".into(),
         ));
     }
-    let id: TerminalId = id
-        .parse()
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad terminal id: {e}")))?;
-    let body = read_body(app, body).await?;
-    let parsed = serde_json::from_slice(&body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))?;
-    Ok((id, parsed))
+    Ok(())
 }
 
-/// Reads a request body of at most [`MAX_BODY`] bytes within `[limits] http_body_timeout_secs`.
-async fn read_body(app: &App, body: Body) -> Result<Bytes, (StatusCode, String)> {
-    match tokio::time::timeout(app.body_timeout, Limited::new(body, MAX_BODY).collect()).await {
+/// Reads a request body of at most `max` bytes within `[limits] http_body_timeout_secs`.
+async fn read_body(app: &App, body: Body, max: usize) -> Result<Bytes, (StatusCode, String)> {
+    match tokio::time::timeout(app.body_timeout, Limited::new(body, max).collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err((
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body larger than {MAX_BODY} bytes"),
+            format!("request body larger than {max} bytes"),
         )),
         Ok(Err(e)) => Err((
             StatusCode::BAD_REQUEST,
@@ -416,14 +428,107 @@ async fn read_body(app: &App, body: Body) -> Result<Bytes, (StatusCode, String)>
 }
 
 fn publish_error(e: PublishError) -> Response {
+    error(publish_status(&e), e.to_string())
+}
+
+fn publish_status(e: &PublishError) -> StatusCode {
     match e {
-        PublishError::UnknownTerminal(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-        PublishError::BadTtl(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        PublishError::Store(StoreError::TooLarge { .. }) => {
-            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-        }
-        PublishError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        PublishError::UnknownTerminal(_) => StatusCode::NOT_FOUND,
+        PublishError::BadTtl(_) => StatusCode::BAD_REQUEST,
+        PublishError::Store(StoreError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        PublishError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
+}
+
+/// `POST /v1/push`: a JSON array of pushes, each `{"to": id, ...}` with the body of a single
+/// push, stored in one commit. 200 with one result per push, in order: `{"terminal","offset"}`
+/// once stored, or `{"status","error"}` (the status a single push would have got). A bad item
+/// fails alone.
+async fn push_batch(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    if let Err((status, message)) = authorize(&app, &headers) {
+        return error(status, message);
+    }
+    let body = match read_body(&app, body, MAX_BATCH_BODY).await {
+        Ok(b) => b,
+        Err((status, message)) => return error(status, message),
+    };
+    let items: Vec<serde_json::Map<String, serde_json::Value>> = match serde_json::from_slice(&body)
+    {
+        Ok(items) => items,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad JSON body (an array of push objects, each with \"to\"): {e}"),
+            )
+        }
+    };
+    if items.len() > MAX_BATCH_ITEMS {
+        app.server.over_limit(
+            "http_batch_items",
+            format_args!("a batch of {} pushes", items.len()),
+        );
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} pushes in one batch; at most {MAX_BATCH_ITEMS}",
+                items.len()
+            ),
+        );
+    }
+    // Each item parsed on its own: a bad one gets its own 400.
+    let mut results: Vec<Option<serde_json::Value>> = Vec::with_capacity(items.len());
+    let mut batch = Vec::new();
+    let mut positions = Vec::new();
+    for mut item in items {
+        let to = match item.remove("to") {
+            Some(serde_json::Value::String(to)) => to,
+            _ => {
+                results.push(Some(item_error(
+                    StatusCode::BAD_REQUEST,
+                    "each push needs \"to\": a terminal id".into(),
+                )));
+                continue;
+            }
+        };
+        let to: TerminalId = match to.parse() {
+            Ok(id) => id,
+            Err(e) => {
+                results.push(Some(item_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad terminal id: {e}"),
+                )));
+                continue;
+            }
+        };
+        match serde_json::from_value::<Publication>(serde_json::Value::Object(item)) {
+            Ok(publication) => {
+                positions.push(results.len());
+                results.push(None);
+                batch.push((to, publication));
+            }
+            Err(e) => results.push(Some(item_error(
+                StatusCode::BAD_REQUEST,
+                format!("bad push: {e}"),
+            ))),
+        }
+    }
+    let tos: Vec<TerminalId> = batch.iter().map(|(to, _)| *to).collect();
+    let answers = match app.server.publish_many(batch).await {
+        Ok(answers) => answers,
+        Err(e) => return publish_error(e.into()),
+    };
+    for ((position, to), answer) in positions.into_iter().zip(tos).zip(answers) {
+        results[position] = Some(match answer {
+            Ok(offset) => json!({ "terminal": to.to_string(), "offset": offset }),
+            Err(e) => item_error(publish_status(&e), e.to_string()),
+        });
+    }
+    let results: Vec<serde_json::Value> = results.into_iter().flatten().collect();
+    Json(json!({ "results": results, "epoch": app.server.epoch() })).into_response()
+}
+
+fn item_error(status: StatusCode, message: String) -> serde_json::Value {
+    json!({ "status": status.as_u16(), "error": message })
 }
 
 async fn push_one(

@@ -406,11 +406,97 @@ impl Server {
     /// Publishes to one terminal (HTTP API). Resolves once the push is durably stored.
     pub async fn publish(&self, to: TerminalId, p: Publication) -> Result<u64, PublishError> {
         let push = self.new_push(p)?;
-        let store = self.shared.store.clone();
-        if !store.read(move |b| b.known(&to)).await? {
+        // A terminal connected here was marked seen when it connected, and the sweep keeps it
+        // so while it stays: only others cost a store read.
+        let connected = self.conns().contains_key(&to);
+        if !connected && !self.known(to).await? {
             return Err(PublishError::UnknownTerminal(to));
         }
         Ok(self.store_pushes(vec![(to, push)], Vec::new()).await?[0])
+    }
+
+    /// Publishes many pushes, each to one terminal, in one commit (HTTP batch API). Each gets
+    /// its own answer: a push refused (unknown terminal, bad ttl, too large) fails alone and the
+    /// others are stored. Resolves once the accepted ones are durably stored.
+    pub async fn publish_many(
+        &self,
+        batch: Vec<(TerminalId, Publication)>,
+    ) -> Result<Vec<Result<u64, PublishError>>, StoreError> {
+        let mut answers: Vec<Result<u64, PublishError>> = Vec::with_capacity(batch.len());
+        // Per position in the batch: the push to store, if it passed the checks so far.
+        let mut pending: Vec<Option<(TerminalId, NewPush)>> = Vec::with_capacity(batch.len());
+        let mut to_check = Vec::new();
+        {
+            let conns = self.conns();
+            for (i, (to, p)) in batch.into_iter().enumerate() {
+                match self.new_push(p) {
+                    Ok(push) => {
+                        if !conns.contains_key(&to) {
+                            to_check.push((i, to));
+                        }
+                        pending.push(Some((to, push)));
+                        answers.push(Ok(0));
+                    }
+                    Err(e) => {
+                        pending.push(None);
+                        answers.push(Err(e));
+                    }
+                }
+            }
+        }
+        if !to_check.is_empty() {
+            let unknown = self
+                .shared
+                .store
+                .read(move |b| {
+                    let mut unknown = Vec::new();
+                    for (i, to) in to_check {
+                        if !b.known(&to)? {
+                            unknown.push((i, to));
+                        }
+                    }
+                    Ok(unknown)
+                })
+                .await?;
+            for (i, to) in unknown {
+                pending[i] = None;
+                answers[i] = Err(PublishError::UnknownTerminal(to));
+            }
+        }
+        let (slots, items): (Vec<usize>, Vec<(TerminalId, NewPush)>) = pending
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| item.map(|item| (i, item)))
+            .unzip();
+        let now = unix_now();
+        let accepted = Instant::now();
+        let ops = items
+            .iter()
+            .map(|(to, push)| Op::Append {
+                to: *to,
+                push: push.clone(),
+                now,
+            })
+            .collect();
+        let outcomes = self.shared.store.write_each(ops).await;
+        self.shared
+            .metrics
+            .observe("handoff_push_store_seconds", accepted.elapsed());
+        let mut stored = Vec::with_capacity(items.len());
+        for ((i, (to, push)), outcome) in slots.into_iter().zip(items).zip(outcomes) {
+            answers[i] = match outcome {
+                Ok(Outcome::Offset(offset)) => {
+                    stored.push((to, push.stored(offset, now)));
+                    Ok(offset)
+                }
+                Ok(other) => {
+                    Err(StoreError::Backend(format!("unexpected outcome {other:?}")).into())
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        self.announce(stored, accepted);
+        Ok(answers)
     }
 
     /// Publishes to every terminal following `first`; returns each follower's offset.

@@ -427,6 +427,39 @@ impl Store {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// Writes each op on its own: one failing (its check, or in the backend) fails alone. Ops
+    /// queued together still share a commit.
+    pub async fn write_each(&self, ops: Vec<Op>) -> Vec<Result<Outcome, StoreError>> {
+        let mut waiting = Vec::with_capacity(ops.len());
+        for op in ops {
+            if let Err(e) = op.check() {
+                waiting.push(Err(e));
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            let sent = self.tx.send(Msg::Write {
+                ops: vec![op],
+                reply,
+            });
+            waiting.push(match sent.await {
+                Ok(()) => Ok(rx),
+                Err(_) => Err(StoreError::Stopped),
+            });
+        }
+        let mut outcomes = Vec::with_capacity(waiting.len());
+        for w in waiting {
+            outcomes.push(match w {
+                Ok(rx) => match rx.await {
+                    Ok(Ok(mut out)) => out.pop().ok_or(StoreError::Stopped),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StoreError::Stopped),
+                },
+                Err(e) => Err(e),
+            });
+        }
+        outcomes
+    }
+
     pub async fn write_one(&self, op: Op) -> Result<Outcome, StoreError> {
         self.write(vec![op]).await?.pop().ok_or(StoreError::Stopped)
     }
