@@ -53,7 +53,7 @@ fn percentiles(label: &str, samples: &mut [f64]) {
 }
 
 /// Durable appends through the store actor, from many concurrent writers (group commit).
-fn store_throughput(dir: &std::path::Path, pushes: usize) {
+fn store_throughput(dir: &std::path::Path, pushes: usize, followers: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = Store::start(Box::new(
@@ -99,6 +99,35 @@ fn store_throughput(dir: &std::path::Path, pushes: usize) {
             n,
             elapsed.as_secs_f64(),
             n as f64 / elapsed.as_secs_f64()
+        );
+        // One session change fanned out to `followers` recipients: one batch, one commit.
+        let first = handoff::identity::TerminalId::from_bytes([255; 32]);
+        let session = Session {
+            uri: "https://media.example/video".into(),
+            title: "A video".into(),
+            position: Some(1.0),
+            meta: Default::default(),
+        };
+        let mut times = Vec::new();
+        for round in 0..5u32 {
+            let ops = (0..followers as u32)
+                .map(|i| {
+                    let mut id = [round as u8; 32];
+                    id[..4].copy_from_slice(&i.to_le_bytes());
+                    Op::Append {
+                        to: handoff::identity::TerminalId::from_bytes(id),
+                        push: NewPush::session(first, &session, Duration::from_secs(3600)),
+                        now: unix_now(),
+                    }
+                })
+                .collect();
+            let started = Instant::now();
+            store.write(ops).await.unwrap();
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        percentiles(
+            &format!("fan-out commit, store alone ({followers} appends)"),
+            &mut times,
         );
         store.close().await;
     });
@@ -276,7 +305,7 @@ fn main() {
     };
     let mut lan = Lan::new("sb", hosts);
     if store_pushes > 0 {
-        store_throughput(lan.dir.path(), store_pushes);
+        store_throughput(lan.dir.path(), store_pushes, followers);
     }
     let redis = (nodes == 2).then(|| {
         handoff::testing::redis::RedisServer::start().expect("redis-server for --nodes 2")

@@ -111,12 +111,26 @@ impl Backend for EmbeddedBackend {
             let txn = self.db.begin_write().map_err(err)?;
             let mut out = Vec::with_capacity(ops.len());
             let mut culprit = None;
+            // Open while a run of appends lasts; closed before any other op opens its tables.
+            let mut appends: Option<AppendTables> = None;
             for (i, op) in ops.iter().enumerate() {
                 if failed[i].is_some() {
                     out.push(None);
                     continue;
                 }
-                match apply_one(&txn, op) {
+                let applied = if matches!(op, Op::Append { .. }) {
+                    if appends.is_none() {
+                        appends = Some(AppendTables::open(&txn)?);
+                    }
+                    appends.as_mut().map_or_else(
+                        || Err(StoreError::Backend("append tables not open".into())),
+                        |tables| tables.append(op),
+                    )
+                } else {
+                    appends = None;
+                    apply_one(&txn, op)
+                };
+                match applied {
                     Ok(outcome) => out.push(Some(outcome)),
                     Err(e) => {
                         culprit = Some((i, e));
@@ -124,6 +138,7 @@ impl Backend for EmbeddedBackend {
                     }
                 }
             }
+            drop(appends);
             if let Some((i, e)) = culprit {
                 txn.abort().map_err(err)?;
                 failed[i] = Some(e);
@@ -239,6 +254,57 @@ fn links_of(
         }
     }
     Ok(out)
+}
+
+/// The tables an append writes, opened once for a run of appends (a fan-out is thousands of
+/// them in one batch, and opening a table costs more than the insert).
+struct AppendTables<'txn> {
+    cursors: redb::Table<'txn, Id<'static>, (u64, u64)>,
+    log: redb::Table<'txn, (Id<'static>, u64), &'static [u8]>,
+    collapse: redb::Table<'txn, (Id<'static>, &'static str), u64>,
+}
+
+impl<'txn> AppendTables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            cursors: txn.open_table(CURSORS).map_err(err)?,
+            log: txn.open_table(LOG).map_err(err)?,
+            collapse: txn.open_table(COLLAPSE).map_err(err)?,
+        })
+    }
+
+    fn append(&mut self, op: &Op) -> Result<Outcome, StoreError> {
+        let Op::Append { to, push, now } = op else {
+            return Err(StoreError::Backend("not an append".into()));
+        };
+        let (next, acked) = self
+            .cursors
+            .get(to.as_bytes())
+            .map_err(err)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0));
+        if let Some(key) = &push.collapse_key {
+            let previous = self
+                .collapse
+                .get((to.as_bytes(), key.as_str()))
+                .map_err(err)?
+                .map(|v| v.value());
+            if let Some(old) = previous.filter(|old| *old >= acked) {
+                self.log.remove((to.as_bytes(), old)).map_err(err)?;
+            }
+            self.collapse
+                .insert((to.as_bytes(), key.as_str()), next)
+                .map_err(err)?;
+        }
+        let bytes = wire::encode_payload(&push.stored(next, *now)).map_err(err)?;
+        self.log
+            .insert((to.as_bytes(), next), bytes.as_slice())
+            .map_err(err)?;
+        self.cursors
+            .insert(to.as_bytes(), (next + 1, acked))
+            .map_err(err)?;
+        Ok(Outcome::Offset(next))
+    }
 }
 
 fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
@@ -399,35 +465,7 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             counts.insert(first.as_bytes(), count + 1).map_err(err)?;
             Outcome::Fresh(Some(true))
         }
-        Op::Append { to, push, now } => {
-            let mut cursors = txn.open_table(CURSORS).map_err(err)?;
-            let (next, acked) = cursors
-                .get(to.as_bytes())
-                .map_err(err)?
-                .map(|v| v.value())
-                .unwrap_or((0, 0));
-            let mut log = txn.open_table(LOG).map_err(err)?;
-            if let Some(key) = &push.collapse_key {
-                let mut collapse = txn.open_table(COLLAPSE).map_err(err)?;
-                let previous = collapse
-                    .get((to.as_bytes(), key.as_str()))
-                    .map_err(err)?
-                    .map(|v| v.value());
-                if let Some(old) = previous.filter(|old| *old >= acked) {
-                    log.remove((to.as_bytes(), old)).map_err(err)?;
-                }
-                collapse
-                    .insert((to.as_bytes(), key.as_str()), next)
-                    .map_err(err)?;
-            }
-            let bytes = wire::encode_payload(&push.stored(next, *now)).map_err(err)?;
-            log.insert((to.as_bytes(), next), bytes.as_slice())
-                .map_err(err)?;
-            cursors
-                .insert(to.as_bytes(), (next + 1, acked))
-                .map_err(err)?;
-            Outcome::Offset(next)
-        }
+        Op::Append { .. } => AppendTables::open(txn)?.append(op)?,
         Op::Ack { to, next } => {
             let mut cursors = txn.open_table(CURSORS).map_err(err)?;
             let Some((end, acked)) = cursors.get(to.as_bytes()).map_err(err)?.map(|v| v.value())
