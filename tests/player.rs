@@ -673,6 +673,14 @@ async fn with_no_player_running_the_configured_command_starts_one() {
         .and_then(|p| p.trim().parse().ok())
         .expect("the command ran");
     let stop = Stop(pid);
+    // Its output goes nowhere (a playing mpv's status line would fill the bridge's journal).
+    for fd in [0, 1, 2] {
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok(),
+            Some(PathBuf::from("/dev/null")),
+            "the started player's fd {fd}"
+        );
+    }
     let PlayerEvent::Opened {
         uri,
         player,

@@ -536,10 +536,14 @@ impl Opener {
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
         if !running {
+            // The player's own output is not the bridge's: mpv alone writes a status line
+            // every second while it plays, which would fill the bridge's journal.
             let mut command = tokio::process::Command::new(program);
             command
                 .args(args)
                 .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
                 .kill_on_drop(false);
             if let Some(address) = &self.bus_address {
                 command.env("DBUS_SESSION_BUS_ADDRESS", address);
