@@ -703,6 +703,58 @@ async fn with_no_player_running_the_configured_command_starts_one() {
     drop(stop);
 }
 
+/// The daemon and the bridge start together (at login, or the daemon restarts): a followed
+/// terminal's session pushed before the bridge watched still opens once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_came_before_the_bridge_watched_opens_when_it_starts() {
+    let Some(plugin) =
+        require_players("a_push_that_came_before_the_bridge_watched_opens_when_it_starts")
+    else {
+        return;
+    };
+    let t = terminals().await;
+    let http = media_server(vec![("early.wav", wav(120, "Early"))]).await;
+    let url = format!("http://{http}/early.wav");
+    let bus_b = PrivateBus::start(t.dir.path(), "b");
+    let mpv_b = Mpv::start(&plugin, &bus_b, t.dir.path(), "mpv-b", &[]);
+    let dbus_b = Bus::connect(Some(&bus_b.address)).await.unwrap();
+    let name_b = player_name(&dbus_b).await;
+
+    // B follows A and gets its session while no bridge runs on B.
+    let session = Session {
+        uri: url.clone(),
+        title: "Early".into(),
+        position: Some(20.0),
+        meta: [("status".to_string(), "paused".to_string())].into(),
+    };
+    assert!(t.a.set_session(Some(session), LONG).await);
+    let pulled = t.b.pull("a", LONG).await.expect("pull");
+    assert_eq!(pulled.push.expect("a push").uri, url);
+
+    // Then B's bridge starts: B's mpv opens the url at A's position and plays.
+    let bridge_b = t.bridge("b", &bus_b, test_config()).await;
+    let state = eventually("B's mpv playing the pushed url", || async {
+        dbus_b
+            .state(&name_b)
+            .await
+            .ok()
+            .filter(|s| s.status == Status::Playing && s.track.url.as_deref() == Some(&url))
+    })
+    .await;
+    assert_eq!(state.track.url.as_deref(), Some(url.as_str()));
+    let at_b = dbus_b
+        .position(&name_b)
+        .await
+        .unwrap()
+        .expect("B's position");
+    assert!(
+        at_b >= 18.0,
+        "B opened at {at_b}, A is at 20\n{}",
+        mpv_b.log()
+    );
+    bridge_b.shutdown().await;
+}
+
 /// Kills a process the test did not spawn itself (by pid) on drop.
 struct Stop(i32);
 
