@@ -215,7 +215,8 @@ pub(crate) async fn watch_pushes(
             }
             info!("watching pushes on {}", socket.display());
             // Watching already: a push arriving now is on the stream, and perhaps also in the
-            // inbox read below (then it is passed on once).
+            // inbox read below; passed on twice, the second is a position update that moves
+            // nothing.
             match read_catch_up(&socket).await {
                 Ok(Some(push)) if last.as_ref() != Some(&push) => {
                     info!(uri = %push.uri, "catching up on the last push of a followed terminal");
@@ -230,9 +231,6 @@ pub(crate) async fn watch_pushes(
             watching.send_replace(true);
             loop {
                 let line: WatchLine = client.read_line().await?;
-                if last.as_ref() == Some(&line.push) {
-                    continue;
-                }
                 last = Some(line.push.clone());
                 if pushes.send(line.push).await.is_err() {
                     return Ok(());
