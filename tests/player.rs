@@ -774,6 +774,53 @@ async fn a_push_that_came_before_the_bridge_watched_opens_when_it_starts() {
     bridge_b.shutdown().await;
 }
 
+/// The catch-up asks the followed terminal for its session as it is now: one it cleared after
+/// pushing (its player quit), still the newest in B's inbox, is not opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cleared_before_the_bridge_started_is_not_opened() {
+    let Some(plugin) = require_players("a_session_cleared_before_the_bridge_started_is_not_opened")
+    else {
+        return;
+    };
+    let t = terminals().await;
+    let http = media_server(vec![
+        ("old.wav", wav(60, "Old")),
+        ("new.wav", wav(60, "New")),
+    ])
+    .await;
+    let (old, new) = (
+        format!("http://{http}/old.wav"),
+        format!("http://{http}/new.wav"),
+    );
+    let bus_b = PrivateBus::start(t.dir.path(), "b");
+    let mpv_b = Mpv::start(&plugin, &bus_b, t.dir.path(), "mpv-b", &[]);
+    let dbus_b = Bus::connect(Some(&bus_b.address)).await.unwrap();
+    player_name(&dbus_b).await;
+    let session = |uri: &str| Session {
+        uri: uri.to_string(),
+        title: "Shown".into(),
+        position: Some(10.0),
+        meta: Default::default(),
+    };
+    // B follows A and gets "old"; then A's session is cleared (no push for that).
+    assert!(t.a.set_session(Some(session(&old)), LONG).await);
+    let pulled = t.b.pull("a", LONG).await.expect("pull");
+    assert_eq!(pulled.push.expect("a push").uri, old);
+    assert!(t.a.set_session(None, LONG).await);
+
+    let bridge = t.bridge("b", &bus_b, test_config()).await;
+    let mut events = bridge.subscribe();
+    watching(&bridge).await;
+    assert!(t.a.set_session(Some(session(&new)), LONG).await);
+    // The first thing B's bridge opens is A's new session, never the cleared one.
+    let event = next_event(&mut events).await;
+    let PlayerEvent::Opened { uri, .. } = &event else {
+        panic!("expected Opened, got {event:?}\n{}", mpv_b.log());
+    };
+    assert_eq!(uri, &new);
+    bridge.shutdown().await;
+}
+
 /// Kills a process the test did not spawn itself (by pid) on drop.
 struct Stop(i32);
 

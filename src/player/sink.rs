@@ -155,45 +155,44 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// How long the catch-up's `status` and `inbox` requests may take.
+/// How long a catch-up pull may wait for the followed terminal's session.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The push a sink that just (re)connected has to catch up on: the newest one in `inbox`
-/// (oldest first) from a terminal in `follows`. It is that terminal's session as this daemon
-/// last heard it, pushed while no bridge watched (the daemon and the bridge start together, and
-/// a followed terminal's session is pushed as soon as the link is made).
-pub(crate) fn catch_up<'a>(inbox: &'a [PushRecord], follows: &[String]) -> Option<&'a PushRecord> {
-    inbox
-        .iter()
-        .rev()
-        .find(|p| p.from.as_ref().is_some_and(|f| follows.contains(f)))
-}
-
-/// Asks the daemon (on a connection of its own) for the push to catch up on.
-async fn read_catch_up(socket: &std::path::Path) -> Result<Option<PushRecord>, String> {
+/// Pulls again, on a connection of its own, from every terminal the daemon follows: each
+/// answers with its session as it is now (or none), which the server pushes again and so
+/// reaches the `watch` stream. Run once that stream is in place, it catches up on what was
+/// pushed while no bridge watched (the daemon and the bridge start together at login, and a
+/// followed terminal's session is pushed the moment the link is made) — and, unlike the inbox,
+/// never opens a session the other terminal has cleared since. Returns the terminals pulled.
+async fn catch_up(socket: &std::path::Path) -> Result<usize, String> {
     let status = crate::control::call(socket, &ControlRequest::Status, CATCH_UP_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let follows: Vec<String> = match status.status {
-        Some(s) => s.follows.into_iter().map(|f| f.id).collect(),
-        None => return Err(status.error.unwrap_or_else(|| "no status".into())),
+    let Some(status) = status.status else {
+        return Err(status.error.unwrap_or_else(|| "no status".into()));
     };
-    if follows.is_empty() {
-        return Ok(None);
+    let mut pulled = 0;
+    for follow in status.follows {
+        let pull = ControlRequest::Pull {
+            peer: follow.id.clone(),
+            timeout_secs: Some(CATCH_UP_TIMEOUT.as_secs_f64()),
+        };
+        match crate::control::call(socket, &pull, CATCH_UP_TIMEOUT * 2).await {
+            Ok(reply) if reply.ok => pulled += 1,
+            Ok(reply) => debug!(
+                peer = %follow.id,
+                "catch-up pull: {}",
+                reply.refused.or(reply.error).unwrap_or_default()
+            ),
+            Err(e) => debug!(peer = %follow.id, "catch-up pull: {e}"),
+        }
     }
-    let inbox = crate::control::call(socket, &ControlRequest::Inbox, CATCH_UP_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let Some(items) = inbox.items else {
-        return Err(inbox.error.unwrap_or_else(|| "no inbox".into()));
-    };
-    Ok(catch_up(&items, &follows).cloned())
+    Ok(pulled)
 }
 
 /// Reads the daemon's `watch` stream into `pushes`, reconnecting while the daemon is away.
-/// Each time the stream starts, it first passes on the newest push of a followed terminal in
-/// the inbox ([`catch_up`]) unless it passed that one on already: a push that arrived while the
-/// bridge was starting or the daemon restarting is not lost.
+/// Each time the stream starts, the followed terminals are pulled again ([`catch_up`]): a
+/// session pushed while the bridge was starting or the daemon restarting is not lost.
 pub(crate) async fn watch_pushes(
     socket: PathBuf,
     pushes: mpsc::Sender<PushRecord>,
@@ -202,8 +201,6 @@ pub(crate) async fn watch_pushes(
 ) {
     let mut backoff = Duration::from_millis(500);
     let mut reported = false;
-    // The last push passed on, so a catch-up does not repeat it.
-    let mut last: Option<PushRecord> = None;
     loop {
         let session = async {
             let mut client = ControlClient::connect(&socket).await?;
@@ -214,24 +211,23 @@ pub(crate) async fn watch_pushes(
                 ));
             }
             info!("watching pushes on {}", socket.display());
-            // Watching already: a push arriving now is on the stream, and perhaps also in the
-            // inbox read below; passed on twice, the second is a position update that moves
-            // nothing.
-            match read_catch_up(&socket).await {
-                Ok(Some(push)) if last.as_ref() != Some(&push) => {
-                    info!(uri = %push.uri, "catching up on the last push of a followed terminal");
-                    last = Some(push.clone());
-                    if pushes.send(push).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => warn!("cannot read the pushes that came while not watching: {e}"),
-            }
             watching.send_replace(true);
+            // Watching already, so what the pulls bring comes on the stream; they run beside
+            // it (its lines wait in the socket meanwhile), and end with the bridge.
+            let (socket, cancel) = (socket.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let result = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    result = catch_up(&socket) => result,
+                };
+                match result {
+                    Ok(0) => {}
+                    Ok(n) => info!("pulled again from {n} followed terminal(s), to catch up"),
+                    Err(e) => warn!("cannot catch up on the followed terminals: {e}"),
+                }
+            });
             loop {
                 let line: WatchLine = client.read_line().await?;
-                last = Some(line.push.clone());
                 if pushes.send(line.push).await.is_err() {
                     return Ok(());
                 }
@@ -802,27 +798,6 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             offset: 0,
         }
-    }
-
-    #[test]
-    fn the_catch_up_is_the_newest_push_of_a_followed_terminal() {
-        let from = |from: Option<&str>, offset: u64| PushRecord {
-            from: from.map(String::from),
-            offset,
-            ..push(None, &[])
-        };
-        let inbox = [
-            from(Some("a"), 1),
-            from(Some("a"), 2),
-            from(Some("c"), 1),
-            from(None, 7),
-        ];
-        let follows = ["a".to_string(), "b".to_string()];
-        assert_eq!(catch_up(&inbox, &follows), Some(&inbox[1]));
-        assert_eq!(catch_up(&inbox, &["c".to_string()]), Some(&inbox[2]));
-        // Not followed (any more), or a publisher's push: nothing to catch up on.
-        assert_eq!(catch_up(&inbox, &["d".to_string()]), None);
-        assert_eq!(catch_up(&inbox, &[]), None);
     }
 
     #[test]
