@@ -46,6 +46,28 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// `path`, if absolute: a relative one would depend on the directory the program starts in
+/// (a user unit starts in the home directory), and `~` is not expanded.
+fn absolute(key: &'static str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    let hint = match path.strip_prefix("~") {
+        Ok(rest) => match std::env::var_os("HOME") {
+            Some(home) => format!(
+                " (`~` is not expanded: write {})",
+                Path::new(&home).join(rest).display()
+            ),
+            None => " (`~` is not expanded: write the home directory out)".to_string(),
+        },
+        Err(_) => String::new(),
+    };
+    Err(invalid(
+        key,
+        format!("{} is not an absolute path{hint}", path.display()),
+    ))
+}
+
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -600,14 +622,20 @@ impl DaemonConfig {
                 Some(ControlGroup { name, gid })
             }
         };
+        let state_dir = absolute(
+            "state_dir",
+            raw.state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/handoff")),
+        )?;
+        let control_socket = absolute(
+            "control_socket",
+            raw.control_socket
+                .unwrap_or_else(|| PathBuf::from("/run/handoff/control.sock")),
+        )?;
         Ok(Self {
             name,
-            state_dir: raw
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from("/var/lib/handoff")),
-            control_socket: raw
-                .control_socket
-                .unwrap_or_else(|| PathBuf::from("/run/handoff/control.sock")),
+            state_dir,
+            control_socket,
             interfaces: raw.discovery.interfaces,
             listen,
             server,
@@ -1419,6 +1447,28 @@ mod tests {
         assert_eq!(d.lease, Duration::from_secs(600));
         assert_eq!(d.log_level, "info");
         assert_eq!(d.metrics_listen, None);
+    }
+
+    #[test]
+    fn state_dir_and_control_socket_must_be_absolute() {
+        for (text, key) in [
+            ("state_dir = \"~/.local/state/handoff\"", "state_dir"),
+            ("state_dir = \"state\"", "state_dir"),
+            ("control_socket = \"run/control.sock\"", "control_socket"),
+        ] {
+            match daemon(text) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert_eq!(k, key, "{text}");
+                    assert!(reason.contains("not an absolute path"), "{reason}");
+                    if text.contains('~') {
+                        assert!(reason.contains("`~` is not expanded"), "{reason}");
+                    }
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let d = daemon("state_dir = \"/home/u/.local/state/handoff\"").unwrap();
+        assert_eq!(d.state_dir, PathBuf::from("/home/u/.local/state/handoff"));
     }
 
     #[test]

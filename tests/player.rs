@@ -603,7 +603,8 @@ async fn a_player_playing_something_else_is_taken_over_only_with_replace_playing
     assert_eq!(state.status, Status::Playing);
     bridge.shutdown().await;
 
-    // With replace_playing, the next push of A's session takes the player over.
+    // With replace_playing, a bridge started while B follows A takes the player over with A's
+    // session (the push it catches up on), and follows A's next jump.
     let bridge = t
         .bridge(
             "b",
@@ -615,16 +616,34 @@ async fn a_player_playing_something_else_is_taken_over_only_with_replace_playing
         )
         .await;
     let mut events = bridge.subscribe();
-    // The new bridge's watch must be in place before A's change is pushed.
     watching(&bridge).await;
+    eventually("B's player taken over", || async {
+        dbus_b
+            .state(&name_b)
+            .await
+            .ok()
+            .filter(|s| s.track.url.as_deref() == Some(shown.as_str()))
+    })
+    .await;
     assert!(t.a.set_session(Some(session(30.0)), LONG).await);
-    let event = next_event(&mut events).await;
-    let PlayerEvent::Opened { uri, position, .. } = &event else {
-        panic!("expected Opened, got {event:?}\n{}", mpv_b.log());
+    // The catch-up's Opened (at 10) may come first, if it came after subscribing.
+    let position = loop {
+        match next_event(&mut events).await {
+            PlayerEvent::Opened { uri, position, .. } if position.is_some_and(|p| p < 20.0) => {
+                assert_eq!(uri, shown);
+            }
+            PlayerEvent::Opened { uri, position, .. }
+            | PlayerEvent::Followed { uri, position, .. } => {
+                assert_eq!(uri, shown);
+                break position.expect("seeked");
+            }
+            event => panic!(
+                "expected Opened or Followed, got {event:?}\n{}",
+                mpv_b.log()
+            ),
+        }
     };
-    assert_eq!(uri, &shown);
-    let position = position.expect("seeked");
-    assert!((position - 30.0).abs() <= 2.0, "opened at {position}");
+    assert!((position - 30.0).abs() <= 2.0, "moved to {position}");
     assert_eq!(
         dbus_b.state(&name_b).await.unwrap().track.url.as_deref(),
         Some(shown.as_str())
@@ -673,6 +692,14 @@ async fn with_no_player_running_the_configured_command_starts_one() {
         .and_then(|p| p.trim().parse().ok())
         .expect("the command ran");
     let stop = Stop(pid);
+    // Its output goes nowhere (a playing mpv's status line would fill the bridge's journal).
+    for fd in [0, 1, 2] {
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok(),
+            Some(PathBuf::from("/dev/null")),
+            "the started player's fd {fd}"
+        );
+    }
     let PlayerEvent::Opened {
         uri,
         player,
@@ -693,6 +720,105 @@ async fn with_no_player_running_the_configured_command_starts_one() {
     );
     bridge.shutdown().await;
     drop(stop);
+}
+
+/// The daemon and the bridge start together (at login, or the daemon restarts): a followed
+/// terminal's session pushed before the bridge watched still opens once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_came_before_the_bridge_watched_opens_when_it_starts() {
+    let Some(plugin) =
+        require_players("a_push_that_came_before_the_bridge_watched_opens_when_it_starts")
+    else {
+        return;
+    };
+    let t = terminals().await;
+    let http = media_server(vec![("early.wav", wav(120, "Early"))]).await;
+    let url = format!("http://{http}/early.wav");
+    let bus_b = PrivateBus::start(t.dir.path(), "b");
+    let mpv_b = Mpv::start(&plugin, &bus_b, t.dir.path(), "mpv-b", &[]);
+    let dbus_b = Bus::connect(Some(&bus_b.address)).await.unwrap();
+    let name_b = player_name(&dbus_b).await;
+
+    // B follows A and gets its session while no bridge runs on B.
+    let session = Session {
+        uri: url.clone(),
+        title: "Early".into(),
+        position: Some(20.0),
+        meta: [("status".to_string(), "paused".to_string())].into(),
+    };
+    assert!(t.a.set_session(Some(session), LONG).await);
+    let pulled = t.b.pull("a", LONG).await.expect("pull");
+    assert_eq!(pulled.push.expect("a push").uri, url);
+
+    // Then B's bridge starts: B's mpv opens the url at A's position and plays.
+    let bridge_b = t.bridge("b", &bus_b, test_config()).await;
+    let state = eventually("B's mpv playing the pushed url", || async {
+        dbus_b
+            .state(&name_b)
+            .await
+            .ok()
+            .filter(|s| s.status == Status::Playing && s.track.url.as_deref() == Some(&url))
+    })
+    .await;
+    assert_eq!(state.track.url.as_deref(), Some(url.as_str()));
+    let at_b = dbus_b
+        .position(&name_b)
+        .await
+        .unwrap()
+        .expect("B's position");
+    assert!(
+        at_b >= 18.0,
+        "B opened at {at_b}, A is at 20\n{}",
+        mpv_b.log()
+    );
+    bridge_b.shutdown().await;
+}
+
+/// The catch-up asks the followed terminal for its session as it is now: one it cleared after
+/// pushing (its player quit), still the newest in B's inbox, is not opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cleared_before_the_bridge_started_is_not_opened() {
+    let Some(plugin) = require_players("a_session_cleared_before_the_bridge_started_is_not_opened")
+    else {
+        return;
+    };
+    let t = terminals().await;
+    let http = media_server(vec![
+        ("old.wav", wav(60, "Old")),
+        ("new.wav", wav(60, "New")),
+    ])
+    .await;
+    let (old, new) = (
+        format!("http://{http}/old.wav"),
+        format!("http://{http}/new.wav"),
+    );
+    let bus_b = PrivateBus::start(t.dir.path(), "b");
+    let mpv_b = Mpv::start(&plugin, &bus_b, t.dir.path(), "mpv-b", &[]);
+    let dbus_b = Bus::connect(Some(&bus_b.address)).await.unwrap();
+    player_name(&dbus_b).await;
+    let session = |uri: &str| Session {
+        uri: uri.to_string(),
+        title: "Shown".into(),
+        position: Some(10.0),
+        meta: Default::default(),
+    };
+    // B follows A and gets "old"; then A's session is cleared (no push for that).
+    assert!(t.a.set_session(Some(session(&old)), LONG).await);
+    let pulled = t.b.pull("a", LONG).await.expect("pull");
+    assert_eq!(pulled.push.expect("a push").uri, old);
+    assert!(t.a.set_session(None, LONG).await);
+
+    let bridge = t.bridge("b", &bus_b, test_config()).await;
+    let mut events = bridge.subscribe();
+    watching(&bridge).await;
+    assert!(t.a.set_session(Some(session(&new)), LONG).await);
+    // The first thing B's bridge opens is A's new session, never the cleared one.
+    let event = next_event(&mut events).await;
+    let PlayerEvent::Opened { uri, .. } = &event else {
+        panic!("expected Opened, got {event:?}\n{}", mpv_b.log());
+    };
+    assert_eq!(uri, &new);
+    bridge.shutdown().await;
 }
 
 /// Kills a process the test did not spawn itself (by pid) on drop.

@@ -155,7 +155,44 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long a catch-up pull may wait for the followed terminal's session.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pulls again, on a connection of its own, from every terminal the daemon follows: each
+/// answers with its session as it is now (or none), which the server pushes again and so
+/// reaches the `watch` stream. Run once that stream is in place, it catches up on what was
+/// pushed while no bridge watched (the daemon and the bridge start together at login, and a
+/// followed terminal's session is pushed the moment the link is made) — and, unlike the inbox,
+/// never opens a session the other terminal has cleared since. Returns the terminals pulled.
+async fn catch_up(socket: &std::path::Path) -> Result<usize, String> {
+    let status = crate::control::call(socket, &ControlRequest::Status, CATCH_UP_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(status) = status.status else {
+        return Err(status.error.unwrap_or_else(|| "no status".into()));
+    };
+    let mut pulled = 0;
+    for follow in status.follows {
+        let pull = ControlRequest::Pull {
+            peer: follow.id.clone(),
+            timeout_secs: Some(CATCH_UP_TIMEOUT.as_secs_f64()),
+        };
+        match crate::control::call(socket, &pull, CATCH_UP_TIMEOUT * 2).await {
+            Ok(reply) if reply.ok => pulled += 1,
+            Ok(reply) => debug!(
+                peer = %follow.id,
+                "catch-up pull: {}",
+                reply.refused.or(reply.error).unwrap_or_default()
+            ),
+            Err(e) => debug!(peer = %follow.id, "catch-up pull: {e}"),
+        }
+    }
+    Ok(pulled)
+}
+
 /// Reads the daemon's `watch` stream into `pushes`, reconnecting while the daemon is away.
+/// Each time the stream starts, the followed terminals are pulled again ([`catch_up`]): a
+/// session pushed while the bridge was starting or the daemon restarting is not lost.
 pub(crate) async fn watch_pushes(
     socket: PathBuf,
     pushes: mpsc::Sender<PushRecord>,
@@ -175,6 +212,20 @@ pub(crate) async fn watch_pushes(
             }
             info!("watching pushes on {}", socket.display());
             watching.send_replace(true);
+            // Watching already, so what the pulls bring comes on the stream; they run beside
+            // it (its lines wait in the socket meanwhile), and end with the bridge.
+            let (socket, cancel) = (socket.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let result = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    result = catch_up(&socket) => result,
+                };
+                match result {
+                    Ok(0) => {}
+                    Ok(n) => info!("pulled again from {n} followed terminal(s), to catch up"),
+                    Err(e) => warn!("cannot catch up on the followed terminals: {e}"),
+                }
+            });
             loop {
                 let line: WatchLine = client.read_line().await?;
                 if pushes.send(line.push).await.is_err() {
@@ -536,10 +587,14 @@ impl Opener {
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
         if !running {
+            // The player's own output is not the bridge's: mpv alone writes a status line
+            // every second while it plays, which would fill the bridge's journal.
             let mut command = tokio::process::Command::new(program);
             command
                 .args(args)
                 .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
                 .kill_on_drop(false);
             if let Some(address) = &self.bus_address {
                 command.env("DBUS_SESSION_BUS_ADDRESS", address);
