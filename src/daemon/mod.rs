@@ -30,6 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 pub use pairing::{PairCode, PairError, PAIR_TIMEOUT};
 pub use pull::{LinkOutcome, PullError, PullOutcome};
 pub use reload::ReloadReport;
+pub use server_link::Reconnect;
 pub(crate) use server_link::{explain_connect_error, is_key_mismatch};
 
 use crate::config::{AcceptPolicy, DaemonConfig};
