@@ -244,13 +244,16 @@ impl Server {
             terminal_transport(&config.limits),
             tickets,
         )?;
+        // A restarted server resets the connections it lost, so their terminals come back at
+        // once (see `tls::endpoint_config`).
+        let endpoint_config = tls::endpoint_config(&identity);
         let endpoint =
-            crate::net::bind_endpoint(server_config, config.listen).map_err(|source| {
-                ServerError::Bind {
+            crate::net::bind_endpoint_with(endpoint_config, server_config, config.listen).map_err(
+                |source| ServerError::Bind {
                     addr: config.listen,
                     source,
-                }
-            })?;
+                },
+            )?;
         let server = Server {
             shared: Arc::new(Shared {
                 identity,
