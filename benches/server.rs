@@ -13,6 +13,13 @@
 //! - one session change fanned out to N followers: until every follower has it, p50/p99;
 //! - server memory (VmRSS) per idle connected terminal.
 //!
+//! With `--reconnect N` it runs only the idle and restart stages, on a fresh server: N terminals
+//! connect and say hello (the server's RSS with them, minus before, per terminal), then the
+//! server is stopped (SIGTERM) and started again, and the terminals come back on their own with
+//! the daemon's reconnect policy ([`handoff::daemon::Reconnect`]: jittered delays) and the
+//! cursor of their last welcome; it prints how long until every one was welcomed again, and how
+//! many handshakes resumed a TLS session.
+//!
 //! Then the same load against Mosquitto 2 in the same namespaces (`benches/server/mosquitto.rs`; skipped
 //! with `--no-mosquitto` or when `mosquitto` is not installed), and a table of the ratios.
 
@@ -44,9 +51,10 @@ fn percentiles(label: &str, samples: &mut [f64]) {
     samples.sort_by(|a, b| a.total_cmp(b));
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "{label:<48} n={:<6} p50={:>8.2} ms  p99={:>8.2} ms  max={:>8.2} ms",
+        "{label:<48} n={:<6} p50={:>8.2} ms  p90={:>8.2} ms  p99={:>8.2} ms  max={:>8.2} ms",
         samples.len(),
         pick(0.5),
+        pick(0.9),
         pick(0.99),
         samples[samples.len() - 1]
     );
@@ -280,10 +288,203 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A terminal that stays connected, and reconnects as the daemon does whenever it loses the
+/// server, saying hello with the cursor of its last welcome. Each welcome is recorded.
+async fn returning_terminal(
+    endpoint: quinn::Endpoint,
+    server: SocketAddr,
+    server_id: handoff::identity::TerminalId,
+    welcomes: Arc<Mutex<Vec<Instant>>>,
+    failures: Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let identity = Identity::generate().unwrap();
+    // The daemon's transport: keep-alives every 5 s, 12 s idle timeout.
+    let config = tls::client_config(&identity, server_id, handoff::daemon::DIAL_LIMITS).unwrap();
+    let mut reconnect = handoff::daemon::Reconnect::default();
+    let mut cursor = None;
+    loop {
+        let attempt = async {
+            let conn = endpoint
+                .connect_with(config.clone(), server, tls::SERVER_NAME)
+                .ok()?
+                .await
+                .ok()?;
+            match net::request(&conn, RequestBody::Hello { cursor })
+                .await
+                .ok()?
+            {
+                ResponseBody::Welcome { epoch, start, .. } => {
+                    Some((conn, wire::Cursor { epoch, next: start }))
+                }
+                _ => None,
+            }
+        };
+        // The daemon gives one dial 3 s (server_link's CONNECT_TIMEOUT).
+        let delay = match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Some((conn, welcomed_at))) => {
+                cursor = Some(welcomed_at);
+                welcomes.lock().unwrap().push(Instant::now());
+                reconnect.connected();
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        conn.close(0u32.into(), b"done");
+                        return;
+                    }
+                    _ = conn.closed() => {}
+                }
+                reconnect.after_loss()
+            }
+            _ => {
+                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                reconnect.after_failure()
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// `handoff_tls_resumptions_total` from the server's `/metrics`.
+fn resumptions(http_addr: &str) -> u64 {
+    let Ok(mut stream) = TcpStream::connect(http_addr) else {
+        return 0;
+    };
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix("handoff_tls_resumptions_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The idle-memory and restart stages (`--reconnect N`).
+fn idle_and_restart(lan: &mut Lan, server: usize, config: &str, n: usize) {
+    let quic: SocketAddr = lan.host("srv").addr(47700).parse().unwrap();
+    let http_addr = lan.host("srv").addr(47780);
+    let server_id: handoff::identity::TerminalId = id_of(&lan.path("srv")).parse().unwrap();
+    let pid = lan.pid(server);
+    let welcomes: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let failures: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let wait_welcomes = |welcomes: &Arc<Mutex<Vec<Instant>>>, count: usize, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        while welcomes.lock().unwrap().len() < count && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let load = {
+        let (welcomes, failures, stop) = (welcomes.clone(), failures.clone(), stop.clone());
+        lan.spawn_in("load", move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+                let mut tasks = Vec::with_capacity(n);
+                for i in 0..n {
+                    tasks.push(tokio::spawn(returning_terminal(
+                        endpoint.clone(),
+                        quic,
+                        server_id,
+                        welcomes.clone(),
+                        failures.clone(),
+                        stop.clone(),
+                    )));
+                    // The first connects 64 at a time, as the other stages do.
+                    if i % 64 == 63 {
+                        while welcomes.lock().unwrap().len() + 64 < i {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(10), endpoint.wait_idle()).await;
+            })
+        })
+    };
+    let rss_before = rss_kib(pid);
+    let started = Instant::now();
+    wait_welcomes(&welcomes, n, Duration::from_secs(600));
+    println!(
+        "{:<48} {} terminals in {:.1} s",
+        "connected",
+        welcomes.lock().unwrap().len(),
+        started.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_idle = rss_kib(pid);
+    println!(
+        "{:<48} RSS {rss_before} KiB before, {rss_idle} KiB with {n} idle terminals = {:.1} KiB per terminal",
+        "server memory, idle terminals",
+        rss_idle.saturating_sub(rss_before) as f64 / n as f64
+    );
+
+    let failed_before = failures.load(std::sync::atomic::Ordering::Relaxed);
+    // The restart: SIGTERM (the server closes every connection), wait for its exit, start again.
+    let stopped = Instant::now();
+    lan.signal(server, libc::SIGTERM);
+    lan.wait(server, Duration::from_secs(30))
+        .expect("the server stops");
+    let down = stopped.elapsed();
+    let restarted = Instant::now();
+    let server = lan.spawn_env(
+        "srv",
+        &["server", "--config", config],
+        "srv-restarted",
+        &[("RUST_LOG", "info")],
+    );
+    wait_for(Duration::from_secs(30), || {
+        lan.log("srv-restarted")
+            .contains("server listening")
+            .then_some(())
+    })
+    .expect("server restarts");
+    let listening = restarted.elapsed();
+    wait_welcomes(&welcomes, 2 * n, Duration::from_secs(120));
+    let mut back: Vec<f64> = welcomes.lock().unwrap()[n..]
+        .iter()
+        .map(|t| (*t - restarted).as_secs_f64() * 1000.0)
+        .collect();
+    println!(
+        "{:<48} stopped in {:.2} s; restarted, listening after {:.2} s",
+        "server restart",
+        down.as_secs_f64(),
+        listening.as_secs_f64()
+    );
+    let all = back.iter().copied().fold(0.0, f64::max);
+    println!(
+        "{:<48} {} of {n} welcomed again; the last {:.2} s after the restart began",
+        "returning terminals",
+        back.len(),
+        all / 1000.0
+    );
+    percentiles("  restart -> terminal welcomed again", &mut back);
+    println!(
+        "{:<48} {} before the restart, {} after (no answer within 3 s, or refused)",
+        "failed dial attempts",
+        failed_before,
+        failures.load(std::sync::atomic::Ordering::Relaxed) - failed_before
+    );
+    let resumed = lan.run_in("load", move || resumptions(&http_addr));
+    println!(
+        "{:<48} {resumed} of the restarted server's handshakes resumed a TLS session",
+        "TLS resumptions",
+    );
+    stop.cancel();
+    let _ = load.join();
+    lan.signal(server, libc::SIGTERM);
+    let _ = lan.wait(server, Duration::from_secs(30));
+}
+
 fn main() {
     if !require_root("bench server") {
         return;
     }
+    let reconnect = numeric_arg("--reconnect", 0);
     let terminals = numeric_arg("--terminals", 1000);
     let followers = numeric_arg("--followers", 10_000);
     let pushes = numeric_arg("--pushes", 20_000);
@@ -349,11 +550,22 @@ fn main() {
             "{store}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\nknown_terminals_per_source = 100000\n"
         );
         let config = lan.server_config(host, &extra);
-        let server = lan.spawn(host, &["server", "--config", &config], host);
+        // A production log level for the restart stage: a debug line per connection would be
+        // part of what it measures.
+        let level: &[(&str, &str)] = if reconnect > 0 {
+            &[("RUST_LOG", "info")]
+        } else {
+            &[]
+        };
+        let server = lan.spawn_env(host, &["server", "--config", &config], host, level);
         wait_for(Duration::from_secs(10), || {
             lan.log(host).contains("server listening").then_some(())
         })
         .expect("server starts");
+        if reconnect > 0 {
+            idle_and_restart(&mut lan, server, &config, reconnect);
+            return;
+        }
         pids.push(lan.pid(server));
         quic.push(lan.host(host).addr(47700).parse::<SocketAddr>().unwrap());
         http_addrs.push(lan.host(host).addr(47780));

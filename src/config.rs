@@ -1134,7 +1134,7 @@ impl Default for ServerLimits {
             max_connections: 20_000,
             replay_cache: 16_384,
             max_frame: crate::wire::MAX_FRAME,
-            max_streams_per_connection: 16,
+            max_streams_per_connection: 4,
             max_connections_per_source: 256,
             handshakes_per_sec_per_source: 200,
             requests_per_sec_per_terminal: 100,

@@ -186,11 +186,30 @@ pub fn bind_endpoint(
     config: quinn::ServerConfig,
     listen: std::net::SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {
-    match quinn::Endpoint::server(config.clone(), listen) {
+    bind_endpoint_with(quinn::EndpointConfig::default(), config, listen)
+}
+
+/// Like [`bind_endpoint`], with an endpoint configuration (the content server's keeps its
+/// stateless reset key across restarts).
+pub fn bind_endpoint_with(
+    endpoint: quinn::EndpointConfig,
+    config: quinn::ServerConfig,
+    listen: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let bind = |addr: std::net::SocketAddr| {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        quinn::Endpoint::new(
+            endpoint.clone(),
+            Some(config.clone()),
+            socket,
+            std::sync::Arc::new(quinn::TokioRuntime),
+        )
+    };
+    match bind(listen) {
         Err(e) if listen.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) => {
             let v4 = std::net::SocketAddr::from(([0, 0, 0, 0], listen.port()));
             tracing::info!("IPv6 unavailable ({e}); listening on {v4} (IPv4 only)");
-            quinn::Endpoint::server(config, v4)
+            bind(v4)
         }
         other => other,
     }

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 pub use pairing::{PairCode, PairError, PAIR_TIMEOUT};
 pub use pull::{LinkOutcome, PullError, PullOutcome};
 pub use reload::ReloadReport;
+pub use server_link::Reconnect;
 pub(crate) use server_link::{explain_connect_error, is_key_mismatch};
 
 use crate::config::{AcceptPolicy, DaemonConfig};
@@ -55,7 +56,7 @@ const HOOK_SLOTS: usize = 8;
 /// Connections the daemon opens (to peers and servers): servers may open push streams.
 /// The idle timeout is what notices a server node that died without closing (then the link
 /// fails over to the next address): keep-alives every 5 s keep a live connection well inside it.
-pub(crate) const DIAL_LIMITS: TransportLimits = TransportLimits {
+pub const DIAL_LIMITS: TransportLimits = TransportLimits {
     max_bidi_streams: 4,
     max_uni_streams: 0,
     idle_timeout: Duration::from_secs(12),

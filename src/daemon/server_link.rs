@@ -4,6 +4,11 @@
 //! the session on every change. A link to another server, learned from a peer's interface info,
 //! is kept while a follow on it lives. Pushes arrive on streams the server opens on the link's
 //! connection; each stream is read in order and every item is delivered before the next is read.
+//!
+//! After a lost connection the link waits a random part of [`Reconnect::LOSS_SPREAD`] before it
+//! dials again, and a random delay between half and all of an exponential backoff after each
+//! failed attempt: the terminals of a server that restarts lose it at the same instant, and
+//! without the jitter they would come back at the same instants too, in waves.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +27,53 @@ use crate::wire::{ErrorCode, PushAck, RequestBody, ResponseBody, ServerInfo, Ser
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The delays before reconnect attempts: random, so that many terminals that lost one server
+/// together do not all come back at the same instant (DESIGN §9: a restarted server serves
+/// 10,000 returning terminals within 10 s).
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    /// The ceiling of the next delay after a failed attempt; doubles up to [`BACKOFF_MAX`].
+    ceiling: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            ceiling: BACKOFF_MIN,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The first attempt after losing a live connection comes at a random instant within this.
+    pub const LOSS_SPREAD: Duration = Duration::from_secs(2);
+
+    /// The delay before the first attempt after a live connection was lost: uniform in
+    /// `[0, LOSS_SPREAD]`. Resets the backoff.
+    pub fn after_loss(&mut self) -> Duration {
+        self.ceiling = BACKOFF_MIN;
+        random_up_to(Self::LOSS_SPREAD)
+    }
+
+    /// The delay before the next attempt after one failed: uniform between half the backoff
+    /// and all of it; the backoff doubles each time, from 250 ms up to 30 s.
+    pub fn after_failure(&mut self) -> Duration {
+        let ceiling = self.ceiling;
+        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
+        ceiling / 2 + random_up_to(ceiling / 2)
+    }
+
+    /// A connection was made: the next failure starts the backoff from its minimum.
+    pub fn connected(&mut self) {
+        self.ceiling = BACKOFF_MIN;
+    }
+}
+
+fn random_up_to(max: Duration) -> Duration {
+    let millis = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::random_range(0..=millis))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -197,7 +249,7 @@ pub(crate) fn explain_connect_error(e: &quinn::ConnectionError) -> String {
 /// The home link: connect, sync the session now and on every change, reconnect on loss.
 pub(crate) async fn supervise_home(daemon: Daemon, link: Arc<ServerLink>) {
     let mut sessions = daemon.shared.session.subscribe();
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::default();
     let mut last_error = String::new();
     loop {
         let conn = tokio::select! {
@@ -206,7 +258,7 @@ pub(crate) async fn supervise_home(daemon: Daemon, link: Arc<ServerLink>) {
         };
         let conn = match conn {
             Ok(conn) => {
-                backoff = BACKOFF_MIN;
+                reconnect.connected();
                 last_error.clear();
                 conn
             }
@@ -219,9 +271,8 @@ pub(crate) async fn supervise_home(daemon: Daemon, link: Arc<ServerLink>) {
                 link.connected.store(false, Ordering::Relaxed);
                 tokio::select! {
                     _ = daemon.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(reconnect.after_failure()) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
@@ -250,13 +301,24 @@ pub(crate) async fn supervise_home(daemon: Daemon, link: Arc<ServerLink>) {
             }
         }
         link.connected.store(false, Ordering::Relaxed);
+        tokio::select! {
+            _ = daemon.cancelled() => return,
+            _ = tokio::time::sleep(reconnect.after_loss()) => {}
+        }
     }
 }
 
 /// A follow link: reconnect while wanted, drop the connection when the lease ends.
 async fn keep(daemon: Daemon, link: Arc<ServerLink>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::default();
+    let mut delay = Duration::ZERO;
     loop {
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = daemon.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
         let until = link.wanted_until.load(Ordering::Relaxed);
         let now = unix_now();
         if now >= until {
@@ -264,22 +326,22 @@ async fn keep(daemon: Daemon, link: Arc<ServerLink>) {
         }
         let conn = match link.connection(&daemon).await {
             Ok(conn) => {
-                backoff = BACKOFF_MIN;
+                reconnect.connected();
                 conn
             }
             Err(e) => {
                 warn!("{e}; retrying");
-                tokio::select! {
-                    _ = daemon.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                delay = reconnect.after_failure();
                 continue;
             }
         };
+        delay = Duration::ZERO;
         tokio::select! {
             _ = daemon.cancelled() => break,
-            _ = conn.closed() => link.connected.store(false, Ordering::Relaxed),
+            _ = conn.closed() => {
+                link.connected.store(false, Ordering::Relaxed);
+                delay = reconnect.after_loss();
+            }
             _ = tokio::time::sleep(Duration::from_secs(until.saturating_sub(now))) => {}
         }
     }
@@ -388,5 +450,48 @@ async fn send_acks(mut send: quinn::SendStream, mut acked: watch::Receiver<u64>)
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reconnect delays are spread at random (terminals that lost a server together do not
+    /// come back together), grow on failure up to the cap, and start over once connected.
+    #[test]
+    fn reconnect_delays_are_jittered_and_bounded() {
+        let losses: Vec<Duration> = (0..200)
+            .map(|_| Reconnect::default().after_loss())
+            .collect();
+        assert!(losses.iter().all(|d| *d <= Reconnect::LOSS_SPREAD));
+        let distinct: std::collections::BTreeSet<_> = losses.iter().collect();
+        assert!(
+            distinct.len() > 100,
+            "{} distinct delays of 200",
+            distinct.len()
+        );
+        assert!(losses.iter().any(|d| *d < Reconnect::LOSS_SPREAD / 2));
+        assert!(losses.iter().any(|d| *d > Reconnect::LOSS_SPREAD / 2));
+
+        let mut r = Reconnect::default();
+        let mut ceiling = BACKOFF_MIN;
+        for _ in 0..12 {
+            let d = r.after_failure();
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d:?} outside {ceiling:?}"
+            );
+            ceiling = (ceiling * 2).min(BACKOFF_MAX);
+        }
+        assert_eq!(ceiling, BACKOFF_MAX);
+        r.connected();
+        assert!(r.after_failure() <= BACKOFF_MIN);
+        r.after_failure();
+        assert!(r.after_loss() <= Reconnect::LOSS_SPREAD);
+        assert!(
+            r.after_failure() <= BACKOFF_MIN,
+            "a loss starts the backoff over"
+        );
     }
 }

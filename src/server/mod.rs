@@ -7,9 +7,13 @@
 //! Content backends publish through the HTTP API ([`http`]).
 //!
 //! Every push is appended to the recipient's log in the [`store`] before it is sent (S220): the
-//! log is the truth, and each connection's writer sends it in order from the terminal's cursor,
-//! taking new items from a fast-path queue and re-reading the log whenever it fell behind.
-//! Terminals acknowledge offsets on the push stream; acknowledged items leave the log.
+//! log is the truth, and each connection sends it in order from the terminal's cursor, taking
+//! new items from a fast-path queue and re-reading the log whenever it fell behind. Terminals
+//! acknowledge offsets on the push stream; acknowledged items leave the log.
+//!
+//! One task serves a connection: it accepts request streams (each request then runs in a task
+//! of its own until answered), writes the push stream and reads its acknowledgements. An idle
+//! connection holds that task, its [`Outbox`] and quinn's connection state, nothing else.
 //!
 //! Shutdown: cancel (stop accepting), close every connection with [`ErrorCode::Shutdown`], wait
 //! for the tasks, then the store thread finishes its queue.
@@ -24,6 +28,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use std::collections::VecDeque;
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +56,36 @@ const PAGE: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often expired items, links and nonces are swept from the store.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// What a terminal may have in flight towards the server on one stream, and on all of them.
+const TERMINAL_STREAM_WINDOW: u32 = 16 * 1024;
+const TERMINAL_WINDOW: u32 = 32 * 1024;
+/// What the server keeps in flight towards one terminal, unacknowledged.
+const TERMINAL_SEND_WINDOW: u64 = 64 * 1024;
+
+/// The transport of terminal connections. A terminal sends small requests and acknowledgements
+/// and receives pushes, so small flow-control windows cost it nothing, and they bound what one
+/// terminal can make the server buffer (quinn's defaults: 1.25 MB per stream, and no bound over
+/// all streams). Windows bound only what is in flight: a frame larger than a window (up to
+/// `[limits] max_frame`) goes through in pieces as the reader consumes it. No datagrams.
+fn terminal_transport(limits: &ServerLimits) -> quinn::TransportConfig {
+    let mut t = TransportLimits {
+        max_bidi_streams: limits.max_streams_per_connection,
+        max_uni_streams: 0,
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: None,
+    }
+    .config();
+    t.stream_receive_window(TERMINAL_STREAM_WINDOW.into())
+        .receive_window(TERMINAL_WINDOW.into())
+        .send_window(TERMINAL_SEND_WINDOW)
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
+        // One datagram per send: quinn keeps each connection's send buffer at its largest
+        // batch, and a terminal gets small pushes (about 1 KiB less per connection).
+        .enable_segmentation_offload(false);
+    t
+}
 
 /// `warn!`/`info!` for a line that remote input can trigger (DESIGN §7: logs are no flood
 /// vector): at most one per `key` and interval ([`LogLimiter`]), each with the count of lines
@@ -100,13 +136,41 @@ struct Hello {
 struct ConnSlot {
     conn_id: u64,
     conn: quinn::Connection,
-    /// Fresh pushes with the instant they were accepted (for the delivery latency histogram).
-    /// Boxed: the channel allocates its slots in blocks of 32, and an idle connection should
-    /// hold 32 pointers, not 32 pushes.
-    fast: mpsc::Sender<Box<(StoredPush, Instant)>>,
+    outbox: Arc<Outbox>,
+}
+
+/// What the connection's task shares with those who push to its terminal, in one allocation.
+struct Outbox {
+    /// Fresh pushes with the instant they were accepted (for the delivery latency histogram),
+    /// at most [`FAST_PATH`]; past that the task reads the log instead. The task takes the
+    /// whole queue at once, so an idle connection holds no buffer here.
+    fast: Mutex<VecDeque<(StoredPush, Instant)>>,
     /// One past the newest offset appended for this terminal.
-    latest: Arc<AtomicU64>,
-    wake: Arc<Notify>,
+    latest: AtomicU64,
+    /// Wakes the connection's task: new pushes, or the terminal said hello.
+    wake: Notify,
+    /// Set by the first `Hello`.
+    hello_said: std::sync::atomic::AtomicBool,
+    /// Where the push stream starts; [`NOT_STARTED`] until the hello is answered.
+    start: AtomicU64,
+}
+
+const NOT_STARTED: u64 = u64::MAX;
+
+impl Outbox {
+    fn new() -> Self {
+        Self {
+            fast: Mutex::new(VecDeque::new()),
+            latest: AtomicU64::new(0),
+            wake: Notify::new(),
+            hello_said: std::sync::atomic::AtomicBool::new(false),
+            start: AtomicU64::new(NOT_STARTED),
+        }
+    }
+
+    fn take_fast(&self) -> VecDeque<(StoredPush, Instant)> {
+        std::mem::take(&mut *self.fast.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 struct Shared {
@@ -119,7 +183,8 @@ struct Shared {
     cancel: CancellationToken,
     tasks: TaskTracker,
     next_conn_id: AtomicU64,
-    metrics: Metrics,
+    /// Shared with the TLS ticketer, which counts resumptions.
+    metrics: Arc<Metrics>,
     per_source: SourceCounter,
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
@@ -175,20 +240,23 @@ impl Server {
             }
             _ => None,
         };
-        let transport = TransportLimits {
-            max_bidi_streams: config.limits.max_streams_per_connection,
-            max_uni_streams: 0,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: None,
-        };
-        let server_config = tls::server_config(&identity, transport)?;
+        let metrics = Arc::new(Metrics::new());
+        let tickets = Arc::new(tls::Tickets::new(&identity, metrics.clone()));
+        let server_config = tls::server_config_with_tickets(
+            &identity,
+            terminal_transport(&config.limits),
+            tickets,
+        )?;
+        // A restarted server resets the connections it lost, so their terminals come back at
+        // once (see `tls::endpoint_config`).
+        let endpoint_config = tls::endpoint_config(&identity);
         let endpoint =
-            crate::net::bind_endpoint(server_config, config.listen).map_err(|source| {
-                ServerError::Bind {
+            crate::net::bind_endpoint_with(endpoint_config, server_config, config.listen).map_err(
+                |source| ServerError::Bind {
                     addr: config.listen,
                     source,
-                }
-            })?;
+                },
+            )?;
         let server = Server {
             shared: Arc::new(Shared {
                 identity,
@@ -200,7 +268,7 @@ impl Server {
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 next_conn_id: AtomicU64::new(1),
-                metrics: Metrics::new(),
+                metrics,
                 per_source: SourceCounter::new(config.limits.max_connections_per_source),
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
@@ -340,13 +408,19 @@ impl Server {
                 }
                 continue;
             };
-            slot.latest
+            let outbox = &slot.outbox;
+            outbox
+                .latest
                 .fetch_max(push.item.offset + 1, Ordering::AcqRel);
-            // A full fast path is fine: woken, the writer sees it is behind and reads the log.
-            // Otherwise the item itself wakes it, and it never needs the store.
-            if slot.fast.try_send(Box::new((push, accepted))).is_err() {
-                slot.wake.notify_one();
+            // A full fast path is fine: woken, the task sees it is behind and reads the log.
+            // Otherwise it takes the item from the queue and never needs the store.
+            {
+                let mut fast = outbox.fast.lock().unwrap_or_else(|e| e.into_inner());
+                if fast.len() < FAST_PATH {
+                    fast.push_back((push, accepted));
+                }
             }
+            outbox.wake.notify_one();
         }
         drop(conns);
         // Recipients held by other nodes: tell those nodes (a hint; see `cluster`).
@@ -662,29 +736,18 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
         );
         return;
     }
-    if let Err(e) = server
-        .shared
-        .store
-        .write_one(Op::Touch {
-            id,
-            now: unix_now(),
-        })
-        .await
-    {
+    let idle = server.shared.limits.idle_terminal;
+    if let Err(e) = register(&server.shared.store, idle, id, unix_now()).await {
         limited!(server, "store", warn!("store: {e}"));
         conn.close(varint(ErrorCode::Busy), b"store unavailable");
         return;
     }
     let conn_id = server.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let (fast, fast_rx) = mpsc::channel(FAST_PATH);
-    let latest = Arc::new(AtomicU64::new(0));
-    let wake = Arc::new(Notify::new());
+    let outbox = Arc::new(Outbox::new());
     let slot = ConnSlot {
         conn_id,
         conn: conn.clone(),
-        fast,
-        latest: latest.clone(),
-        wake: wake.clone(),
+        outbox: outbox.clone(),
     };
     if let Some(old) = server.conns().insert(id, slot) {
         old.conn.close(
@@ -711,85 +774,56 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
             ),
         }
     }
-    // Taken by the first `Hello`, which starts the push stream.
-    let writer = Arc::new(Mutex::new(Some((fast_rx, latest, wake))));
+    // Opened once the terminal said hello.
+    let mut push: Option<PushStream> = None;
     loop {
-        let (mut send, mut recv) = tokio::select! {
+        if let Some(p) = push.as_mut() {
+            if p.send_pending(&server, &conn, id, &outbox).await.is_err() {
+                break;
+            }
+        }
+        tokio::select! {
             _ = server.shared.cancel.cancelled() => break,
             stream = conn.accept_bi() => match stream {
-                Ok(s) => s,
+                Ok((send, recv)) => {
+                    let request = serve_request(server.clone(), conn.clone(), id, outbox.clone(), send, recv);
+                    tokio::spawn(request.in_current_span());
+                }
                 Err(e) => {
                     debug!("terminal disconnected: {e}");
                     break;
                 }
             },
-        };
-        // Each stream in its own task; the transport caps how many are open at once.
-        let (s, conn, writer) = (server.clone(), conn.clone(), writer.clone());
-        tokio::spawn(
-            async move {
-                let request: Request =
-                    match read_frame(&mut recv, READ_TIMEOUT, s.shared.limits.max_frame).await {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return,
+            _ = outbox.wake.notified() => {
+                let start = outbox.start.load(Ordering::Acquire);
+                if push.is_none() && start != NOT_STARTED {
+                    match conn.open_bi().await {
+                        Ok((send, recv)) => push = Some(PushStream::new(send, recv, start)),
                         Err(e) => {
-                            s.shared
-                                .metrics
-                                .inc("handoff_bad_frames_total", Some(("code", e.code().name())));
-                            if let Some(suppressed) = s.shared.log_limit.check("bad_frame") {
-                                warn!(suppressed, "bad request: {e}");
-                            }
-                            refuse_stream(&mut send, &mut recv, e.code());
-                            return;
+                            debug!("cannot open the push stream: {e}");
+                            break;
                         }
-                    };
-                let body = if !s.shared.requests.allow(&id) {
-                    s.over_limit(
-                        "requests_per_sec_per_terminal",
-                        format_args!("from {}", id.short()),
-                    );
-                    ResponseBody::Refused(Refusal {
-                        reason: RefusalReason::Busy,
-                        message: "too many requests; slow down".into(),
-                    })
-                } else if let RequestBody::Hello { cursor } = request.body {
-                    let taken = writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    match taken {
-                        None => ResponseBody::Refused(Refusal {
-                            reason: RefusalReason::WrongEndpoint,
-                            message: "hello was already said on this connection".into(),
-                        }),
-                        Some((fast_rx, latest, wake)) => match s.hello(id, cursor).await {
-                            Ok(Hello {
-                                start,
-                                window_lost,
-                                end,
-                            }) => {
-                                // The writer sends the log from `start` up to at least its end.
-                                latest.fetch_max(end.max(start), Ordering::AcqRel);
-                                let push =
-                                    write_pushes(s.clone(), conn, id, start, fast_rx, latest, wake);
-                                s.shared.tasks.spawn(push.in_current_span());
-                                ResponseBody::Welcome {
-                                    epoch: s.epoch(),
-                                    start,
-                                    window_lost,
-                                }
-                            }
-                            Err(e) => {
-                                limited!(s, "store", warn!("store: {e}"));
-                                conn.close(varint(ErrorCode::Busy), b"store unavailable");
-                                return;
-                            }
-                        },
                     }
-                } else {
-                    s.handle(id, request.body).await
-                };
-                respond(send, request.id, body).await;
+                }
             }
-            .in_current_span(),
-        );
+            read = async {
+                match push.as_mut() {
+                    Some(p) => p.acks.read().await,
+                    None => std::future::pending().await,
+                }
+            }, if push.as_ref().is_some_and(|p| !p.acks.ended) => {
+                if let Some(next) = read {
+                    server.shared.metrics.inc("handoff_pushes_acked_total", None);
+                    let s = server.clone();
+                    // Acks only ever raise the acknowledged offset, so their order is free.
+                    server.shared.tasks.spawn(async move {
+                        if let Err(e) = s.shared.store.write_one(Op::Ack { to: id, next }).await {
+                            limited!(s, "store", warn!("store: {e}"));
+                        }
+                    }.in_current_span());
+                }
+            }
+        }
     }
     let still_ours = {
         let mut conns = server.conns();
@@ -802,6 +836,94 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
     if let Some(cluster) = server.shared.cluster.clone().filter(|_| still_ours) {
         let _ = tokio::task::spawn_blocking(move || cluster.unregister(&id)).await;
     }
+}
+
+/// Reads one request from a stream the terminal opened and answers it.
+async fn serve_request(
+    s: Server,
+    conn: quinn::Connection,
+    id: TerminalId,
+    outbox: Arc<Outbox>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let request: Request =
+        match read_frame(&mut recv, READ_TIMEOUT, s.shared.limits.max_frame).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                s.shared
+                    .metrics
+                    .inc("handoff_bad_frames_total", Some(("code", e.code().name())));
+                if let Some(suppressed) = s.shared.log_limit.check("bad_frame") {
+                    warn!(suppressed, "bad request: {e}");
+                }
+                refuse_stream(&mut send, &mut recv, e.code());
+                return;
+            }
+        };
+    let body = if !s.shared.requests.allow(&id) {
+        s.over_limit(
+            "requests_per_sec_per_terminal",
+            format_args!("from {}", id.short()),
+        );
+        ResponseBody::Refused(Refusal {
+            reason: RefusalReason::Busy,
+            message: "too many requests; slow down".into(),
+        })
+    } else if let RequestBody::Hello { cursor } = request.body {
+        if outbox.hello_said.swap(true, Ordering::AcqRel) {
+            ResponseBody::Refused(Refusal {
+                reason: RefusalReason::WrongEndpoint,
+                message: "hello was already said on this connection".into(),
+            })
+        } else {
+            match s.hello(id, cursor).await {
+                Ok(Hello {
+                    start,
+                    window_lost,
+                    end,
+                }) => {
+                    // The connection's task sends the log from `start` up to at least its end.
+                    outbox.latest.fetch_max(end.max(start), Ordering::AcqRel);
+                    outbox.start.store(start, Ordering::Release);
+                    outbox.wake.notify_one();
+                    ResponseBody::Welcome {
+                        epoch: s.epoch(),
+                        start,
+                        window_lost,
+                    }
+                }
+                Err(e) => {
+                    limited!(s, "store", warn!("store: {e}"));
+                    conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                    return;
+                }
+            }
+        }
+    } else {
+        s.handle(id, request.body).await
+    };
+    respond(send, request.id, body).await;
+}
+
+/// Marks a connecting terminal known (publishes to it are accepted from now on); returns
+/// whether it wrote. A returning terminal seen within half of `[limits] idle_terminal_secs` is
+/// left as it is: the sweep marks connected terminals seen every minute, long before idle expiry
+/// could take it, so a reconnect storm reads the store but commits (and fsyncs) nothing.
+async fn register(
+    store: &Store,
+    idle_terminal: Duration,
+    id: TerminalId,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let recent = idle_terminal.as_secs() / 2;
+    let seen = store.read(move |b| b.seen(&id)).await?;
+    if seen.is_some_and(|seen| now.saturating_sub(seen) < recent) {
+        return Ok(false);
+    }
+    store.write_one(Op::Touch { id, now }).await?;
+    Ok(true)
 }
 
 async fn respond(mut send: quinn::SendStream, id: u64, body: ResponseBody) {
@@ -1025,30 +1147,49 @@ impl Server {
     }
 }
 
-/// The push stream of one connection: sends `id`'s log in order from `start`, then every new
-/// item, and reads the terminal's acknowledgements.
-async fn write_pushes(
-    server: Server,
-    conn: quinn::Connection,
-    id: TerminalId,
-    start: u64,
-    mut fast: mpsc::Receiver<Box<(StoredPush, Instant)>>,
-    latest: Arc<AtomicU64>,
-    wake: Arc<Notify>,
-) {
-    let (mut send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return debug!("cannot open the push stream: {e}"),
-    };
-    server
-        .shared
-        .tasks
-        .spawn(read_acks(server.clone(), id, recv).in_current_span());
-    let mut next = start;
-    loop {
-        // Catch up from the log while behind (after a reconnect, or when the fast path overflowed).
-        while next < latest.load(Ordering::Acquire) {
-            let now = unix_now();
+/// The push stream of one connection: `id`'s log in order from its start, then every new item;
+/// the terminal's acknowledgements come back on it.
+struct PushStream {
+    send: quinn::SendStream,
+    acks: AckReader,
+    /// The next offset to send.
+    next: u64,
+}
+
+impl PushStream {
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream, start: u64) -> Self {
+        Self {
+            send,
+            acks: AckReader::new(recv),
+            next: start,
+        }
+    }
+
+    /// Sends what the fast path holds, then reads the log while behind (after a reconnect, or
+    /// when the fast path overflowed). `Err` when the connection is done for.
+    async fn send_pending(
+        &mut self,
+        server: &Server,
+        conn: &quinn::Connection,
+        id: TerminalId,
+        outbox: &Outbox,
+    ) -> Result<(), ()> {
+        loop {
+            for (push, accepted) in outbox.take_fast() {
+                // Older ones were sent from the log; after a gap the log read below has it.
+                if push.item.offset == self.next {
+                    self.send(server, &push).await?;
+                    server
+                        .shared
+                        .metrics
+                        .observe("handoff_push_delivery_seconds", accepted.elapsed());
+                }
+            }
+            let latest = outbox.latest.load(Ordering::Acquire);
+            if self.next >= latest {
+                return Ok(());
+            }
+            let (next, now) = (self.next, unix_now());
             let read = match server
                 .shared
                 .store
@@ -1059,90 +1200,108 @@ async fn write_pushes(
                 Err(e) => {
                     limited!(server, "store", warn!("store: {e}"));
                     conn.close(varint(ErrorCode::Busy), b"store unavailable");
-                    return;
+                    return Err(());
                 }
             };
             if read.items.is_empty() {
                 // Everything up to the log's end was collapsed, expired or acknowledged.
-                next = next.max(read.next.min(latest.load(Ordering::Acquire)));
-                break;
+                self.next = self.next.max(read.next.min(latest));
+                return Ok(());
             }
             for push in read.items {
-                if send_push(&server, &mut send, &push).await.is_err() {
-                    return;
-                }
-                next = push.item.offset + 1;
+                self.send(server, &push).await?;
             }
         }
-        tokio::select! {
-            _ = server.shared.cancel.cancelled() => return,
-            _ = conn.closed() => return,
-            item = fast.recv() => {
-                let Some(boxed) = item else { return };
-                let (push, accepted) = *boxed;
-                if push.item.offset < next {
-                    continue;
-                }
-                if push.item.offset == next {
-                    if send_push(&server, &mut send, &push).await.is_err() {
-                        return;
-                    }
-                    server
-                        .shared
-                        .metrics
-                        .observe("handoff_push_delivery_seconds", accepted.elapsed());
-                    next += 1;
-                }
-                // A gap: the loop reads the log from `next`, which holds this item too.
+    }
+
+    async fn send(&mut self, server: &Server, push: &StoredPush) -> Result<(), ()> {
+        match write_frame(&mut self.send, &ServerPush::Item(push.item.clone())).await {
+            Ok(()) => {
+                server.shared.metrics.inc("handoff_pushes_sent_total", None);
+                self.next = push.item.offset + 1;
+                Ok(())
             }
-            _ = wake.notified() => {}
+            Err(e) => {
+                debug!("push stream failed: {e}");
+                Err(())
+            }
         }
     }
 }
 
-async fn send_push(
-    server: &Server,
-    send: &mut quinn::SendStream,
-    push: &StoredPush,
-) -> Result<(), ()> {
-    match write_frame(send, &ServerPush::Item(push.item.clone())).await {
-        Ok(()) => {
-            server.shared.metrics.inc("handoff_pushes_sent_total", None);
-            Ok(())
-        }
-        Err(e) => {
-            debug!("push stream failed: {e}");
-            Err(())
-        }
-    }
+/// The largest acknowledgement frame read.
+const MAX_ACK: usize = 64;
+
+/// Reads acknowledgement frames off the push stream into a buffer of its own, so that a read
+/// cancelled by the connection's `select!` loses no bytes of a frame.
+struct AckReader {
+    recv: quinn::RecvStream,
+    buf: [u8; wire::HEADER_LEN + MAX_ACK],
+    len: usize,
+    /// The stream ended or carried a bad frame: nothing more is read.
+    ended: bool,
 }
 
-/// Reads acknowledgements from the push stream; acknowledged items leave the log.
-async fn read_acks(server: Server, id: TerminalId, mut recv: quinn::RecvStream) {
-    loop {
-        // The push stream lives as long as the connection; silence is not an error.
-        match read_frame::<PushAck>(&mut recv, Duration::from_secs(24 * 3600), 64).await {
-            Ok(Some(PushAck::Ack { next })) => {
-                server
-                    .shared
-                    .metrics
-                    .inc("handoff_pushes_acked_total", None);
-                if let Err(e) = server
-                    .shared
-                    .store
-                    .write_one(Op::Ack { to: id, next })
-                    .await
-                {
-                    limited!(server, "store", warn!("store: {e}"));
-                }
+impl AckReader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: [0; wire::HEADER_LEN + MAX_ACK],
+            len: 0,
+            ended: false,
+        }
+    }
+
+    /// Reads what has arrived; returns the highest acknowledged offset among the frames it
+    /// completed, if any. Cancel-safe: the only await is quinn's `read`, which is.
+    async fn read(&mut self) -> Option<u64> {
+        let n = match self.recv.read(&mut self.buf[self.len..]).await {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                self.ended = true;
+                return None;
             }
-            Ok(None) => return,
             Err(e) => {
                 debug!("ack stream ended: {e}");
-                let _ = recv.stop(varint(e.code()));
-                return;
+                self.ended = true;
+                return None;
+            }
+        };
+        self.len += n;
+        let mut acked = None;
+        loop {
+            match self.frame() {
+                Ok(Some((PushAck::Ack { next }, used))) => {
+                    acked = acked.max(Some(next));
+                    self.buf.copy_within(used..self.len, 0);
+                    self.len -= used;
+                }
+                Ok(None) => return acked,
+                Err(e) => {
+                    debug!("ack stream ended: {e}");
+                    let _ = self.recv.stop(varint(e.code()));
+                    self.ended = true;
+                    return acked;
+                }
             }
         }
+    }
+
+    /// The first complete frame in the buffer and the bytes it took.
+    fn frame(&self) -> Result<Option<(PushAck, usize)>, wire::WireError> {
+        let Some(header) = self.buf[..self.len].first_chunk::<{ wire::HEADER_LEN }>() else {
+            return Ok(None);
+        };
+        let len = wire::decode_header(*header)?;
+        if len > MAX_ACK {
+            return Err(wire::WireError::TooLarge(len));
+        }
+        let end = wire::HEADER_LEN + len;
+        if self.len < end {
+            return Ok(None);
+        }
+        let ack = wire::decode_payload(&self.buf[wire::HEADER_LEN..end])?;
+        Ok(Some((ack, end)))
     }
 }
 
@@ -1159,8 +1318,8 @@ async fn apply_wakes(server: Server, mut rx: mpsc::Receiver<Vec<(TerminalId, u64
         let conns = server.conns();
         for (id, next) in wakes {
             if let Some(slot) = conns.get(&id) {
-                slot.latest.fetch_max(next, Ordering::AcqRel);
-                slot.wake.notify_one();
+                slot.outbox.latest.fetch_max(next, Ordering::AcqRel);
+                slot.outbox.wake.notify_one();
             }
         }
     }
@@ -1264,5 +1423,28 @@ async fn sweep(server: Server) {
             }
             Err(e) => warn!("store sweep: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A returning terminal costs no store write (no fsync) at connect; a new one, or one
+    /// away for half the idle period, is marked seen.
+    #[tokio::test]
+    async fn only_new_or_long_gone_terminals_are_written_at_connect() {
+        let store = Store::start(Box::new(store::MemoryBackend::new()));
+        let id = TerminalId::from_bytes([7; 32]);
+        let idle = Duration::from_secs(1000);
+        let now = 1_000_000;
+        assert!(register(&store, idle, id, now).await.unwrap(), "new");
+        assert!(store.read(move |b| b.known(&id)).await.unwrap());
+        assert!(!register(&store, idle, id, now + 1).await.unwrap());
+        assert!(!register(&store, idle, id, now + 499).await.unwrap());
+        assert!(register(&store, idle, id, now + 500).await.unwrap(), "away");
+        let seen = store.read(move |b| b.seen(&id)).await.unwrap();
+        assert_eq!(seen, Some(now + 500));
+        store.close().await;
     }
 }

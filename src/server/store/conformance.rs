@@ -347,12 +347,27 @@ pub fn follows_are_one_step_and_refused_replays_change_nothing(b: &mut dyn Backe
 
 pub fn sessions_and_known_terminals(b: &mut dyn Backend) {
     assert!(!b.known(&id(1)).unwrap());
+    assert_eq!(b.seen(&id(1)).unwrap(), None);
     b.apply(&[Op::Touch {
         id: id(1),
         now: NOW,
     }])
     .unwrap();
     assert!(b.known(&id(1)).unwrap());
+    assert_eq!(b.seen(&id(1)).unwrap(), Some(NOW));
+    // Seen only moves forward.
+    b.apply(&[
+        Op::Touch {
+            id: id(1),
+            now: NOW + 5,
+        },
+        Op::Touch {
+            id: id(1),
+            now: NOW + 1,
+        },
+    ])
+    .unwrap();
+    assert_eq!(b.seen(&id(1)).unwrap(), Some(NOW + 5));
     let session = Session {
         uri: "u".into(),
         title: "t".into(),

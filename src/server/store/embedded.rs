@@ -176,6 +176,16 @@ impl Backend for EmbeddedBackend {
             .is_some())
     }
 
+    fn seen(&self, id: &TerminalId) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        Ok(txn
+            .open_table(KNOWN)
+            .map_err(err)?
+            .get(id.as_bytes())
+            .map_err(err)?
+            .map(|v| v.value()))
+    }
+
     fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(SESSIONS).map_err(err)?;

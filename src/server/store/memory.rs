@@ -69,6 +69,10 @@ impl Backend for MemoryBackend {
         Ok(self.known.contains_key(id))
     }
 
+    fn seen(&self, id: &TerminalId) -> Result<Option<u64>, StoreError> {
+        Ok(self.known.get(id).copied())
+    }
+
     fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError> {
         Ok(self.sessions.get(id).cloned())
     }

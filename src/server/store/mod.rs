@@ -334,6 +334,8 @@ pub trait Backend: Send + 'static {
         self.apply_each(ops)?.into_iter().collect()
     }
     fn known(&self, id: &TerminalId) -> Result<bool, StoreError>;
+    /// When `id` was last marked seen ([`Op::Touch`], Unix s), if it is known.
+    fn seen(&self, id: &TerminalId) -> Result<Option<u64>, StoreError>;
     fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError>;
     /// Terminals following `first` with links alive at `now`.
     fn followers(&self, first: &TerminalId, now: u64)

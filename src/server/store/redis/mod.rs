@@ -450,6 +450,17 @@ impl Backend for RedisBackend {
         })
     }
 
+    fn seen(&self, id: &TerminalId) -> Result<Option<u64>, StoreError> {
+        self.read(format_args!("when {id} was seen"), |conn| {
+            // The score idle expiry reads (only ever raised), not `known`'s last write.
+            let seen: Option<u64> = redis::cmd("ZSCORE")
+                .arg(SEEN_KEY)
+                .arg(id.to_string())
+                .query(conn)?;
+            Ok(seen)
+        })
+    }
+
     fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError> {
         self.read(format_args!("the session of {id}"), |conn| {
             let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key(id, "session")).query(conn)?;
