@@ -848,6 +848,7 @@ struct RawServerLimits {
     requests_per_sec_per_terminal: Option<u32>,
     idle_terminal_secs: Option<u64>,
     known_terminals_per_source: Option<usize>,
+    revocations_per_terminal: Option<usize>,
     http_max_connections: Option<usize>,
     http_header_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
@@ -1087,6 +1088,9 @@ pub struct ServerLimits {
     /// Distinct terminals one source network (an IPv4 address, an IPv6 /64) may have known to
     /// this server node within `idle_terminal`.
     pub known_terminals_per_source: usize,
+    /// Live revocations one first terminal may have stored (each names a second terminal of
+    /// its choosing, so without a bound one terminal could fill the store).
+    pub revocations_per_terminal: usize,
     /// HTTP connections held at once; at the cap a new one takes the place of the connection
     /// that has waited longest for a request.
     pub http_max_connections: usize,
@@ -1112,6 +1116,7 @@ impl Default for ServerLimits {
             requests_per_sec_per_terminal: 100,
             idle_terminal: Duration::from_secs(7 * 86_400),
             known_terminals_per_source: 256,
+            revocations_per_terminal: 1024,
             http_max_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
@@ -1232,6 +1237,12 @@ impl ServerConfig {
                 raw.limits
                     .known_terminals_per_source
                     .unwrap_or(defaults.known_terminals_per_source),
+            )?,
+            revocations_per_terminal: at_least_one(
+                "limits.revocations_per_terminal",
+                raw.limits
+                    .revocations_per_terminal
+                    .unwrap_or(defaults.revocations_per_terminal),
             )?,
             http_max_connections: at_least_one(
                 "limits.http_max_connections",
@@ -1528,6 +1539,10 @@ mod tests {
             (
                 "[limits]\nknown_terminals_per_source = 0",
                 "limits.known_terminals_per_source",
+            ),
+            (
+                "[limits]\nrevocations_per_terminal = 0",
+                "limits.revocations_per_terminal",
             ),
             (
                 "[limits]\nhttp_max_connections = 0",

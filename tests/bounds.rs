@@ -553,3 +553,80 @@ async fn a_flood_of_refused_follows_logs_a_bounded_number_of_lines() {
     );
     server.shutdown().await;
 }
+
+/// One terminal cannot fill the store with revocations: each names a second terminal of its
+/// choosing, so a stranger sending them at its request rate (with `at` far in the future, kept
+/// forever) grew the store without bound. A revocation dated past the clock-skew allowance is
+/// refused; past `[limits] revocations_per_terminal` live ones, new seconds are refused and
+/// counted; re-sending a live one, an outdated one (nothing left to refuse: it only unlinks),
+/// and other terminals' revocations still work.
+#[tokio::test]
+async fn one_terminal_cannot_store_unbounded_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.revocations_per_terminal = 4;
+    })
+    .await;
+    let now = handoff::net::unix_now();
+    let mallory = Identity::generate().unwrap();
+    let conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    let revoke = |second: handoff::identity::TerminalId, at: u64| {
+        let conn = conn.clone();
+        async move {
+            handoff::net::request(&conn, RequestBody::Revoke { second, at })
+                .await
+                .unwrap()
+        }
+    };
+    let forever = revoke(Identity::generate().unwrap().id(), u64::MAX).await;
+    match &forever {
+        ResponseBody::Refused(r) => assert!(r.message.contains("in the future"), "{r}"),
+        other => panic!("a revocation dated in the far future was accepted: {other:?}"),
+    }
+    let seconds: Vec<_> = (0..4).map(|_| Identity::generate().unwrap().id()).collect();
+    for second in &seconds {
+        let answer = revoke(*second, now).await;
+        assert_eq!(answer, ResponseBody::Revoked { removed: false });
+    }
+    let over = revoke(Identity::generate().unwrap().id(), now).await;
+    match &over {
+        ResponseBody::Refused(r) => {
+            assert!(r.message.contains("revocations_per_terminal"), "{r}")
+        }
+        other => panic!("a revocation past the limit was accepted: {other:?}"),
+    }
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "revocations_per_terminal"))
+        ),
+        1
+    );
+    // A live one again (a daemon re-sends its revocations on every reconnect).
+    assert_eq!(
+        revoke(seconds[0], now + 1).await,
+        ResponseBody::Revoked { removed: false }
+    );
+    // One so old that every ticket it could refuse has expired: nothing to keep.
+    let old = now - 2 * 3600 - 2 * wire::ticket::MAX_CLOCK_SKEW;
+    assert_eq!(
+        revoke(Identity::generate().unwrap().id(), old).await,
+        ResponseBody::Revoked { removed: false }
+    );
+    // Another terminal's revocations are its own.
+    let alice = Identity::generate().unwrap();
+    let a = raw_connect(&alice, server.id(), server.local_addr()).await;
+    assert_eq!(
+        handoff::net::request(
+            &a,
+            RequestBody::Revoke {
+                second: mallory.id(),
+                at: now
+            }
+        )
+        .await
+        .unwrap(),
+        ResponseBody::Revoked { removed: false }
+    );
+    server.shutdown().await;
+}

@@ -799,27 +799,7 @@ impl Server {
                     .map(|_| ResponseBody::SessionStored)
             }
             RequestBody::Follow(request) => self.follow(id, request).await,
-            RequestBody::Revoke { second, at } => {
-                // Kept until every ticket issued up to `at` has expired, whichever clock is ahead.
-                let keep_until = unix_now().max(at).saturating_add(
-                    self.shared.limits.max_lease.as_secs() + wire::ticket::MAX_CLOCK_SKEW,
-                );
-                let revoke = Op::Revoke {
-                    first: id,
-                    second,
-                    at,
-                    keep_until,
-                };
-                self.shared.store.write_one(revoke).await.map(|o| {
-                    let removed = o == Outcome::Removed(true);
-                    limited!(
-                        self,
-                        "revoked",
-                        info!(second = %second.short(), removed, "revoked by its first terminal")
-                    );
-                    ResponseBody::Revoked { removed }
-                })
-            }
+            RequestBody::Revoke { second, at } => self.revoke(id, second, at).await,
             RequestBody::Hello { .. } => unreachable!("hello is handled by the connection loop"),
             RequestBody::InterfaceInfo | RequestBody::Pair(_) => {
                 Ok(ResponseBody::Refused(Refusal {
@@ -842,6 +822,70 @@ impl Server {
                 })
             }
         })
+    }
+
+    /// `first` revokes `second` (DESIGN §7): ends the link and refuses every ticket `first`
+    /// issued for `second` up to `at` (by `first`'s clock). The record is kept until all such
+    /// tickets have expired, so a time past the clock-skew allowance (which would keep it for
+    /// ever) is refused, an outdated one only ends the link, and one terminal keeps at most
+    /// `[limits] revocations_per_terminal` of them: each names a second of its own choosing.
+    async fn revoke(
+        &self,
+        first: TerminalId,
+        second: TerminalId,
+        at: u64,
+    ) -> Result<ResponseBody, StoreError> {
+        let now = unix_now();
+        let skew = wire::ticket::MAX_CLOCK_SKEW;
+        let lease = self.shared.limits.max_lease.as_secs();
+        if at > now.saturating_add(skew) {
+            return Ok(ResponseBody::Refused(Refusal {
+                reason: RefusalReason::BadTicket,
+                message: format!(
+                    "the revocation is dated {} s in the future, more than the {skew} s the \
+                     server allows; check this terminal's clock",
+                    at - now
+                ),
+            }));
+        }
+        let op = if at.saturating_add(lease + skew) <= now {
+            // Every ticket issued up to `at` has expired: nothing to remember.
+            Op::Unlink { first, second }
+        } else {
+            Op::Revoke {
+                first,
+                second,
+                at,
+                // Until every ticket issued up to `at` has expired, whichever clock is ahead.
+                keep_until: now.max(at).saturating_add(lease + skew),
+                capacity: self.shared.limits.revocations_per_terminal,
+                now,
+            }
+        };
+        let outcome = self.shared.store.write_one(op).await?;
+        if outcome == Outcome::Full {
+            let limit = self.shared.limits.revocations_per_terminal;
+            self.over_limit(
+                "revocations_per_terminal",
+                format_args!("{} revoking {}", first.short(), second.short()),
+            );
+            return Ok(ResponseBody::Refused(Refusal {
+                reason: RefusalReason::Busy,
+                message: format!(
+                    "this terminal has {limit} revocations stored on the server ([limits] \
+                     revocations_per_terminal); the link was ended, but tickets issued before \
+                     were not revoked; try again in {} s",
+                    lease + skew
+                ),
+            }));
+        }
+        let removed = outcome == Outcome::Removed(true);
+        limited!(
+            self,
+            "revoked",
+            info!(second = %second.short(), removed, "revoked by its first terminal")
+        );
+        Ok(ResponseBody::Revoked { removed })
     }
 
     /// Patent S210: check the request and ticket, record the link, push the current session.
