@@ -1076,9 +1076,9 @@ pub struct ServerLimits {
     pub max_frame: usize,
     /// Concurrent request streams one terminal connection may open.
     pub max_streams_per_connection: u32,
-    /// Connections held at once from one source address.
+    /// Connections held at once from one source (an IPv4 address, an IPv6 /64).
     pub max_connections_per_source: usize,
-    /// New handshakes accepted per second from one source address.
+    /// New handshakes accepted per second from one source (the same).
     pub handshakes_per_sec_per_source: u32,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{PushConfig, ServerConfig, ServerLimits};
 use crate::identity::{Identity, TerminalId};
-use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
+use crate::limits::{source_key, KeyedLimiter, LogLimiter, SourceCounter};
 use crate::metrics::Metrics;
 use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_TIMEOUT};
 use crate::tls::{self, peer_id, TransportLimits};
@@ -512,23 +512,27 @@ async fn accept(server: Server) {
                 None => return,
             },
         };
-        // Canonical, so an IPv4 peer counts the same on a dual-stack socket (::ffff:a.b.c.d).
-        let ip = incoming.remote_address().ip().to_canonical();
-        if !server.shared.handshakes.allow(&ip) {
+        // An IPv4 address (also IPv4-mapped on a dual-stack socket), or an IPv6 /64: one host
+        // usually holds a whole /64, and rotating addresses in it must gain nothing.
+        let source = source_key(incoming.remote_address().ip());
+        if !server.shared.handshakes.allow(&source) {
             server.over_limit(
                 "handshakes_per_sec_per_source",
-                format_args!("handshakes from {ip}"),
+                format_args!("handshakes from {source}"),
             );
             incoming.refuse();
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            server.over_limit("max_connections", format_args!("refusing {ip}"));
+            server.over_limit("max_connections", format_args!("refusing {source}"));
             incoming.refuse();
             continue;
         };
-        let Some(source) = server.shared.per_source.acquire(ip) else {
-            server.over_limit("max_connections_per_source", format_args!("refusing {ip}"));
+        let Some(source) = server.shared.per_source.acquire(source) else {
+            server.over_limit(
+                "max_connections_per_source",
+                format_args!("refusing {source}"),
+            );
             incoming.refuse();
             continue;
         };
