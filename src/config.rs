@@ -845,6 +845,7 @@ struct RawServerLimits {
     max_streams_per_connection: Option<u32>,
     max_connections_per_source: Option<usize>,
     handshakes_per_sec_per_source: Option<u32>,
+    max_pending_handshakes: Option<usize>,
     requests_per_sec_per_terminal: Option<u32>,
     idle_terminal_secs: Option<u64>,
     known_terminals_per_source: Option<usize>,
@@ -1080,6 +1081,10 @@ pub struct ServerLimits {
     pub max_connections_per_source: usize,
     /// New handshakes accepted per second from one source (the same).
     pub handshakes_per_sec_per_source: u32,
+    /// Handshakes in progress at once. From half of it on, a source must prove its address
+    /// (QUIC Retry) before its handshake starts; when all are taken, the oldest is dropped for
+    /// the new one (a real handshake takes a round trip or two, a stalled one is an attack's).
+    pub max_pending_handshakes: usize,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
     /// How long the store keeps a terminal that is neither connected nor linked (its
@@ -1113,6 +1118,7 @@ impl Default for ServerLimits {
             max_streams_per_connection: 16,
             max_connections_per_source: 256,
             handshakes_per_sec_per_source: 200,
+            max_pending_handshakes: 1024,
             requests_per_sec_per_terminal: 100,
             idle_terminal: Duration::from_secs(7 * 86_400),
             known_terminals_per_source: 256,
@@ -1221,6 +1227,15 @@ impl ServerConfig {
                     .handshakes_per_sec_per_source
                     .unwrap_or(defaults.handshakes_per_sec_per_source),
             )?,
+            max_pending_handshakes: match raw.limits.max_pending_handshakes {
+                Some(n) if n < 2 => {
+                    return Err(invalid(
+                        "limits.max_pending_handshakes",
+                        "must be at least 2",
+                    ))
+                }
+                n => n.unwrap_or(defaults.max_pending_handshakes),
+            },
             requests_per_sec_per_terminal: at_least_one(
                 "limits.requests_per_sec_per_terminal",
                 raw.limits
@@ -1543,6 +1558,10 @@ mod tests {
             (
                 "[limits]\nrevocations_per_terminal = 0",
                 "limits.revocations_per_terminal",
+            ),
+            (
+                "[limits]\nmax_pending_handshakes = 1",
+                "limits.max_pending_handshakes",
             ),
             (
                 "[limits]\nhttp_max_connections = 0",

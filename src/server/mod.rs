@@ -32,7 +32,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{PushConfig, ServerConfig, ServerLimits};
 use crate::identity::{Identity, TerminalId};
-use crate::limits::{source_key, KeyedLimiter, LogLimiter, SourceCounter};
+use crate::limits::{source_key, KeyedLimiter, LogLimiter, PendingHandshakes, SourceCounter};
 use crate::metrics::Metrics;
 use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_TIMEOUT};
 use crate::tls::{self, peer_id, TransportLimits};
@@ -502,8 +502,16 @@ impl Server {
     }
 }
 
+/// Accepts terminals. Before any handshake state exists: once half of `max_pending_handshakes`
+/// are in progress, a source must prove its address with a QUIC Retry round trip (so forged
+/// source addresses never get further); then per-source handshake rate and connection count,
+/// and the connection slots. Handshakes in progress are capped, the oldest dropped for a new one,
+/// so stalled handshakes cannot hold the slots terminals need.
 async fn accept(server: Server) {
-    let slots = Arc::new(Semaphore::new(server.shared.limits.max_connections));
+    let limits = server.shared.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let pending = PendingHandshakes::new(limits.max_pending_handshakes);
+    let retry_above = limits.max_pending_handshakes / 2;
     loop {
         let incoming = tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
@@ -512,6 +520,18 @@ async fn accept(server: Server) {
                 None => return,
             },
         };
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && pending.len() >= retry_above
+        {
+            // Stateless: a source that cannot receive at its address never gets further.
+            server
+                .shared
+                .metrics
+                .inc("handoff_handshake_retries_total", None);
+            let _ = incoming.retry();
+            continue;
+        }
         // An IPv4 address (also IPv4-mapped on a dual-stack socket), or an IPv6 /64: one host
         // usually holds a whole /64, and rotating addresses in it must gain nothing.
         let source = source_key(incoming.remote_address().ip());
@@ -528,7 +548,7 @@ async fn accept(server: Server) {
             incoming.refuse();
             continue;
         };
-        let Some(source) = server.shared.per_source.acquire(source) else {
+        let Some(source_slot) = server.shared.per_source.acquire(source) else {
             server.over_limit(
                 "max_connections_per_source",
                 format_args!("refusing {source}"),
@@ -536,10 +556,28 @@ async fn accept(server: Server) {
             incoming.refuse();
             continue;
         };
+        let (handshake, evicted) = pending.begin();
+        if evicted {
+            server.over_limit(
+                "max_pending_handshakes",
+                format_args!("dropped the oldest handshake in progress for one from {source}"),
+            );
+        }
         let s = server.clone();
         server.shared.tasks.spawn(async move {
-            let _slots = (permit, source);
-            let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            let _slots = (permit, source_slot);
+            let outcome = tokio::select! {
+                _ = handshake.dropped.cancelled() => {
+                    s.shared.metrics.inc(
+                        "handoff_handshakes_failed_total",
+                        Some(("reason", "dropped")),
+                    );
+                    return;
+                }
+                outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming) => outcome,
+            };
+            drop(handshake);
+            let conn = match outcome {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     s.shared
