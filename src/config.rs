@@ -851,6 +851,7 @@ struct RawServerLimits {
     known_terminals_per_source: Option<usize>,
     revocations_per_terminal: Option<usize>,
     http_max_connections: Option<usize>,
+    http_max_header_bytes: Option<usize>,
     http_header_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
 }
@@ -1099,11 +1100,18 @@ pub struct ServerLimits {
     /// HTTP connections held at once; at the cap a new one takes the place of the connection
     /// that has waited longest for a request.
     pub http_max_connections: usize,
+    /// Most bytes of request line and headers one request may have (each connection buffers
+    /// them until they are complete); more are answered 431.
+    pub http_max_header_bytes: usize,
     /// Longest wait for a request's headers (also on an idle keep-alive connection).
     pub http_header_timeout: Duration,
     /// Longest wait for a request's body.
     pub http_body_timeout: Duration,
 }
+
+/// The bounds of `limits.http_max_header_bytes` (the HTTP library needs at least 8 KiB).
+pub const MIN_HTTP_HEADER_BYTES: usize = 8 * 1024;
+pub const MAX_HTTP_HEADER_BYTES: usize = 1024 * 1024;
 
 /// The shortest `limits.idle_terminal_secs`: connected terminals are marked seen once a minute.
 pub const MIN_IDLE_TERMINAL: Duration = Duration::from_secs(300);
@@ -1124,6 +1132,7 @@ impl Default for ServerLimits {
             known_terminals_per_source: 256,
             revocations_per_terminal: 1024,
             http_max_connections: 1024,
+            http_max_header_bytes: 16 * 1024,
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
         }
@@ -1265,6 +1274,17 @@ impl ServerConfig {
                     .http_max_connections
                     .unwrap_or(defaults.http_max_connections),
             )?,
+            http_max_header_bytes: match raw.limits.http_max_header_bytes {
+                Some(n) if !(MIN_HTTP_HEADER_BYTES..=MAX_HTTP_HEADER_BYTES).contains(&n) => {
+                    return Err(invalid(
+                        "limits.http_max_header_bytes",
+                        format!(
+                            "must be between {MIN_HTTP_HEADER_BYTES} and {MAX_HTTP_HEADER_BYTES}"
+                        ),
+                    ))
+                }
+                n => n.unwrap_or(defaults.http_max_header_bytes),
+            },
             http_header_timeout: Duration::from_secs(at_least_one(
                 "limits.http_header_timeout_secs",
                 raw.limits
@@ -1562,6 +1582,10 @@ mod tests {
             (
                 "[limits]\nmax_pending_handshakes = 1",
                 "limits.max_pending_handshakes",
+            ),
+            (
+                "[limits]\nhttp_max_header_bytes = 4096",
+                "limits.http_max_header_bytes",
             ),
             (
                 "[limits]\nhttp_max_connections = 0",

@@ -630,3 +630,43 @@ async fn one_terminal_cannot_store_unbounded_revocations() {
     );
     server.shutdown().await;
 }
+
+/// Request headers are buffered until they are complete; hyper's default lets each connection
+/// buffer about 400 KiB of them, so `http_max_connections` half-sent requests could hold 400 MiB
+/// of the server's memory without a token. Headers past `[limits] http_max_header_bytes` are
+/// answered 431 and the connection closed.
+#[tokio::test]
+async fn oversized_request_headers_are_refused() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |_| {}).await;
+    let addr = server.http_addr().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let pad = "p".repeat(200 * 1024);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
+    // The server may close before it read everything: a failed write is fine.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let answer = closed_by_server(stream).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "200 KiB of headers were answered: {}",
+        text.lines().next().unwrap_or("(nothing)")
+    );
+    // Counted once the connection's task ends, which may be just after the close.
+    let hits = || {
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "http_max_header_bytes")),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hits() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hits(), 1);
+    // Ordinary requests are served.
+    let (status, body) = http(addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    server.shutdown().await;
+}
