@@ -847,6 +847,7 @@ struct RawServerLimits {
     handshakes_per_sec_per_source: Option<u32>,
     max_pending_handshakes: Option<usize>,
     requests_per_sec_per_terminal: Option<u32>,
+    session_bytes_per_sec_per_source: Option<u32>,
     idle_terminal_secs: Option<u64>,
     known_terminals_per_source: Option<usize>,
     revocations_per_terminal: Option<usize>,
@@ -1088,6 +1089,11 @@ pub struct ServerLimits {
     pub max_pending_handshakes: usize,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
+    /// Bytes per second that session changes from one source network (an IPv4 address, an
+    /// IPv6 /64) may have stored: a change costs its size once for the session and once per
+    /// follower (at most this much, so any change fits). Bounds what a host's keys following
+    /// one another can make the store write.
+    pub session_bytes_per_sec_per_source: u32,
     /// How long the store keeps a terminal that is neither connected nor linked (its
     /// known-terminal entry and its session).
     pub idle_terminal: Duration,
@@ -1128,6 +1134,7 @@ impl Default for ServerLimits {
             handshakes_per_sec_per_source: 200,
             max_pending_handshakes: 1024,
             requests_per_sec_per_terminal: 100,
+            session_bytes_per_sec_per_source: 4 * 1024 * 1024,
             idle_terminal: Duration::from_secs(7 * 86_400),
             known_terminals_per_source: 256,
             revocations_per_terminal: 1024,
@@ -1251,6 +1258,15 @@ impl ServerConfig {
                     .requests_per_sec_per_terminal
                     .unwrap_or(defaults.requests_per_sec_per_terminal),
             )?,
+            session_bytes_per_sec_per_source: match raw.limits.session_bytes_per_sec_per_source {
+                Some(n) if (n as usize) < crate::wire::MAX_FRAME => {
+                    return Err(invalid(
+                        "limits.session_bytes_per_sec_per_source",
+                        format!("must be at least {} (one frame)", crate::wire::MAX_FRAME),
+                    ))
+                }
+                n => n.unwrap_or(defaults.session_bytes_per_sec_per_source),
+            },
             idle_terminal: raw
                 .limits
                 .idle_terminal_secs
@@ -1586,6 +1602,10 @@ mod tests {
             (
                 "[limits]\nhttp_max_header_bytes = 4096",
                 "limits.http_max_header_bytes",
+            ),
+            (
+                "[limits]\nsession_bytes_per_sec_per_source = 1000",
+                "limits.session_bytes_per_sec_per_source",
             ),
             (
                 "[limits]\nhttp_max_connections = 0",

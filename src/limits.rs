@@ -89,11 +89,16 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.try_take_n(now, 1.0)
+    }
+
+    /// Takes `n` tokens if there are that many (`n` at most `burst`, else never).
+    pub fn try_take_n(&mut self, now: Instant, n: f64) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -129,6 +134,13 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// Whether `key` may act now (and counts the act).
     pub fn allow(&self, key: &K) -> bool {
+        self.allow_n(key, 1)
+    }
+
+    /// Whether `key` may act now at a cost of `n` tokens, counted if so; a cost over the burst
+    /// counts as the burst, so every act is possible with a full bucket.
+    pub fn allow_n(&self, key: &K, n: u64) -> bool {
+        let n = (n as f64).min(self.burst);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
@@ -141,7 +153,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         buckets
             .entry(key.clone())
             .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
-            .try_take(now)
+            .try_take_n(now, n)
     }
 }
 

@@ -670,3 +670,85 @@ async fn oversized_request_headers_are_refused() {
     assert_eq!(status, 200, "{body}");
     server.shutdown().await;
 }
+
+/// A session change is stored once for the terminal and once more for each follower, and one
+/// network may hold hundreds of keys that follow one another: with a large session and its own
+/// keys as followers, one host had the store write hundreds of times what it sent, at every
+/// key's request rate, and could saturate it for everyone. What session changes store is now
+/// budgeted per source network (`[limits] session_bytes_per_sec_per_source`): past it a change
+/// is refused as busy, counted, and nothing is stored.
+#[tokio::test]
+async fn session_fan_out_is_budgeted_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.session_bytes_per_sec_per_source = 64 * 1024;
+    })
+    .await;
+    let first = Identity::generate().unwrap();
+    let conn = raw_connect(&first, server.id(), server.local_addr()).await;
+    let hello = RequestBody::Hello { cursor: None };
+    handoff::net::request(&conn, hello.clone()).await.unwrap();
+    // Eight of the attacker's own keys follow the first, with tickets it signs.
+    let mut followers = Vec::new();
+    for _ in 0..8 {
+        let second = Identity::generate().unwrap();
+        let c = raw_connect(&second, server.id(), server.local_addr()).await;
+        let now = handoff::net::unix_now();
+        let ticket = wire::Ticket {
+            first: first.id(),
+            second: second.id(),
+            server: server.id(),
+            issued_at: now,
+            not_after: now + 600,
+            nonce: rand::random(),
+        }
+        .sign(&first);
+        let follow = RequestBody::Follow(wire::InfoRequest {
+            first: first.id(),
+            second: second.id(),
+            ticket,
+        });
+        let answer = handoff::net::request(&c, follow).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+        followers.push(c);
+    }
+    // 20 KB sessions: each change stores about 180 KB; the budget is 64 KiB a second.
+    let stored_before = server.metrics().get("handoff_pushes_stored_total", None);
+    let mut refused = 0;
+    for i in 0..4 {
+        let session = Session {
+            uri: format!("https://media.example/{i}/{}", "u".repeat(20_000)),
+            title: "t".into(),
+            position: None,
+            meta: Default::default(),
+        };
+        match handoff::net::request(&conn, RequestBody::SetSession(Some(session)))
+            .await
+            .unwrap()
+        {
+            ResponseBody::SessionStored => {}
+            ResponseBody::Refused(r) => {
+                assert!(
+                    r.message.contains("session_bytes_per_sec_per_source"),
+                    "{r}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let stored = server.metrics().get("handoff_pushes_stored_total", None) - stored_before;
+    assert!(
+        refused >= 3,
+        "{refused} of 4 changes refused; {stored} pushes stored"
+    );
+    assert_eq!(stored, 8 * (4 - refused));
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "session_bytes_per_sec_per_source"))
+        ),
+        refused
+    );
+    server.shutdown().await;
+}

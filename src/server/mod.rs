@@ -20,7 +20,7 @@ pub mod store;
 pub mod strangers;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,6 +123,8 @@ struct Shared {
     per_source: SourceCounter,
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
+    /// Bytes session changes may have stored, per source network.
+    session_bytes: KeyedLimiter<std::net::IpAddr>,
     log_limit: LogLimiter,
     /// Terminals per source network, for `[limits] known_terminals_per_source`.
     strangers: strangers::KnownPerSource,
@@ -204,6 +206,10 @@ impl Server {
                 per_source: SourceCounter::new(config.limits.max_connections_per_source),
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
+                session_bytes: KeyedLimiter::new(
+                    config.limits.session_bytes_per_sec_per_source,
+                    65_536,
+                ),
                 log_limit: LogLimiter::new(Duration::from_secs(10)),
                 strangers: strangers::KnownPerSource::new(
                     config.limits.known_terminals_per_source,
@@ -606,6 +612,7 @@ async fn accept(server: Server) {
 async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
     // Before anything about a new terminal is stored: is its network over its quota?
     let ip = conn.remote_address().ip().to_canonical();
+    let source = source_key(ip);
     if let Err(refused) = server.shared.strangers.admit(ip, id, Instant::now()) {
         let limit = match refused {
             strangers::Refused::Quota => "known_terminals_per_source",
@@ -740,7 +747,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                         },
                     }
                 } else {
-                    s.handle(id, request.body).await
+                    s.handle(id, source, request.body).await
                 };
                 respond(send, request.id, body).await;
             }
@@ -832,13 +839,19 @@ impl Server {
         })
     }
 
-    async fn handle(&self, id: TerminalId, body: RequestBody) -> ResponseBody {
+    /// Answers one request of terminal `id`, connected from source network `source`.
+    async fn handle(&self, id: TerminalId, source: IpAddr, body: RequestBody) -> ResponseBody {
         let result = match body {
             RequestBody::SetSession(session) => {
                 debug!(title = ?session.as_ref().map(|s| &s.title), "session set");
-                self.set_session(id, session)
-                    .await
-                    .map(|_| ResponseBody::SessionStored)
+                match self.session_budget(id, source, session.as_ref()).await {
+                    Ok(Some(refused)) => Ok(refused),
+                    Ok(None) => self
+                        .set_session(id, session)
+                        .await
+                        .map(|_| ResponseBody::SessionStored),
+                    Err(e) => Err(e),
+                }
             }
             RequestBody::Follow(request) => self.follow(id, request).await,
             RequestBody::Revoke { second, at } => self.revoke(id, second, at).await,
@@ -864,6 +877,48 @@ impl Server {
                 })
             }
         })
+    }
+
+    /// Charges a session change to its source network's budget: its size once for the session
+    /// and once per follower it is pushed to. `Some(refusal)` when over the budget (then
+    /// nothing is stored).
+    async fn session_budget(
+        &self,
+        id: TerminalId,
+        source: IpAddr,
+        session: Option<&Session>,
+    ) -> Result<Option<ResponseBody>, StoreError> {
+        let Some(session) = session else {
+            return Ok(None);
+        };
+        let now = unix_now();
+        let followers = self
+            .shared
+            .store
+            .read(move |b| b.followers(&id, now))
+            .await?
+            .len();
+        let size = NewPush::session(id, session, Duration::ZERO).size_bound();
+        let cost = (size as u64).saturating_mul(1 + followers as u64);
+        if self.shared.session_bytes.allow_n(&source, cost) {
+            return Ok(None);
+        }
+        self.over_limit(
+            "session_bytes_per_sec_per_source",
+            format_args!(
+                "{} from {source}: {size} bytes to {followers} followers",
+                id.short()
+            ),
+        );
+        Ok(Some(ResponseBody::Refused(Refusal {
+            reason: RefusalReason::Busy,
+            message: format!(
+                "session changes from this network are over the server's budget ([limits] \
+                 session_bytes_per_sec_per_source = {}; this one stores {size} bytes for the \
+                 session and each of {followers} followers); try again in a second",
+                self.shared.limits.session_bytes_per_sec_per_source
+            ),
+        })))
     }
 
     /// `first` revokes `second` (DESIGN §7): ends the link and refuses every ticket `first`

@@ -109,7 +109,7 @@ impl NewPush {
     /// expiry it gets: bincode needs at most 9 bytes for a length or a `u64` and claims 8 when
     /// decoding, so each string counts 9 bytes more than its text, and the fixed fields (offset,
     /// sender, options, position, expiry, variant tags) fit in 128.
-    fn size_bound(&self) -> usize {
+    pub(crate) fn size_bound(&self) -> usize {
         let strings = [
             Some(&self.uri),
             Some(&self.title),
