@@ -1089,10 +1089,10 @@ pub struct ServerLimits {
     pub max_pending_handshakes: usize,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
-    /// Bytes per second that session changes from one source network (an IPv4 address, an
-    /// IPv6 /64) may have stored: a change costs its size once for the session and once per
-    /// follower (at most this much, so any change fits). Bounds what a host's keys following
-    /// one another can make the store write.
+    /// Bytes per second that sessions from one source network (an IPv4 address, an IPv6 /64)
+    /// may have stored: a change costs its size once and once per follower, a follow the
+    /// session it copies, a resync the sessions it copies (each at most this much, so any one
+    /// fits). Bounds what a host's keys following one another can make the store write.
     pub session_bytes_per_sec_per_source: u32,
     /// How long the store keeps a terminal that is neither connected nor linked (its
     /// known-terminal entry and its session).

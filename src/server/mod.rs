@@ -722,12 +722,19 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                             reason: RefusalReason::WrongEndpoint,
                             message: "hello was already said on this connection".into(),
                         }),
-                        Some((fast_rx, latest, wake)) => match s.hello(id, cursor).await {
-                            Ok(Hello {
+                        Some((fast_rx, latest, wake)) => match s.hello(id, cursor, source).await {
+                            Ok(None) => {
+                                conn.close(
+                                    varint(ErrorCode::Busy),
+                                    b"resync over this network's session budget; reconnect later",
+                                );
+                                return;
+                            }
+                            Ok(Some(Hello {
                                 start,
                                 window_lost,
                                 end,
-                            }) => {
+                            })) => {
                                 // The writer sends the log from `start` up to at least its end.
                                 latest.fetch_max(end.max(start), Ordering::AcqRel);
                                 let push =
@@ -778,7 +785,13 @@ impl Server {
     /// Decides where `id`'s push stream starts, and whether its cursor could be honoured. When
     /// it could not, the current sessions of the terminals it follows are appended so it gets
     /// the current state.
-    async fn hello(&self, id: TerminalId, cursor: Option<Cursor>) -> Result<Hello, StoreError> {
+    /// `None` when the resync is over `source`'s session budget (nothing was stored).
+    async fn hello(
+        &self,
+        id: TerminalId,
+        cursor: Option<Cursor>,
+        source: IpAddr,
+    ) -> Result<Option<Hello>, StoreError> {
         let epoch = self.epoch();
         let now = unix_now();
         let log = self
@@ -825,18 +838,40 @@ impl Server {
             let ttl = self.shared.push.default_ttl;
             // A session stored before sessions were size-checked may not fit a push: it is
             // left out rather than failing every hello of its followers.
-            let items = followed
+            let items: Vec<(TerminalId, NewPush)> = followed
                 .iter()
                 .map(|(first, s)| (id, NewPush::session(*first, s, ttl)))
                 .filter(|(_, push)| push.check_size("session").is_ok())
                 .collect();
+            // Reconnecting costs a copy of every followed session: budgeted like changes.
+            let cost = items.iter().map(|(_, p)| p.size_bound() as u64).sum();
+            if !self.charge_session_bytes(source, cost, format_args!("resync of {}", id.short())) {
+                return Ok(None);
+            }
             self.store_pushes(items, Vec::new()).await?;
         }
-        Ok(Hello {
+        Ok(Some(Hello {
             start,
             window_lost,
             end: log.next,
-        })
+        }))
+    }
+
+    /// Charges `cost` bytes to `source`'s session budget; counts and logs a refusal.
+    fn charge_session_bytes(
+        &self,
+        source: IpAddr,
+        cost: u64,
+        what: std::fmt::Arguments<'_>,
+    ) -> bool {
+        if self.shared.session_bytes.allow_n(&source, cost) {
+            return true;
+        }
+        self.over_limit(
+            "session_bytes_per_sec_per_source",
+            format_args!("{what} from {source}: {cost} bytes"),
+        );
+        false
     }
 
     /// Answers one request of terminal `id`, connected from source network `source`.
@@ -853,7 +888,7 @@ impl Server {
                     Err(e) => Err(e),
                 }
             }
-            RequestBody::Follow(request) => self.follow(id, request).await,
+            RequestBody::Follow(request) => self.follow(id, source, request).await,
             RequestBody::Revoke { second, at } => self.revoke(id, second, at).await,
             RequestBody::Hello { .. } => unreachable!("hello is handled by the connection loop"),
             RequestBody::InterfaceInfo | RequestBody::Pair(_) => {
@@ -900,16 +935,10 @@ impl Server {
             .len();
         let size = NewPush::session(id, session, Duration::ZERO).size_bound();
         let cost = (size as u64).saturating_mul(1 + followers as u64);
-        if self.shared.session_bytes.allow_n(&source, cost) {
+        let what = format_args!("session of {} to {followers} followers", id.short());
+        if self.charge_session_bytes(source, cost, what) {
             return Ok(None);
         }
-        self.over_limit(
-            "session_bytes_per_sec_per_source",
-            format_args!(
-                "{} from {source}: {size} bytes to {followers} followers",
-                id.short()
-            ),
-        );
         Ok(Some(ResponseBody::Refused(Refusal {
             reason: RefusalReason::Busy,
             message: format!(
@@ -989,6 +1018,7 @@ impl Server {
     async fn follow(
         &self,
         second: TerminalId,
+        source: IpAddr,
         request: InfoRequest,
     ) -> Result<ResponseBody, StoreError> {
         let refuse = |message: String| {
@@ -1039,6 +1069,22 @@ impl Server {
         }
         let ttl = self.shared.push.default_ttl;
         let push = session.as_ref().map(|s| NewPush::session(first, s, ttl));
+        // A follow copies the first terminal's session into the second's log: budgeted like a
+        // session change, before anything (the nonce too) is used.
+        if let Some(push) = &push {
+            let what = format_args!("follow of {}", first.short());
+            if !self.charge_session_bytes(source, push.size_bound() as u64, what) {
+                return Ok(ResponseBody::Refused(Refusal {
+                    reason: RefusalReason::Busy,
+                    message: format!(
+                        "follows and session changes from this network are over the server's \
+                         budget ([limits] session_bytes_per_sec_per_source = {}); try again in \
+                         a second",
+                        self.shared.limits.session_bytes_per_sec_per_source
+                    ),
+                }));
+            }
+        }
         // Nonce, link and the session push in one atomic step and one commit.
         let follow = Op::Follow {
             first,
