@@ -847,6 +847,7 @@ struct RawServerLimits {
     handshakes_per_sec_per_source: Option<u32>,
     max_pending_handshakes: Option<usize>,
     requests_per_sec_per_terminal: Option<u32>,
+    requests_per_sec_per_source: Option<u32>,
     session_bytes_per_sec_per_source: Option<u32>,
     idle_terminal_secs: Option<u64>,
     known_terminals_per_source: Option<usize>,
@@ -1089,6 +1090,9 @@ pub struct ServerLimits {
     pub max_pending_handshakes: usize,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
+    /// Requests per second from all terminals of one source network together (one host may
+    /// hold `known_terminals_per_source` keys, each with its own per-terminal rate).
+    pub requests_per_sec_per_source: u32,
     /// Bytes per second that sessions from one source network (an IPv4 address, an IPv6 /64)
     /// may have stored: a change costs its size once and once per follower, a follow the
     /// session it copies, a resync the sessions it copies (each at most this much, so any one
@@ -1134,6 +1138,7 @@ impl Default for ServerLimits {
             handshakes_per_sec_per_source: 200,
             max_pending_handshakes: 1024,
             requests_per_sec_per_terminal: 100,
+            requests_per_sec_per_source: 1000,
             session_bytes_per_sec_per_source: 4 * 1024 * 1024,
             idle_terminal: Duration::from_secs(7 * 86_400),
             known_terminals_per_source: 256,
@@ -1257,6 +1262,12 @@ impl ServerConfig {
                 raw.limits
                     .requests_per_sec_per_terminal
                     .unwrap_or(defaults.requests_per_sec_per_terminal),
+            )?,
+            requests_per_sec_per_source: at_least_one(
+                "limits.requests_per_sec_per_source",
+                raw.limits
+                    .requests_per_sec_per_source
+                    .unwrap_or(defaults.requests_per_sec_per_source),
             )?,
             session_bytes_per_sec_per_source: match raw.limits.session_bytes_per_sec_per_source {
                 Some(n) if (n as usize) < crate::wire::MAX_FRAME => {

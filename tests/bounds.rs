@@ -830,3 +830,52 @@ async fn resyncs_are_budgeted_per_source_too() {
     );
     server.shutdown().await;
 }
+
+/// One host may hold `known_terminals_per_source` keys, and each had its own request rate, so
+/// the host could send that many times more requests (each a signature check, a store read or
+/// write). The keys of one source network now share `[limits] requests_per_sec_per_source`.
+#[tokio::test]
+async fn the_keys_of_one_network_share_a_request_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.requests_per_sec_per_source = 10;
+    })
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let key = Identity::generate().unwrap();
+        conns.push(raw_connect(&key, server.id(), server.local_addr()).await);
+    }
+    let started = std::time::Instant::now();
+    let (mut passed, mut refused) = (0, 0);
+    for conn in &conns {
+        // Each key stays well under its own rate (100 a second by default).
+        for _ in 0..10 {
+            match handoff::net::request(conn, RequestBody::SetSession(None))
+                .await
+                .unwrap()
+            {
+                ResponseBody::SessionStored => passed += 1,
+                ResponseBody::Refused(r) => {
+                    assert!(r.message.contains("from this network"), "{r}");
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Whatever the machine's speed: what passed fits the rate and its burst.
+    let allowed = 10.0 * (1.0 + started.elapsed().as_secs_f64());
+    assert!(
+        refused > 0 && passed as f64 <= allowed,
+        "{passed} of 40 requests passed ({allowed} allowed)"
+    );
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "requests_per_sec_per_source"))
+        ),
+        refused
+    );
+    server.shutdown().await;
+}

@@ -123,6 +123,7 @@ struct Shared {
     per_source: SourceCounter,
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
+    source_requests: KeyedLimiter<IpAddr>,
     /// Bytes session changes may have stored, per source network.
     session_bytes: KeyedLimiter<std::net::IpAddr>,
     log_limit: LogLimiter,
@@ -206,6 +207,10 @@ impl Server {
                 per_source: SourceCounter::new(config.limits.max_connections_per_source),
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
+                source_requests: KeyedLimiter::new(
+                    config.limits.requests_per_sec_per_source,
+                    65_536,
+                ),
                 session_bytes: KeyedLimiter::new(
                     config.limits.session_bytes_per_sec_per_source,
                     65_536,
@@ -714,6 +719,12 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
                     ResponseBody::Refused(Refusal {
                         reason: RefusalReason::Busy,
                         message: "too many requests; slow down".into(),
+                    })
+                } else if !s.shared.source_requests.allow(&source) {
+                    s.over_limit("requests_per_sec_per_source", format_args!("from {source}"));
+                    ResponseBody::Refused(Refusal {
+                        reason: RefusalReason::Busy,
+                        message: "too many requests from this network; slow down".into(),
                     })
                 } else if let RequestBody::Hello { cursor } = request.body {
                     let taken = writer.lock().unwrap_or_else(|e| e.into_inner()).take();
