@@ -438,6 +438,13 @@ impl DaemonConfig {
                     (None, Some(list)) if !list.is_empty() => list,
                     _ => return Err(invalid("server.addr", "missing: the server's host:port")),
                 };
+                // Peers pulling from this terminal refuse more (they dial each in turn).
+                if addrs.len() > 8 || addrs.iter().any(|a| a.len() > 255) {
+                    return Err(invalid(
+                        "server.addrs",
+                        "at most 8 addresses, each at most 255 bytes",
+                    ));
+                }
                 for addr in &addrs {
                     if !addr.contains(':') {
                         return Err(invalid(
@@ -1581,6 +1588,10 @@ mod tests {
             ("[trust]\npeers = [\"abc\"]", "trust.peers"),
             ("[server]\naddr = \"127.0.0.1:1\"", "server.id"),
             ("[server]\nid = \"x\"", "server.addr"),
+            (
+                "[server]\naddrs = [\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\"]",
+                "server.addrs",
+            ),
             ("name = \"\"", "name"),
         ];
         for (text, key) in cases {

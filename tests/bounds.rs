@@ -879,3 +879,75 @@ async fn the_keys_of_one_network_share_a_request_rate() {
     );
     server.shutdown().await;
 }
+
+/// A peer that a terminal pulls from names the server to link through; one naming a thousand
+/// addresses (each resolved, then dialed with a 3 s timeout, in turn) held `handoff pull` and
+/// the link for close to an hour. Interface info naming more than 8 server addresses (or one
+/// longer than 255 bytes) is now refused as unusable.
+#[tokio::test]
+async fn interface_info_naming_a_thousand_server_addresses_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mallory = Identity::generate().unwrap();
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&mallory, limits()).unwrap(), loopback())
+            .unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    introduce(&b, "mallory", mallory.id(), endpoint.local_addr().unwrap());
+    let fake_server = Identity::generate().unwrap().id();
+    let b_id = b.id();
+    let mallory_id = mallory.id();
+    let mallory = std::sync::Arc::new(mallory);
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let mallory = mallory.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let Ok(Some(request)) =
+                        read_frame::<Request>(&mut recv, WAIT, wire::MAX_FRAME).await
+                    else {
+                        return;
+                    };
+                    let now = handoff::net::unix_now();
+                    let ticket = wire::Ticket {
+                        first: mallory.id(),
+                        second: b_id,
+                        server: fake_server,
+                        issued_at: now,
+                        not_after: now + 600,
+                        nonce: rand::random(),
+                    }
+                    .sign(&mallory);
+                    let info = wire::InterfaceInfo {
+                        server: wire::ServerInfo {
+                            id: fake_server,
+                            addrs: vec!["127.0.0.1:9".to_string(); 1000],
+                        },
+                        first: mallory.id(),
+                        session: None,
+                        ticket,
+                    };
+                    let response = Response {
+                        id: request.id,
+                        body: ResponseBody::InterfaceInfo(Box::new(info)),
+                    };
+                    if write_frame(&mut send, &response).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                }
+            });
+        }
+    });
+    let query = mallory_id.to_string();
+    let pull = b.pull(&query, Duration::from_secs(5));
+    let outcome = tokio::time::timeout(Duration::from_secs(30), pull)
+        .await
+        .expect("the pull ends within 30 s");
+    match outcome {
+        Err(e @ handoff::daemon::PullError::BadInfo { .. }) => {
+            assert!(e.to_string().contains("server addresses"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
