@@ -460,6 +460,13 @@ impl DaemonConfig {
                     (None, Some(list)) if !list.is_empty() => list,
                     _ => return Err(invalid("server.addr", "missing: the server's host:port")),
                 };
+                // Peers pulling from this terminal refuse more (they dial each in turn).
+                if addrs.len() > 8 || addrs.iter().any(|a| a.len() > 255) {
+                    return Err(invalid(
+                        "server.addrs",
+                        "at most 8 addresses, each at most 255 bytes",
+                    ));
+                }
                 for addr in &addrs {
                     if !addr.contains(':') {
                         return Err(invalid(
@@ -873,10 +880,15 @@ struct RawServerLimits {
     max_streams_per_connection: Option<u32>,
     max_connections_per_source: Option<usize>,
     handshakes_per_sec_per_source: Option<u32>,
+    max_pending_handshakes: Option<usize>,
     requests_per_sec_per_terminal: Option<u32>,
+    requests_per_sec_per_source: Option<u32>,
+    session_bytes_per_sec_per_source: Option<u32>,
     idle_terminal_secs: Option<u64>,
     known_terminals_per_source: Option<usize>,
+    revocations_per_terminal: Option<usize>,
     http_max_connections: Option<usize>,
+    http_max_header_bytes: Option<usize>,
     http_header_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
 }
@@ -1103,26 +1115,48 @@ pub struct ServerLimits {
     pub max_frame: usize,
     /// Concurrent request streams one terminal connection may open.
     pub max_streams_per_connection: u32,
-    /// Connections held at once from one source address.
+    /// Connections held at once from one source (an IPv4 address, an IPv6 /64).
     pub max_connections_per_source: usize,
-    /// New handshakes accepted per second from one source address.
+    /// New handshakes accepted per second from one source (the same).
     pub handshakes_per_sec_per_source: u32,
+    /// Handshakes in progress at once. From half of it on, a source must prove its address
+    /// (QUIC Retry) before its handshake starts; when all are taken, the oldest is dropped for
+    /// the new one (a real handshake takes a round trip or two, a stalled one is an attack's).
+    pub max_pending_handshakes: usize,
     /// Requests per second from one terminal ID.
     pub requests_per_sec_per_terminal: u32,
+    /// Requests per second from all terminals of one source network together (one host may
+    /// hold `known_terminals_per_source` keys, each with its own per-terminal rate).
+    pub requests_per_sec_per_source: u32,
+    /// Bytes per second that sessions from one source network (an IPv4 address, an IPv6 /64)
+    /// may have stored: a change costs its size once and once per follower, a follow the
+    /// session it copies, a resync the sessions it copies (each at most this much, so any one
+    /// fits). Bounds what a host's keys following one another can make the store write.
+    pub session_bytes_per_sec_per_source: u32,
     /// How long the store keeps a terminal that is neither connected nor linked (its
     /// known-terminal entry and its session).
     pub idle_terminal: Duration,
     /// Distinct terminals one source network (an IPv4 address, an IPv6 /64) may have known to
     /// this server node within `idle_terminal`.
     pub known_terminals_per_source: usize,
+    /// Live revocations one first terminal may have stored (each names a second terminal of
+    /// its choosing, so without a bound one terminal could fill the store).
+    pub revocations_per_terminal: usize,
     /// HTTP connections held at once; at the cap a new one takes the place of the connection
     /// that has waited longest for a request.
     pub http_max_connections: usize,
+    /// Most bytes of request line and headers one request may have (each connection buffers
+    /// them until they are complete); more are answered 431.
+    pub http_max_header_bytes: usize,
     /// Longest wait for a request's headers (also on an idle keep-alive connection).
     pub http_header_timeout: Duration,
     /// Longest wait for a request's body.
     pub http_body_timeout: Duration,
 }
+
+/// The bounds of `limits.http_max_header_bytes` (the HTTP library needs at least 8 KiB).
+pub const MIN_HTTP_HEADER_BYTES: usize = 8 * 1024;
+pub const MAX_HTTP_HEADER_BYTES: usize = 1024 * 1024;
 
 /// The shortest `limits.idle_terminal_secs`: connected terminals are marked seen once a minute.
 pub const MIN_IDLE_TERMINAL: Duration = Duration::from_secs(300);
@@ -1137,10 +1171,15 @@ impl Default for ServerLimits {
             max_streams_per_connection: 4,
             max_connections_per_source: 256,
             handshakes_per_sec_per_source: 200,
+            max_pending_handshakes: 1024,
             requests_per_sec_per_terminal: 100,
+            requests_per_sec_per_source: 1000,
+            session_bytes_per_sec_per_source: 4 * 1024 * 1024,
             idle_terminal: Duration::from_secs(7 * 86_400),
             known_terminals_per_source: 256,
+            revocations_per_terminal: 1024,
             http_max_connections: 1024,
+            http_max_header_bytes: 16 * 1024,
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
         }
@@ -1244,12 +1283,36 @@ impl ServerConfig {
                     .handshakes_per_sec_per_source
                     .unwrap_or(defaults.handshakes_per_sec_per_source),
             )?,
+            max_pending_handshakes: match raw.limits.max_pending_handshakes {
+                Some(n) if n < 2 => {
+                    return Err(invalid(
+                        "limits.max_pending_handshakes",
+                        "must be at least 2",
+                    ))
+                }
+                n => n.unwrap_or(defaults.max_pending_handshakes),
+            },
             requests_per_sec_per_terminal: at_least_one(
                 "limits.requests_per_sec_per_terminal",
                 raw.limits
                     .requests_per_sec_per_terminal
                     .unwrap_or(defaults.requests_per_sec_per_terminal),
             )?,
+            requests_per_sec_per_source: at_least_one(
+                "limits.requests_per_sec_per_source",
+                raw.limits
+                    .requests_per_sec_per_source
+                    .unwrap_or(defaults.requests_per_sec_per_source),
+            )?,
+            session_bytes_per_sec_per_source: match raw.limits.session_bytes_per_sec_per_source {
+                Some(n) if (n as usize) < crate::wire::MAX_FRAME => {
+                    return Err(invalid(
+                        "limits.session_bytes_per_sec_per_source",
+                        format!("must be at least {} (one frame)", crate::wire::MAX_FRAME),
+                    ))
+                }
+                n => n.unwrap_or(defaults.session_bytes_per_sec_per_source),
+            },
             idle_terminal: raw
                 .limits
                 .idle_terminal_secs
@@ -1261,12 +1324,29 @@ impl ServerConfig {
                     .known_terminals_per_source
                     .unwrap_or(defaults.known_terminals_per_source),
             )?,
+            revocations_per_terminal: at_least_one(
+                "limits.revocations_per_terminal",
+                raw.limits
+                    .revocations_per_terminal
+                    .unwrap_or(defaults.revocations_per_terminal),
+            )?,
             http_max_connections: at_least_one(
                 "limits.http_max_connections",
                 raw.limits
                     .http_max_connections
                     .unwrap_or(defaults.http_max_connections),
             )?,
+            http_max_header_bytes: match raw.limits.http_max_header_bytes {
+                Some(n) if !(MIN_HTTP_HEADER_BYTES..=MAX_HTTP_HEADER_BYTES).contains(&n) => {
+                    return Err(invalid(
+                        "limits.http_max_header_bytes",
+                        format!(
+                            "must be between {MIN_HTTP_HEADER_BYTES} and {MAX_HTTP_HEADER_BYTES}"
+                        ),
+                    ))
+                }
+                n => n.unwrap_or(defaults.http_max_header_bytes),
+            },
             http_header_timeout: Duration::from_secs(at_least_one(
                 "limits.http_header_timeout_secs",
                 raw.limits
@@ -1558,6 +1638,10 @@ mod tests {
             ("[trust]\npeers = [\"abc\"]", "trust.peers"),
             ("[server]\naddr = \"127.0.0.1:1\"", "server.id"),
             ("[server]\nid = \"x\"", "server.addr"),
+            (
+                "[server]\naddrs = [\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\",\"a:1\"]",
+                "server.addrs",
+            ),
             ("name = \"\"", "name"),
         ];
         for (text, key) in cases {
@@ -1578,6 +1662,22 @@ mod tests {
             (
                 "[limits]\nknown_terminals_per_source = 0",
                 "limits.known_terminals_per_source",
+            ),
+            (
+                "[limits]\nrevocations_per_terminal = 0",
+                "limits.revocations_per_terminal",
+            ),
+            (
+                "[limits]\nmax_pending_handshakes = 1",
+                "limits.max_pending_handshakes",
+            ),
+            (
+                "[limits]\nhttp_max_header_bytes = 4096",
+                "limits.http_max_header_bytes",
+            ),
+            (
+                "[limits]\nsession_bytes_per_sec_per_source = 1000",
+                "limits.session_bytes_per_sec_per_source",
             ),
             (
                 "[limits]\nhttp_max_connections = 0",

@@ -60,7 +60,9 @@ pub fn argv(
                     if name == "uri" {
                         check_scheme(uri, schemes)?;
                     }
-                    if built.is_empty() && leading.is_none() {
+                    // The first value that puts text at the argument's start (an empty one
+                    // puts none, so the next value still starts the argument).
+                    if built.is_empty() && leading.is_none() && !value.is_empty() {
                         leading = Some((name, value));
                     }
                     built.push_str(value);
@@ -165,6 +167,15 @@ mod tests {
         let r = record("https://x/", "--log-file=/var/lib/handoff/trust.json");
         assert_eq!(
             argv(&t(&["mpv", "{title}"]), &r, &web()),
+            Err(HookRefusal::LeadingDash("title"))
+        );
+        // An empty value before it (a publisher's push has no `from`) does not hide it.
+        let published = PushRecord {
+            from: None,
+            ..r.clone()
+        };
+        assert_eq!(
+            argv(&t(&["notify", "{from}{title}"]), &published, &web()),
             Err(HookRefusal::LeadingDash("title"))
         );
         // Inside an option, or after "--", it is only data.

@@ -2,11 +2,13 @@
 //! with a bounded key set, per-source connection counts, and a log limiter so an attack produces
 //! one line per interval rather than one per packet.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 /// The source a per-source limit counts an address under: an IPv4 address (also when it
 /// arrives IPv4-mapped on a dual-stack socket) by itself, an IPv6 address by its /64. One host
@@ -87,11 +89,16 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.try_take_n(now, 1.0)
+    }
+
+    /// Takes `n` tokens if there are that many (`n` at most `burst`, else never).
+    pub fn try_take_n(&mut self, now: Instant, n: f64) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -127,6 +134,13 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// Whether `key` may act now (and counts the act).
     pub fn allow(&self, key: &K) -> bool {
+        self.allow_n(key, 1)
+    }
+
+    /// Whether `key` may act now at a cost of `n` tokens, counted if so; a cost over the burst
+    /// counts as the burst, so every act is possible with a full bucket.
+    pub fn allow_n(&self, key: &K, n: u64) -> bool {
+        let n = (n as f64).min(self.burst);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
@@ -139,7 +153,75 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         buckets
             .entry(key.clone())
             .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
-            .try_take(now)
+            .try_take_n(now, n)
+    }
+}
+
+/// Handshakes in progress, at most `max`: a new one past that drops the oldest. A real
+/// handshake takes a round trip or two, so the oldest is most likely a stalled one.
+#[derive(Debug)]
+pub struct PendingHandshakes {
+    /// The next key, and the handshakes in progress, oldest first, each with its drop token.
+    state: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+    max: usize,
+}
+
+/// A handshake's place among those in progress; leaves when dropped. `dropped` fires when a
+/// newer handshake took the place.
+pub struct PendingHandshake {
+    owner: Arc<PendingHandshakes>,
+    key: u64,
+    pub dropped: CancellationToken,
+}
+
+impl PendingHandshakes {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::default(),
+            max,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<u64, CancellationToken>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handshakes in progress now.
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A place for a new handshake; when all are taken, the oldest is dropped for it (the
+    /// `bool` says so).
+    pub fn begin(self: &Arc<Self>) -> (PendingHandshake, bool) {
+        let mut state = self.lock();
+        let mut evicted = false;
+        while state.1.len() >= self.max.max(1) {
+            if let Some((_, token)) = state.1.pop_first() {
+                token.cancel();
+                evicted = true;
+            }
+        }
+        let key = state.0;
+        state.0 += 1;
+        let dropped = CancellationToken::new();
+        state.1.insert(key, dropped.clone());
+        let slot = PendingHandshake {
+            owner: self.clone(),
+            key,
+            dropped,
+        };
+        (slot, evicted)
+    }
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        self.owner.lock().1.remove(&self.key);
     }
 }
 
@@ -253,6 +335,21 @@ mod tests {
         assert!(l.allow(&2));
         // A third key while both buckets are drained: refused rather than growing the map.
         assert!(!l.allow(&3));
+    }
+
+    #[test]
+    fn pending_handshakes_drop_the_oldest_when_full() {
+        let p = PendingHandshakes::new(2);
+        let (first, evicted) = p.begin();
+        assert!(!evicted);
+        let (second, _) = p.begin();
+        let (_third, evicted) = p.begin();
+        assert!(evicted && first.dropped.is_cancelled() && !second.dropped.is_cancelled());
+        assert_eq!(p.len(), 2);
+        drop(first);
+        assert_eq!(p.len(), 2, "an evicted place was already freed");
+        drop(second);
+        assert_eq!(p.len(), 1);
     }
 
     #[test]

@@ -82,19 +82,27 @@ pub async fn read_payload(
     if len > max {
         return Err(WireError::TooLarge(len).into());
     }
-    let mut payload = vec![0u8; len];
-    match tokio::time::timeout(timeout, recv.read_exact(&mut payload)).await {
+    // The buffer grows with the bytes that arrive: a header alone must not make us hold the
+    // frame it announces (for the read timeout, on every stream a peer may open).
+    let mut payload = Vec::new();
+    let read = async {
+        while payload.len() < len {
+            match recv.read_chunk(len - payload.len(), true).await {
+                Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    return Err(FrameError::from(WireError::Malformed(format!(
+                        "stream ended after {} of {len} payload bytes",
+                        payload.len()
+                    ))))
+                }
+                Err(e) => return Err(FrameError::Stream(e.to_string())),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
         Err(_) => return Err(FrameError::Timeout),
-        Ok(Ok(())) => {}
-        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
-            return Err(WireError::Malformed(format!(
-                "stream ended after {n} of {len} payload bytes"
-            ))
-            .into())
-        }
-        Ok(Err(quinn::ReadExactError::ReadError(e))) => {
-            return Err(FrameError::Stream(e.to_string()))
-        }
+        Ok(result) => result?,
     }
     Ok(Some(payload))
 }

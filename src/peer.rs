@@ -549,11 +549,14 @@ impl PeerTable {
         } else {
             Vec::new()
         };
-        let matches = if by_name.is_empty() {
-            by_prefix
-        } else {
-            by_name
-        };
+        // Both kinds: anyone may name its key another peer's ID prefix (adverts carry IDs), so
+        // a name never hides the peer a typed prefix means; two different peers are ambiguous.
+        let mut matches = by_name;
+        for p in by_prefix {
+            if !matches.iter().any(|m| m.id == p.id) {
+                matches.push(p);
+            }
+        }
         match matches.as_slice() {
             [] if self.instances.values().any(|p| p.name == query) => {
                 Err(FindError::Unverified(query.into()))
@@ -668,6 +671,28 @@ mod tests {
         assert!(table.find("tv").is_err());
         // A proof of an ID nobody claims is not kept.
         assert!(!table.prove(&tv, Some("tv".into()), None));
+    }
+
+    /// Anyone may name its own key anything, also a trusted peer's ID prefix (adverts carry
+    /// IDs): a name must not take what a user types as an ID prefix to another terminal.
+    #[test]
+    fn a_name_shaped_like_another_peers_id_prefix_does_not_take_it() {
+        let mut table = PeerTable::default();
+        let tv = id(1);
+        let prefix = tv.to_string()[..8].to_string();
+        table.upsert(peer(1, "tv"), untrusted);
+        table.upsert(peer(2, &prefix), untrusted);
+        table.prove(&tv, Some("tv".into()), None);
+        table.prove(&id(2), Some(prefix.clone()), None);
+        match table.find(&prefix) {
+            Err(FindError::Ambiguous { candidates, .. }) => {
+                assert!(candidates.contains(&tv.short()), "{candidates}")
+            }
+            other => panic!("{prefix:?} found {other:?}"),
+        }
+        // A longer prefix, or the name of a peer no prefix matches, still finds its one peer.
+        assert_eq!(table.find(&tv.to_string()[..10]).unwrap().id, tv);
+        assert_eq!(table.find("tv").unwrap().id, tv);
     }
 
     #[test]

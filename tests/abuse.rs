@@ -804,3 +804,111 @@ fn a_flood_of_refusals_logs_a_bounded_number_of_lines() {
         refused
     );
 }
+
+/// Connects to the server at `to` with a fresh key and says hello; why not, if it failed.
+async fn server_hello(expected: TerminalId, to: SocketAddr) -> Result<(), String> {
+    let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+    let me = Identity::generate().unwrap();
+    let limits = TransportLimits {
+        max_bidi_streams: 4,
+        ..LIMITS
+    };
+    let config = tls::client_config(&me, expected, limits).unwrap();
+    let connecting = endpoint
+        .connect_with(config, to, tls::SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no handshake within 5 s".into()),
+    };
+    let hello = net::request(&conn, RequestBody::Hello { cursor: None });
+    match tokio::time::timeout(Duration::from_secs(5), hello).await {
+        Ok(Ok(ResponseBody::Welcome { .. })) => Ok(()),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(_) => Err("no welcome within 5 s".into()),
+    }
+}
+
+/// Half-open handshakes held the server's connection slots for their whole 5 s timeout, so a
+/// flood of them from a few addresses, each well under its per-source limits, locked every
+/// terminal out. The server now holds at most `max_pending_handshakes` in progress (dropping
+/// the oldest for a new one) and, once half are taken, asks new sources to prove their address
+/// (QUIC Retry) before any handshake state exists.
+#[test]
+fn half_open_handshakes_do_not_lock_terminals_out_of_the_server() {
+    if !require_root("abuse: half-open handshakes at the server") {
+        return;
+    }
+    let mut lan = Lan::new("sh", &["srv", "b", "m"]);
+    let server_id: TerminalId = id_of(&lan.path("srv")).parse().unwrap();
+    let config = lan.server_config(
+        "srv",
+        "[store]\nkind = \"memory\"\n[limits]\nmax_connections = 64\nmax_pending_handshakes = 16\n",
+    );
+    lan.spawn("srv", &["server", "--config", &config], "srv");
+    let ready = wait_for(Duration::from_secs(10), || {
+        lan.log("srv").contains("server listening").then_some(())
+    });
+    assert!(ready.is_some(), "server did not start:\n{}", lan.log("srv"));
+    let server: SocketAddr = lan.host("srv").addr(47700).parse().unwrap();
+    let mut sources = Vec::new();
+    for i in 0..9 {
+        let ip = format!("10.99.0.{}", 100 + i);
+        lan.ip_in("m", &["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        sources.push(ip.parse::<IpAddr>().unwrap());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (stop2, started2) = (stop.clone(), started.clone());
+    // Each source starts a handshake every 200 ms (5/s, far below its limit) and never gives
+    // one up: the server holds each until its own handshake timeout.
+    let flood = lan.spawn_in("m", move || {
+        block_on(async move {
+            let mallory = Identity::generate().unwrap();
+            let config = tls::client_config(&mallory, server_id, LIMITS).unwrap();
+            let endpoints: Vec<quinn::Endpoint> = sources.into_iter().map(deaf_endpoint).collect();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for endpoint in &endpoints {
+                    if let Ok(connecting) =
+                        endpoint.connect_with(config.clone(), server, tls::SERVER_NAME)
+                    {
+                        started2.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(tokio::time::timeout(Duration::from_secs(30), connecting));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    // More than 64 handshakes are held by now.
+    wait_for(Duration::from_secs(30), || {
+        (started.load(Ordering::Relaxed) >= 9 * 15).then_some(())
+    })
+    .expect("the flood started");
+    let results = lan.run_in("b", move || {
+        block_on(async move {
+            let mut results = Vec::new();
+            for _ in 0..6 {
+                results.push(server_hello(server_id, server).await);
+            }
+            results
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 6 terminal connections failed during the flood:\n{}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        lan.log("srv")
+    );
+    assert!(
+        lan.log("srv").contains("max_pending_handshakes"),
+        "the pending-handshake cap never engaged:\n{}",
+        lan.log("srv")
+    );
+}

@@ -659,3 +659,105 @@ fn pairing_through_the_cli_trusts_both_ways() {
     assert_eq!(on_a[0]["name"], "b");
     assert_eq!(trusted("b")[0]["id"], a_id.as_str());
 }
+
+/// A raw terminal's transport: accepts the server's push stream, keeps the connection alive.
+const HOLDING: TransportLimits = TransportLimits {
+    max_bidi_streams: 4,
+    max_uni_streams: 0,
+    idle_timeout: Duration::from_secs(30),
+    keep_alive: Some(Duration::from_secs(2)),
+};
+
+/// Connects from `source` to the server at `to` with a fresh key and says hello: the connection
+/// once the server welcomed it, or why not.
+async fn hello_from(
+    source: std::net::SocketAddr,
+    expected: TerminalId,
+    to: std::net::SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let endpoint = quinn::Endpoint::client(source).map_err(|e| e.to_string())?;
+    let me = Identity::generate().unwrap();
+    let config = tls::client_config(&me, expected, HOLDING).unwrap();
+    let connecting = endpoint
+        .connect_with(config, to, tls::SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no handshake within 5 s".into()),
+    };
+    let hello = net::request(&conn, RequestBody::Hello { cursor: None });
+    match tokio::time::timeout(Duration::from_secs(5), hello).await {
+        Ok(Ok(ResponseBody::Welcome { .. })) => Ok((endpoint, conn)),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(_) => Err("no welcome within 5 s".into()),
+    }
+}
+
+/// One host usually holds a whole IPv6 /64. Counted per address, such a host took every
+/// connection slot of the server by rotating addresses, and no terminal of another network could
+/// connect. The server counts an IPv6 source per /64, as the daemon does.
+#[test]
+fn one_ipv6_64_cannot_take_every_server_connection() {
+    if !require_root("one_ipv6_64_cannot_take_every_server_connection") {
+        return;
+    }
+    const ROTATED: usize = 12;
+    let mut lan = Lan::with_stack("s64", &["srv", "m", "b"], Stack::V6Only);
+    // Mallory's own /64 beside the LAN's fd99::/64, on the same link.
+    lan.ip_in(
+        "srv",
+        &["addr", "add", "fd99:0:0:2::fffe/64", "dev", "eth0"],
+    );
+    for k in 1..=ROTATED {
+        let cidr = format!("fd99:0:0:2::{k}/64");
+        lan.ip_in("m", &["addr", "add", &cidr, "dev", "eth0"]);
+    }
+    let server_id: TerminalId = id_of(&lan.path("srv")).parse().unwrap();
+    let config = lan.server_config(
+        "srv",
+        "[store]\nkind = \"memory\"\n[limits]\nmax_connections = 8\nmax_connections_per_source = 4\n",
+    );
+    lan.spawn("srv", &["server", "--config", &config], "srv");
+    let ready = wait_for(Duration::from_secs(10), || {
+        lan.log("srv").contains("server listening").then_some(())
+    });
+    assert!(ready.is_some(), "server did not start:\n{}", lan.log("srv"));
+    let server: std::net::SocketAddr = lan.host("srv").addr(47700).parse().unwrap();
+
+    // Mallory: one connection from each address, each with a fresh key; held until told.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<usize>();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let mallory = lan.spawn_in("m", move || {
+        block_on(async move {
+            let mut held = Vec::new();
+            for k in 1..=ROTATED {
+                let source = format!("[fd99:0:0:2::{k}]:0").parse().unwrap();
+                if let Ok(conn) = hello_from(source, server_id, server).await {
+                    held.push(conn);
+                }
+            }
+            held_tx.send(held.len()).unwrap();
+            let _ =
+                tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(60)))
+                    .await;
+            drop(held);
+        })
+    });
+    let held = held_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("mallory reports");
+    let b = lan.run_in("b", move || {
+        block_on(hello_from("[::]:0".parse().unwrap(), server_id, server)).map(|_| ())
+    });
+    let _ = stop_tx.send(());
+    mallory.join().unwrap();
+    assert!(held <= 4, "one /64 held {held} connections");
+    if let Err(e) = b {
+        panic!(
+            "a terminal of another network could not connect: {e}\n{}",
+            lan.log("srv")
+        );
+    }
+    assert!(lan.log("srv").contains("max_connections_per_source"));
+}

@@ -553,3 +553,401 @@ async fn a_flood_of_refused_follows_logs_a_bounded_number_of_lines() {
     );
     server.shutdown().await;
 }
+
+/// One terminal cannot fill the store with revocations: each names a second terminal of its
+/// choosing, so a stranger sending them at its request rate (with `at` far in the future, kept
+/// forever) grew the store without bound. A revocation dated past the clock-skew allowance is
+/// refused; past `[limits] revocations_per_terminal` live ones, new seconds are refused and
+/// counted; re-sending a live one, an outdated one (nothing left to refuse: it only unlinks),
+/// and other terminals' revocations still work.
+#[tokio::test]
+async fn one_terminal_cannot_store_unbounded_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.revocations_per_terminal = 4;
+    })
+    .await;
+    let now = handoff::net::unix_now();
+    let mallory = Identity::generate().unwrap();
+    let conn = raw_connect(&mallory, server.id(), server.local_addr()).await;
+    let revoke = |second: handoff::identity::TerminalId, at: u64| {
+        let conn = conn.clone();
+        async move {
+            handoff::net::request(&conn, RequestBody::Revoke { second, at })
+                .await
+                .unwrap()
+        }
+    };
+    let forever = revoke(Identity::generate().unwrap().id(), u64::MAX).await;
+    match &forever {
+        ResponseBody::Refused(r) => assert!(r.message.contains("in the future"), "{r}"),
+        other => panic!("a revocation dated in the far future was accepted: {other:?}"),
+    }
+    let seconds: Vec<_> = (0..4).map(|_| Identity::generate().unwrap().id()).collect();
+    for second in &seconds {
+        let answer = revoke(*second, now).await;
+        assert_eq!(answer, ResponseBody::Revoked { removed: false });
+    }
+    let over = revoke(Identity::generate().unwrap().id(), now).await;
+    match &over {
+        ResponseBody::Refused(r) => {
+            assert!(r.message.contains("revocations_per_terminal"), "{r}")
+        }
+        other => panic!("a revocation past the limit was accepted: {other:?}"),
+    }
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "revocations_per_terminal"))
+        ),
+        1
+    );
+    // A live one again (a daemon re-sends its revocations on every reconnect).
+    assert_eq!(
+        revoke(seconds[0], now + 1).await,
+        ResponseBody::Revoked { removed: false }
+    );
+    // One so old that every ticket it could refuse has expired: nothing to keep.
+    let old = now - 2 * 3600 - 2 * wire::ticket::MAX_CLOCK_SKEW;
+    assert_eq!(
+        revoke(Identity::generate().unwrap().id(), old).await,
+        ResponseBody::Revoked { removed: false }
+    );
+    // Another terminal's revocations are its own.
+    let alice = Identity::generate().unwrap();
+    let a = raw_connect(&alice, server.id(), server.local_addr()).await;
+    assert_eq!(
+        handoff::net::request(
+            &a,
+            RequestBody::Revoke {
+                second: mallory.id(),
+                at: now
+            }
+        )
+        .await
+        .unwrap(),
+        ResponseBody::Revoked { removed: false }
+    );
+    server.shutdown().await;
+}
+
+/// Request headers are buffered until they are complete; hyper's default lets each connection
+/// buffer about 400 KiB of them, so `http_max_connections` half-sent requests could hold 400 MiB
+/// of the server's memory without a token. Headers past `[limits] http_max_header_bytes` are
+/// answered 431 and the connection closed.
+#[tokio::test]
+async fn oversized_request_headers_are_refused() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |_| {}).await;
+    let addr = server.http_addr().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let pad = "p".repeat(200 * 1024);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
+    // The server may close before it read everything: a failed write is fine.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let answer = closed_by_server(stream).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "200 KiB of headers were answered: {}",
+        text.lines().next().unwrap_or("(nothing)")
+    );
+    // Counted once the connection's task ends, which may be just after the close.
+    let hits = || {
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "http_max_header_bytes")),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hits() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hits(), 1);
+    // Ordinary requests are served.
+    let (status, body) = http(addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    server.shutdown().await;
+}
+
+/// A session change is stored once for the terminal and once more for each follower, and one
+/// network may hold hundreds of keys that follow one another: with a large session and its own
+/// keys as followers, one host had the store write hundreds of times what it sent, at every
+/// key's request rate, and could saturate it for everyone. What session changes store is now
+/// budgeted per source network (`[limits] session_bytes_per_sec_per_source`): past it a change
+/// is refused as busy, counted, and nothing is stored.
+#[tokio::test]
+async fn session_fan_out_is_budgeted_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.session_bytes_per_sec_per_source = 64 * 1024;
+    })
+    .await;
+    let first = Identity::generate().unwrap();
+    let conn = raw_connect(&first, server.id(), server.local_addr()).await;
+    let hello = RequestBody::Hello { cursor: None };
+    handoff::net::request(&conn, hello.clone()).await.unwrap();
+    // Eight of the attacker's own keys follow the first, with tickets it signs.
+    let mut followers = Vec::new();
+    for _ in 0..8 {
+        let second = Identity::generate().unwrap();
+        let c = raw_connect(&second, server.id(), server.local_addr()).await;
+        let now = handoff::net::unix_now();
+        let ticket = wire::Ticket {
+            first: first.id(),
+            second: second.id(),
+            server: server.id(),
+            issued_at: now,
+            not_after: now + 600,
+            nonce: rand::random(),
+        }
+        .sign(&first);
+        let follow = RequestBody::Follow(wire::InfoRequest {
+            first: first.id(),
+            second: second.id(),
+            ticket,
+        });
+        let answer = handoff::net::request(&c, follow).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+        followers.push(c);
+    }
+    // 20 KB sessions: each change stores about 180 KB, over the budget of 64 KiB a second, so
+    // each one that passes takes a full second's budget.
+    let stored_before = server.metrics().get("handoff_pushes_stored_total", None);
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for i in 0..4 {
+        let session = Session {
+            uri: format!("https://media.example/{i}/{}", "u".repeat(20_000)),
+            title: "t".into(),
+            position: None,
+            meta: Default::default(),
+        };
+        match handoff::net::request(&conn, RequestBody::SetSession(Some(session)))
+            .await
+            .unwrap()
+        {
+            ResponseBody::SessionStored => {}
+            ResponseBody::Refused(r) => {
+                assert!(
+                    r.message.contains("session_bytes_per_sec_per_source"),
+                    "{r}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let stored = server.metrics().get("handoff_pushes_stored_total", None) - stored_before;
+    // Whatever the machine's speed: at most one change per second's budget, plus the burst.
+    let passed = 4 - refused;
+    let allowed = 1 + started.elapsed().as_secs();
+    assert!(
+        refused > 0 && passed <= allowed,
+        "{passed} of 4 changes passed in {allowed} s' budget; {stored} pushes stored"
+    );
+    assert_eq!(stored, 8 * (4 - refused));
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "session_bytes_per_sec_per_source"))
+        ),
+        refused
+    );
+    server.shutdown().await;
+}
+
+/// The other ways a session is copied are budgeted with changes: a follow copies the first
+/// terminal's session into the second's log, and a reconnect whose window was lost copies every
+/// followed session again — at the handshake rate, a few hundred bytes of hello made the store
+/// write kilobytes per followed terminal.
+#[tokio::test]
+async fn resyncs_are_budgeted_per_source_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.session_bytes_per_sec_per_source = 64 * 1024;
+    })
+    .await;
+    let session = Session {
+        uri: format!("https://media.example/{}", "u".repeat(6_000)),
+        title: "t".into(),
+        position: None,
+        meta: Default::default(),
+    };
+    let second = Identity::generate().unwrap();
+    let c = raw_connect(&second, server.id(), server.local_addr()).await;
+    for _ in 0..4 {
+        let first = Identity::generate().unwrap();
+        let conn = raw_connect(&first, server.id(), server.local_addr()).await;
+        let set = RequestBody::SetSession(Some(session.clone()));
+        let answer = handoff::net::request(&conn, set).await.unwrap();
+        assert_eq!(answer, ResponseBody::SessionStored);
+        let now = handoff::net::unix_now();
+        let ticket = wire::Ticket {
+            first: first.id(),
+            second: second.id(),
+            server: server.id(),
+            issued_at: now,
+            not_after: now + 600,
+            nonce: rand::random(),
+        }
+        .sign(&first);
+        let follow = RequestBody::Follow(wire::InfoRequest {
+            first: first.id(),
+            second: second.id(),
+            ticket,
+        });
+        let answer = handoff::net::request(&c, follow).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+    }
+    c.close(0u32.into(), b"done");
+    // Reconnects with a cursor of another epoch: each resyncs 4 sessions of over 6,000 bytes.
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for _ in 0..10 {
+        let conn = raw_connect(&second, server.id(), server.local_addr()).await;
+        let hello = RequestBody::Hello {
+            cursor: Some(wire::Cursor { epoch: 1, next: 0 }),
+        };
+        match handoff::net::request(&conn, hello).await {
+            Ok(ResponseBody::Welcome { window_lost, .. }) => assert!(window_lost),
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => {
+                let reason = tokio::time::timeout(WAIT, conn.closed()).await.unwrap();
+                assert!(reason.to_string().contains("session budget"), "{reason}");
+                refused += 1;
+            }
+        }
+        conn.close(0u32.into(), b"done");
+    }
+    // Whatever the machine's speed: what passed fits the budget and its refill.
+    let passed = 10 - refused;
+    let allowed = 65_536.0 * (1.0 + started.elapsed().as_secs_f64());
+    assert!(
+        refused > 0 && passed as f64 * 24_000.0 <= allowed,
+        "{passed} of 10 resyncs passed ({allowed} bytes allowed)"
+    );
+    server.shutdown().await;
+}
+
+/// One host may hold `known_terminals_per_source` keys, and each had its own request rate, so
+/// the host could send that many times more requests (each a signature check, a store read or
+/// write). The keys of one source network now share `[limits] requests_per_sec_per_source`.
+#[tokio::test]
+async fn the_keys_of_one_network_share_a_request_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |l| {
+        l.requests_per_sec_per_source = 10;
+    })
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let key = Identity::generate().unwrap();
+        conns.push(raw_connect(&key, server.id(), server.local_addr()).await);
+    }
+    let started = std::time::Instant::now();
+    let (mut passed, mut refused) = (0, 0);
+    for conn in &conns {
+        // Each key stays well under its own rate (100 a second by default).
+        for _ in 0..10 {
+            match handoff::net::request(conn, RequestBody::SetSession(None))
+                .await
+                .unwrap()
+            {
+                ResponseBody::SessionStored => passed += 1,
+                ResponseBody::Refused(r) => {
+                    assert!(r.message.contains("from this network"), "{r}");
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Whatever the machine's speed: what passed fits the rate and its burst.
+    let allowed = 10.0 * (1.0 + started.elapsed().as_secs_f64());
+    assert!(
+        refused > 0 && passed as f64 <= allowed,
+        "{passed} of 40 requests passed ({allowed} allowed)"
+    );
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "requests_per_sec_per_source"))
+        ),
+        refused
+    );
+    server.shutdown().await;
+}
+
+/// A peer that a terminal pulls from names the server to link through; one naming a thousand
+/// addresses (each resolved, then dialed with a 3 s timeout, in turn) held `handoff pull` and
+/// the link for close to an hour. Interface info naming more than 8 server addresses (or one
+/// longer than 255 bytes) is now refused as unusable.
+#[tokio::test]
+async fn interface_info_naming_a_thousand_server_addresses_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mallory = Identity::generate().unwrap();
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&mallory, limits()).unwrap(), loopback())
+            .unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    introduce(&b, "mallory", mallory.id(), endpoint.local_addr().unwrap());
+    let fake_server = Identity::generate().unwrap().id();
+    let b_id = b.id();
+    let mallory_id = mallory.id();
+    let mallory = std::sync::Arc::new(mallory);
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let mallory = mallory.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let Ok(Some(request)) =
+                        read_frame::<Request>(&mut recv, WAIT, wire::MAX_FRAME).await
+                    else {
+                        return;
+                    };
+                    let now = handoff::net::unix_now();
+                    let ticket = wire::Ticket {
+                        first: mallory.id(),
+                        second: b_id,
+                        server: fake_server,
+                        issued_at: now,
+                        not_after: now + 600,
+                        nonce: rand::random(),
+                    }
+                    .sign(&mallory);
+                    let info = wire::InterfaceInfo {
+                        server: wire::ServerInfo {
+                            id: fake_server,
+                            addrs: vec!["127.0.0.1:9".to_string(); 1000],
+                        },
+                        first: mallory.id(),
+                        session: None,
+                        ticket,
+                    };
+                    let response = Response {
+                        id: request.id,
+                        body: ResponseBody::InterfaceInfo(Box::new(info)),
+                    };
+                    if write_frame(&mut send, &response).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                }
+            });
+        }
+    });
+    let query = mallory_id.to_string();
+    let pull = b.pull(&query, Duration::from_secs(5));
+    let outcome = tokio::time::timeout(Duration::from_secs(30), pull)
+        .await
+        .expect("the pull ends within 30 s");
+    match outcome {
+        Err(e @ handoff::daemon::PullError::BadInfo { .. }) => {
+            assert!(e.to_string().contains("server addresses"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

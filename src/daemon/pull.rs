@@ -29,6 +29,10 @@ const MAX_DIAL_ADDRS: usize = 4;
 const DIAL_DEADLINE: Duration = Duration::from_secs(3);
 /// IDs checked at once when a name is only claimed by unverified adverts.
 const MAX_NAME_CHECKS: usize = 4;
+/// Server addresses a peer's interface info may name (each is resolved and dialed in turn),
+/// and the longest one.
+const MAX_SERVER_ADDRS: usize = 8;
+const MAX_SERVER_ADDR_LEN: usize = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -189,6 +193,15 @@ impl Daemon {
             Some("its ticket is for another server than the one it names")
         } else if info.server.addrs.is_empty() {
             Some("it names no server address")
+        } else if info.server.addrs.len() > MAX_SERVER_ADDRS
+            || info
+                .server
+                .addrs
+                .iter()
+                .any(|a| a.len() > MAX_SERVER_ADDR_LEN)
+        {
+            // Each is resolved and dialed in turn: a peer must not make us try thousands.
+            Some("it names more than 8 server addresses, or one longer than 255 bytes")
         } else {
             None
         };

@@ -21,12 +21,16 @@ use super::Daemon;
 use crate::identity::ServerId;
 use crate::net::{self, unix_now, varint, FrameError, RequestError};
 use crate::tls::SERVER_NAME;
-use crate::wire::{ErrorCode, PushAck, RequestBody, ResponseBody, ServerInfo, ServerPush};
+use crate::wire::{
+    ErrorCode, PushAck, RefusalReason, RequestBody, ResponseBody, ServerInfo, ServerPush,
+};
 
 /// How long one connection attempt to one address may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a session the server refused as busy waits before it is sent again.
+const BUSY_RETRY: Duration = Duration::from_secs(2);
 
 /// The delays before reconnect attempts: random, so that many terminals that lost one server
 /// together do not all come back at the same instant (DESIGN §9: a restarted server serves
@@ -283,6 +287,16 @@ pub(crate) async fn supervise_home(daemon: Daemon, link: Arc<ServerLink>) {
                 Ok(ResponseBody::SessionStored) => {
                     debug!(version = state.version, "server stored the session");
                     link.synced.send_replace(state.version);
+                }
+                Ok(ResponseBody::Refused(r)) if r.reason == RefusalReason::Busy => {
+                    // Over a server budget: the latest session goes again shortly, so
+                    // followers are not left with an older one until the next change.
+                    warn!("server refused the session for now: {r}; sending it again in {BUSY_RETRY:?}");
+                    tokio::select! {
+                        _ = daemon.cancelled() => return,
+                        _ = conn.closed() => break,
+                        _ = tokio::time::sleep(BUSY_RETRY) => continue,
+                    }
                 }
                 Ok(other) => warn!("server answered SetSession with {other:?}"),
                 Err(e) => {

@@ -5,7 +5,7 @@
 //! each push on its own.
 //!
 //! Bounds (`[limits] http_*`): headers must arrive within a timeout (also on an idle
-//! keep-alive connection) and a body within another; at most `http_max_connections` are held,
+//! keep-alive connection) and fit a size (else 431), and a body must arrive within another; at most `http_max_connections` are held,
 //! and at the cap a new connection takes the place of the one that has waited longest for a
 //! request, so half-sent requests cannot lock out `/healthz` or a publisher.
 
@@ -274,7 +274,9 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.http_header_timeout);
+        .header_read_timeout(limits.http_header_timeout)
+        // Checked in config to be within what the library accepts.
+        .max_buf_size(limits.http_max_header_bytes);
     let connection = builder.serve_connection(TokioIo::new(tcp), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
@@ -282,6 +284,13 @@ async fn serve_connection(
             Err(e) if e.is_timeout() => server.over_limit(
                 "http_header_timeout",
                 format_args!("no request headers within {:?}", limits.http_header_timeout),
+            ),
+            Err(e) if e.is_parse_too_large() => server.over_limit(
+                "http_max_header_bytes",
+                format_args!(
+                    "request headers over {} bytes",
+                    limits.http_max_header_bytes
+                ),
             ),
             Err(e) => debug!("http connection: {e}"),
             Ok(()) => {}

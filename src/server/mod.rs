@@ -24,7 +24,7 @@ pub mod store;
 pub mod strangers;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{PushConfig, ServerConfig, ServerLimits};
 use crate::identity::{Identity, TerminalId};
-use crate::limits::{KeyedLimiter, LogLimiter, SourceCounter};
+use crate::limits::{source_key, KeyedLimiter, LogLimiter, PendingHandshakes, SourceCounter};
 use crate::metrics::Metrics;
 use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_TIMEOUT};
 use crate::tls::{self, peer_id, TransportLimits};
@@ -188,6 +188,9 @@ struct Shared {
     per_source: SourceCounter,
     handshakes: KeyedLimiter<std::net::IpAddr>,
     requests: KeyedLimiter<TerminalId>,
+    source_requests: KeyedLimiter<IpAddr>,
+    /// Bytes session changes may have stored, per source network.
+    session_bytes: KeyedLimiter<std::net::IpAddr>,
     log_limit: LogLimiter,
     /// Terminals per source network, for `[limits] known_terminals_per_source`.
     strangers: strangers::KnownPerSource,
@@ -272,6 +275,14 @@ impl Server {
                 per_source: SourceCounter::new(config.limits.max_connections_per_source),
                 handshakes: KeyedLimiter::new(config.limits.handshakes_per_sec_per_source, 65_536),
                 requests: KeyedLimiter::new(config.limits.requests_per_sec_per_terminal, 65_536),
+                source_requests: KeyedLimiter::new(
+                    config.limits.requests_per_sec_per_source,
+                    65_536,
+                ),
+                session_bytes: KeyedLimiter::new(
+                    config.limits.session_bytes_per_sec_per_source,
+                    65_536,
+                ),
                 log_limit: LogLimiter::new(Duration::from_secs(10)),
                 strangers: strangers::KnownPerSource::new(
                     config.limits.known_terminals_per_source,
@@ -662,8 +673,16 @@ impl Server {
     }
 }
 
+/// Accepts terminals. Before any handshake state exists: once half of `max_pending_handshakes`
+/// are in progress, a source must prove its address with a QUIC Retry round trip (so forged
+/// source addresses never get further); then per-source handshake rate and connection count,
+/// and the connection slots. Handshakes in progress are capped, the oldest dropped for a new one,
+/// so stalled handshakes cannot hold the slots terminals need.
 async fn accept(server: Server) {
-    let slots = Arc::new(Semaphore::new(server.shared.limits.max_connections));
+    let limits = server.shared.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let pending = PendingHandshakes::new(limits.max_pending_handshakes);
+    let retry_above = limits.max_pending_handshakes / 2;
     loop {
         let incoming = tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
@@ -672,30 +691,64 @@ async fn accept(server: Server) {
                 None => return,
             },
         };
-        // Canonical, so an IPv4 peer counts the same on a dual-stack socket (::ffff:a.b.c.d).
-        let ip = incoming.remote_address().ip().to_canonical();
-        if !server.shared.handshakes.allow(&ip) {
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && pending.len() >= retry_above
+        {
+            // Stateless: a source that cannot receive at its address never gets further.
+            server
+                .shared
+                .metrics
+                .inc("handoff_handshake_retries_total", None);
+            let _ = incoming.retry();
+            continue;
+        }
+        // An IPv4 address (also IPv4-mapped on a dual-stack socket), or an IPv6 /64: one host
+        // usually holds a whole /64, and rotating addresses in it must gain nothing.
+        let source = source_key(incoming.remote_address().ip());
+        if !server.shared.handshakes.allow(&source) {
             server.over_limit(
                 "handshakes_per_sec_per_source",
-                format_args!("handshakes from {ip}"),
+                format_args!("handshakes from {source}"),
             );
             incoming.refuse();
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            server.over_limit("max_connections", format_args!("refusing {ip}"));
+            server.over_limit("max_connections", format_args!("refusing {source}"));
             incoming.refuse();
             continue;
         };
-        let Some(source) = server.shared.per_source.acquire(ip) else {
-            server.over_limit("max_connections_per_source", format_args!("refusing {ip}"));
+        let Some(source_slot) = server.shared.per_source.acquire(source) else {
+            server.over_limit(
+                "max_connections_per_source",
+                format_args!("refusing {source}"),
+            );
             incoming.refuse();
             continue;
         };
+        let (handshake, evicted) = pending.begin();
+        if evicted {
+            server.over_limit(
+                "max_pending_handshakes",
+                format_args!("dropped the oldest handshake in progress for one from {source}"),
+            );
+        }
         let s = server.clone();
         server.shared.tasks.spawn(async move {
-            let _slots = (permit, source);
-            let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            let _slots = (permit, source_slot);
+            let outcome = tokio::select! {
+                _ = handshake.dropped.cancelled() => {
+                    s.shared.metrics.inc(
+                        "handoff_handshakes_failed_total",
+                        Some(("reason", "dropped")),
+                    );
+                    return;
+                }
+                outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming) => outcome,
+            };
+            drop(handshake);
+            let conn = match outcome {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     s.shared
@@ -724,6 +777,7 @@ async fn accept(server: Server) {
 async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
     // Before anything about a new terminal is stored: is its network over its quota?
     let ip = conn.remote_address().ip().to_canonical();
+    let source = source_key(ip);
     if let Err(refused) = server.shared.strangers.admit(ip, id, Instant::now()) {
         let limit = match refused {
             strangers::Refused::Quota => "known_terminals_per_source",
@@ -786,7 +840,7 @@ async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId)
             _ = server.shared.cancel.cancelled() => break,
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    let request = serve_request(server.clone(), conn.clone(), id, outbox.clone(), send, recv);
+                    let request = serve_request(server.clone(), conn.clone(), id, source, outbox.clone(), send, recv);
                     tokio::spawn(request.in_current_span());
                 }
                 Err(e) => {
@@ -843,6 +897,7 @@ async fn serve_request(
     s: Server,
     conn: quinn::Connection,
     id: TerminalId,
+    source: std::net::IpAddr,
     outbox: Arc<Outbox>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -871,6 +926,12 @@ async fn serve_request(
             reason: RefusalReason::Busy,
             message: "too many requests; slow down".into(),
         })
+    } else if !s.shared.source_requests.allow(&source) {
+        s.over_limit("requests_per_sec_per_source", format_args!("from {source}"));
+        ResponseBody::Refused(Refusal {
+            reason: RefusalReason::Busy,
+            message: "too many requests from this network; slow down".into(),
+        })
     } else if let RequestBody::Hello { cursor } = request.body {
         if outbox.hello_said.swap(true, Ordering::AcqRel) {
             ResponseBody::Refused(Refusal {
@@ -878,12 +939,19 @@ async fn serve_request(
                 message: "hello was already said on this connection".into(),
             })
         } else {
-            match s.hello(id, cursor).await {
-                Ok(Hello {
+            match s.hello(id, cursor, source).await {
+                Ok(None) => {
+                    conn.close(
+                        varint(ErrorCode::Busy),
+                        b"resync over this network's session budget; reconnect later",
+                    );
+                    return;
+                }
+                Ok(Some(Hello {
                     start,
                     window_lost,
                     end,
-                }) => {
+                })) => {
                     // The connection's task sends the log from `start` up to at least its end.
                     outbox.latest.fetch_max(end.max(start), Ordering::AcqRel);
                     outbox.start.store(start, Ordering::Release);
@@ -902,7 +970,7 @@ async fn serve_request(
             }
         }
     } else {
-        s.handle(id, request.body).await
+        s.handle(id, source, request.body).await
     };
     respond(send, request.id, body).await;
 }
@@ -937,7 +1005,13 @@ impl Server {
     /// Decides where `id`'s push stream starts, and whether its cursor could be honoured. When
     /// it could not, the current sessions of the terminals it follows are appended so it gets
     /// the current state.
-    async fn hello(&self, id: TerminalId, cursor: Option<Cursor>) -> Result<Hello, StoreError> {
+    /// `None` when the resync is over `source`'s session budget (nothing was stored).
+    async fn hello(
+        &self,
+        id: TerminalId,
+        cursor: Option<Cursor>,
+        source: IpAddr,
+    ) -> Result<Option<Hello>, StoreError> {
         let epoch = self.epoch();
         let now = unix_now();
         let log = self
@@ -984,50 +1058,58 @@ impl Server {
             let ttl = self.shared.push.default_ttl;
             // A session stored before sessions were size-checked may not fit a push: it is
             // left out rather than failing every hello of its followers.
-            let items = followed
+            let items: Vec<(TerminalId, NewPush)> = followed
                 .iter()
                 .map(|(first, s)| (id, NewPush::session(*first, s, ttl)))
                 .filter(|(_, push)| push.check_size("session").is_ok())
                 .collect();
+            // Reconnecting costs a copy of every followed session: budgeted like changes.
+            let cost = items.iter().map(|(_, p)| p.size_bound() as u64).sum();
+            if !self.charge_session_bytes(source, cost, format_args!("resync of {}", id.short())) {
+                return Ok(None);
+            }
             self.store_pushes(items, Vec::new()).await?;
         }
-        Ok(Hello {
+        Ok(Some(Hello {
             start,
             window_lost,
             end: log.next,
-        })
+        }))
     }
 
-    async fn handle(&self, id: TerminalId, body: RequestBody) -> ResponseBody {
+    /// Charges `cost` bytes to `source`'s session budget; counts and logs a refusal.
+    fn charge_session_bytes(
+        &self,
+        source: IpAddr,
+        cost: u64,
+        what: std::fmt::Arguments<'_>,
+    ) -> bool {
+        if self.shared.session_bytes.allow_n(&source, cost) {
+            return true;
+        }
+        self.over_limit(
+            "session_bytes_per_sec_per_source",
+            format_args!("{what} from {source}: {cost} bytes"),
+        );
+        false
+    }
+
+    /// Answers one request of terminal `id`, connected from source network `source`.
+    async fn handle(&self, id: TerminalId, source: IpAddr, body: RequestBody) -> ResponseBody {
         let result = match body {
             RequestBody::SetSession(session) => {
                 debug!(title = ?session.as_ref().map(|s| &s.title), "session set");
-                self.set_session(id, session)
-                    .await
-                    .map(|_| ResponseBody::SessionStored)
+                match self.session_budget(id, source, session.as_ref()).await {
+                    Ok(Some(refused)) => Ok(refused),
+                    Ok(None) => self
+                        .set_session(id, session)
+                        .await
+                        .map(|_| ResponseBody::SessionStored),
+                    Err(e) => Err(e),
+                }
             }
-            RequestBody::Follow(request) => self.follow(id, request).await,
-            RequestBody::Revoke { second, at } => {
-                // Kept until every ticket issued up to `at` has expired, whichever clock is ahead.
-                let keep_until = unix_now().max(at).saturating_add(
-                    self.shared.limits.max_lease.as_secs() + wire::ticket::MAX_CLOCK_SKEW,
-                );
-                let revoke = Op::Revoke {
-                    first: id,
-                    second,
-                    at,
-                    keep_until,
-                };
-                self.shared.store.write_one(revoke).await.map(|o| {
-                    let removed = o == Outcome::Removed(true);
-                    limited!(
-                        self,
-                        "revoked",
-                        info!(second = %second.short(), removed, "revoked by its first terminal")
-                    );
-                    ResponseBody::Revoked { removed }
-                })
-            }
+            RequestBody::Follow(request) => self.follow(id, source, request).await,
+            RequestBody::Revoke { second, at } => self.revoke(id, second, at).await,
             RequestBody::Hello { .. } => unreachable!("hello is handled by the connection loop"),
             RequestBody::InterfaceInfo | RequestBody::Pair(_) => {
                 Ok(ResponseBody::Refused(Refusal {
@@ -1052,10 +1134,111 @@ impl Server {
         })
     }
 
+    /// Charges a session change to its source network's budget: its size once for the session
+    /// and once per follower it is pushed to. `Some(refusal)` when over the budget (then
+    /// nothing is stored).
+    async fn session_budget(
+        &self,
+        id: TerminalId,
+        source: IpAddr,
+        session: Option<&Session>,
+    ) -> Result<Option<ResponseBody>, StoreError> {
+        let Some(session) = session else {
+            return Ok(None);
+        };
+        let now = unix_now();
+        let followers = self
+            .shared
+            .store
+            .read(move |b| b.followers(&id, now))
+            .await?
+            .len();
+        let size = NewPush::session(id, session, Duration::ZERO).size_bound();
+        let cost = (size as u64).saturating_mul(1 + followers as u64);
+        let what = format_args!("session of {} to {followers} followers", id.short());
+        if self.charge_session_bytes(source, cost, what) {
+            return Ok(None);
+        }
+        Ok(Some(ResponseBody::Refused(Refusal {
+            reason: RefusalReason::Busy,
+            message: format!(
+                "session changes from this network are over the server's budget ([limits] \
+                 session_bytes_per_sec_per_source = {}; this one stores {size} bytes for the \
+                 session and each of {followers} followers); try again in a second",
+                self.shared.limits.session_bytes_per_sec_per_source
+            ),
+        })))
+    }
+
+    /// `first` revokes `second` (DESIGN §7): ends the link and refuses every ticket `first`
+    /// issued for `second` up to `at` (by `first`'s clock). The record is kept until all such
+    /// tickets have expired, so a time past the clock-skew allowance (which would keep it for
+    /// ever) is refused, an outdated one only ends the link, and one terminal keeps at most
+    /// `[limits] revocations_per_terminal` of them: each names a second of its own choosing.
+    async fn revoke(
+        &self,
+        first: TerminalId,
+        second: TerminalId,
+        at: u64,
+    ) -> Result<ResponseBody, StoreError> {
+        let now = unix_now();
+        let skew = wire::ticket::MAX_CLOCK_SKEW;
+        let lease = self.shared.limits.max_lease.as_secs();
+        if at > now.saturating_add(skew) {
+            return Ok(ResponseBody::Refused(Refusal {
+                reason: RefusalReason::BadTicket,
+                message: format!(
+                    "the revocation is dated {} s in the future, more than the {skew} s the \
+                     server allows; check this terminal's clock",
+                    at - now
+                ),
+            }));
+        }
+        let op = if at.saturating_add(lease + skew) <= now {
+            // Every ticket issued up to `at` has expired: nothing to remember.
+            Op::Unlink { first, second }
+        } else {
+            Op::Revoke {
+                first,
+                second,
+                at,
+                // Until every ticket issued up to `at` has expired, whichever clock is ahead.
+                keep_until: now.max(at).saturating_add(lease + skew),
+                capacity: self.shared.limits.revocations_per_terminal,
+                now,
+            }
+        };
+        let outcome = self.shared.store.write_one(op).await?;
+        if outcome == Outcome::Full {
+            let limit = self.shared.limits.revocations_per_terminal;
+            self.over_limit(
+                "revocations_per_terminal",
+                format_args!("{} revoking {}", first.short(), second.short()),
+            );
+            return Ok(ResponseBody::Refused(Refusal {
+                reason: RefusalReason::Busy,
+                message: format!(
+                    "this terminal has {limit} revocations stored on the server ([limits] \
+                     revocations_per_terminal); the link was ended, but tickets issued before \
+                     were not revoked; try again in {} s",
+                    lease + skew
+                ),
+            }));
+        }
+        let removed = outcome == Outcome::Removed(true);
+        limited!(
+            self,
+            "revoked",
+            info!(second = %second.short(), removed, "revoked by its first terminal")
+        );
+        Ok(ResponseBody::Revoked { removed })
+    }
+
     /// Patent S210: check the request and ticket, record the link, push the current session.
     async fn follow(
         &self,
         second: TerminalId,
+        source: IpAddr,
         request: InfoRequest,
     ) -> Result<ResponseBody, StoreError> {
         let refuse = |message: String| {
@@ -1106,6 +1289,22 @@ impl Server {
         }
         let ttl = self.shared.push.default_ttl;
         let push = session.as_ref().map(|s| NewPush::session(first, s, ttl));
+        // A follow copies the first terminal's session into the second's log: budgeted like a
+        // session change, before anything (the nonce too) is used.
+        if let Some(push) = &push {
+            let what = format_args!("follow of {}", first.short());
+            if !self.charge_session_bytes(source, push.size_bound() as u64, what) {
+                return Ok(ResponseBody::Refused(Refusal {
+                    reason: RefusalReason::Busy,
+                    message: format!(
+                        "follows and session changes from this network are over the server's \
+                         budget ([limits] session_bytes_per_sec_per_source = {}); try again in \
+                         a second",
+                        self.shared.limits.session_bytes_per_sec_per_source
+                    ),
+                }));
+            }
+        }
         // Nonce, link and the session push in one atomic step and one commit.
         let follow = Op::Follow {
             first,

@@ -267,6 +267,8 @@ pub fn revocations_refuse_older_tickets(b: &mut dyn Backend) {
         second: id(2),
         at: NOW + 5,
         keep_until: NOW + 100,
+        capacity: 10,
+        now: NOW + 5,
     };
     assert_eq!(b.apply(&[revoke]).unwrap(), [Outcome::Removed(true)]);
     assert!(b.followers(&id(1), NOW + 5).unwrap().is_empty());
@@ -296,12 +298,60 @@ pub fn revocations_refuse_older_tickets(b: &mut dyn Backend) {
         second: id(2),
         at: NOW,
         keep_until: NOW + 100,
+        capacity: 10,
+        now: NOW + 6,
     };
     b.apply(&[older]).unwrap();
     assert_eq!(follow(b, NOW + 4, 5, NOW + 6), Outcome::Revoked);
     // A sweep before the revocation stops mattering keeps it.
     b.apply(&[Op::Sweep { now: NOW + 50 }]).unwrap();
     assert_eq!(follow(b, NOW + 4, 6, NOW + 50), Outcome::Revoked);
+}
+
+/// Each revocation names a second of the first terminal's choosing, so one first terminal keeps
+/// at most `capacity` live ones: past that a new second is refused (its link still ends), while
+/// re-sending one kept, another first terminal's, and one after the old expired still work.
+pub fn revocations_are_bounded_per_first_terminal(b: &mut dyn Backend) {
+    let revoke = |b: &mut dyn Backend, first: u8, second: u8, now: u64| {
+        b.apply(&[Op::Revoke {
+            first: id(first),
+            second: id(second),
+            at: now,
+            keep_until: now + 100,
+            capacity: 2,
+            now,
+        }])
+        .unwrap()[0]
+    };
+    assert_eq!(revoke(b, 1, 2, NOW), Outcome::Removed(false));
+    assert_eq!(revoke(b, 1, 3, NOW + 1), Outcome::Removed(false));
+    let link = Op::Link {
+        first: id(1),
+        second: id(4),
+        until: NOW + 60,
+    };
+    b.apply(&[link]).unwrap();
+    assert_eq!(revoke(b, 1, 4, NOW + 2), Outcome::Full);
+    assert!(
+        b.followers(&id(1), NOW + 2).unwrap().is_empty(),
+        "link ended"
+    );
+    // Not recorded: a ticket issued before is not refused.
+    let follow = Op::UseNonce {
+        first: id(1),
+        second: id(4),
+        issued_at: NOW,
+        nonce: [9; 16],
+        not_after: NOW + 60,
+        now: NOW + 3,
+        capacity: 10,
+    };
+    assert_eq!(b.apply(&[follow]).unwrap(), [Outcome::Fresh(Some(true))]);
+    assert_eq!(revoke(b, 1, 2, NOW + 3), Outcome::Removed(false));
+    assert_eq!(revoke(b, 5, 2, NOW + 3), Outcome::Removed(false));
+    // Once the first two no longer matter, there is room again.
+    assert_eq!(revoke(b, 1, 4, NOW + 102), Outcome::Removed(false));
+    assert_eq!(revoke(b, 1, 6, NOW + 102), Outcome::Full);
 }
 
 pub fn follows_are_one_step_and_refused_replays_change_nothing(b: &mut dyn Backend) {
@@ -477,6 +527,11 @@ macro_rules! conformance_tests {
                 super::revocations_refuse_older_tickets(b.as_mut());
             }
             #[test]
+            fn revocations_are_bounded_per_first_terminal() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::revocations_are_bounded_per_first_terminal(b.as_mut());
+            }
+            #[test]
             fn sessions_and_known_terminals() {
                 let Some((_guard, mut b)) = $make else { return };
                 super::sessions_and_known_terminals(b.as_mut());
@@ -539,6 +594,8 @@ fn embedded_store_survives_reopening_with_its_epoch() {
             second: id(8),
             at: NOW,
             keep_until: NOW + 100,
+            capacity: 10,
+            now: NOW,
         }])
         .unwrap();
     }

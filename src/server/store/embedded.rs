@@ -417,10 +417,33 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             second,
             at,
             keep_until,
+            capacity,
+            now,
         } => {
             let mut t = txn.open_table(REVOKED).map_err(err)?;
             let key = (first.as_bytes(), second.as_bytes());
-            let (old_at, old_keep) = t.get(key).map_err(err)?.map_or((0, 0), |v| v.value());
+            let old = t.get(key).map_err(err)?.map(|v| v.value());
+            if old.is_none() {
+                // Live ones; the sweep removes the others within a minute.
+                let mut live = 0;
+                for entry in t
+                    .range((first.as_bytes(), &[0u8; 32])..=(first.as_bytes(), &[255u8; 32]))
+                    .map_err(err)?
+                {
+                    let (_, keep) = entry.map_err(err)?.1.value();
+                    live += usize::from(keep > *now);
+                }
+                if live >= *capacity {
+                    drop(t);
+                    let unlink = Op::Unlink {
+                        first: *first,
+                        second: *second,
+                    };
+                    apply_one(txn, &unlink)?;
+                    return Ok(Outcome::Full);
+                }
+            }
+            let (old_at, old_keep) = old.unwrap_or((0, 0));
             t.insert(key, (old_at.max(*at), old_keep.max(*keep_until)))
                 .map_err(err)?;
             drop(t);

@@ -200,7 +200,18 @@ impl MemoryBackend {
                 second,
                 at,
                 keep_until,
+                capacity,
+                now,
             } => {
+                let live = self
+                    .revoked
+                    .iter()
+                    .filter(|((f, _), (_, keep))| f == first && keep > now)
+                    .count();
+                if !self.revoked.contains_key(&(*first, *second)) && live >= *capacity {
+                    self.links.remove(&(*first, *second));
+                    return Outcome::Full;
+                }
                 let entry = self.revoked.entry((*first, *second)).or_insert((0, 0));
                 *entry = (entry.0.max(*at), entry.1.max(*keep_until));
                 Outcome::Removed(self.links.remove(&(*first, *second)).is_some())

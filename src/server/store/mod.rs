@@ -109,7 +109,7 @@ impl NewPush {
     /// expiry it gets: bincode needs at most 9 bytes for a length or a `u64` and claims 8 when
     /// decoding, so each string counts 9 bytes more than its text, and the fixed fields (offset,
     /// sender, options, position, expiry, variant tags) fit in 128.
-    fn size_bound(&self) -> usize {
+    pub(crate) fn size_bound(&self) -> usize {
         let strings = [
             Some(&self.uri),
             Some(&self.title),
@@ -195,12 +195,18 @@ pub enum Op {
     },
     /// `first` revokes `second`: ends the link and refuses every ticket `first` issued for
     /// `second` at or before `at` (by `first`'s clock), remembered until `keep_until` (by the
-    /// server's, when every such ticket has expired). Answers whether a link was removed.
+    /// server's, when every such ticket has expired). Answers whether a link was removed, or
+    /// [`Outcome::Full`] when `first` has `capacity` revocations stored already and none for
+    /// `second` (each names a second of `first`'s choosing): then the link is ended all the
+    /// same (that stores nothing), but the revocation is not recorded.
     Revoke {
         first: TerminalId,
         second: TerminalId,
         at: u64,
         keep_until: u64,
+        capacity: usize,
+        /// Revocations kept until `now` or earlier no longer count.
+        now: u64,
     },
     /// A follow request with a checked ticket, as one atomic step: uses the ticket's nonce
     /// (as [`Op::UseNonce`]); only if it was fresh, links `second` to `first` until `until`
@@ -305,6 +311,9 @@ pub enum Outcome {
     Revoked,
     /// For `ExpireIdle`: how many terminals were forgotten.
     Expired(u64),
+    /// For `Revoke`: the first terminal has as many revocations stored as it may; the link
+    /// was ended, the revocation not recorded.
+    Full,
 }
 
 /// A slice of a recipient's log.

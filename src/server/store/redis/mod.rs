@@ -18,6 +18,7 @@
 //! | `…{id}:following` | zset | terminals `id` follows, scored by `until` | see below |
 //! | `…{id}:nonces` | zset | nonces (16 bytes) of tickets `id` signed, scored by `not_after` | see below |
 //! | `…{id}:revoked` | hash | terminal `id` revoked → the time it did, by `id`'s clock (tickets `id` issued it until then are refused) | until the newest revocation no longer matters |
+//! | `…{id}:revoked_until` | zset | the same terminals, scored by when each revocation no longer matters (at most `[limits] revocations_per_terminal` are kept) | the same |
 //! | `…{id}:cursor` | hash | `next` (the next offset), `acked` (everything below is acknowledged) | none |
 //! | `…{id}:log` | zset | `id`'s pushes scored by offset; member: the offset (8 bytes, big-endian) then the bincode [`StoredPush`] | see below |
 //! | `…{id}:expiry` | zset | the same offsets (8 bytes), scored by `expires_at` | see below |

@@ -117,18 +117,30 @@ fn queue(
             second,
             at,
             keep_until,
+            capacity,
+            now: at_now,
         } => {
-            pipe.cmd("ZREM")
-                .arg(key(first, "followers"))
-                .arg(second.to_string());
+            // The script ends the link on the first terminal's side and decides; the second's
+            // side follows (two single-slot writes, as for an unlink).
+            let ttl = keep_until.saturating_sub(now).saturating_add(GRACE);
+            evalsha(
+                pipe,
+                &scripts.revoke,
+                &[
+                    &key(first, "revoked"),
+                    &key(first, "revoked_until"),
+                    &key(first, "followers"),
+                ],
+            )
+            .arg(second.to_string())
+            .arg(at)
+            .arg(ttl)
+            .arg(capacity)
+            .arg(keep_until)
+            .arg(at_now);
             pipe.cmd("ZREM")
                 .arg(key(second, "following"))
                 .arg(first.to_string());
-            let ttl = keep_until.saturating_sub(now).saturating_add(GRACE);
-            evalsha(pipe, &scripts.revoke, &[&key(first, "revoked")])
-                .arg(second.to_string())
-                .arg(at)
-                .arg(ttl);
             Reply::Removed
         }
         Op::UseNonce {
@@ -213,6 +225,7 @@ fn outcome(reply: Reply, value: &Value) -> Result<Attempt, Failure> {
     };
     Ok(Attempt::Done(match (reply, int) {
         (Reply::Done, _) => Outcome::Done,
+        (Reply::Removed, Some(-1)) => Outcome::Full,
         (Reply::Removed, Some(n)) => Outcome::Removed(n > 0),
         (Reply::Fresh, Some(1)) => Outcome::Fresh(Some(true)),
         (Reply::Fresh, Some(0)) => Outcome::Fresh(Some(false)),
