@@ -262,6 +262,67 @@ async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
     assert_eq!(b.metrics().get("handoff_pushes_undecodable_total", None), 1);
 }
 
+/// A hostile content server sends a push at the last offset there is (`u64::MAX`, past which no
+/// acknowledgement can point): the terminal refuses that push stream as malformed instead of
+/// overflowing, delivers nothing from it, and still takes the server's next push stream.
+#[tokio::test]
+async fn a_push_at_the_last_offset_is_refused_and_the_terminal_keeps_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::generate().unwrap();
+    let limits = TransportLimits {
+        max_bidi_streams: 16,
+        max_uni_streams: 0,
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: None,
+    };
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&identity, limits).unwrap(), loopback())
+            .unwrap();
+    let mut config = terminal(dir.path(), "b", None, vec![]);
+    config.server = Some(ServerRef {
+        id: identity.id(),
+        addrs: vec![endpoint.local_addr().unwrap().to_string()],
+    });
+    let b = start(config).await;
+    let mut pushes = b.subscribe();
+    let conn = tokio::time::timeout(WAIT, async {
+        endpoint.accept().await.unwrap().await.unwrap()
+    })
+    .await
+    .expect("the terminal connects");
+    tokio::spawn(answer_requests(conn.clone()));
+    wait_connected(&b).await;
+
+    let item = |offset: u64, title: &str| {
+        wire::encode_frame(&ServerPush::Item(PushItem {
+            offset,
+            from: None,
+            uri: "https://media.example/x".into(),
+            title: title.into(),
+            body: None,
+            position: None,
+            meta: Default::default(),
+        }))
+        .unwrap()
+    };
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&item(u64::MAX, "last")).await.unwrap();
+    let stopped = tokio::time::timeout(WAIT, send.stopped())
+        .await
+        .expect("the terminal stops the stream");
+    assert_eq!(
+        stopped.unwrap(),
+        Some(quinn::VarInt::from_u32(wire::ErrorCode::Malformed as u32))
+    );
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&item(0, "next")).await.unwrap();
+    assert_eq!(next_push(&mut pushes).await.title, "next");
+    assert!(
+        b.inbox().await.unwrap().iter().all(|p| p.title != "last"),
+        "the push at the last offset was delivered"
+    );
+}
+
 /// A server with the HTTP API and the given limits; returns it and the publish token.
 async fn start_server_with_limits(
     dir: &std::path::Path,

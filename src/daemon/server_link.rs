@@ -405,6 +405,15 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
             .await
             {
                 Ok(Some(payload)) => match crate::wire::decode_payload::<ServerPush>(&payload) {
+                    // No log reaches the last offset: nothing could acknowledge past it.
+                    Ok(ServerPush::Item(item)) if item.offset == u64::MAX => {
+                        warn!(
+                            "bad push frame from server: an item at offset {}",
+                            item.offset
+                        );
+                        let _ = recv.stop(varint(ErrorCode::Malformed));
+                        break;
+                    }
                     Ok(ServerPush::Item(item)) => {
                         let next = item.offset + 1;
                         daemon.deliver(server, epoch, item).await;
@@ -412,17 +421,19 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                     }
                     // An item this terminal cannot read: report it and acknowledge past it, so
                     // one bad item never stalls the ones after it.
-                    Err(e) => match crate::wire::push_offset(&payload) {
-                        Some(offset) => {
-                            skip_undecodable(&daemon, offset, &e);
-                            acked.send_modify(|next| *next = (*next).max(offset + 1));
+                    Err(e) => {
+                        match crate::wire::push_offset(&payload).and_then(|o| o.checked_add(1)) {
+                            Some(next) => {
+                                skip_undecodable(&daemon, next - 1, &e);
+                                acked.send_modify(|acked| *acked = (*acked).max(next));
+                            }
+                            None => {
+                                warn!("bad push frame from server: {e}");
+                                let _ = recv.stop(varint(e.code()));
+                                break;
+                            }
                         }
-                        None => {
-                            warn!("bad push frame from server: {e}");
-                            let _ = recv.stop(varint(e.code()));
-                            break;
-                        }
-                    },
+                    }
                 },
                 Ok(None) => break,
                 Err(FrameError::Stream(e)) => {
