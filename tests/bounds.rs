@@ -323,6 +323,82 @@ async fn a_push_at_the_last_offset_is_refused_and_the_terminal_keeps_receiving()
     );
 }
 
+/// A hostile content server attributes a session to a peer this terminal never followed there
+/// (`from` = that peer): it is acknowledged but not delivered (no inbox entry, no watcher, no
+/// hook, no player), and counted; a publisher's push (no `from`) still is.
+#[tokio::test]
+async fn a_server_cannot_attribute_a_push_to_a_peer_not_followed_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::generate().unwrap();
+    let limits = TransportLimits {
+        max_bidi_streams: 16,
+        max_uni_streams: 0,
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: None,
+    };
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&identity, limits).unwrap(), loopback())
+            .unwrap();
+    let mut config = terminal(dir.path(), "b", None, vec![]);
+    config.server = Some(ServerRef {
+        id: identity.id(),
+        addrs: vec![endpoint.local_addr().unwrap().to_string()],
+    });
+    let b = start(config).await;
+    let mut pushes = b.subscribe();
+    let conn = tokio::time::timeout(WAIT, async {
+        endpoint.accept().await.unwrap().await.unwrap()
+    })
+    .await
+    .expect("the terminal connects");
+    tokio::spawn(answer_requests(conn.clone()));
+    wait_connected(&b).await;
+
+    let someone = Identity::generate().unwrap().id();
+    let item = |offset: u64, from: Option<handoff::identity::TerminalId>, title: &str| {
+        wire::encode_frame(&ServerPush::Item(PushItem {
+            offset,
+            from,
+            uri: "https://media.example/x".into(),
+            title: title.into(),
+            body: None,
+            position: Some(1.0),
+            meta: Default::default(),
+        }))
+        .unwrap()
+    };
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&item(0, Some(someone), "forged"))
+        .await
+        .unwrap();
+    send.write_all(&item(1, None, "published")).await.unwrap();
+    assert_eq!(next_push(&mut pushes).await.title, "published");
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            match read_frame::<PushAck>(&mut recv, WAIT, wire::MAX_FRAME).await {
+                Ok(Some(PushAck::Ack { next })) if next >= 2 => return next,
+                Ok(Some(_)) => continue,
+                other => panic!("no acknowledgement: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("acknowledged in time");
+    assert_eq!(
+        acked, 2,
+        "the refused push is acknowledged, never stalls the stream"
+    );
+    let inbox = b.inbox().await.unwrap();
+    assert_eq!(
+        inbox.iter().map(|p| p.title.as_str()).collect::<Vec<_>>(),
+        ["published"]
+    );
+    assert_eq!(
+        b.metrics().get("handoff_pushes_not_followed_total", None),
+        1
+    );
+}
+
 /// A server with the HTTP API and the given limits; returns it and the publish token.
 async fn start_server_with_limits(
     dir: &std::path::Path,

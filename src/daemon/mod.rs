@@ -10,6 +10,7 @@
 
 mod control_server;
 mod follow;
+mod links;
 mod liveness;
 mod metrics_http;
 pub mod pairing;
@@ -162,6 +163,8 @@ pub(crate) struct Shared {
     pub follows: Mutex<HashMap<TerminalId, follow::FollowState>>,
     /// Every link this terminal made (pulls and auto-follows): peer → Unix seconds it lasts until.
     pub linked: Mutex<HashMap<TerminalId, u64>>,
+    /// The same per server, on disk: whose pushes each server may deliver.
+    pub followed: links::Links,
     /// The bound address of the metrics listener, if one is configured.
     pub metrics_addr: Mutex<Option<std::net::SocketAddr>>,
 }
@@ -271,6 +274,7 @@ impl Daemon {
             pair_changes: watch::Sender::new(0),
             follows: Mutex::new(HashMap::new()),
             linked: Mutex::new(HashMap::new()),
+            followed: links::Links::open(&config.state_dir),
             metrics_addr: Mutex::new(None),
         });
         let daemon = Daemon { shared };

@@ -215,6 +215,16 @@ impl Daemon {
         info!(peer = %peer.id.short(), server = %info.server.id.short(), "got interface info");
 
         let link = self.link_for(&info.server);
+        // Before the request: the server may push the peer's session before it answers.
+        let now = unix_now();
+        self.shared.followed.record(
+            info.server.id,
+            peer.id,
+            ticket
+                .not_after
+                .min(now.saturating_add(self.shared.config.lease.as_secs())),
+            now,
+        );
         let request = RequestBody::Follow(InfoRequest {
             first: peer.id,
             second: me,

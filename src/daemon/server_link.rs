@@ -416,7 +416,14 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                     }
                     Ok(ServerPush::Item(item)) => {
                         let next = item.offset + 1;
-                        daemon.deliver(server, epoch, item).await;
+                        match item.from {
+                            Some(from)
+                                if !daemon.shared.followed.allows(&server, &from, unix_now()) =>
+                            {
+                                not_followed(&daemon, &server, &from, item.offset);
+                            }
+                            _ => daemon.deliver(server, epoch, item).await,
+                        }
                         acked.send_replace(next);
                     }
                     // An item this terminal cannot read: report it and acknowledge past it, so
@@ -447,6 +454,29 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                 }
             }
         }
+    }
+}
+
+/// Counts and reports (at most once per interval) a push naming a peer this terminal does not
+/// follow at that server: it is acknowledged (so it never stalls the stream) but not delivered.
+fn not_followed(
+    daemon: &Daemon,
+    server: &ServerId,
+    from: &crate::identity::TerminalId,
+    offset: u64,
+) {
+    daemon
+        .shared
+        .metrics
+        .inc("handoff_pushes_not_followed_total", None);
+    if let Some(suppressed) = daemon.shared.guards.log.check("not_followed_push") {
+        warn!(
+            offset,
+            suppressed,
+            "server {} pushed a session of {}, which this terminal does not follow there; not delivered",
+            server.short(),
+            from.short()
+        );
     }
 }
 
