@@ -547,7 +547,7 @@ fn main() {
             None => lan.http_server_toml(host, TOKEN),
         };
         let extra = format!(
-            "{store}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\nknown_terminals_per_source = 100000\n"
+            "{store}[limits]\nmax_connections = 30000\nmax_connections_per_source = 30000\nhandshakes_per_sec_per_source = 100000\nrequests_per_sec_per_terminal = 100000\nknown_terminals_per_source = 100000\nrequests_per_sec_per_source = 1000000\nsession_bytes_per_sec_per_source = 4000000000\n"
         );
         let config = lan.server_config(host, &extra);
         // A production log level for the restart stage: a debug line per connection would be
