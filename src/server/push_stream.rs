@@ -1,0 +1,165 @@
+//! The push stream of one connection: the terminal's log in order from its cursor, new items
+//! from the fast path, and the acknowledgements that come back on it.
+
+use super::*;
+
+/// Items read from the log at a time when catching up.
+pub(super) const PAGE: usize = 256;
+
+/// The push stream of one connection: `id`'s log in order from its start, then every new item;
+/// the terminal's acknowledgements come back on it.
+pub(super) struct PushStream {
+    pub(super) send: quinn::SendStream,
+    pub(super) acks: AckReader,
+    /// The next offset to send.
+    pub(super) next: u64,
+}
+
+impl PushStream {
+    pub(super) fn new(send: quinn::SendStream, recv: quinn::RecvStream, start: u64) -> Self {
+        Self {
+            send,
+            acks: AckReader::new(recv),
+            next: start,
+        }
+    }
+
+    /// Sends what the fast path holds, then reads the log while behind (after a reconnect, or
+    /// when the fast path overflowed). `Err` when the connection is done for.
+    pub(super) async fn send_pending(
+        &mut self,
+        server: &Server,
+        conn: &quinn::Connection,
+        id: TerminalId,
+        outbox: &Outbox,
+    ) -> Result<(), ()> {
+        loop {
+            for (push, accepted) in outbox.take_fast() {
+                // Older ones were sent from the log; after a gap the log read below has it.
+                if push.item.offset == self.next {
+                    self.send(server, &push).await?;
+                    server
+                        .shared
+                        .metrics
+                        .observe("handoff_push_delivery_seconds", accepted.elapsed());
+                }
+            }
+            let latest = outbox.latest.load(Ordering::Acquire);
+            if self.next >= latest {
+                return Ok(());
+            }
+            let (next, now) = (self.next, unix_now());
+            let read = match server
+                .shared
+                .store
+                .read(move |b| b.log(&id, next, PAGE, now))
+                .await
+            {
+                Ok(read) => read,
+                Err(e) => {
+                    limited!(server, "store", warn!("store: {e}"));
+                    conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                    return Err(());
+                }
+            };
+            if read.items.is_empty() {
+                // Everything up to the log's end was collapsed, expired or acknowledged.
+                self.next = self.next.max(read.next.min(latest));
+                return Ok(());
+            }
+            for push in read.items {
+                self.send(server, &push).await?;
+            }
+        }
+    }
+
+    pub(super) async fn send(&mut self, server: &Server, push: &StoredPush) -> Result<(), ()> {
+        match write_frame(&mut self.send, &ServerPush::Item(push.item.clone())).await {
+            Ok(()) => {
+                server.shared.metrics.inc("handoff_pushes_sent_total", None);
+                self.next = push.item.offset + 1;
+                Ok(())
+            }
+            Err(e) => {
+                debug!("push stream failed: {e}");
+                Err(())
+            }
+        }
+    }
+}
+
+/// The largest acknowledgement frame read.
+pub(super) const MAX_ACK: usize = 64;
+
+/// Reads acknowledgement frames off the push stream into a buffer of its own, so that a read
+/// cancelled by the connection's `select!` loses no bytes of a frame.
+pub(super) struct AckReader {
+    pub(super) recv: quinn::RecvStream,
+    pub(super) buf: [u8; wire::HEADER_LEN + MAX_ACK],
+    pub(super) len: usize,
+    /// The stream ended or carried a bad frame: nothing more is read.
+    pub(super) ended: bool,
+}
+
+impl AckReader {
+    pub(super) fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: [0; wire::HEADER_LEN + MAX_ACK],
+            len: 0,
+            ended: false,
+        }
+    }
+
+    /// Reads what has arrived; returns the highest acknowledged offset among the frames it
+    /// completed, if any. Cancel-safe: the only await is quinn's `read`, which is.
+    pub(super) async fn read(&mut self) -> Option<u64> {
+        let n = match self.recv.read(&mut self.buf[self.len..]).await {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                self.ended = true;
+                return None;
+            }
+            Err(e) => {
+                debug!("ack stream ended: {e}");
+                self.ended = true;
+                return None;
+            }
+        };
+        self.len += n;
+        let mut acked = None;
+        loop {
+            match self.frame() {
+                Ok(Some((PushAck::Ack { next }, used))) => {
+                    acked = acked.max(Some(next));
+                    self.buf.copy_within(used..self.len, 0);
+                    self.len -= used;
+                }
+                Ok(None) => return acked,
+                Err(e) => {
+                    debug!("ack stream ended: {e}");
+                    let _ = self.recv.stop(varint(e.code()));
+                    self.ended = true;
+                    return acked;
+                }
+            }
+        }
+    }
+
+    /// The first complete frame in the buffer and the bytes it took.
+    pub(super) fn frame(&self) -> Result<Option<(PushAck, usize)>, wire::WireError> {
+        let Some(header) = self.buf[..self.len].first_chunk::<{ wire::HEADER_LEN }>() else {
+            return Ok(None);
+        };
+        let len = wire::decode_header(*header)?;
+        if len > MAX_ACK {
+            return Err(wire::WireError::TooLarge(len));
+        }
+        let end = wire::HEADER_LEN + len;
+        if self.len < end {
+            return Ok(None);
+        }
+        let ack = wire::decode_payload(&self.buf[wire::HEADER_LEN..end])?;
+        Ok(Some((ack, end)))
+    }
+}
