@@ -193,12 +193,12 @@ async fn answer_requests(conn: quinn::Connection) {
     }
 }
 
-/// Issue 11.1, the terminal's side: an item that does not decode (here one that fits a frame
-/// but exceeds the decoder's limit, as the server used to send) is reported, acknowledged past,
-/// and the items after it are delivered.
-#[tokio::test]
-async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
-    let dir = tempfile::tempdir().unwrap();
+/// Terminal b, started in `dir`, attached to a scripted server (an endpoint answering with
+/// [`answer_requests`]); returns b, b's connection as the server sees it (the test drives its
+/// push streams), and the endpoint, which must outlive the test.
+async fn terminal_at_scripted_server(
+    dir: &std::path::Path,
+) -> (handoff::daemon::Daemon, quinn::Connection, quinn::Endpoint) {
     let identity = Identity::generate().unwrap();
     let limits = TransportLimits {
         max_bidi_streams: 16,
@@ -209,13 +209,12 @@ async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
     let endpoint =
         quinn::Endpoint::server(tls::server_config(&identity, limits).unwrap(), loopback())
             .unwrap();
-    let mut config = terminal(dir.path(), "b", None, vec![]);
+    let mut config = terminal(dir, "b", None, vec![]);
     config.server = Some(ServerRef {
         id: identity.id(),
         addrs: vec![endpoint.local_addr().unwrap().to_string()],
     });
     let b = start(config).await;
-    let mut pushes = b.subscribe();
     let conn = tokio::time::timeout(WAIT, async {
         endpoint.accept().await.unwrap().await.unwrap()
     })
@@ -223,6 +222,32 @@ async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
     .expect("the terminal connects");
     tokio::spawn(answer_requests(conn.clone()));
     wait_connected(&b).await;
+    (b, conn, endpoint)
+}
+
+/// Reads acknowledgements on a push stream until one reaches `offset`; returns it.
+async fn acknowledged_up_to(recv: &mut quinn::RecvStream, offset: u64) -> u64 {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match read_frame::<PushAck>(recv, WAIT, wire::MAX_FRAME).await {
+                Ok(Some(PushAck::Ack { next })) if next >= offset => return next,
+                Ok(Some(_)) => continue,
+                other => panic!("no acknowledgement: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("acknowledged in time")
+}
+
+/// Issue 11.1, the terminal's side: an item that does not decode (here one that fits a frame
+/// but exceeds the decoder's limit, as the server used to send) is reported, acknowledged past,
+/// and the items after it are delivered.
+#[tokio::test]
+async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, conn, _endpoint) = terminal_at_scripted_server(dir.path()).await;
+    let mut pushes = b.subscribe();
 
     let item = |offset: u64, uri: String, title: &str| {
         ServerPush::Item(PushItem {
@@ -247,17 +272,7 @@ async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
     send.write_all(&good).await.unwrap();
 
     assert_eq!(next_push(&mut pushes).await.title, "after");
-    let acked = tokio::time::timeout(WAIT, async {
-        loop {
-            match read_frame::<PushAck>(&mut recv, WAIT, wire::MAX_FRAME).await {
-                Ok(Some(PushAck::Ack { next })) if next >= 2 => return next,
-                Ok(Some(_)) => continue,
-                other => panic!("no acknowledgement: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("acknowledged in time");
+    let acked = acknowledged_up_to(&mut recv, 2).await;
     assert_eq!(acked, 2);
     assert_eq!(b.metrics().get("handoff_pushes_undecodable_total", None), 1);
 }
@@ -268,30 +283,8 @@ async fn a_terminal_skips_an_undecodable_push_and_keeps_receiving() {
 #[tokio::test]
 async fn a_push_at_the_last_offset_is_refused_and_the_terminal_keeps_receiving() {
     let dir = tempfile::tempdir().unwrap();
-    let identity = Identity::generate().unwrap();
-    let limits = TransportLimits {
-        max_bidi_streams: 16,
-        max_uni_streams: 0,
-        idle_timeout: Duration::from_secs(30),
-        keep_alive: None,
-    };
-    let endpoint =
-        quinn::Endpoint::server(tls::server_config(&identity, limits).unwrap(), loopback())
-            .unwrap();
-    let mut config = terminal(dir.path(), "b", None, vec![]);
-    config.server = Some(ServerRef {
-        id: identity.id(),
-        addrs: vec![endpoint.local_addr().unwrap().to_string()],
-    });
-    let b = start(config).await;
+    let (b, conn, _endpoint) = terminal_at_scripted_server(dir.path()).await;
     let mut pushes = b.subscribe();
-    let conn = tokio::time::timeout(WAIT, async {
-        endpoint.accept().await.unwrap().await.unwrap()
-    })
-    .await
-    .expect("the terminal connects");
-    tokio::spawn(answer_requests(conn.clone()));
-    wait_connected(&b).await;
 
     let item = |offset: u64, title: &str| {
         wire::encode_frame(&ServerPush::Item(PushItem {
@@ -329,30 +322,8 @@ async fn a_push_at_the_last_offset_is_refused_and_the_terminal_keeps_receiving()
 #[tokio::test]
 async fn a_server_cannot_attribute_a_push_to_a_peer_not_followed_there() {
     let dir = tempfile::tempdir().unwrap();
-    let identity = Identity::generate().unwrap();
-    let limits = TransportLimits {
-        max_bidi_streams: 16,
-        max_uni_streams: 0,
-        idle_timeout: Duration::from_secs(30),
-        keep_alive: None,
-    };
-    let endpoint =
-        quinn::Endpoint::server(tls::server_config(&identity, limits).unwrap(), loopback())
-            .unwrap();
-    let mut config = terminal(dir.path(), "b", None, vec![]);
-    config.server = Some(ServerRef {
-        id: identity.id(),
-        addrs: vec![endpoint.local_addr().unwrap().to_string()],
-    });
-    let b = start(config).await;
+    let (b, conn, _endpoint) = terminal_at_scripted_server(dir.path()).await;
     let mut pushes = b.subscribe();
-    let conn = tokio::time::timeout(WAIT, async {
-        endpoint.accept().await.unwrap().await.unwrap()
-    })
-    .await
-    .expect("the terminal connects");
-    tokio::spawn(answer_requests(conn.clone()));
-    wait_connected(&b).await;
 
     let someone = Identity::generate().unwrap().id();
     let item = |offset: u64, from: Option<handoff::identity::TerminalId>, title: &str| {
@@ -373,17 +344,7 @@ async fn a_server_cannot_attribute_a_push_to_a_peer_not_followed_there() {
         .unwrap();
     send.write_all(&item(1, None, "published")).await.unwrap();
     assert_eq!(next_push(&mut pushes).await.title, "published");
-    let acked = tokio::time::timeout(WAIT, async {
-        loop {
-            match read_frame::<PushAck>(&mut recv, WAIT, wire::MAX_FRAME).await {
-                Ok(Some(PushAck::Ack { next })) if next >= 2 => return next,
-                Ok(Some(_)) => continue,
-                other => panic!("no acknowledgement: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("acknowledged in time");
+    let acked = acknowledged_up_to(&mut recv, 2).await;
     assert_eq!(
         acked, 2,
         "the refused push is acknowledged, never stalls the stream"

@@ -144,6 +144,7 @@ impl Server {
                             to_check.push((i, to));
                         }
                         pending.push(Some((to, push)));
+                        // Replaced by its outcome below: every pending push gets one.
                         answers.push(Ok(0));
                     }
                     Err(e) => {

@@ -119,13 +119,11 @@ impl Backend for EmbeddedBackend {
                     continue;
                 }
                 let applied = if matches!(op, Op::Append { .. }) {
-                    if appends.is_none() {
-                        appends = Some(AppendTables::open(&txn)?);
-                    }
-                    appends.as_mut().map_or_else(
-                        || Err(StoreError::Backend("append tables not open".into())),
-                        |tables| tables.append(op),
-                    )
+                    let tables = match &mut appends {
+                        Some(tables) => tables,
+                        None => appends.insert(AppendTables::open(&txn)?),
+                    };
+                    tables.append(op)
                 } else {
                     appends = None;
                     apply_one(&txn, op)
