@@ -67,6 +67,102 @@ async fn server_at(dir: &std::path::Path, replay_cache: usize) -> Server {
     .unwrap()
 }
 
+/// A server with the key in `dir`, listening on `listen` (the address of one that was just
+/// stopped, so its terminals find it again), on `store`.
+async fn server_on(dir: &std::path::Path, listen: SocketAddr, store: StoreKind) -> Server {
+    let config = ServerConfig::with_defaults(dir.join("server"), listen, store);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let identity = Identity::load_or_create(&config.state_dir).unwrap();
+            match Server::start(identity, &config).await {
+                Ok(server) => return server,
+                // The stopped server's socket may linger for a moment.
+                Err(e) => {
+                    eprintln!("server on {listen} not up yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the server starts again on its address")
+}
+
+/// Waits until `daemon` noticed that its home server is gone.
+async fn wait_disconnected(daemon: &handoff::daemon::Daemon) {
+    tokio::time::timeout(WAIT, async {
+        while daemon.status().await.server.is_some_and(|s| s.connected) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the daemon noticed the server is gone");
+}
+
+/// While trusted, B hoards a ticket; A's server goes away and A revokes B meanwhile (the server
+/// cannot hear of it); the server comes back on `store` at the same address, A reconnects and
+/// sends the revocation first, and the hoarded ticket is refused. Returns A, B, the ticket and
+/// the server.
+async fn revoke_while_the_server_is_down(
+    dir: &std::path::Path,
+    store: StoreKind,
+) -> (handoff::daemon::Daemon, Identity, SignedTicket, Server) {
+    let server = server_on(dir, loopback(), store.clone()).await;
+    let addr = server.local_addr();
+    let b = Identity::generate().unwrap();
+    let a = start(terminal(dir, "a", Some(&server), vec![])).await;
+    wait_connected(&a).await;
+    a.trust(b.id()).unwrap();
+    let spare = fetch_ticket(&b, a.id(), a.quic_addr()).await;
+
+    server.shutdown().await;
+    drop(server);
+    wait_disconnected(&a).await;
+    let (untrusted, revoked) = a.untrust(b.id()).await.unwrap();
+    assert!(untrusted.changed);
+    assert_eq!(revoked, None, "the server is unreachable");
+
+    let server = server_on(dir, addr, store).await;
+    wait_connected(&a).await;
+    let b_srv = raw_connect(&b, server.id(), server.local_addr()).await;
+    assert_refused(follow(&b_srv, spare.clone()).await, "revoked");
+    (a, b, spare, server)
+}
+
+/// Revocations made while the server was unreachable are sent again on reconnect (embedded
+/// store: the restarted server's own state does not know of the revocation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_while_the_server_is_down_reaches_it_on_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _, _, server) = revoke_while_the_server_is_down(dir.path(), StoreKind::Embedded).await;
+    a.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The same on Redis; and the revocation is kept there: a new server on the same Redis, with A
+/// gone (so nobody sends it again), still refuses the hoarded ticket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_resent_on_reconnect_is_kept_in_redis() {
+    let Some(redis) = handoff::testing::redis::RedisServer::start_or_skip(
+        "trust: a revocation resent on reconnect is kept in redis",
+    ) else {
+        return;
+    };
+    let store = StoreKind::Redis {
+        url: handoff::config::RedisUrl::parse(&redis.url()).unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, spare, server) = revoke_while_the_server_is_down(dir.path(), store.clone()).await;
+    a.shutdown().await;
+    server.shutdown().await;
+    drop(server);
+
+    let server = server_on(dir.path(), loopback(), store).await;
+    let b_srv = raw_connect(&b, server.id(), server.local_addr()).await;
+    assert_refused(follow(&b_srv, spare).await, "revoked");
+    server.shutdown().await;
+}
+
 /// While trusted, B hoards a second ticket; A revokes B; the spare ticket is useless at the
 /// server, also after the server restarts, while a ticket A issues after trusting B again works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
