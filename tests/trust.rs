@@ -222,8 +222,9 @@ async fn a_peer_trusted_again_after_a_revocation_can_follow() {
     server.shutdown().await;
 }
 
-/// `untrust` of a peer listed in `[trust] peers` works (no error): pulls are refused at once,
-/// and it stays revoked across a restart with the same config, until `trust`.
+/// `untrust` of a peer listed in `[trust] peers` works (no error): the live link ends, a hoarded
+/// ticket is refused, pulls are refused at once, the reply warns that the config still lists
+/// the peer, and it stays revoked across a restart with the same config, until `trust`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrust_of_a_config_peer_revokes_it_until_trusted_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -238,14 +239,51 @@ async fn untrust_of_a_config_peer_revokes_it_until_trusted_again() {
     let follows = b.follows();
     assert_eq!(follows.len(), 1, "a pull's link is listed");
     assert_eq!(follows[0].0, a.id());
+    // B's own key (the daemon's), hoarding a spare ticket while the config trusts it.
+    let b_key = Identity::load_or_create(&dir.path().join("b")).unwrap();
+    let spare = fetch_ticket(&b_key, a.id(), a.quic_addr()).await;
 
-    let (untrusted, _) = a.untrust(b.id()).await.unwrap();
-    assert!(untrusted.changed && untrusted.in_config);
+    let reply = handoff::control::call(
+        &config.control_socket,
+        &handoff::control::ControlRequest::Untrust {
+            id: b.id().to_string(),
+        },
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.changed, Some(true));
+    assert_eq!(reply.revoked, Some(true), "the live link ended");
+    let warning = reply.warning.expect("a warning that the config lists B");
+    assert!(
+        warning.contains("[trust] peers") && warning.contains(&b.id().to_string()),
+        "{warning}"
+    );
+    let b_srv = raw_connect(&b_key, server.id(), server.local_addr()).await;
+    assert_refused(follow(&b_srv, spare).await, "revoked");
     let err = b.pull("a", WAIT).await.unwrap_err();
     assert_eq!(err.refusal().unwrap().reason, RefusalReason::NotTrusted);
 
     a.shutdown().await;
+    // At start, the daemon warns that its config lists a revoked peer (logged from the task
+    // that starts it, which runs on this thread).
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let logs = tracing::subscriber::set_default(subscriber);
     let a = start(config).await;
+    drop(logs);
+    let text = captured.text();
+    assert!(
+        text.lines().any(|l| l.contains("WARN")
+            && l.contains(&b.id().to_string())
+            && l.contains("[trust] peers lists a peer revoked")),
+        "no warning at start in:\n{text}"
+    );
     wait_connected(&a).await;
     introduce(&b, "a", a.id(), a.quic_addr());
     let err = b.pull("a", WAIT).await.unwrap_err();
@@ -259,6 +297,26 @@ async fn untrust_of_a_config_peer_revokes_it_until_trusted_again() {
     a.shutdown().await;
     b.shutdown().await;
     server.shutdown().await;
+}
+
+/// Log lines captured from this thread's tracing events.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
 }
 
 /// Two keys of a stranger's own mint tickets for each other as fast as they can; they fill
