@@ -433,10 +433,26 @@ async fn endless_server(key: Identity, b: TerminalId) -> (SocketAddr, Arc<Atomic
 /// `until = u64::MAX` still ends with the ticket, and B does not reconnect after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cannot_make_a_link_outlive_the_ticket() {
+    endless_link_ends_after(Duration::from_secs(10), Duration::from_secs(600)).await;
+}
+
+/// Nor B's own lease: A signs tickets for an hour, B's `[trust] lease_secs` is 10 s, and the
+/// link answered with `until = u64::MAX` ends after B's 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_make_a_link_outlive_the_second_terminals_lease() {
+    endless_link_ends_after(Duration::from_secs(3600), Duration::from_secs(10)).await;
+}
+
+/// B pulls from A (tickets for `a_lease`, B's own lease `b_lease`) through a server that
+/// answers an endless link; the link ends by the shorter of the two (one is 10 s), and B does
+/// not come back after it.
+async fn endless_link_ends_after(a_lease: Duration, b_lease: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let evil_dir = dir.path().join("evil");
     let evil = Identity::load_or_create(&evil_dir).unwrap();
-    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let mut b_config = terminal(dir.path(), "b", None, vec![]);
+    b_config.lease = b_lease;
+    let b = start(b_config).await;
     let (evil_addr, b_conns) =
         endless_server(Identity::load_or_create(&evil_dir).unwrap(), b.id()).await;
     let mut config = terminal(dir.path(), "a", None, vec![b.id()]);
@@ -444,25 +460,28 @@ async fn a_server_cannot_make_a_link_outlive_the_ticket() {
         id: evil.id(),
         addrs: vec![evil_addr.to_string()],
     });
-    config.lease = Duration::from_secs(10);
+    config.lease = a_lease;
     let a = start(config).await;
     wait_connected(&a).await;
     introduce(&b, "a", a.id(), a.quic_addr());
 
     let pulled = b.pull("a", WAIT).await.unwrap();
     let now = unix_now();
+    let lease = a_lease.min(b_lease).as_secs();
     assert!(
-        pulled.linked_until <= now + 11,
-        "B took the server's word: linked until {}",
-        pulled.linked_until
+        pulled.linked_until <= now + lease + 1,
+        "B took the server's word: linked until {}, {} s from now (A's lease {a_lease:?}, \
+         B's {b_lease:?})",
+        pulled.linked_until,
+        pulled.linked_until.saturating_sub(now)
     );
     assert_eq!(b_conns.load(Ordering::SeqCst), 1);
-    // Past the ticket's end (plus slack), B has let go and never comes back.
-    tokio::time::sleep(Duration::from_secs(16)).await;
+    // Past the link's end (plus slack), B has let go and never comes back.
+    tokio::time::sleep(Duration::from_secs(lease + 6)).await;
     assert_eq!(
         b_conns.load(Ordering::SeqCst),
         1,
-        "B reconnected to keep a link the ticket no longer covers"
+        "B reconnected to keep a link its ticket and lease no longer cover"
     );
     a.shutdown().await;
     b.shutdown().await;
