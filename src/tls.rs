@@ -100,7 +100,7 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>>
 /// The name a certificate's subject gives as its `pseudonym` (see [`Identity::named`]), if it
 /// is a usable friendly name: UTF-8, 1 to
 /// [`MAX_NAME_LEN`](crate::wire::txt::MAX_NAME_LEN) bytes, no control characters (the rules of
-/// the mDNS `name`).
+/// the mDNS `name`), and not empty once bidi characters are stripped ([`crate::text::clean`]).
 pub fn name_from_certificate(cert: &CertificateDer<'_>) -> Option<String> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial,
     // signature, issuer, validity, subject, ... }, ... } (RFC 5280 §4.1).
@@ -130,10 +130,13 @@ pub fn name_from_certificate(cert: &CertificateDer<'_>) -> Option<String> {
                 return None;
             }
             let name = std::str::from_utf8(text).ok()?;
-            let usable = !name.is_empty()
-                && name.len() <= crate::wire::txt::MAX_NAME_LEN
-                && !name.chars().any(char::is_control);
-            return usable.then(|| name.to_string());
+            if name.len() > crate::wire::txt::MAX_NAME_LEN || name.chars().any(char::is_control) {
+                return None;
+            }
+            // Every name shown for a peer, or naming it in a message, comes from here: bidi
+            // controls (which reorder what a reader sees) go (DESIGN §7).
+            let name = crate::text::clean(name.to_string());
+            return (!name.is_empty()).then_some(name);
         }
     }
     None
@@ -575,6 +578,26 @@ mod tests {
         assert_eq!(name_from_certificate(&control.certificate()), None);
     }
 
+    /// A name the key holder chose may still carry bidi controls, which reorder what a reader
+    /// sees ("invoice\u{202E}fdp.exe" shows as "invoiceexe.pdf"): they are stripped where the
+    /// name is accepted, so `peers`, `trusted` and every message naming the peer show it clean.
+    #[test]
+    fn certificate_names_lose_their_bidi_characters() {
+        let tricky = Identity::generate()
+            .unwrap()
+            .named("tv\u{202E}moor gnivil")
+            .unwrap();
+        assert_eq!(
+            name_from_certificate(&tricky.certificate()).as_deref(),
+            Some("tvmoor gnivil")
+        );
+        let only_bidi = Identity::generate()
+            .unwrap()
+            .named("\u{202E}\u{2066}")
+            .unwrap();
+        assert_eq!(name_from_certificate(&only_bidi.certificate()), None);
+    }
+
     #[test]
     fn truncated_certificates_have_no_name() {
         let cert = Identity::generate()
@@ -599,7 +622,7 @@ mod tests {
         ) {
             let usable = |name: Option<String>| {
                 name.is_none_or(|n| {
-                    !n.is_empty() && n.len() <= 63 && !n.chars().any(char::is_control)
+                    !n.is_empty() && n.len() <= 63 && !n.chars().any(crate::text::is_unsafe)
                 })
             };
             proptest::prop_assert!(usable(name_from_certificate(&CertificateDer::from(garbage))));

@@ -486,3 +486,33 @@ async fn endless_link_ends_after(a_lease: Duration, b_lease: Duration) {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A peer whose certificate names it with a bidi control (U+202E, which shows the rest of the
+/// line reversed) is shown without it: in `handoff trusted`, `handoff peers`, and in the message
+/// of a pull naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proven_name_with_bidi_characters_is_shown_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.name = "tv\u{202E}vt".into();
+    config.accept = handoff::config::AcceptPolicy::Any;
+    let a = start(config).await;
+    let b = start(terminal(dir.path(), "b", None, vec![a.id()])).await;
+    introduce(&b, "advert", a.id(), a.quic_addr());
+    // A has no server: the pull is refused, after the handshake proved A's certificate name.
+    let err = b.pull(&a.id().to_string(), WAIT).await.unwrap_err();
+    assert_eq!(
+        err.refusal().map(|r| r.reason),
+        Some(RefusalReason::NoServer),
+        "{err}"
+    );
+    let trusted = b.trusted();
+    assert_eq!(trusted.len(), 1);
+    assert_eq!(trusted[0].name.as_deref(), Some("tvvt"), "{trusted:?}");
+    let peers = b.peers();
+    assert_eq!(peers[0].name, "tvvt");
+    let err = b.pull("tvvt", WAIT).await.unwrap_err();
+    assert!(err.to_string().contains("tvvt"), "{err}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

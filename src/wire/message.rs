@@ -113,7 +113,8 @@ pub enum ResponseBody {
     },
 }
 
-/// A refusal the requester can show its user.
+/// A refusal the requester can show its user. Its message is the refusing party's text; it is
+/// shown without control and bidi characters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     pub reason: RefusalReason,
@@ -122,7 +123,12 @@ pub struct Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason, self.message)
+        write!(
+            f,
+            "{}: {}",
+            self.reason,
+            crate::text::clean(self.message.clone())
+        )
     }
 }
 
@@ -274,5 +280,21 @@ impl PushItem {
             position: session.position,
             meta: session.meta.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal's message is the peer's (or server's) text, and may name a terminal: shown,
+    /// it has no control or bidi characters.
+    #[test]
+    fn a_refusal_is_shown_without_control_or_bidi_characters() {
+        let refusal = Refusal {
+            reason: RefusalReason::NotPairing,
+            message: "tv\u{202E}vt\u{1b}[2J is not pairing".into(),
+        };
+        assert_eq!(refusal.to_string(), "not pairing: tvvt[2J is not pairing");
     }
 }

@@ -75,7 +75,8 @@ impl Advert {
         Ok(Self {
             version,
             id,
-            name: name.to_string(),
+            // It may end up in a message naming the peer: no bidi controls (DESIGN §7).
+            name: crate::text::clean(name.to_string()),
         })
     }
 }
@@ -119,5 +120,14 @@ mod tests {
             Advert::parse([("v", "2"), ("id", idt.as_str()), ("name", "a\nb")]),
             Err(TxtError::Invalid { key: "name", .. })
         ));
+    }
+
+    /// A claimed name keeps no bidi controls: it may end up in a message naming the peer.
+    #[test]
+    fn advert_names_lose_their_bidi_characters() {
+        let idt = id().to_string();
+        let advert =
+            Advert::parse([("v", "2"), ("id", idt.as_str()), ("name", "tv\u{202E}vt")]).unwrap();
+        assert_eq!(advert.name, "tvvt");
     }
 }
