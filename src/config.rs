@@ -1495,6 +1495,34 @@ mod tests {
         assert_eq!(guess_kind(&text), Some(ConfigKind::Daemon));
     }
 
+    /// `[hooks] schemes`: the default, a valid list (lowercased), and a bad scheme refused
+    /// naming the key; the shipped example shows the key with its default.
+    #[test]
+    fn hook_schemes_are_checked() {
+        assert_eq!(daemon("").unwrap().hook_schemes, ["http", "https"]);
+        let d = daemon("[hooks]\nschemes = [\"HTTPS\", \"magnet\", \"web+x\"]").unwrap();
+        assert_eq!(d.hook_schemes, ["https", "magnet", "web+x"]);
+        for bad in ["ht tp", "", "1http", "http:"] {
+            match daemon(&format!("[hooks]\nschemes = [\"https\", {bad:?}]")) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "hooks.schemes"),
+                other => panic!("{bad:?}: expected an error on hooks.schemes, got {other:?}"),
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let text = std::fs::read_to_string(root.join("daemon.toml")).unwrap();
+        let hooks = text
+            .split("[hooks]")
+            .nth(1)
+            .unwrap()
+            .split("\n[")
+            .next()
+            .unwrap();
+        assert!(
+            hooks.contains("\nschemes = [\"http\", \"https\"]"),
+            "config/daemon.toml shows [hooks] schemes with its default:{hooks}"
+        );
+    }
+
     #[test]
     fn daemon_abuse_limits_are_checked() {
         let d = daemon("[limits]\nmax_peers = 5\nhandshake_timeout_secs = 3\n").unwrap();
