@@ -822,7 +822,13 @@ async fn server_hello(expected: TerminalId, to: SocketAddr) -> Result<(), String
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("no handshake within 5 s".into()),
     };
-    let hello = net::request(&conn, RequestBody::Hello { cursor: None });
+    let hello = net::request(
+        &conn,
+        RequestBody::Hello {
+            cursor: None,
+            streams: Vec::new(),
+        },
+    );
     match tokio::time::timeout(Duration::from_secs(5), hello).await {
         Ok(Ok(ResponseBody::Welcome { .. })) => Ok(()),
         Ok(other) => Err(format!("{other:?}")),

@@ -501,7 +501,10 @@ async fn one_network_gets_a_bounded_number_of_terminals() {
     })
     .await;
     let http_addr = server.http_addr().unwrap();
-    let hello = RequestBody::Hello { cursor: None };
+    let hello = RequestBody::Hello {
+        cursor: None,
+        streams: Vec::new(),
+    };
     let mut known = Vec::new();
     for _ in 0..3 {
         let me = Identity::generate().unwrap();
@@ -784,7 +787,10 @@ async fn session_fan_out_is_budgeted_per_source() {
     .await;
     let first = Identity::generate().unwrap();
     let conn = raw_connect(&first, server.id(), server.local_addr()).await;
-    let hello = RequestBody::Hello { cursor: None };
+    let hello = RequestBody::Hello {
+        cursor: None,
+        streams: Vec::new(),
+    };
     handoff::net::request(&conn, hello.clone()).await.unwrap();
     // Eight of the attacker's own keys follow the first, with tickets it signs.
     let mut followers = Vec::new();
@@ -907,6 +913,7 @@ async fn resyncs_are_budgeted_per_source_too() {
         let conn = raw_connect(&second, server.id(), server.local_addr()).await;
         let hello = RequestBody::Hello {
             cursor: Some(wire::Cursor { epoch: 1, next: 0 }),
+            streams: Vec::new(),
         };
         match handoff::net::request(&conn, hello).await {
             Ok(ResponseBody::Welcome { window_lost, .. }) => assert!(window_lost),

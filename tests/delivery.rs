@@ -413,7 +413,10 @@ async fn a_stale_cursor_is_told_and_gets_the_current_state() {
             .unwrap(),
         ResponseBody::SessionStored
     ));
-    let hello = |cursor| RequestBody::Hello { cursor };
+    let hello = |cursor| RequestBody::Hello {
+        cursor,
+        streams: Vec::new(),
+    };
     let x_conn = raw_connect(&x, server.id(), server.local_addr()).await;
     match net::request(&x_conn, hello(None)).await.unwrap() {
         ResponseBody::Welcome {
