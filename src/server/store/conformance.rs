@@ -493,14 +493,26 @@ pub fn links_remember_where_they_began_in_the_stream(b: &mut dyn Backend) {
         until,
         since,
     };
-    b.apply(&[link(2, NOW + 100, 5), link(3, NOW + 10, 7), link(4, NOW + 100, 0)])
-        .unwrap();
+    b.apply(&[
+        link(2, NOW + 100, 5),
+        link(3, NOW + 10, 7),
+        link(4, NOW + 100, 0),
+    ])
+    .unwrap();
     assert_eq!(b.link_since(&id(1), &id(2), NOW).unwrap(), Some(5));
     assert_eq!(b.link_since(&id(1), &id(3), NOW).unwrap(), Some(7));
     assert_eq!(b.link_since(&id(1), &id(4), NOW).unwrap(), Some(0));
-    assert_eq!(b.link_since(&id(2), &id(1), NOW).unwrap(), None, "not the other way");
+    assert_eq!(
+        b.link_since(&id(2), &id(1), NOW).unwrap(),
+        None,
+        "not the other way"
+    );
     assert_eq!(b.link_since(&id(1), &id(5), NOW).unwrap(), None);
-    assert_eq!(b.link_since(&id(1), &id(3), NOW + 10).unwrap(), None, "expired");
+    assert_eq!(
+        b.link_since(&id(1), &id(3), NOW + 10).unwrap(),
+        None,
+        "expired"
+    );
     b.apply(&[
         Op::Unlink {
             first: id(1),
@@ -542,11 +554,21 @@ pub fn a_stream_is_one_log_for_every_follower(b: &mut dyn Backend) {
     assert_eq!(append(b, stream, session("s3")), 3);
     assert_eq!(titles(b, stream, 0, NOW), ["news", "s3"]);
     assert_eq!(titles(b, stream, 2, NOW), ["s3"]);
-    assert_eq!(titles(b, first, 0, NOW), ["own"], "the terminal's own log apart");
+    assert_eq!(
+        titles(b, first, 0, NOW),
+        ["own"],
+        "the terminal's own log apart"
+    );
     assert_eq!(b.log(&stream, 0, 0, NOW).unwrap().next, 4);
-    assert!(!b.known(&stream).unwrap(), "no terminal is known by a stream key");
+    assert!(
+        !b.known(&stream).unwrap(),
+        "no terminal is known by a stream key"
+    );
     b.apply(&[Op::Sweep { now: NOW + 60 }]).unwrap();
-    assert!(titles(b, stream, 0, NOW + 60).is_empty(), "expired items go");
+    assert!(
+        titles(b, stream, 0, NOW + 60).is_empty(),
+        "expired items go"
+    );
     assert_eq!(append(b, stream, session("s4")), 4, "offsets never restart");
 }
 

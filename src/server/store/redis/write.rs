@@ -407,8 +407,12 @@ pub(super) fn sweep(conn: &mut Connection, scripts: &Scripts, now: u64) -> Resul
                 }
                 Some((base, "followers")) => {
                     let since = format!("{base}:since");
-                    evalsha(&mut pipe, &scripts.sweep_deadlines, &[name.as_str(), &since])
-                        .arg(now);
+                    evalsha(
+                        &mut pipe,
+                        &scripts.sweep_deadlines,
+                        &[name.as_str(), &since],
+                    )
+                    .arg(now);
                     swept.push(name);
                 }
                 Some((_, "following" | "nonces")) => {
