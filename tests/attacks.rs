@@ -355,7 +355,11 @@ fn an_advert_claiming_a_peers_id_with_another_key_is_not_that_peer() {
             mdns.disable_interface(mdns_sd::IfKind::All).unwrap();
             mdns.enable_interface(mdns_sd::IfKind::Name("eth0".into()))
                 .unwrap();
-            let props = [("v", "2"), ("id", claimed.as_str()), ("name", "a")];
+            let props = [
+                ("v", handoff::wire::PROTOCOL_MAJOR_TEXT),
+                ("id", claimed.as_str()),
+                ("name", "a"),
+            ];
             let mut round = 0;
             loop {
                 // Re-register under a fresh instance name each round, so B resolves it anew.

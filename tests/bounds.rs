@@ -874,8 +874,10 @@ async fn resyncs_are_budgeted_per_source_too() {
         l.session_bytes_per_sec_per_source = 64 * 1024;
     })
     .await;
+    // Setting up (each session stored and streamed, then copied at the follow) stays within
+    // the budget's burst.
     let session = Session {
-        uri: format!("https://media.example/{}", "u".repeat(6_000)),
+        uri: format!("https://media.example/{}", "u".repeat(4_000)),
         title: "t".into(),
         position: None,
         meta: Default::default(),
@@ -907,10 +909,10 @@ async fn resyncs_are_budgeted_per_source_too() {
         assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
     }
     c.close(0u32.into(), b"done");
-    // Reconnects with a cursor of another epoch: each resyncs 4 sessions of over 6,000 bytes.
+    // Reconnects with a cursor of another epoch: each resyncs 4 sessions of over 4,000 bytes.
     let started = std::time::Instant::now();
     let mut refused = 0;
-    for _ in 0..10 {
+    for _ in 0..16 {
         let conn = raw_connect(&second, server.id(), server.local_addr()).await;
         let hello = RequestBody::Hello {
             cursor: Some(wire::Cursor { epoch: 1, next: 0 }),
@@ -928,11 +930,11 @@ async fn resyncs_are_budgeted_per_source_too() {
         conn.close(0u32.into(), b"done");
     }
     // Whatever the machine's speed: what passed fits the budget and its refill.
-    let passed = 10 - refused;
+    let passed = 16 - refused;
     let allowed = 65_536.0 * (1.0 + started.elapsed().as_secs_f64());
     assert!(
-        refused > 0 && passed as f64 * 24_000.0 <= allowed,
-        "{passed} of 10 resyncs passed ({allowed} bytes allowed)"
+        refused > 0 && passed as f64 * 16_000.0 <= allowed,
+        "{passed} of 16 resyncs passed ({allowed} bytes allowed)"
     );
     server.shutdown().await;
 }

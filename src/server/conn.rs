@@ -62,8 +62,11 @@ pub(super) struct StreamState {
     /// One past the newest offset known appended; [`UNREAD`] until the stream was read.
     pub(super) latest: u64,
     /// Fresh items as announced, at most [`FAST_PATH`]; past that the task reads the stream.
-    pub(super) fast: VecDeque<(Arc<SharedItem>, Instant)>,
+    pub(super) fast: FastItems,
 }
+
+/// Stream items handed to a connection, each with the instant it was accepted.
+pub(super) type FastItems = VecDeque<(Arc<SharedItem>, Instant)>;
 
 /// A stream's `latest` before the connection read it: read it to learn where it ends.
 pub(super) const UNREAD: u64 = u64::MAX;

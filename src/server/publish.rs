@@ -161,7 +161,7 @@ impl Server {
                 outcomes.last()
             )));
         };
-        self.announce_stream(owner, push.stored(offset, now), followers, accepted);
+        self.announce_stream(owner, push.into_stored(offset, now), followers, accepted);
         Ok(offset)
     }
 
@@ -174,12 +174,11 @@ impl Server {
         let now = unix_now();
         let accepted = Instant::now();
         let n_extra = extra.len();
-        let stored: Vec<(TerminalId, NewPush)> = items.clone();
-        extra.extend(
-            items
-                .into_iter()
-                .map(|(to, push)| Op::Append { to, push, now }),
-        );
+        extra.extend(items.iter().map(|(to, push)| Op::Append {
+            to: *to,
+            push: push.clone(),
+            now,
+        }));
         let outcomes = self.shared.store.write(extra).await?;
         self.shared
             .metrics
@@ -192,10 +191,10 @@ impl Server {
             })
             .collect();
         self.announce(
-            stored
+            items
                 .into_iter()
                 .zip(&offsets)
-                .map(|((to, p), off)| (to, p.stored(*off, now)))
+                .map(|((to, p), off)| (to, p.into_stored(*off, now)))
                 .collect(),
             accepted,
         );
@@ -286,7 +285,7 @@ impl Server {
         for ((i, (to, push)), outcome) in slots.into_iter().zip(items).zip(outcomes) {
             answers[i] = match outcome {
                 Ok(Outcome::Offset(offset)) => {
-                    stored.push((to, push.stored(offset, now)));
+                    stored.push((to, push.into_stored(offset, now)));
                     Ok(offset)
                 }
                 Ok(other) => {

@@ -86,7 +86,7 @@ impl PushStream {
     ) -> Result<(), ()> {
         loop {
             // What each stream has waiting, taken under the lock and sent outside it.
-            let work: Vec<(TerminalId, u64, u64, VecDeque<(Arc<SharedItem>, Instant)>)> = outbox
+            let work: Vec<(TerminalId, u64, u64, FastItems)> = outbox
                 .streams()
                 .iter_mut()
                 .filter(|(_, s)| s.behind())
@@ -175,17 +175,11 @@ impl PushStream {
     }
 
     pub(super) async fn send(&mut self, server: &Server, push: &StoredPush) -> Result<(), ()> {
-        match write_frame(&mut self.send, &ServerPush::Item(push.item.clone())).await {
-            Ok(()) => {
-                server.shared.metrics.inc("handoff_pushes_sent_total", None);
-                self.next = push.item.offset + 1;
-                Ok(())
-            }
-            Err(e) => {
-                debug!("push stream failed: {e}");
-                Err(())
-            }
-        }
+        let frame = wire::encode_frame(&ServerPushRef::Item(&push.item))
+            .map_err(|e| debug!("cannot encode a push: {e}"))?;
+        self.send_frame(server, frame.into()).await?;
+        self.next = push.item.offset + 1;
+        Ok(())
     }
 }
 

@@ -269,6 +269,18 @@ pub enum ServerPush {
     Stream { owner: TerminalId, item: PushItem },
 }
 
+/// [`ServerPush`] by reference, encoded exactly as the owned one (bincode encodes a variant by
+/// its position, and a reference as what it points to): a server sends what its log holds
+/// without copying it first.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum ServerPushRef<'a> {
+    Item(&'a PushItem),
+    Stream {
+        owner: &'a TerminalId,
+        item: &'a PushItem,
+    },
+}
+
 /// One pushed item. `from` is the terminal whose session it is (`None` for a publisher's own push).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushItem {

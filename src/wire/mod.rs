@@ -24,6 +24,9 @@ pub const ALPN: &[u8] = b"handoff/3";
 /// The protocol major, advertised in mDNS TXT `v`.
 pub const PROTOCOL_MAJOR: u32 = 3;
 
+/// [`PROTOCOL_MAJOR`] as the TXT record writes it.
+pub const PROTOCOL_MAJOR_TEXT: &str = "3";
+
 /// Hard cap on one frame's payload, checked before allocating.
 pub const MAX_FRAME: usize = 64 * 1024;
 

@@ -403,3 +403,35 @@ fn a_push_items_offset_is_read_even_when_the_rest_does_not_decode() {
     assert!(decode_payload::<ServerPush>(&payload[..payload.len() - 1]).is_err());
     assert_eq!(push_offset(&payload[..36]), Some((Some(id(2)), 301)));
 }
+
+#[test]
+fn the_major_text_is_the_major() {
+    assert_eq!(PROTOCOL_MAJOR_TEXT, PROTOCOL_MAJOR.to_string());
+}
+
+/// The borrowed form of a push encodes to the same bytes as the owned one.
+#[test]
+fn a_push_by_reference_encodes_as_the_push() {
+    let item = PushItem {
+        offset: 77,
+        from: Some(id(3)),
+        meta: BTreeMap::from([("k".into(), "v".into())]),
+        ..item_for_stream()
+    };
+    assert_eq!(
+        encode_payload(&ServerPushRef::Item(&item)).unwrap(),
+        encode_payload(&ServerPush::Item(item.clone())).unwrap()
+    );
+    assert_eq!(
+        encode_payload(&ServerPushRef::Stream {
+            owner: &id(4),
+            item: &item
+        })
+        .unwrap(),
+        encode_payload(&ServerPush::Stream {
+            owner: id(4),
+            item: item.clone()
+        })
+        .unwrap()
+    );
+}

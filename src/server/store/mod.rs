@@ -152,6 +152,23 @@ impl NewPush {
         }
     }
 
+    /// [`NewPush::stored`], taking the push instead of copying it.
+    pub(crate) fn into_stored(self, offset: u64, now: u64) -> StoredPush {
+        StoredPush {
+            item: PushItem {
+                offset,
+                from: self.from,
+                uri: self.uri,
+                title: self.title,
+                body: self.body,
+                position: self.position,
+                meta: self.meta,
+            },
+            expires_at: now.saturating_add(self.ttl.as_secs().max(1)),
+            collapse_key: self.collapse_key,
+        }
+    }
+
     pub(crate) fn stored(&self, offset: u64, now: u64) -> StoredPush {
         StoredPush {
             item: PushItem {
