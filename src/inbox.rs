@@ -3,8 +3,9 @@
 //! One JSON object per line, appended and fsynced before the push is shown anywhere else or
 //! acknowledged to the server. Each line records the server and the epoch/offset of the push, so
 //! a push the server sends again (after a crash or reconnect) is recognised and not delivered
-//! twice: the cursors are rebuilt from the file at start. A crash can leave a torn last line;
-//! reading skips it.
+//! twice: the cursors are rebuilt from the file at start. A push that came on the stream of a
+//! followed terminal (fan-out on read) records that terminal too: each stream has a cursor of
+//! its own. A crash can leave a torn last line; reading skips it.
 //!
 //! A push that repeats the newest kept push from the same terminal — the same session pushed
 //! again because it was pulled again or its follow renewed, with nothing changed — is kept once:
@@ -30,8 +31,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::control::PushRecord;
-use crate::identity::ServerId;
-use crate::wire::Cursor;
+use crate::identity::{ServerId, TerminalId};
+use crate::wire::{Cursor, StreamCursor};
 
 pub const INBOX_FILE: &str = "inbox.jsonl";
 
@@ -49,6 +50,22 @@ struct Entry {
     push: PushRecord,
     server: String,
     epoch: u64,
+    /// The followed terminal whose stream carried the push; absent for the terminal's own log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream: Option<String>,
+}
+
+/// Where a push came from at a server: this terminal's own log (`None`), or the stream of a
+/// terminal it follows.
+type LogKey = (ServerId, Option<TerminalId>);
+
+/// Parses the server and stream named in a line; `None` if either does not parse.
+fn log_key(server: &str, stream: Option<&str>) -> Option<LogKey> {
+    let server = server.parse().ok()?;
+    match stream {
+        None => Some((server, None)),
+        Some(stream) => Some((server, Some(stream.parse().ok()?))),
+    }
 }
 
 /// A line written when the file is rewritten: where a server's log left off, so pushes dropped
@@ -59,6 +76,8 @@ struct CursorLine {
     cursor_server: String,
     cursor_epoch: u64,
     cursor_next: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cursor_stream: Option<String>,
 }
 
 /// A parsed line of the inbox file.
@@ -95,8 +114,8 @@ const MAX_EXTRA_CURSOR_LINES: usize = 64;
 #[derive(Debug)]
 struct State {
     file: File,
-    /// Per server: the epoch and the next offset not yet delivered.
-    cursors: HashMap<ServerId, Cursor>,
+    /// Per server and stream: the epoch and the next offset not yet delivered.
+    cursors: HashMap<LogKey, Cursor>,
     /// The size in bytes of each push in the file, oldest first.
     sizes: VecDeque<u64>,
     /// Their sum.
@@ -186,28 +205,36 @@ impl Inbox {
                 .and_then(|()| file.sync_data())
                 .map_err(err)?;
         }
-        let mut cursors: HashMap<ServerId, Cursor> = HashMap::new();
+        let mut cursors: HashMap<LogKey, Cursor> = HashMap::new();
         let mut sizes = VecDeque::new();
         let mut latest = HashMap::new();
         let mut cursor_lines = 0;
         for line in read_lines(&path).map_err(err)? {
-            let (server, epoch, next) = match line {
+            let (key, epoch, next) = match line {
                 Line::Entry(entry, size) => {
                     sizes.push_back(size);
                     if let Some(from) = &entry.push.from {
                         latest.insert(from.clone(), entry.push.clone());
                     }
-                    (entry.server, entry.epoch, entry.push.offset + 1)
+                    (
+                        log_key(&entry.server, entry.stream.as_deref()),
+                        entry.epoch,
+                        entry.push.offset + 1,
+                    )
                 }
                 Line::Cursor(c) => {
                     cursor_lines += 1;
-                    (c.cursor_server, c.cursor_epoch, c.cursor_next)
+                    (
+                        log_key(&c.cursor_server, c.cursor_stream.as_deref()),
+                        c.cursor_epoch,
+                        c.cursor_next,
+                    )
                 }
             };
-            let Ok(server) = server.parse::<ServerId>() else {
+            let Some(key) = key else {
                 continue;
             };
-            let cursor = cursors.entry(server).or_insert(Cursor { epoch, next });
+            let cursor = cursors.entry(key).or_insert(Cursor { epoch, next });
             if cursor.epoch != epoch {
                 // A later epoch in the file supersedes the earlier one.
                 *cursor = Cursor { epoch, next };
@@ -232,7 +259,23 @@ impl Inbox {
 
     /// Where this terminal's log at `server` left off.
     pub fn cursor(&self, server: &ServerId) -> Option<Cursor> {
-        self.lock().cursors.get(server).copied()
+        self.lock().cursors.get(&(*server, None)).copied()
+    }
+
+    /// Where the streams of the terminals followed at `server` left off.
+    pub fn stream_cursors(&self, server: &ServerId) -> Vec<StreamCursor> {
+        self.lock()
+            .cursors
+            .iter()
+            .filter_map(|((s, stream), c)| {
+                let owner = stream.filter(|_| s == server)?;
+                Some(StreamCursor {
+                    owner,
+                    epoch: c.epoch,
+                    next: c.next,
+                })
+            })
+            .collect()
     }
 
     /// Keeps `push` (from `server`, in `epoch`) durably, unless it was delivered before or
@@ -242,11 +285,13 @@ impl Inbox {
     pub fn append(
         &self,
         server: &ServerId,
+        stream: Option<&TerminalId>,
         epoch: u64,
         push: &PushRecord,
     ) -> Result<Appended, InboxError> {
+        let key = (*server, stream.copied());
         let mut state = self.lock();
-        if let Some(cursor) = state.cursors.get(server) {
+        if let Some(cursor) = state.cursors.get(&key) {
             if cursor.epoch == epoch && push.offset < cursor.next {
                 return Ok(Appended::default());
             }
@@ -257,12 +302,14 @@ impl Inbox {
                 cursor_server: server.to_string(),
                 cursor_epoch: epoch,
                 cursor_next: push.offset + 1,
+                cursor_stream: stream.map(|s| s.to_string()),
             })
         } else {
             serde_json::to_vec(&Entry {
                 push: push.clone(),
                 server: server.to_string(),
                 epoch,
+                stream: stream.map(|s| s.to_string()),
             })
         }
         .unwrap_or_default();
@@ -275,7 +322,7 @@ impl Inbox {
                 source,
             })?;
         state.cursors.insert(
-            *server,
+            key,
             Cursor {
                 epoch,
                 next: push.offset + 1,
@@ -343,11 +390,12 @@ impl Inbox {
             }
         }
         // After the entries: the cursors win over what the kept entries say.
-        for (server, cursor) in &state.cursors {
+        for ((server, stream), cursor) in &state.cursors {
             let line = CursorLine {
                 cursor_server: server.to_string(),
                 cursor_epoch: cursor.epoch,
                 cursor_next: cursor.next,
+                cursor_stream: stream.map(|s| s.to_string()),
             };
             text.extend(serde_json::to_vec(&line).unwrap_or_default());
             text.push(b'\n');
@@ -473,7 +521,7 @@ mod tests {
             scope.spawn(|| {
                 for i in 0..600 {
                     inbox
-                        .append(&server, 1, &record(i, &i.to_string()))
+                        .append(&server, None, 1, &record(i, &i.to_string()))
                         .unwrap();
                 }
                 appending.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -498,10 +546,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = ServerId::from_bytes([1; 32]);
         let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
-        assert!(inbox.append(&server, 7, &record(0, "a")).unwrap().fresh);
-        assert!(inbox.append(&server, 7, &record(1, "b")).unwrap().fresh);
         assert!(
-            !inbox.append(&server, 7, &record(1, "b")).unwrap().fresh,
+            inbox
+                .append(&server, None, 7, &record(0, "a"))
+                .unwrap()
+                .fresh
+        );
+        assert!(
+            inbox
+                .append(&server, None, 7, &record(1, "b"))
+                .unwrap()
+                .fresh
+        );
+        assert!(
+            !inbox
+                .append(&server, None, 7, &record(1, "b"))
+                .unwrap()
+                .fresh,
             "resent: not delivered twice"
         );
         drop(inbox);
@@ -515,12 +576,104 @@ mod tests {
         let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 7, next: 2 }));
         assert_eq!(inbox.len(), 2);
-        assert!(!inbox.append(&server, 7, &record(0, "a")).unwrap().fresh);
+        assert!(
+            !inbox
+                .append(&server, None, 7, &record(0, "a"))
+                .unwrap()
+                .fresh
+        );
         // A new epoch starts over.
-        assert!(inbox.append(&server, 8, &record(0, "c")).unwrap().fresh);
+        assert!(
+            inbox
+                .append(&server, None, 8, &record(0, "c"))
+                .unwrap()
+                .fresh
+        );
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 8, next: 1 }));
         let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
         assert_eq!(titles, ["a", "b", "c"]);
+    }
+
+    /// Each followed terminal's stream has a cursor of its own, apart from the terminal's own
+    /// log at the same server: the same offset in two of them is two pushes. The cursors
+    /// survive a restart and a rewrite.
+    #[test]
+    fn streams_keep_cursors_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerId::from_bytes([1; 32]);
+        let (a, b) = (
+            TerminalId::from_bytes([2; 32]),
+            TerminalId::from_bytes([3; 32]),
+        );
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert!(
+            inbox
+                .append(&server, None, 7, &record(0, "own"))
+                .unwrap()
+                .fresh
+        );
+        assert!(
+            inbox
+                .append(&server, Some(&a), 7, &record(0, "a0"))
+                .unwrap()
+                .fresh
+        );
+        assert!(
+            inbox
+                .append(&server, Some(&a), 7, &record(1, "a1"))
+                .unwrap()
+                .fresh
+        );
+        assert!(
+            inbox
+                .append(&server, Some(&b), 7, &record(0, "b0"))
+                .unwrap()
+                .fresh
+        );
+        assert!(
+            !inbox
+                .append(&server, Some(&a), 7, &record(0, "a0"))
+                .unwrap()
+                .fresh
+        );
+        let streams = |inbox: &Inbox| {
+            let mut c = inbox.stream_cursors(&server);
+            c.sort_by_key(|c| c.owner);
+            c
+        };
+        let expected = [
+            StreamCursor {
+                owner: a,
+                epoch: 7,
+                next: 2,
+            },
+            StreamCursor {
+                owner: b,
+                epoch: 7,
+                next: 1,
+            },
+        ];
+        assert_eq!(streams(&inbox), expected);
+        assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 7, next: 1 }));
+        assert!(inbox
+            .stream_cursors(&ServerId::from_bytes([9; 32]))
+            .is_empty());
+        drop(inbox);
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert_eq!(streams(&inbox), expected);
+        assert!(
+            !inbox
+                .append(&server, Some(&b), 7, &record(0, "b0"))
+                .unwrap()
+                .fresh
+        );
+        let mut state = inbox.lock();
+        inbox.rewrite(&mut state).unwrap();
+        drop(state);
+        drop(inbox);
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        assert_eq!(streams(&inbox), expected);
+        assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 7, next: 1 }));
     }
 
     /// Pulling an unchanged session again (or a follow's renewal) delivers it again with a new
@@ -546,25 +699,25 @@ mod tests {
         let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
         assert!(
             !inbox
-                .append(&server, 1, &from(0, "a", "tv"))
+                .append(&server, None, 1, &from(0, "a", "tv"))
                 .unwrap()
                 .repeat
         );
-        let again = inbox.append(&server, 1, &from(1, "a", "tv")).unwrap();
+        let again = inbox.append(&server, None, 1, &from(1, "a", "tv")).unwrap();
         assert!(again.fresh && again.repeat, "{again:?}");
         assert_eq!(titles(&inbox), [("a".to_string(), 0)]);
         assert_eq!(inbox.len(), 1);
         // Another terminal showing the same thing is another entry.
         assert!(
             !inbox
-                .append(&server, 1, &from(2, "a", "pc"))
+                .append(&server, None, 1, &from(2, "a", "pc"))
                 .unwrap()
                 .repeat
         );
         // Still a repeat of tv's newest, with pc's push in between.
         assert!(
             inbox
-                .append(&server, 1, &from(3, "a", "tv"))
+                .append(&server, None, 1, &from(3, "a", "tv"))
                 .unwrap()
                 .repeat
         );
@@ -572,32 +725,47 @@ mod tests {
 
         let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 1, next: 4 }));
-        assert!(!inbox.append(&server, 1, &from(3, "a", "tv")).unwrap().fresh);
+        assert!(
+            !inbox
+                .append(&server, None, 1, &from(3, "a", "tv"))
+                .unwrap()
+                .fresh
+        );
         assert!(
             inbox
-                .append(&server, 1, &from(4, "a", "tv"))
+                .append(&server, None, 1, &from(4, "a", "tv"))
                 .unwrap()
                 .repeat
         );
         // A moved position is a change; so is going back to "a" after "b".
         let mut moved = from(5, "a", "tv");
         moved.position = Some(40.0);
-        assert!(!inbox.append(&server, 1, &moved).unwrap().repeat);
+        assert!(!inbox.append(&server, None, 1, &moved).unwrap().repeat);
         assert!(
             !inbox
-                .append(&server, 1, &from(6, "b", "tv"))
+                .append(&server, None, 1, &from(6, "b", "tv"))
                 .unwrap()
                 .repeat
         );
         assert!(
             !inbox
-                .append(&server, 1, &from(7, "a", "tv"))
+                .append(&server, None, 1, &from(7, "a", "tv"))
                 .unwrap()
                 .repeat
         );
         // A publisher's push twice is twice.
-        assert!(!inbox.append(&server, 1, &record(8, "news")).unwrap().repeat);
-        assert!(!inbox.append(&server, 1, &record(9, "news")).unwrap().repeat);
+        assert!(
+            !inbox
+                .append(&server, None, 1, &record(8, "news"))
+                .unwrap()
+                .repeat
+        );
+        assert!(
+            !inbox
+                .append(&server, None, 1, &record(9, "news"))
+                .unwrap()
+                .repeat
+        );
         let offsets: Vec<u64> = titles(&inbox).into_iter().map(|(_, o)| o).collect();
         assert_eq!(offsets, [0, 2, 5, 6, 7, 8, 9]);
 
@@ -606,7 +774,9 @@ mod tests {
             .unwrap()
             .len();
         for offset in 10..1000 {
-            let repeated = inbox.append(&server, 1, &from(offset, "a", "tv")).unwrap();
+            let repeated = inbox
+                .append(&server, None, 1, &from(offset, "a", "tv"))
+                .unwrap();
             assert!(repeated.repeat && repeated.dropped == 0, "{repeated:?}");
         }
         let after = std::fs::metadata(dir.path().join(INBOX_FILE))
@@ -625,7 +795,7 @@ mod tests {
         );
         assert!(
             inbox
-                .append(&server, 1, &from(1000, "a", "tv"))
+                .append(&server, None, 1, &from(1000, "a", "tv"))
                 .unwrap()
                 .repeat
         );
@@ -647,7 +817,7 @@ mod tests {
         let mut largest_file = 0;
         for offset in 0..100 {
             let appended = inbox
-                .append(&server, 1, &record(offset, &format!("p{offset}")))
+                .append(&server, None, 1, &record(offset, &format!("p{offset}")))
                 .unwrap();
             assert!(appended.fresh);
             dropped += appended.dropped;
@@ -675,7 +845,12 @@ mod tests {
                 next: 100
             })
         );
-        assert!(!inbox.append(&server, 1, &record(3, "p3")).unwrap().fresh);
+        assert!(
+            !inbox
+                .append(&server, None, 1, &record(3, "p3"))
+                .unwrap()
+                .fresh
+        );
         assert_eq!(inbox.list().unwrap().len(), 8);
 
         // The byte limit: big pushes leave only what fits.
@@ -689,7 +864,7 @@ mod tests {
         for offset in 0..40 {
             let mut big = record(offset, "big");
             big.body = Some("x".repeat(1000));
-            hit = hit.or(inbox.append(&server, 1, &big).unwrap().limit);
+            hit = hit.or(inbox.append(&server, None, 1, &big).unwrap().limit);
         }
         assert_eq!(hit, Some("max_inbox_bytes"));
         let kept = inbox.list().unwrap();

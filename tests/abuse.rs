@@ -416,7 +416,11 @@ fn fake_adverts(
         for i in 0..count {
             let id = Identity::generate().unwrap().id().to_string();
             let name = format!("fake{i}");
-            let props = [("v", "2"), ("id", id.as_str()), ("name", name.as_str())];
+            let props = [
+                ("v", handoff::wire::PROTOCOL_MAJOR_TEXT),
+                ("id", id.as_str()),
+                ("name", name.as_str()),
+            ];
             let info = mdns_sd::ServiceInfo::new(
                 "_handoff._udp.local.",
                 &name,
@@ -526,7 +530,11 @@ fn stuffed_addresses_do_not_slow_a_pull() {
             mdns.disable_interface(mdns_sd::IfKind::All).unwrap();
             mdns.enable_interface(mdns_sd::IfKind::Name("eth0".into()))
                 .unwrap();
-            let props = [("v", "2"), ("id", claimed.as_str()), ("name", "a")];
+            let props = [
+                ("v", handoff::wire::PROTOCOL_MAJOR_TEXT),
+                ("id", claimed.as_str()),
+                ("name", "a"),
+            ];
             let info = mdns_sd::ServiceInfo::new(
                 "_handoff._udp.local.",
                 "a-stuffed",
@@ -612,7 +620,11 @@ fn an_unverified_advert_cannot_rename_or_keep_a_trusted_peer() {
             ("impostor-1", "impostor", m_ip.as_str()),
             ("impostor-2", "impostor2", a_ip.as_str()),
         ] {
-            let props = [("v", "2"), ("id", claimed.as_str()), ("name", name)];
+            let props = [
+                ("v", handoff::wire::PROTOCOL_MAJOR_TEXT),
+                ("id", claimed.as_str()),
+                ("name", name),
+            ];
             let info = mdns_sd::ServiceInfo::new(
                 "_handoff._udp.local.",
                 instance,
@@ -822,7 +834,13 @@ async fn server_hello(expected: TerminalId, to: SocketAddr) -> Result<(), String
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("no handshake within 5 s".into()),
     };
-    let hello = net::request(&conn, RequestBody::Hello { cursor: None });
+    let hello = net::request(
+        &conn,
+        RequestBody::Hello {
+            cursor: None,
+            streams: Vec::new(),
+        },
+    );
     match tokio::time::timeout(Duration::from_secs(5), hello).await {
         Ok(Ok(ResponseBody::Welcome { .. })) => Ok(()),
         Ok(other) => Err(format!("{other:?}")),

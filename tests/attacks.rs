@@ -355,7 +355,11 @@ fn an_advert_claiming_a_peers_id_with_another_key_is_not_that_peer() {
             mdns.disable_interface(mdns_sd::IfKind::All).unwrap();
             mdns.enable_interface(mdns_sd::IfKind::Name("eth0".into()))
                 .unwrap();
-            let props = [("v", "2"), ("id", claimed.as_str()), ("name", "a")];
+            let props = [
+                ("v", handoff::wire::PROTOCOL_MAJOR_TEXT),
+                ("id", claimed.as_str()),
+                ("name", "a"),
+            ];
             let mut round = 0;
             loop {
                 // Re-register under a fresh instance name each round, so B resolves it anew.
@@ -686,7 +690,13 @@ async fn hello_from(
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("no handshake within 5 s".into()),
     };
-    let hello = net::request(&conn, RequestBody::Hello { cursor: None });
+    let hello = net::request(
+        &conn,
+        RequestBody::Hello {
+            cursor: None,
+            streams: Vec::new(),
+        },
+    );
     match tokio::time::timeout(Duration::from_secs(5), hello).await {
         Ok(Ok(ResponseBody::Welcome { .. })) => Ok((endpoint, conn)),
         Ok(other) => Err(format!("{other:?}")),

@@ -413,7 +413,10 @@ async fn a_stale_cursor_is_told_and_gets_the_current_state() {
             .unwrap(),
         ResponseBody::SessionStored
     ));
-    let hello = |cursor| RequestBody::Hello { cursor };
+    let hello = |cursor| RequestBody::Hello {
+        cursor,
+        streams: Vec::new(),
+    };
     let x_conn = raw_connect(&x, server.id(), server.local_addr()).await;
     match net::request(&x_conn, hello(None)).await.unwrap() {
         ResponseBody::Welcome {
@@ -496,4 +499,254 @@ async fn a_stale_cursor_is_told_and_gets_the_current_state() {
         ResponseBody::Welcome { window_lost, .. } => assert!(window_lost),
         other => panic!("{other:?}"),
     }
+}
+
+/// A raw terminal's push stream: the frames the server sends it, in order.
+struct RawTerminal {
+    conn: quinn::Connection,
+    recv: Option<quinn::RecvStream>,
+}
+
+impl RawTerminal {
+    /// Connects and says hello with `streams` cursors.
+    async fn connect(id: &Identity, server: &Server, streams: Vec<wire::StreamCursor>) -> Self {
+        let conn = raw_connect(id, server.id(), server.local_addr()).await;
+        let hello = RequestBody::Hello {
+            cursor: None,
+            streams,
+        };
+        match net::request(&conn, hello).await.unwrap() {
+            ResponseBody::Welcome { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        Self { conn, recv: None }
+    }
+
+    /// Follows `first`, with a ticket `first` signed.
+    async fn follow(&self, me: &Identity, first: &Identity, server: &Server) {
+        let ticket = Ticket {
+            first: first.id(),
+            second: me.id(),
+            server: server.id(),
+            issued_at: unix_now(),
+            not_after: unix_now() + 600,
+            nonce: rand::random(),
+        }
+        .sign(first);
+        let follow = RequestBody::Follow(InfoRequest {
+            first: first.id(),
+            second: me.id(),
+            ticket,
+        });
+        let answer = net::request(&self.conn, follow).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+    }
+
+    /// The next frame on the push stream.
+    async fn next(&mut self) -> ServerPush {
+        if self.recv.is_none() {
+            let (_send, recv) = tokio::time::timeout(WAIT, self.conn.accept_bi())
+                .await
+                .expect("a push stream in time")
+                .unwrap();
+            self.recv = Some(recv);
+        }
+        let recv = self.recv.as_mut().unwrap();
+        read_frame::<ServerPush>(recv, WAIT, wire::MAX_FRAME)
+            .await
+            .unwrap()
+            .expect("a push in time")
+    }
+
+    /// The next item of `owner`'s stream, skipping items of the terminal's own log.
+    async fn next_from(&mut self, owner: &Identity) -> wire::PushItem {
+        loop {
+            match self.next().await {
+                ServerPush::Stream { owner: o, item } if o == owner.id() => return item,
+                ServerPush::Stream { owner: o, item } => {
+                    panic!("an item of {o}'s stream: {item:?}")
+                }
+                ServerPush::Item(_) => continue,
+            }
+        }
+    }
+}
+
+async fn set_session(conn: &quinn::Connection, title: &str) {
+    let answer = net::request(conn, RequestBody::SetSession(Some(session(title))))
+        .await
+        .unwrap();
+    assert!(matches!(answer, ResponseBody::SessionStored), "{answer:?}");
+}
+
+/// Fan-out on read: a change that all of A's followers receive is stored once, in A's stream,
+/// whatever the number of followers, and each follower reads it from its own cursor: after a
+/// reconnect it gets what it missed (sessions collapsed to the latest, followers pushes each
+/// once, in order), and never what was streamed before it followed, whatever cursor it claims.
+#[tokio::test]
+async fn a_change_is_stored_once_and_each_follower_reads_it_from_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let a = Identity::generate().unwrap();
+    let a_conn = RawTerminal::connect(&a, &server, Vec::new()).await;
+    let ids: Vec<Identity> = (0..10).map(|_| Identity::generate().unwrap()).collect();
+    let mut followers = Vec::new();
+    for id in &ids {
+        let t = RawTerminal::connect(id, &server, Vec::new()).await;
+        t.follow(id, &a, &server).await;
+        followers.push(t);
+    }
+    let stored = || server.metrics().get("handoff_pushes_stored_total", None);
+
+    let before = stored();
+    set_session(&a_conn.conn, "s1").await;
+    assert_eq!(stored() - before, 1, "one push stored for ten followers");
+    let mut s1 = None;
+    for f in &mut followers {
+        let item = f.next_from(&a).await;
+        assert_eq!((item.title.as_str(), item.from), ("s1", Some(a.id())));
+        assert!(s1.is_none_or(|o| o == item.offset), "one offset for all");
+        s1 = Some(item.offset);
+    }
+    let s1 = s1.unwrap();
+
+    let before = stored();
+    let (status, answer) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/followers/push", a.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/n1","title":"n1"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(json(&answer)["pushed"], 10);
+    assert_eq!(stored() - before, 1);
+    for f in &mut followers {
+        let item = f.next_from(&a).await;
+        assert_eq!((item.title.as_str(), item.from), ("n1", None));
+        assert_eq!(item.offset, s1 + 1);
+    }
+
+    // The first follower goes away; A changes twice and publishes once meanwhile.
+    let gone = followers.remove(0);
+    gone.conn.close(0u32.into(), b"bye");
+    set_session(&a_conn.conn, "s2").await;
+    set_session(&a_conn.conn, "s3").await;
+    let (status, answer) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/followers/push", a.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/n2","title":"n2"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for f in &mut followers {
+        let titles = [
+            f.next_from(&a).await.title,
+            f.next_from(&a).await.title,
+            f.next_from(&a).await.title,
+        ];
+        assert_eq!(titles, ["s2", "s3", "n2"], "connected: every change");
+    }
+    // Back with its cursor in A's stream: what it missed, s2 collapsed into s3.
+    let cursor = |next| wire::StreamCursor {
+        owner: a.id(),
+        epoch: server.epoch(),
+        next,
+    };
+    let mut back = RawTerminal::connect(&ids[0], &server, vec![cursor(s1 + 2)]).await;
+    let got = [back.next_from(&a).await, back.next_from(&a).await];
+    assert_eq!(
+        got.iter().map(|i| i.title.as_str()).collect::<Vec<_>>(),
+        ["s3", "n2"]
+    );
+    assert!(got[0].offset < got[1].offset);
+
+    // A new follower claiming to have read A's stream from its start gets nothing streamed
+    // before it followed: the next stream item it gets is the next change.
+    let z = Identity::generate().unwrap();
+    let z_conn = RawTerminal::connect(&z, &server, Vec::new()).await;
+    z_conn.follow(&z, &a, &server).await;
+    z_conn.conn.close(0u32.into(), b"bye");
+    let mut z_back = RawTerminal::connect(&z, &server, vec![cursor(0)]).await;
+    set_session(&a_conn.conn, "s4").await;
+    assert_eq!(z_back.next_from(&a).await.title, "s4");
+    assert_eq!(back.next_from(&a).await.title, "s4");
+    server.shutdown().await;
+}
+
+/// A revoked follower reads nothing more from the first terminal's stream: neither on its live
+/// connection nor after a reconnect with an old cursor.
+#[tokio::test]
+async fn a_revoked_follower_reads_nothing_more_from_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let a = Identity::generate().unwrap();
+    let (b, c) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    let a_conn = RawTerminal::connect(&a, &server, Vec::new()).await;
+    let mut b_conn = RawTerminal::connect(&b, &server, Vec::new()).await;
+    let mut c_conn = RawTerminal::connect(&c, &server, Vec::new()).await;
+    b_conn.follow(&b, &a, &server).await;
+    c_conn.follow(&c, &a, &server).await;
+    set_session(&a_conn.conn, "before").await;
+    let first = b_conn.next_from(&a).await;
+    assert_eq!(first.title, "before");
+    assert_eq!(c_conn.next_from(&a).await.title, "before");
+
+    let revoke = RequestBody::Revoke {
+        second: b.id(),
+        at: unix_now(),
+    };
+    let answer = net::request(&a_conn.conn, revoke).await.unwrap();
+    assert!(
+        matches!(answer, ResponseBody::Revoked { removed: true }),
+        "{answer:?}"
+    );
+    set_session(&a_conn.conn, "after").await;
+    assert_eq!(c_conn.next_from(&a).await.title, "after");
+    // What B gets next is a push of its own published after that: not A's change.
+    let marker = |title: &str| format!(r#"{{"uri":"https://media.example/m","title":"{title}"}}"#);
+    let path = format!("/v1/terminals/{}/push", b.id());
+    let (status, answer) = http(
+        http_addr,
+        "POST",
+        &path,
+        Some(&token),
+        marker("m1").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    match b_conn.next().await {
+        ServerPush::Item(item) => assert_eq!(item.title, "m1"),
+        other => panic!("revoked, yet got {other:?}"),
+    }
+    // Nor after a reconnect claiming it read A's stream only up to the first change.
+    b_conn.conn.close(0u32.into(), b"bye");
+    let cursor = wire::StreamCursor {
+        owner: a.id(),
+        epoch: server.epoch(),
+        next: first.offset + 1,
+    };
+    let mut b_back = RawTerminal::connect(&b, &server, vec![cursor]).await;
+    let (status, answer) = http(
+        http_addr,
+        "POST",
+        &path,
+        Some(&token),
+        marker("m2").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    loop {
+        match b_back.next().await {
+            ServerPush::Item(item) if item.title == "m2" => break,
+            ServerPush::Item(_) => continue,
+            other => panic!("revoked, yet got {other:?}"),
+        }
+    }
+    server.shutdown().await;
 }

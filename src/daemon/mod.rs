@@ -647,46 +647,51 @@ impl Daemon {
 
     /// Hands a push from `server` to the user, exactly once: inbox first (durably, skipping a
     /// push already delivered), then watchers, then the hook.
-    pub(crate) async fn deliver(&self, server: ServerId, epoch: u64, item: PushItem) {
+    pub(crate) async fn deliver(
+        &self,
+        server: ServerId,
+        stream: Option<TerminalId>,
+        epoch: u64,
+        item: PushItem,
+    ) {
         let record = PushRecord::from(item);
         let shared = self.shared.clone();
         let stored = record.clone();
-        let fresh =
-            match tokio::task::spawn_blocking(move || shared.inbox.append(&server, epoch, &stored))
-                .await
-            {
-                Ok(Ok(appended)) => {
-                    if let Some(limit) = appended.limit {
-                        self.shared.metrics.add(
-                            "handoff_inbox_dropped_total",
-                            None,
-                            appended.dropped as u64,
-                        );
-                        self.over_limit(
-                            limit,
-                            format_args!(
-                                "the inbox dropped its {} oldest pushes",
-                                appended.dropped
-                            ),
-                        );
-                    }
-                    if appended.repeat {
-                        debug!(
-                            offset = record.offset,
-                            "push repeats the inbox's newest from this terminal: kept once"
-                        );
-                    }
-                    appended.fresh
+        let append = move || {
+            shared
+                .inbox
+                .append(&server, stream.as_ref(), epoch, &stored)
+        };
+        let fresh = match tokio::task::spawn_blocking(append).await {
+            Ok(Ok(appended)) => {
+                if let Some(limit) = appended.limit {
+                    self.shared.metrics.add(
+                        "handoff_inbox_dropped_total",
+                        None,
+                        appended.dropped as u64,
+                    );
+                    self.over_limit(
+                        limit,
+                        format_args!("the inbox dropped its {} oldest pushes", appended.dropped),
+                    );
                 }
-                Ok(Err(e)) => {
-                    warn!("push not kept in the inbox: {e}");
-                    true
+                if appended.repeat {
+                    debug!(
+                        offset = record.offset,
+                        "push repeats the inbox's newest from this terminal: kept once"
+                    );
                 }
-                Err(e) => {
-                    warn!("inbox task failed: {e}");
-                    true
-                }
-            };
+                appended.fresh
+            }
+            Ok(Err(e)) => {
+                warn!("push not kept in the inbox: {e}");
+                true
+            }
+            Err(e) => {
+                warn!("inbox task failed: {e}");
+                true
+            }
+        };
         if !fresh {
             debug!(offset = record.offset, "push delivered before; not again");
             self.shared

@@ -126,8 +126,9 @@ impl ServerLink {
         }
         let conn = self.dial(daemon).await?;
         let cursor = daemon.shared.inbox.cursor(&self.server.id);
+        let streams = daemon.shared.inbox.stream_cursors(&self.server.id);
         let (epoch, start, window_lost) =
-            match net::request(&conn, RequestBody::Hello { cursor }).await? {
+            match net::request(&conn, RequestBody::Hello { cursor, streams }).await? {
                 ResponseBody::Welcome {
                     epoch,
                     start,
@@ -422,18 +423,42 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                             {
                                 not_followed(&daemon, &server, &from, item.offset);
                             }
-                            _ => daemon.deliver(server, epoch, item).await,
+                            _ => daemon.deliver(server, None, epoch, item).await,
                         }
                         acked.send_replace(next);
+                    }
+                    Ok(ServerPush::Stream { item, .. }) if item.offset == u64::MAX => {
+                        warn!(
+                            "bad push frame from server: a stream item at offset {}",
+                            item.offset
+                        );
+                        let _ = recv.stop(varint(ErrorCode::Malformed));
+                        break;
+                    }
+                    // A followed terminal's stream: only from a terminal followed at this
+                    // server, and only its own session or a publisher's push to its followers.
+                    // Streams are not acknowledged; the inbox keeps their cursors.
+                    Ok(ServerPush::Stream { owner, item }) => {
+                        if !daemon.shared.followed.allows(&server, &owner, unix_now())
+                            || item.from.is_some_and(|from| from != owner)
+                        {
+                            not_followed(&daemon, &server, &owner, item.offset);
+                        } else {
+                            daemon.deliver(server, Some(owner), epoch, item).await;
+                        }
                     }
                     // An item this terminal cannot read: report it and acknowledge past it, so
                     // one bad item never stalls the ones after it.
                     Err(e) => {
-                        match crate::wire::push_offset(&payload).and_then(|o| o.checked_add(1)) {
-                            Some(next) => {
+                        match crate::wire::push_offset(&payload)
+                            .and_then(|(stream, o)| Some((stream, o.checked_add(1)?)))
+                        {
+                            Some((None, next)) => {
                                 skip_undecodable(&daemon, next - 1, &e);
                                 acked.send_modify(|acked| *acked = (*acked).max(next));
                             }
+                            // Nothing to acknowledge on a stream: the item is skipped.
+                            Some((Some(_), next)) => skip_undecodable(&daemon, next - 1, &e),
                             None => {
                                 warn!("bad push frame from server: {e}");
                                 let _ = recv.stop(varint(e.code()));

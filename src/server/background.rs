@@ -7,7 +7,7 @@ use super::*;
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Raises the `latest` of terminals another node appended for, and wakes their writers.
-pub(super) async fn apply_wakes(server: Server, mut rx: mpsc::Receiver<Vec<(TerminalId, u64)>>) {
+pub(super) async fn apply_wakes(server: Server, mut rx: mpsc::Receiver<Vec<cluster::Wake>>) {
     loop {
         let wakes = tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
@@ -17,11 +17,24 @@ pub(super) async fn apply_wakes(server: Server, mut rx: mpsc::Receiver<Vec<(Term
             },
         };
         let conns = server.conns();
-        for (id, next) in wakes {
-            if let Some(slot) = conns.get(&id) {
-                slot.outbox.latest.fetch_max(next, Ordering::AcqRel);
-                slot.outbox.wake.notify_one();
+        for wake in wakes {
+            let Some(slot) = conns.get(&wake.to) else {
+                continue;
+            };
+            match wake.stream {
+                None => {
+                    slot.outbox.latest.fetch_max(wake.next, Ordering::AcqRel);
+                }
+                // Only a stream the connection sends: one it does not know yet is read when
+                // its follow or hello adds it.
+                Some(owner) => match slot.outbox.streams().get_mut(&owner) {
+                    Some(stream) if stream.latest != UNREAD => {
+                        stream.latest = stream.latest.max(wake.next)
+                    }
+                    _ => continue,
+                },
             }
+            slot.outbox.wake.notify_one();
         }
     }
 }

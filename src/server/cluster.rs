@@ -5,11 +5,12 @@
 //!   `handoff:v1:{<id>}:node = <node>` with a [`REGISTRATION_TTL`] and refreshes it every
 //!   [`REFRESH_EVERY`]; a node that dies stops refreshing, so its registrations expire. A
 //!   terminal that fails over to another node is registered there at once (last writer wins).
-//! - **Wake:** after appending to logs of terminals it does not hold, a node looks up their
-//!   registrations and publishes `(id, next offset)` pairs on the holding node's channel
-//!   `handoff:v1:node:<node>`. The holder raises that connection's `latest` and wakes its writer,
-//!   which reads the shared log. Wakes are hints: a lost one costs latency, never a push, since a
-//!   terminal that reconnects reads its log from its cursor.
+//! - **Wake:** after appending to logs of terminals it does not hold, or to the stream of a
+//!   terminal whose followers it does not hold, a node looks up their registrations and
+//!   publishes [`Wake`]s on the holding node's channel `handoff:v1:node:<node>`. The holder
+//!   raises that connection's `latest` (of its log, or of that stream) and wakes its writer,
+//!   which reads the shared log. Wakes are hints: a lost one costs latency, never a push, since
+//!   a terminal that reconnects reads its log and streams from its cursors.
 //!
 //! Every command touches one key (no MGET), so the layout works on Redis Cluster too. The Redis
 //! calls are blocking and run on blocking threads; the subscriber has a thread of its own.
@@ -30,8 +31,18 @@ use crate::identity::TerminalId;
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(30);
 /// How often a node refreshes its terminals' registrations.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
-/// One wake entry on the wire: a 32-byte terminal ID and a big-endian u64 offset.
-const ENTRY: usize = 40;
+/// One wake entry on the wire: the 32-byte recipient, the 32-byte owner of the log that grew
+/// (the recipient itself for its own log), and a big-endian u64 offset.
+const ENTRY: usize = 72;
+
+/// A recipient's log (`stream: None`), or the stream of a terminal it follows, grew up to
+/// `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wake {
+    pub to: TerminalId,
+    pub stream: Option<TerminalId>,
+    pub next: u64,
+}
 
 fn registration_key(id: &TerminalId) -> String {
     format!("handoff:v1:{{{id}}}:node")
@@ -130,23 +141,21 @@ impl Cluster {
 
     /// Tells the nodes holding `targets` that their logs grew (blocking). Targets not attached
     /// anywhere, or attached here, are skipped.
-    pub fn wake(&self, targets: &[(TerminalId, u64)]) -> Result<(), StoreError> {
+    pub fn wake(&self, targets: &[Wake]) -> Result<(), StoreError> {
         if targets.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (id, _) in targets {
-            pipe.cmd("GET").arg(registration_key(id));
+        for wake in targets {
+            pipe.cmd("GET").arg(registration_key(&wake.to));
         }
         let nodes: Vec<Option<String>> = self.with_conn(|c| pipe.query(c))?;
         let mut by_node: std::collections::HashMap<String, Vec<u8>> = Default::default();
-        for ((id, next), node) in targets.iter().zip(nodes) {
+        for (wake, node) in targets.iter().zip(nodes) {
             let Some(node) = node.filter(|n| *n != self.node) else {
                 continue;
             };
-            let payload = by_node.entry(node).or_default();
-            payload.extend_from_slice(id.as_bytes());
-            payload.extend_from_slice(&next.to_be_bytes());
+            encode_wake(by_node.entry(node).or_default(), wake);
         }
         if by_node.is_empty() {
             return Ok(());
@@ -163,11 +172,7 @@ impl Cluster {
 
     /// Listens on this node's channel until `cancel`, sending every wake to `tx`; reconnects
     /// after errors. Runs on a thread of its own.
-    pub fn subscribe(
-        self: Arc<Self>,
-        tx: mpsc::Sender<Vec<(TerminalId, u64)>>,
-        cancel: CancellationToken,
-    ) {
+    pub fn subscribe(self: Arc<Self>, tx: mpsc::Sender<Vec<Wake>>, cancel: CancellationToken) {
         let channel = node_channel(&self.node);
         while !cancel.is_cancelled() {
             let result = (|| -> redis::RedisResult<()> {
@@ -204,13 +209,24 @@ impl Cluster {
     }
 }
 
-fn decode_wakes(payload: &[u8]) -> Vec<(TerminalId, u64)> {
+fn encode_wake(payload: &mut Vec<u8>, wake: &Wake) {
+    payload.extend_from_slice(wake.to.as_bytes());
+    payload.extend_from_slice(wake.stream.unwrap_or(wake.to).as_bytes());
+    payload.extend_from_slice(&wake.next.to_be_bytes());
+}
+
+fn decode_wakes(payload: &[u8]) -> Vec<Wake> {
     payload
         .chunks_exact(ENTRY)
         .filter_map(|entry| {
-            let id: [u8; 32] = entry[..32].try_into().ok()?;
-            let next: [u8; 8] = entry[32..].try_into().ok()?;
-            Some((TerminalId::from_bytes(id), u64::from_be_bytes(next)))
+            let to = TerminalId::from_bytes(entry[..32].try_into().ok()?);
+            let owner = TerminalId::from_bytes(entry[32..64].try_into().ok()?);
+            let next: [u8; 8] = entry[64..].try_into().ok()?;
+            Some(Wake {
+                to,
+                stream: (owner != to).then_some(owner),
+                next: u64::from_be_bytes(next),
+            })
         })
         .collect()
 }
@@ -223,14 +239,25 @@ mod tests {
     fn wake_payloads_round_trip_and_ignore_torn_entries() {
         let a = TerminalId::from_bytes([1; 32]);
         let b = TerminalId::from_bytes([2; 32]);
+        let wakes = [
+            Wake {
+                to: a,
+                stream: None,
+                next: 7,
+            },
+            Wake {
+                to: b,
+                stream: Some(a),
+                next: u64::MAX,
+            },
+        ];
         let mut payload = Vec::new();
-        for (id, next) in [(a, 7u64), (b, u64::MAX)] {
-            payload.extend_from_slice(id.as_bytes());
-            payload.extend_from_slice(&next.to_be_bytes());
+        for wake in &wakes {
+            encode_wake(&mut payload, wake);
         }
         payload.extend_from_slice(&[9; 12]);
-        assert_eq!(decode_wakes(&payload), [(a, 7), (b, u64::MAX)]);
-        assert!(decode_wakes(&[0; 39]).is_empty());
+        assert_eq!(decode_wakes(&payload), wakes);
+        assert!(decode_wakes(&[0; ENTRY - 1]).is_empty());
     }
 
     #[test]

@@ -45,6 +45,44 @@ pub(super) struct Hello {
     pub(super) window_lost: bool,
     /// The log's end when the terminal said hello.
     pub(super) end: u64,
+    /// Where each followed terminal's stream starts.
+    pub(super) streams: Vec<(TerminalId, u64)>,
+}
+
+/// An item of a terminal's stream, encoded once as the frame every follower gets.
+pub(super) struct SharedItem {
+    pub(super) offset: u64,
+    pub(super) frame: bytes::Bytes,
+}
+
+/// Where a connection is in the stream of a terminal its terminal follows.
+pub(super) struct StreamState {
+    /// The next offset to send.
+    pub(super) next: u64,
+    /// One past the newest offset known appended; [`UNREAD`] until the stream was read.
+    pub(super) latest: u64,
+    /// Fresh items as announced, at most [`FAST_PATH`]; past that the task reads the stream.
+    pub(super) fast: FastItems,
+}
+
+/// Stream items handed to a connection, each with the instant it was accepted.
+pub(super) type FastItems = VecDeque<(Arc<SharedItem>, Instant)>;
+
+/// A stream's `latest` before the connection read it: read it to learn where it ends.
+pub(super) const UNREAD: u64 = u64::MAX;
+
+impl StreamState {
+    pub(super) fn from(next: u64) -> Self {
+        Self {
+            next,
+            latest: UNREAD,
+            fast: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn behind(&self) -> bool {
+        !self.fast.is_empty() || self.next < self.latest
+    }
 }
 
 /// Where a connected terminal's pushes go.
@@ -68,6 +106,10 @@ pub(super) struct Outbox {
     pub(super) hello_said: std::sync::atomic::AtomicBool,
     /// Where the push stream starts; [`NOT_STARTED`] until the hello is answered.
     pub(super) start: AtomicU64,
+    /// The streams of the terminals followed with a link alive when the terminal said hello or
+    /// followed since (fan-out on read). A stream whose link ended is dropped when the task
+    /// next reads it; revocations drop it at once.
+    pub(super) streams: Mutex<HashMap<TerminalId, StreamState>>,
 }
 
 pub(super) const NOT_STARTED: u64 = u64::MAX;
@@ -80,11 +122,36 @@ impl Outbox {
             wake: Notify::new(),
             hello_said: std::sync::atomic::AtomicBool::new(false),
             start: AtomicU64::new(NOT_STARTED),
+            streams: Mutex::new(HashMap::new()),
         }
     }
 
     pub(super) fn take_fast(&self) -> VecDeque<(StoredPush, Instant)> {
         std::mem::take(&mut *self.fast.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(super) fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<TerminalId, StreamState>> {
+        // Every update leaves the map consistent; a poisoned lock is still usable.
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts sending `owner`'s stream from `since` (a follow), or moves a stream already
+    /// known up to `since` (a new link never reads what was streamed before it), and has the
+    /// task read it.
+    pub(super) fn follow_stream(&self, owner: TerminalId, since: u64) {
+        self.streams()
+            .entry(owner)
+            .and_modify(|s| {
+                s.next = s.next.max(since);
+                s.latest = UNREAD;
+            })
+            .or_insert_with(|| StreamState::from(since));
+        self.wake.notify_one();
+    }
+
+    /// Stops sending `owner`'s stream (the link was revoked).
+    pub(super) fn drop_stream(&self, owner: &TerminalId) {
+        self.streams().remove(owner);
     }
 }
 
@@ -247,7 +314,9 @@ pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: 
     let mut push: Option<PushStream> = None;
     loop {
         if let Some(p) = push.as_mut() {
-            if p.send_pending(&server, &conn, id, &outbox).await.is_err() {
+            if p.send_pending(&server, &conn, id, &outbox).await.is_err()
+                || p.send_streams(&server, &conn, id, &outbox).await.is_err()
+            {
                 break;
             }
         }
@@ -347,14 +416,14 @@ pub(super) async fn serve_request(
             reason: RefusalReason::Busy,
             message: "too many requests from this network; slow down".into(),
         })
-    } else if let RequestBody::Hello { cursor } = request.body {
+    } else if let RequestBody::Hello { cursor, streams } = request.body {
         if outbox.hello_said.swap(true, Ordering::AcqRel) {
             ResponseBody::Refused(Refusal {
                 reason: RefusalReason::WrongEndpoint,
                 message: "hello was already said on this connection".into(),
             })
         } else {
-            match s.hello(id, cursor, source).await {
+            match s.hello(id, cursor, streams, source).await {
                 Ok(None) => {
                     conn.close(
                         varint(ErrorCode::Busy),
@@ -366,9 +435,17 @@ pub(super) async fn serve_request(
                     start,
                     window_lost,
                     end,
+                    streams,
                 })) => {
-                    // The connection's task sends the log from `start` up to at least its end.
+                    // The connection's task sends the log from `start` up to at least its end,
+                    // then each followed stream from where it starts to its end.
                     outbox.latest.fetch_max(end.max(start), Ordering::AcqRel);
+                    {
+                        let mut known = outbox.streams();
+                        for (owner, start) in streams {
+                            known.insert(owner, StreamState::from(start));
+                        }
+                    }
                     outbox.start.store(start, Ordering::Release);
                     outbox.wake.notify_one();
                     ResponseBody::Welcome {
@@ -425,14 +502,32 @@ impl Server {
         &self,
         id: TerminalId,
         cursor: Option<Cursor>,
+        cursors: Vec<StreamCursor>,
         source: IpAddr,
     ) -> Result<Option<Hello>, StoreError> {
         let epoch = self.epoch();
         let now = unix_now();
-        let log = self
+        // Each followed stream starts at the terminal's cursor in it, never before its link
+        // began (what was streamed before is not the follower's) nor past its end.
+        let (log, streams) = self
             .shared
             .store
-            .read(move |b| b.log(&id, 0, 0, now))
+            .read(move |b| {
+                let log = b.log(&id, 0, 0, now)?;
+                let mut streams = Vec::new();
+                for (first, _) in b.following(&id, now)? {
+                    let Some(since) = b.link_since(&first, &id, now)? else {
+                        continue;
+                    };
+                    let end = b.log(&store::stream_key(&first), 0, 0, now)?.next;
+                    let cursor = cursors
+                        .iter()
+                        .find(|c| c.owner == first && c.epoch == epoch)
+                        .map_or(since, |c| c.next);
+                    streams.push((first, cursor.max(since).min(end)));
+                }
+                Ok((log, streams))
+            })
             .await?;
         let (start, window_lost) = match cursor {
             Some(c) if c.epoch == epoch && c.next >= log.acked && c.next <= log.next => {
@@ -489,6 +584,7 @@ impl Server {
             start,
             window_lost,
             end: log.next,
+            streams,
         }))
     }
 
@@ -502,13 +598,12 @@ impl Server {
         let result = match body {
             RequestBody::SetSession(session) => {
                 debug!(title = ?session.as_ref().map(|s| &s.title), "session set");
-                match self.session_budget(id, source, session.as_ref()).await {
-                    Ok(Some(refused)) => Ok(refused),
-                    Ok(None) => self
+                match self.session_budget(id, source, session.as_ref()) {
+                    Some(refused) => Ok(refused),
+                    None => self
                         .set_session(id, session)
                         .await
                         .map(|_| ResponseBody::SessionStored),
-                    Err(e) => Err(e),
                 }
             }
             RequestBody::Follow(request) => self.follow(id, source, request).await,

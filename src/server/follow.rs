@@ -22,40 +22,32 @@ impl Server {
         false
     }
 
-    /// Charges a session change to its source network's budget: its size once for the session
-    /// and once per follower it is pushed to. `Some(refusal)` when over the budget (then
-    /// nothing is stored).
-    pub(super) async fn session_budget(
+    /// Charges a session change to its source network's budget: its size twice, for the
+    /// session and for the one push all its followers read (fan-out on read: the store cost
+    /// does not grow with followers). `Some(refusal)` when over the budget (then nothing is
+    /// stored).
+    pub(super) fn session_budget(
         &self,
         id: TerminalId,
         source: IpAddr,
         session: Option<&Session>,
-    ) -> Result<Option<ResponseBody>, StoreError> {
-        let Some(session) = session else {
-            return Ok(None);
-        };
-        let now = unix_now();
-        let followers = self
-            .shared
-            .store
-            .read(move |b| b.followers(&id, now))
-            .await?
-            .len();
+    ) -> Option<ResponseBody> {
+        let session = session?;
         let size = NewPush::session(id, session, Duration::ZERO).size_bound();
-        let cost = (size as u64).saturating_mul(1 + followers as u64);
-        let what = format_args!("session of {} to {followers} followers", id.short());
+        let cost = (size as u64).saturating_mul(2);
+        let what = format_args!("session of {}", id.short());
         if self.charge_session_bytes(source, cost, what) {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(ResponseBody::Refused(Refusal {
+        Some(ResponseBody::Refused(Refusal {
             reason: RefusalReason::Busy,
             message: format!(
                 "session changes from this network are over the server's budget ([limits] \
-                 session_bytes_per_sec_per_source = {}; this one stores {size} bytes for the \
-                 session and each of {followers} followers); try again in a second",
+                 session_bytes_per_sec_per_source = {}; this one stores {size} bytes twice: \
+                 the session and the push its followers read); try again in a second",
                 self.shared.limits.session_bytes_per_sec_per_source
             ),
-        })))
+        }))
     }
 
     /// `first` revokes `second` (DESIGN §7): ends the link and refuses every ticket `first`
@@ -97,6 +89,12 @@ impl Server {
             }
         };
         let outcome = self.shared.store.write_one(op).await?;
+        // The revoked terminal's connection here stops reading this stream at once; on another
+        // node, at its next read of the stream (each checks the link), and fresh items are
+        // only handed to the followers a publish found linked.
+        if let Some(slot) = self.conns().get(&second) {
+            slot.outbox.drop_stream(&first);
+        }
         if outcome == Outcome::Full {
             let limit = self.shared.limits.revocations_per_terminal;
             self.over_limit(
@@ -166,10 +164,18 @@ impl Server {
             .not_after
             .min(now + self.shared.limits.max_lease.as_secs());
         let first = request.first;
-        let (known, session) = self
+        // The link begins at the stream's end (a live link keeps where it began), so the
+        // follower never reads what was streamed before it followed.
+        let (known, session, since) = self
             .shared
             .store
-            .read(move |b| Ok((b.known(&first)?, b.session(&first)?)))
+            .read(move |b| {
+                let since = match b.link_since(&first, &second, now)? {
+                    Some(since) => since,
+                    None => b.log(&store::stream_key(&first), 0, 0, now)?.next,
+                };
+                Ok((b.known(&first)?, b.session(&first)?, since))
+            })
             .await?;
         if !known {
             // Tickets between keys that never attached here would only fill the store.
@@ -201,6 +207,7 @@ impl Server {
             nonce: ticket.nonce,
             not_after: ticket.not_after,
             until,
+            since,
             now,
             capacity: self.shared.limits.replay_cache,
             push: push.clone(),
@@ -213,6 +220,9 @@ impl Server {
                     .observe("handoff_push_store_seconds", accepted.elapsed());
                 if let (Some(offset), Some(push)) = (offset, push) {
                     self.announce(vec![(second, push.stored(offset, now))], accepted);
+                }
+                if let Some(slot) = self.conns().get(&second) {
+                    slot.outbox.follow_stream(first, since);
                 }
             }
             Outcome::Fresh(None) => {

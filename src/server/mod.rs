@@ -51,7 +51,7 @@ use crate::tls::{self, peer_id, TransportLimits};
 use crate::wire::ticket::Expectation;
 use crate::wire::{
     self, Cursor, ErrorCode, InfoRequest, PushAck, Refusal, RefusalReason, Request, RequestBody,
-    Response, ResponseBody, ServerPush, Session,
+    Response, ResponseBody, ServerPush, ServerPushRef, Session, StreamCursor,
 };
 use store::{NewPush, Op, Outcome, Store, StoreError, StoredPush};
 

@@ -39,7 +39,11 @@ impl Server {
             self.shared.metrics.inc("handoff_pushes_stored_total", None);
             let Some(slot) = conns.get(&to) else {
                 if self.shared.cluster.is_some() {
-                    elsewhere.push((to, push.item.offset + 1));
+                    elsewhere.push(cluster::Wake {
+                        to,
+                        stream: None,
+                        next: push.item.offset + 1,
+                    });
                 }
                 continue;
             };
@@ -58,21 +62,107 @@ impl Server {
             outbox.wake.notify_one();
         }
         drop(conns);
-        // Recipients held by other nodes: tell those nodes (a hint; see `cluster`).
-        if let Some(cluster) = self
+        self.wake_elsewhere(elsewhere);
+    }
+
+    /// Hands an item freshly appended to `owner`'s stream to the connections of `followers`
+    /// (those with a link alive when it was published): one frame, encoded once, for all.
+    pub(super) fn announce_stream(
+        &self,
+        owner: TerminalId,
+        push: StoredPush,
+        followers: &[(TerminalId, u64)],
+        accepted: Instant,
+    ) {
+        self.shared.metrics.inc("handoff_pushes_stored_total", None);
+        let offset = push.item.offset;
+        let frame = match wire::encode_frame(&ServerPush::Stream {
+            owner,
+            item: push.item,
+        }) {
+            Ok(frame) => bytes::Bytes::from(frame),
+            // Checked to fit before it was stored; a connection reading the stream reports it.
+            Err(e) => return debug!("cannot encode a stream item: {e}"),
+        };
+        let item = Arc::new(SharedItem { offset, frame });
+        let mut elsewhere = Vec::new();
+        let conns = self.conns();
+        for (follower, _) in followers {
+            let Some(slot) = conns.get(follower) else {
+                if self.shared.cluster.is_some() {
+                    elsewhere.push(cluster::Wake {
+                        to: *follower,
+                        stream: Some(owner),
+                        next: offset + 1,
+                    });
+                }
+                continue;
+            };
+            // A connection that does not send this stream yet reads it when its hello or
+            // follow adds it.
+            if let Some(stream) = slot.outbox.streams().get_mut(&owner) {
+                if stream.latest != UNREAD {
+                    stream.latest = stream.latest.max(offset + 1);
+                }
+                if stream.fast.len() < FAST_PATH {
+                    stream.fast.push_back((item.clone(), accepted));
+                }
+            } else {
+                continue;
+            }
+            slot.outbox.wake.notify_one();
+        }
+        drop(conns);
+        self.wake_elsewhere(elsewhere);
+    }
+
+    /// Recipients held by other nodes: tell those nodes (a hint; see `cluster`).
+    fn wake_elsewhere(&self, elsewhere: Vec<cluster::Wake>) {
+        let Some(cluster) = self
             .shared
             .cluster
             .clone()
             .filter(|_| !elsewhere.is_empty())
-        {
-            let server = self.clone();
-            self.shared.tasks.spawn(async move {
-                let woken = tokio::task::spawn_blocking(move || cluster.wake(&elsewhere)).await;
-                if let Ok(Err(e)) = woken {
-                    limited!(server, "cluster", warn!("cannot wake other nodes: {e}"));
-                }
-            });
-        }
+        else {
+            return;
+        };
+        let server = self.clone();
+        self.shared.tasks.spawn(async move {
+            let woken = tokio::task::spawn_blocking(move || cluster.wake(&elsewhere)).await;
+            if let Ok(Err(e)) = woken {
+                limited!(server, "cluster", warn!("cannot wake other nodes: {e}"));
+            }
+        });
+    }
+
+    /// Appends `push` once, to `owner`'s stream (with `extra` ops in the same commit), and
+    /// hands it to `followers`. Returns its offset in the stream.
+    pub(super) async fn store_stream_push(
+        &self,
+        owner: TerminalId,
+        push: NewPush,
+        followers: &[(TerminalId, u64)],
+        mut extra: Vec<Op>,
+    ) -> Result<u64, StoreError> {
+        let now = unix_now();
+        let accepted = Instant::now();
+        extra.push(Op::Append {
+            to: store::stream_key(&owner),
+            push: push.clone(),
+            now,
+        });
+        let outcomes = self.shared.store.write(extra).await?;
+        self.shared
+            .metrics
+            .observe("handoff_push_store_seconds", accepted.elapsed());
+        let Some(Outcome::Offset(offset)) = outcomes.last().copied() else {
+            return Err(StoreError::Backend(format!(
+                "an append answered {:?}",
+                outcomes.last()
+            )));
+        };
+        self.announce_stream(owner, push.into_stored(offset, now), followers, accepted);
+        Ok(offset)
     }
 
     /// Appends pushes (each to its recipient's log, in one commit) and announces them.
@@ -84,12 +174,11 @@ impl Server {
         let now = unix_now();
         let accepted = Instant::now();
         let n_extra = extra.len();
-        let stored: Vec<(TerminalId, NewPush)> = items.clone();
-        extra.extend(
-            items
-                .into_iter()
-                .map(|(to, push)| Op::Append { to, push, now }),
-        );
+        extra.extend(items.iter().map(|(to, push)| Op::Append {
+            to: *to,
+            push: push.clone(),
+            now,
+        }));
         let outcomes = self.shared.store.write(extra).await?;
         self.shared
             .metrics
@@ -102,10 +191,10 @@ impl Server {
             })
             .collect();
         self.announce(
-            stored
+            items
                 .into_iter()
                 .zip(&offsets)
-                .map(|((to, p), off)| (to, p.stored(*off, now)))
+                .map(|((to, p), off)| (to, p.into_stored(*off, now)))
                 .collect(),
             accepted,
         );
@@ -196,7 +285,7 @@ impl Server {
         for ((i, (to, push)), outcome) in slots.into_iter().zip(items).zip(outcomes) {
             answers[i] = match outcome {
                 Ok(Outcome::Offset(offset)) => {
-                    stored.push((to, push.stored(offset, now)));
+                    stored.push((to, push.into_stored(offset, now)));
                     Ok(offset)
                 }
                 Ok(other) => {
@@ -209,7 +298,9 @@ impl Server {
         Ok(answers)
     }
 
-    /// Publishes to every terminal following `first`; returns each follower's offset.
+    /// Publishes to every terminal following `first`: stored once, in `first`'s stream, which
+    /// each follower's connection reads (fan-out on read). Returns the followers, each with the
+    /// item's offset (in that stream). With no follower nothing is stored.
     pub async fn publish_to_followers(
         &self,
         first: TerminalId,
@@ -225,10 +316,13 @@ impl Server {
         if !known {
             return Err(PublishError::UnknownTerminal(first));
         }
-        let items: Vec<(TerminalId, NewPush)> =
-            followers.iter().map(|(f, _)| (*f, push.clone())).collect();
-        let offsets = self.store_pushes(items, Vec::new()).await?;
-        Ok(followers.into_iter().map(|(f, _)| f).zip(offsets).collect())
+        if followers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let offset = self
+            .store_stream_push(first, push, &followers, Vec::new())
+            .await?;
+        Ok(followers.into_iter().map(|(f, _)| (f, offset)).collect())
     }
 
     /// Sets what `id` shows and pushes it to its followers (a terminal's `SetSession`, or a
@@ -258,13 +352,16 @@ impl Server {
             self.over_limit("session_size", format_args!("from {}: {e}", id.short()));
             return Err(e);
         }
-        let items: Vec<(TerminalId, NewPush)> = followers
-            .iter()
-            .map(|(f, _)| (*f, NewPush::session(id, &session, ttl)))
-            .collect();
-        let n = items.len();
-        self.store_pushes(items, vec![set]).await?;
-        Ok(n)
+        // Stored once, in this terminal's stream, whether it has followers now or not: one
+        // that follows later starts at its link, and the session collapses there (latest wins).
+        self.store_stream_push(
+            id,
+            NewPush::session(id, &session, ttl),
+            &followers,
+            vec![set],
+        )
+        .await?;
+        Ok(followers.len())
     }
 
     /// Whether the server has ever seen `id`.

@@ -1,5 +1,6 @@
-//! The push stream of one connection: the terminal's log in order from its cursor, new items
-//! from the fast path, and the acknowledgements that come back on it.
+//! The push stream of one connection: the terminal's log in order from its cursor, then the
+//! streams of the terminals it follows, each in order from its own cursor (fan-out on read),
+//! new items from the fast paths, and the acknowledgements that come back on it.
 
 use super::*;
 
@@ -73,11 +74,97 @@ impl PushStream {
         }
     }
 
-    pub(super) async fn send(&mut self, server: &Server, push: &StoredPush) -> Result<(), ()> {
-        match write_frame(&mut self.send, &ServerPush::Item(push.item.clone())).await {
+    /// Sends what the followed streams hold past this connection's cursors in them: their fast
+    /// paths, then reads of the stream while behind. A stream is read only while the link is
+    /// alive (checked in the same read): a revoked or lapsed link's stream is dropped.
+    pub(super) async fn send_streams(
+        &mut self,
+        server: &Server,
+        conn: &quinn::Connection,
+        id: TerminalId,
+        outbox: &Outbox,
+    ) -> Result<(), ()> {
+        loop {
+            // What each stream has waiting, taken under the lock and sent outside it.
+            let work: Vec<(TerminalId, u64, u64, FastItems)> = outbox
+                .streams()
+                .iter_mut()
+                .filter(|(_, s)| s.behind())
+                .map(|(owner, s)| (*owner, s.next, s.latest, std::mem::take(&mut s.fast)))
+                .collect();
+            if work.is_empty() {
+                return Ok(());
+            }
+            for (owner, mut next, latest, fast) in work {
+                for (item, accepted) in fast {
+                    // Older ones were sent from a read; after a gap the read below has it.
+                    if item.offset == next {
+                        self.send_frame(server, item.frame.clone()).await?;
+                        next = item.offset + 1;
+                        server
+                            .shared
+                            .metrics
+                            .observe("handoff_push_delivery_seconds", accepted.elapsed());
+                    }
+                }
+                let mut end = None;
+                if next < latest {
+                    let now = unix_now();
+                    let read = server
+                        .shared
+                        .store
+                        .read(move |b| {
+                            let Some(since) = b.link_since(&owner, &id, now)? else {
+                                return Ok(None);
+                            };
+                            let key = store::stream_key(&owner);
+                            Ok(Some(b.log(&key, next.max(since), PAGE, now)?))
+                        })
+                        .await;
+                    let read = match read {
+                        Ok(read) => read,
+                        Err(e) => {
+                            limited!(server, "store", warn!("store: {e}"));
+                            conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                            return Err(());
+                        }
+                    };
+                    let Some(read) = read else {
+                        outbox.drop_stream(&owner);
+                        continue;
+                    };
+                    if read.items.is_empty() {
+                        // Up to the stream's end everything was collapsed or expired.
+                        next = next.max(read.next);
+                        end = Some(read.next);
+                    }
+                    for push in read.items {
+                        let offset = push.item.offset;
+                        let frame = wire::encode_frame(&ServerPush::Stream {
+                            owner,
+                            item: push.item,
+                        })
+                        .map_err(|e| debug!("cannot encode a stream item: {e}"))?;
+                        self.send_frame(server, frame.into()).await?;
+                        next = next.max(offset + 1);
+                    }
+                }
+                if let Some(s) = outbox.streams().get_mut(&owner) {
+                    s.next = s.next.max(next);
+                    if let Some(end) = end {
+                        if s.latest == UNREAD {
+                            s.latest = end;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_frame(&mut self, server: &Server, frame: bytes::Bytes) -> Result<(), ()> {
+        match self.send.write_chunk(frame).await {
             Ok(()) => {
                 server.shared.metrics.inc("handoff_pushes_sent_total", None);
-                self.next = push.item.offset + 1;
                 Ok(())
             }
             Err(e) => {
@@ -85,6 +172,14 @@ impl PushStream {
                 Err(())
             }
         }
+    }
+
+    pub(super) async fn send(&mut self, server: &Server, push: &StoredPush) -> Result<(), ()> {
+        let frame = wire::encode_frame(&ServerPushRef::Item(&push.item))
+            .map_err(|e| debug!("cannot encode a push: {e}"))?;
+        self.send_frame(server, frame.into()).await?;
+        self.next = push.item.offset + 1;
+        Ok(())
     }
 }
 

@@ -38,14 +38,28 @@ pub enum RequestBody {
     /// every ticket this terminal issued for `second` at or before `at` (Unix seconds, by this
     /// terminal's clock): revocation.
     Revoke { second: TerminalId, at: u64 },
-    /// Terminal → server, first on every connection: where its push log left off. The server
-    /// answers [`ResponseBody::Welcome`] and then opens the push stream.
-    Hello { cursor: Option<Cursor> },
+    /// Terminal → server, first on every connection: where its push log left off, and where
+    /// it left off in the stream of each terminal it follows (fan-out on read: a change that
+    /// all of a terminal's followers receive is stored once, in that terminal's stream). The
+    /// server answers [`ResponseBody::Welcome`] and then opens the push stream.
+    Hello {
+        cursor: Option<Cursor>,
+        streams: Vec<StreamCursor>,
+    },
 }
 
 /// A position in a recipient's push log: everything below `next` in `epoch` was received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
+    pub epoch: u64,
+    pub next: u64,
+}
+
+/// A position in the stream of `owner` (what all of `owner`'s followers receive): everything
+/// below `next` in `epoch` was received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCursor {
+    pub owner: TerminalId,
     pub epoch: u64,
     pub next: u64,
 }
@@ -252,13 +266,31 @@ pub enum PushAck {
 /// Server → terminal, on the push stream the server opens on the terminal's connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerPush {
+    /// An item of the terminal's own push log (acknowledged with [`PushAck::Ack`]).
     Item(PushItem),
+    /// An item of the stream of `owner`, a terminal this one follows: a change of `owner`'s
+    /// session (`from` is `owner`) or a publisher's push to `owner`'s followers (`from` is
+    /// `None`). `item.offset` is its position in that stream; the terminal keeps the stream's
+    /// cursor and says it in its next `Hello` (streams are not acknowledged: they are shared).
+    Stream { owner: TerminalId, item: PushItem },
+}
+
+/// [`ServerPush`] by reference, encoded exactly as the owned one (bincode encodes a variant by
+/// its position, and a reference as what it points to): a server sends what its log holds
+/// without copying it first.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum ServerPushRef<'a> {
+    Item(&'a PushItem),
+    Stream {
+        owner: &'a TerminalId,
+        item: &'a PushItem,
+    },
 }
 
 /// One pushed item. `from` is the terminal whose session it is (`None` for a publisher's own push).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushItem {
-    /// Position in the recipient's push log.
+    /// Position in the recipient's push log, or in the stream it came on.
     pub offset: u64,
     pub from: Option<TerminalId>,
     pub uri: String,

@@ -16,11 +16,16 @@ pub use message::*;
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::identity::TerminalId;
+
 /// The ALPN every handoff connection negotiates; the version is the protocol major.
-pub const ALPN: &[u8] = b"handoff/2";
+pub const ALPN: &[u8] = b"handoff/3";
 
 /// The protocol major, advertised in mDNS TXT `v`.
-pub const PROTOCOL_MAJOR: u32 = 2;
+pub const PROTOCOL_MAJOR: u32 = 3;
+
+/// [`PROTOCOL_MAJOR`] as the TXT record writes it.
+pub const PROTOCOL_MAJOR_TEXT: &str = "3";
 
 /// Hard cap on one frame's payload, checked before allocating.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -110,17 +115,21 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireErro
     Ok(message)
 }
 
-/// The offset of a [`ServerPush::Item`] from the first bytes of its payload, also when the
-/// rest does not decode: what a terminal acknowledges to skip an item it cannot read.
-pub fn push_offset(payload: &[u8]) -> Option<u64> {
-    /// The leading fields of `ServerPush::Item(PushItem { offset, .. })`.
+/// Where a [`ServerPush`] item belongs, from the first bytes of its payload, also when the
+/// rest does not decode: what a terminal needs to skip an item it cannot read. The stream's
+/// owner (`None`: the terminal's own log) and the item's offset there.
+pub fn push_offset(payload: &[u8]) -> Option<(Option<TerminalId>, u64)> {
+    /// The leading fields of `ServerPush::Item(PushItem { offset, .. })` and of
+    /// `ServerPush::Stream { owner, item: PushItem { offset, .. } }`.
     #[derive(serde::Deserialize)]
     enum Head {
         Item(u64),
+        Stream(TerminalId, u64),
     }
-    let (Head::Item(offset), _) =
-        bincode::serde::decode_from_slice::<Head, _>(payload, config()).ok()?;
-    Some(offset)
+    match bincode::serde::decode_from_slice::<Head, _>(payload, config()).ok()? {
+        (Head::Item(offset), _) => Some((None, offset)),
+        (Head::Stream(owner, offset), _) => Some((Some(owner), offset)),
+    }
 }
 
 /// Decodes a whole frame (header and payload) held in memory.

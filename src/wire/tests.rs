@@ -357,6 +357,18 @@ proptest! {
     }
 }
 
+fn item_for_stream() -> PushItem {
+    PushItem {
+        offset: 0,
+        from: None,
+        uri: "u".into(),
+        title: "t".into(),
+        body: None,
+        position: None,
+        meta: BTreeMap::new(),
+    }
+}
+
 #[test]
 fn a_push_items_offset_is_read_even_when_the_rest_does_not_decode() {
     let item = PushItem {
@@ -369,13 +381,57 @@ fn a_push_items_offset_is_read_even_when_the_rest_does_not_decode() {
         meta: BTreeMap::new(),
     };
     let payload = encode_payload(&ServerPush::Item(item)).unwrap();
-    assert_eq!(push_offset(&payload), Some(300));
+    assert_eq!(push_offset(&payload), Some((None, 300)));
     // Cut after the offset (varint 300 is 3 bytes after the 1-byte variant): the item no longer
     // decodes, its offset still does.
     assert!(decode_payload::<ServerPush>(&payload[..6]).is_err());
-    assert_eq!(push_offset(&payload[..4]), Some(300));
+    assert_eq!(push_offset(&payload[..4]), Some((None, 300)));
     assert_eq!(push_offset(&payload[..2]), None);
     assert_eq!(push_offset(&[]), None);
-    // Another variant than `Item` has no offset.
-    assert_eq!(push_offset(&[1, 5]), None);
+    // A variant that is not a push has no offset.
+    assert_eq!(push_offset(&[2, 5]), None);
+    // A stream item: its owner and its offset in that stream, also cut short.
+    let stream = ServerPush::Stream {
+        owner: id(2),
+        item: PushItem {
+            offset: 301,
+            ..item_for_stream()
+        },
+    };
+    let payload = encode_payload(&stream).unwrap();
+    assert_eq!(push_offset(&payload), Some((Some(id(2)), 301)));
+    assert!(decode_payload::<ServerPush>(&payload[..payload.len() - 1]).is_err());
+    assert_eq!(push_offset(&payload[..36]), Some((Some(id(2)), 301)));
+}
+
+#[test]
+fn the_major_text_is_the_major() {
+    assert_eq!(PROTOCOL_MAJOR_TEXT, PROTOCOL_MAJOR.to_string());
+}
+
+/// The borrowed form of a push encodes to the same bytes as the owned one.
+#[test]
+fn a_push_by_reference_encodes_as_the_push() {
+    let item = PushItem {
+        offset: 77,
+        from: Some(id(3)),
+        meta: BTreeMap::from([("k".into(), "v".into())]),
+        ..item_for_stream()
+    };
+    assert_eq!(
+        encode_payload(&ServerPushRef::Item(&item)).unwrap(),
+        encode_payload(&ServerPush::Item(item.clone())).unwrap()
+    );
+    assert_eq!(
+        encode_payload(&ServerPushRef::Stream {
+            owner: &id(4),
+            item: &item
+        })
+        .unwrap(),
+        encode_payload(&ServerPush::Stream {
+            owner: id(4),
+            item: item.clone()
+        })
+        .unwrap()
+    );
 }

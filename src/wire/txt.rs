@@ -113,11 +113,11 @@ mod tests {
             Err(TxtError::Version(1))
         );
         assert!(matches!(
-            Advert::parse([("v", "2"), ("id", "nope"), ("name", "x")]),
+            Advert::parse([("v", "3"), ("id", "nope"), ("name", "x")]),
             Err(TxtError::Invalid { key: "id", .. })
         ));
         assert!(matches!(
-            Advert::parse([("v", "2"), ("id", idt.as_str()), ("name", "a\nb")]),
+            Advert::parse([("v", "3"), ("id", idt.as_str()), ("name", "a\nb")]),
             Err(TxtError::Invalid { key: "name", .. })
         ));
     }

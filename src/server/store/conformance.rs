@@ -139,16 +139,19 @@ pub fn links_expire_and_can_be_revoked(b: &mut dyn Backend) {
             first: id(1),
             second: id(2),
             until: NOW + 100,
+            since: 0,
         },
         Op::Link {
             first: id(1),
             second: id(3),
             until: NOW + 10,
+            since: 0,
         },
         Op::Link {
             first: id(4),
             second: id(2),
             until: NOW + 100,
+            since: 0,
         },
     ])
     .unwrap();
@@ -164,6 +167,7 @@ pub fn links_expire_and_can_be_revoked(b: &mut dyn Backend) {
         first: id(1),
         second: id(3),
         until: NOW + 500,
+        since: 0,
     }])
     .unwrap();
     assert!(b
@@ -255,6 +259,7 @@ pub fn revocations_refuse_older_tickets(b: &mut dyn Backend) {
             nonce: [n; 16],
             not_after: issued_at + 60,
             until: issued_at + 60,
+            since: 0,
             now,
             capacity: 10,
             push: None,
@@ -285,6 +290,7 @@ pub fn revocations_refuse_older_tickets(b: &mut dyn Backend) {
         nonce: [4; 16],
         not_after: NOW + 60,
         until: NOW + 60,
+        since: 0,
         now: NOW + 6,
         capacity: 10,
         push: None,
@@ -329,6 +335,7 @@ pub fn revocations_are_bounded_per_first_terminal(b: &mut dyn Backend) {
         first: id(1),
         second: id(4),
         until: NOW + 60,
+        since: 0,
     };
     b.apply(&[link]).unwrap();
     assert_eq!(revoke(b, 1, 4, NOW + 2), Outcome::Full);
@@ -363,6 +370,7 @@ pub fn follows_are_one_step_and_refused_replays_change_nothing(b: &mut dyn Backe
             nonce: [n; 16],
             not_after: NOW + 60,
             until: NOW + 50,
+            since: 0,
             now: NOW,
             capacity: 2,
             push: with_push.then(|| push("session", Some("session:1"), 60)),
@@ -476,6 +484,94 @@ pub async fn concurrent_appends_through_the_actor(store: Store) {
 
 /// Instantiates the suite for one backend. `$make` gives `Some((guard, backend))`, the guard
 /// living as long as the test, or `None` to skip (a backend whose server is not installed).
+/// A link records where in the first terminal's stream it began, for as long as it lives:
+/// not after it expired, was unlinked or revoked, and a new link records its own.
+pub fn links_remember_where_they_began_in_the_stream(b: &mut dyn Backend) {
+    let link = |second: u8, until: u64, since: u64| Op::Link {
+        first: id(1),
+        second: id(second),
+        until,
+        since,
+    };
+    b.apply(&[
+        link(2, NOW + 100, 5),
+        link(3, NOW + 10, 7),
+        link(4, NOW + 100, 0),
+    ])
+    .unwrap();
+    assert_eq!(b.link_since(&id(1), &id(2), NOW).unwrap(), Some(5));
+    assert_eq!(b.link_since(&id(1), &id(3), NOW).unwrap(), Some(7));
+    assert_eq!(b.link_since(&id(1), &id(4), NOW).unwrap(), Some(0));
+    assert_eq!(
+        b.link_since(&id(2), &id(1), NOW).unwrap(),
+        None,
+        "not the other way"
+    );
+    assert_eq!(b.link_since(&id(1), &id(5), NOW).unwrap(), None);
+    assert_eq!(
+        b.link_since(&id(1), &id(3), NOW + 10).unwrap(),
+        None,
+        "expired"
+    );
+    b.apply(&[
+        Op::Unlink {
+            first: id(1),
+            second: id(2),
+        },
+        Op::Revoke {
+            first: id(1),
+            second: id(4),
+            at: NOW,
+            keep_until: NOW + 100,
+            capacity: 10,
+            now: NOW,
+        },
+    ])
+    .unwrap();
+    assert_eq!(b.link_since(&id(1), &id(2), NOW).unwrap(), None, "unlinked");
+    assert_eq!(b.link_since(&id(1), &id(4), NOW).unwrap(), None, "revoked");
+    // Linked again later: where the new link began.
+    b.apply(&[link(2, NOW + 100, 12)]).unwrap();
+    assert_eq!(b.link_since(&id(1), &id(2), NOW).unwrap(), Some(12));
+    b.apply(&[Op::Sweep { now: NOW + 50 }]).unwrap();
+    assert_eq!(b.link_since(&id(1), &id(2), NOW + 50).unwrap(), Some(12));
+    assert_eq!(b.link_since(&id(1), &id(3), NOW + 50).unwrap(), None);
+}
+
+/// A terminal's stream is kept under its stream key like any log: offsets of its own,
+/// sessions collapsing to the latest (nobody acknowledges a stream), other pushes each kept.
+pub fn a_stream_is_one_log_for_every_follower(b: &mut dyn Backend) {
+    let first = id(1);
+    let stream = stream_key(&first);
+    assert_ne!(stream, first);
+    assert_eq!(stream, stream_key(&first), "the same key every time");
+    assert_ne!(stream, stream_key(&id(2)));
+    let session = |title: &str| push(title, Some(&format!("session:{first}")), 60);
+    assert_eq!(append(b, first, push("own", None, 60)), 0);
+    assert_eq!(append(b, stream, session("s1")), 0);
+    assert_eq!(append(b, stream, push("news", None, 60)), 1);
+    assert_eq!(append(b, stream, session("s2")), 2);
+    assert_eq!(append(b, stream, session("s3")), 3);
+    assert_eq!(titles(b, stream, 0, NOW), ["news", "s3"]);
+    assert_eq!(titles(b, stream, 2, NOW), ["s3"]);
+    assert_eq!(
+        titles(b, first, 0, NOW),
+        ["own"],
+        "the terminal's own log apart"
+    );
+    assert_eq!(b.log(&stream, 0, 0, NOW).unwrap().next, 4);
+    assert!(
+        !b.known(&stream).unwrap(),
+        "no terminal is known by a stream key"
+    );
+    b.apply(&[Op::Sweep { now: NOW + 60 }]).unwrap();
+    assert!(
+        titles(b, stream, 0, NOW + 60).is_empty(),
+        "expired items go"
+    );
+    assert_eq!(append(b, stream, session("s4")), 4, "offsets never restart");
+}
+
 macro_rules! conformance_tests {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -536,6 +632,16 @@ macro_rules! conformance_tests {
                 let Some((_guard, mut b)) = $make else { return };
                 super::sessions_and_known_terminals(b.as_mut());
             }
+            #[test]
+            fn links_remember_where_they_began_in_the_stream() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::links_remember_where_they_began_in_the_stream(b.as_mut());
+            }
+            #[test]
+            fn a_stream_is_one_log_for_every_follower() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::a_stream_is_one_log_for_every_follower(b.as_mut());
+            }
             #[tokio::test]
             async fn concurrent_appends_through_the_actor() {
                 let Some((_guard, b)) = $make else { return };
@@ -582,6 +688,7 @@ fn embedded_store_survives_reopening_with_its_epoch() {
                 first: id(2),
                 second: id(1),
                 until: NOW + 60,
+                since: 0,
             },
         ])
         .unwrap();
@@ -607,6 +714,7 @@ fn embedded_store_survives_reopening_with_its_epoch() {
         nonce: [1; 16],
         not_after: NOW + 60,
         until: NOW + 60,
+        since: 0,
         now: NOW,
         capacity: 10,
         push: None,
@@ -734,6 +842,7 @@ fn redis_key_layout() {
             first: id(1),
             second: id(2),
             until: NOW + 100,
+            since: 0,
         },
         Op::UseNonce {
             first: id(1),
@@ -770,6 +879,7 @@ fn redis_key_layout() {
         tagged("known"),
         tagged("log"),
         tagged("nonces"),
+        tagged("since"),
         format!("handoff:v1:{{{}}}:following", id(2)),
     ];
     expected.sort();
@@ -778,7 +888,7 @@ fn redis_key_layout() {
         ::redis::Value::Int(t) => t,
         other => panic!("{other:?}"),
     };
-    for what in ["log", "expiry", "collapse", "nonces", "followers"] {
+    for what in ["log", "expiry", "collapse", "nonces", "followers", "since"] {
         assert!(ttl(&tagged(what)) > 0, "{what} expires");
     }
     for persistent in [
@@ -822,6 +932,7 @@ fn redis_sweep_leaves_only_live_state() {
             first: id(1),
             second: id(2),
             until: NOW + 10,
+            since: 0,
         },
         Op::UseNonce {
             first: id(1),

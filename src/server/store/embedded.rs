@@ -24,6 +24,8 @@ const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("sessions");
 /// (first, second) → until, and the same reversed for lookups by follower.
 const LINKS: TableDefinition<(Id, Id), u64> = TableDefinition::new("links");
 const LINKS_BY_SECOND: TableDefinition<(Id, Id), u64> = TableDefinition::new("links_by_second");
+/// (first, second) → where in first's stream the link began (see [`Op::Link`]).
+const LINK_SINCE: TableDefinition<(Id, Id), u64> = TableDefinition::new("link_since");
 const NONCES: TableDefinition<(Id, &[u8; 16]), u64> = TableDefinition::new("nonces");
 /// first → how many nonces of its tickets `NONCES` holds (the per-terminal quota).
 const NONCE_COUNTS: TableDefinition<Id, u64> = TableDefinition::new("nonce_counts");
@@ -87,6 +89,7 @@ impl EmbeddedBackend {
         txn.open_table(SESSIONS).map_err(|e| open_err(&e))?;
         txn.open_table(LINKS).map_err(|e| open_err(&e))?;
         txn.open_table(LINKS_BY_SECOND).map_err(|e| open_err(&e))?;
+        txn.open_table(LINK_SINCE).map_err(|e| open_err(&e))?;
         txn.open_table(NONCES).map_err(|e| open_err(&e))?;
         txn.open_table(LOG).map_err(|e| open_err(&e))?;
         txn.open_table(CURSORS).map_err(|e| open_err(&e))?;
@@ -209,6 +212,32 @@ impl Backend for EmbeddedBackend {
     ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         links_of(&txn.open_table(LINKS_BY_SECOND).map_err(err)?, second, now)
+    }
+
+    fn link_since(
+        &self,
+        first: &TerminalId,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let key = (first.as_bytes(), second.as_bytes());
+        let live = txn
+            .open_table(LINKS)
+            .map_err(err)?
+            .get(key)
+            .map_err(err)?
+            .is_some_and(|until| until.value() > now);
+        if !live {
+            return Ok(None);
+        }
+        let since = txn
+            .open_table(LINK_SINCE)
+            .map_err(err)?
+            .get(key)
+            .map_err(err)?
+            .map_or(0, |v| v.value());
+        Ok(Some(since))
     }
 
     fn log(
@@ -386,10 +415,15 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             first,
             second,
             until,
+            since,
         } => {
             txn.open_table(LINKS)
                 .map_err(err)?
                 .insert((first.as_bytes(), second.as_bytes()), *until)
+                .map_err(err)?;
+            txn.open_table(LINK_SINCE)
+                .map_err(err)?
+                .insert((first.as_bytes(), second.as_bytes()), *since)
                 .map_err(err)?;
             txn.open_table(LINKS_BY_SECOND)
                 .map_err(err)?
@@ -407,6 +441,10 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             txn.open_table(LINKS_BY_SECOND)
                 .map_err(err)?
                 .remove((second.as_bytes(), first.as_bytes()))
+                .map_err(err)?;
+            txn.open_table(LINK_SINCE)
+                .map_err(err)?
+                .remove((first.as_bytes(), second.as_bytes()))
                 .map_err(err)?;
             Outcome::Removed(removed)
         }
@@ -533,6 +571,13 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
                 .map_err(err)?
                 .retain(|_, until| until > *now)
                 .map_err(err)?;
+            {
+                let links = txn.open_table(LINKS).map_err(err)?;
+                txn.open_table(LINK_SINCE)
+                    .map_err(err)?
+                    .retain(|key, _| links.get(key).is_ok_and(|l| l.is_some()))
+                    .map_err(err)?;
+            }
             let mut nonces = txn.open_table(NONCES).map_err(err)?;
             nonces.retain(|_, n| n > *now).map_err(err)?;
             // Recount what is left per first terminal.

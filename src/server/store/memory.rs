@@ -20,8 +20,8 @@ pub struct MemoryBackend {
     /// Terminal → when it was last seen.
     known: HashMap<TerminalId, u64>,
     sessions: HashMap<TerminalId, Session>,
-    /// (first, second) → until.
-    links: BTreeMap<(TerminalId, TerminalId), u64>,
+    /// (first, second) → (until, since).
+    links: BTreeMap<(TerminalId, TerminalId), (u64, u64)>,
     nonces: ReplayCache,
     /// (first, second) → (revoked at, by first's clock; keep until).
     revoked: HashMap<(TerminalId, TerminalId), (u64, u64)>,
@@ -87,8 +87,8 @@ impl Backend for MemoryBackend {
         Ok(self
             .links
             .range(lo..=hi)
-            .filter(|(_, until)| **until > now)
-            .map(|((_, s), u)| (*s, *u))
+            .filter(|(_, (until, _))| *until > now)
+            .map(|((_, s), (u, _))| (*s, *u))
             .collect())
     }
 
@@ -100,9 +100,22 @@ impl Backend for MemoryBackend {
         Ok(self
             .links
             .iter()
-            .filter(|((_, s), until)| s == second && **until > now)
-            .map(|((f, _), u)| (*f, *u))
+            .filter(|((_, s), (until, _))| s == second && *until > now)
+            .map(|((f, _), (u, _))| (*f, *u))
             .collect())
+    }
+
+    fn link_since(
+        &self,
+        first: &TerminalId,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .links
+            .get(&(*first, *second))
+            .filter(|(until, _)| *until > now)
+            .map(|(_, since)| *since))
     }
 
     fn log(
@@ -162,7 +175,7 @@ impl MemoryBackend {
                 let linked: std::collections::HashSet<TerminalId> = self
                     .links
                     .iter()
-                    .filter(|(_, until)| **until > *now)
+                    .filter(|(_, (until, _))| *until > *now)
                     .flat_map(|((first, second), _)| [*first, *second])
                     .collect();
                 let idle: Vec<TerminalId> = self
@@ -188,8 +201,9 @@ impl MemoryBackend {
                 first,
                 second,
                 until,
+                since,
             } => {
-                self.links.insert((*first, *second), *until);
+                self.links.insert((*first, *second), (*until, *since));
                 Outcome::Done
             }
             Op::Unlink { first, second } => {
@@ -264,7 +278,7 @@ impl MemoryBackend {
                 for log in self.logs.values_mut() {
                     log.items.retain(|_, p| p.expires_at > *now);
                 }
-                self.links.retain(|_, until| *until > *now);
+                self.links.retain(|_, (until, _)| *until > *now);
                 self.nonces.expire(*now);
                 self.revoked.retain(|_, (_, keep)| *keep > *now);
                 Outcome::Done

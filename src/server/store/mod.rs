@@ -1,6 +1,13 @@
 //! The server's state behind one trait (DESIGN §6): sessions, known terminals, links, used ticket
 //! nonces, revocations, and a per-recipient push log with monotonic offsets inside an epoch.
 //!
+//! Fan-out on read: what all of a terminal's followers receive (its session changes, a
+//! publisher's push to its followers) is appended once, to that terminal's *stream*: a log like
+//! any other, kept under [`stream_key`] of its owner, read by every follower's connection from
+//! a cursor of its own and never acknowledged (items leave it by collapse or expiry). A link
+//! records where in the first terminal's stream it began (`since`), so a follower never reads
+//! what was streamed before it followed.
+//!
 //! Backends implement [`Backend`] with operations that are each atomic on their own and never
 //! span recipients (so a Redis backend can implement them as scripts on hash-tagged keys). The
 //! [`Store`] actor owns the backend on a dedicated thread and applies every run of consecutive
@@ -145,6 +152,23 @@ impl NewPush {
         }
     }
 
+    /// [`NewPush::stored`], taking the push instead of copying it.
+    pub(crate) fn into_stored(self, offset: u64, now: u64) -> StoredPush {
+        StoredPush {
+            item: PushItem {
+                offset,
+                from: self.from,
+                uri: self.uri,
+                title: self.title,
+                body: self.body,
+                position: self.position,
+                meta: self.meta,
+            },
+            expires_at: now.saturating_add(self.ttl.as_secs().max(1)),
+            collapse_key: self.collapse_key,
+        }
+    }
+
     pub(crate) fn stored(&self, offset: u64, now: u64) -> StoredPush {
         StoredPush {
             item: PushItem {
@@ -172,10 +196,13 @@ pub enum Op {
         id: TerminalId,
         session: Option<Session>,
     },
+    /// Links `second` to `first` until `until`; `since` is where in `first`'s stream the
+    /// link begins (the stream's end when the link was made, kept when a live link is renewed).
     Link {
         first: TerminalId,
         second: TerminalId,
         until: u64,
+        since: u64,
     },
     Unlink {
         first: TerminalId,
@@ -220,6 +247,8 @@ pub enum Op {
         nonce: [u8; 16],
         not_after: u64,
         until: u64,
+        /// As for [`Op::Link`].
+        since: u64,
         now: u64,
         capacity: usize,
         push: Option<NewPush>,
@@ -249,6 +278,7 @@ pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
         nonce,
         not_after,
         until,
+        since,
         now,
         capacity,
         push,
@@ -269,6 +299,7 @@ pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
         first: *first,
         second: *second,
         until: *until,
+        since: *since,
     };
     let append = push.clone().map(|push| Op::Append {
         to: *second,
@@ -355,7 +386,15 @@ pub trait Backend: Send + 'static {
         second: &TerminalId,
         now: u64,
     ) -> Result<Vec<(TerminalId, u64)>, StoreError>;
-    /// Up to `limit` live items of `to`'s log from offset `from`.
+    /// Where in `first`'s stream the link of `second` began, if that link is alive at `now`.
+    fn link_since(
+        &self,
+        first: &TerminalId,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Up to `limit` live items of `to`'s log from offset `from` (`to` may be a
+    /// [`stream_key`]).
     fn log(
         &self,
         to: &TerminalId,
@@ -556,6 +595,18 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &Atomi
             return;
         }
     }
+}
+
+/// The key under which the stream of `owner` is kept: a log like a terminal's, whose key no
+/// terminal can hold (a hash, not a public key anyone has the private key of), so nobody can
+/// connect as it, and the HTTP API never knows it (it is never marked seen).
+pub fn stream_key(owner: &TerminalId) -> TerminalId {
+    let mut input = b"handoff stream\0".to_vec();
+    input.extend_from_slice(owner.as_bytes());
+    let hash = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut bytes = [0; 32];
+    bytes.copy_from_slice(hash.as_ref());
+    TerminalId::from_bytes(bytes)
 }
 
 /// A random epoch for a new store.

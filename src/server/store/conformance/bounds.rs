@@ -118,6 +118,7 @@ pub fn idle_strangers_expire(b: &mut dyn Backend) {
         first: id(4),
         second: id(2),
         until: NOW + 1000,
+        since: 0,
     });
     b.apply(&ops).unwrap();
     assert_eq!(append(b, id(1), push("kept", None, 5000)), 0);

@@ -16,6 +16,7 @@
 //! | `…{id}:session` | string | `id`'s session (bincode) | none |
 //! | `…{id}:followers` | zset | terminals following `id`, scored by `until` | see below |
 //! | `…{id}:following` | zset | terminals `id` follows, scored by `until` | see below |
+//! | `…{id}:since` | hash | terminal following `id` → where in `id`'s stream its link began | as `followers` |
 //! | `…{id}:nonces` | zset | nonces (16 bytes) of tickets `id` signed, scored by `not_after` | see below |
 //! | `…{id}:revoked` | hash | terminal `id` revoked → the time it did, by `id`'s clock (tickets `id` issued it until then are refused) | until the newest revocation no longer matters |
 //! | `…{id}:revoked_until` | zset | the same terminals, scored by when each revocation no longer matters (at most `[limits] revocations_per_terminal` are kept) | the same |
@@ -23,6 +24,9 @@
 //! | `…{id}:log` | zset | `id`'s pushes scored by offset; member: the offset (8 bytes, big-endian) then the bincode [`StoredPush`] | see below |
 //! | `…{id}:expiry` | zset | the same offsets (8 bytes), scored by `expires_at` | see below |
 //! | `…{id}:collapse` | hash | collapse key → offset of the latest item with it | see below |
+//!
+//! A terminal's stream (what all its followers receive) is a log like the others, under the ID
+//! [`super::stream_key`] gives for it.
 //!
 //! A key holding deadlines expires [`GRACE`] after the latest deadline in it (extended, never
 //! shortened, on each write), so state nobody sweeps still goes away. Deadlines themselves are
@@ -489,6 +493,27 @@ impl Backend for RedisBackend {
     ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
         self.read(format_args!("terminals {second} follows"), |conn| {
             links(conn, &key(second, "following"), now)
+        })
+    }
+
+    fn link_since(
+        &self,
+        first: &TerminalId,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.read(format_args!("the link of {second} to {first}"), |conn| {
+            let (until, since): (Option<u64>, Option<u64>) = redis::pipe()
+                .cmd("ZSCORE")
+                .arg(key(first, "followers"))
+                .arg(second.to_string())
+                .cmd("HGET")
+                .arg(key(first, "since"))
+                .arg(second.to_string())
+                .query(conn)?;
+            Ok(until
+                .filter(|until| *until > now)
+                .map(|_| since.unwrap_or(0)))
         })
     }
 

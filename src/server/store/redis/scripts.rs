@@ -24,7 +24,7 @@ pub(super) struct Scripts {
     pub revoke: Script,
     /// Drops a log's expired items and stale collapse entries.
     pub sweep_log: Script,
-    /// Drops the due members of a links or nonces set.
+    /// Drops the due members of a links or nonces set (and a followers set's `since` entries).
     pub sweep_deadlines: Script,
     /// Forgets one idle, unlinked terminal's known entry and session.
     pub expire_idle: Script,

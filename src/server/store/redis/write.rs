@@ -81,9 +81,18 @@ fn queue(
             first,
             second,
             until,
+            since,
         } => {
-            // Two single-slot writes: first's followers, then second's following.
+            // Two single-slot writes: first's followers (and where the link began in first's
+            // stream), then second's following.
             let ttl = until.saturating_sub(now).saturating_add(GRACE);
+            let since_key = key(first, "since");
+            pipe.cmd("HSET")
+                .arg(&since_key)
+                .arg(second.to_string())
+                .arg(since);
+            pipe.cmd("EXPIRE").arg(&since_key).arg(ttl).arg("NX");
+            pipe.cmd("EXPIRE").arg(&since_key).arg(ttl).arg("GT");
             for (set, member) in [
                 (key(first, "followers"), second),
                 (key(second, "following"), first),
@@ -106,6 +115,9 @@ fn queue(
         Op::Unlink { first, second } => {
             pipe.cmd("ZREM")
                 .arg(key(first, "followers"))
+                .arg(second.to_string());
+            pipe.cmd("HDEL")
+                .arg(key(first, "since"))
                 .arg(second.to_string());
             pipe.cmd("ZREM")
                 .arg(key(second, "following"))
@@ -138,6 +150,9 @@ fn queue(
             .arg(capacity)
             .arg(keep_until)
             .arg(at_now);
+            pipe.cmd("HDEL")
+                .arg(key(first, "since"))
+                .arg(second.to_string());
             pipe.cmd("ZREM")
                 .arg(key(second, "following"))
                 .arg(first.to_string());
@@ -390,7 +405,17 @@ pub(super) fn sweep(conn: &mut Connection, scripts: &Scripts, now: u64) -> Resul
                     .arg(now);
                     swept.push(name);
                 }
-                Some((_, "followers" | "following" | "nonces")) => {
+                Some((base, "followers")) => {
+                    let since = format!("{base}:since");
+                    evalsha(
+                        &mut pipe,
+                        &scripts.sweep_deadlines,
+                        &[name.as_str(), &since],
+                    )
+                    .arg(now);
+                    swept.push(name);
+                }
+                Some((_, "following" | "nonces")) => {
                     evalsha(&mut pipe, &scripts.sweep_deadlines, &[name.as_str()]).arg(now);
                     swept.push(name);
                 }
