@@ -1049,3 +1049,96 @@ async fn interface_info_naming_a_thousand_server_addresses_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Issue 11.3, end to end: the server's own sweep forgets strangers. With `idle_terminal`
+/// shortened (the sweep runs at least five times per idle period), a terminal that came once,
+/// set a session and left is forgotten — the publish API no longer knows it — while a terminal
+/// still connected and two that left but are linked (as first and second) stay known.
+#[tokio::test]
+async fn the_sweep_forgets_strangers_but_not_connected_or_linked_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.idle_terminal = Duration::from_secs(2);
+    })
+    .await;
+    let http_addr = server.http_addr().unwrap();
+    let hello = RequestBody::Hello { cursor: None };
+    let connect = |me: Identity| {
+        let server = &server;
+        let hello = hello.clone();
+        async move {
+            let conn = raw_connect(&me, server.id(), server.local_addr()).await;
+            let answer = handoff::net::request(&conn, hello).await.unwrap();
+            assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+            (me, conn)
+        }
+    };
+    let (stranger, stranger_conn) = connect(Identity::generate().unwrap()).await;
+    let answer = handoff::net::request(
+        &stranger_conn,
+        RequestBody::SetSession(Some(session("passing-by"))),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(answer, ResponseBody::SessionStored), "{answer:?}");
+    let (first, first_conn) = connect(Identity::generate().unwrap()).await;
+    let (second, second_conn) = connect(Identity::generate().unwrap()).await;
+    let now = handoff::net::unix_now();
+    let ticket = wire::Ticket {
+        first: first.id(),
+        second: second.id(),
+        server: server.id(),
+        issued_at: now,
+        not_after: now + 600,
+        nonce: rand::random(),
+    }
+    .sign(&first);
+    let follow = RequestBody::Follow(wire::InfoRequest {
+        first: first.id(),
+        second: second.id(),
+        ticket,
+    });
+    let answer = handoff::net::request(&second_conn, follow).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+    let (connected, _connected_conn) = connect(Identity::generate().unwrap()).await;
+    for conn in [&stranger_conn, &first_conn, &second_conn] {
+        conn.close(0u32.into(), b"gone");
+    }
+
+    let publish = |id: handoff::identity::TerminalId| {
+        let token = token.clone();
+        async move {
+            http(
+                http_addr,
+                "POST",
+                &format!("/v1/terminals/{id}/push"),
+                Some(&token),
+                br#"{"uri":"https://media.example/a","title":"a"}"#,
+            )
+            .await
+        }
+    };
+    // Forgotten once it has been idle for two seconds and a sweep ran.
+    tokio::time::timeout(6 * WAIT, async {
+        while publish(stranger.id()).await.0 != 404 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the sweep forgets the stranger");
+    assert_eq!(
+        server
+            .metrics()
+            .get("handoff_terminals_expired_total", None),
+        1
+    );
+    for (who, id) in [
+        ("connected", connected.id()),
+        ("first", first.id()),
+        ("second", second.id()),
+    ] {
+        let (status, body) = publish(id).await;
+        assert_eq!(status, 200, "{who}: {body}");
+    }
+    server.shutdown().await;
+}
