@@ -751,6 +751,7 @@ async fn oversized_request_headers_are_refused() {
         "200 KiB of headers were answered: {}",
         text.lines().next().unwrap_or("(nothing)")
     );
+    assert_json_error(&text, "http_max_header_bytes");
     // Counted once the connection's task ends, which may be just after the close.
     let hits = || {
         server.metrics().get(
@@ -764,6 +765,50 @@ async fn oversized_request_headers_are_refused() {
     }
     assert_eq!(hits(), 1);
     // Ordinary requests are served.
+    let (status, body) = http(addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    server.shutdown().await;
+}
+
+/// Asserts that a whole HTTP answer has a JSON body `{"error": "..."}` (with a matching
+/// content-type and length) whose message mentions `needle`.
+fn assert_json_error(answer: &str, needle: &str) {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head: {answer}"));
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("\r\ncontent-type: application/json\r\n"),
+        "{answer}"
+    );
+    assert!(
+        head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+        "{answer}"
+    );
+    let error = json(body)["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(needle), "{answer}");
+}
+
+/// Requests the HTTP library refuses before they reach the API (a malformed request line or
+/// header, an overlong URI) are answered in JSON too, like every other error.
+#[tokio::test]
+async fn malformed_requests_are_answered_400_in_json() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |_| {}).await;
+    let addr = server.http_addr().unwrap();
+    for request in [
+        "GET /healthz HTTP/1.1\r\nhost x\r\n\r\n",
+        "G@T /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        "GET /healthz HTTP/9.9\r\nhost: x\r\n\r\n",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = stream.write_all(request.as_bytes()).await;
+        let answer = closed_by_server(stream).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400"), "{request:?}: {text}");
+        assert_json_error(&text, "malformed");
+    }
     let (status, body) = http(addr, "GET", "/healthz", None, b"").await;
     assert_eq!(status, 200, "{body}");
     server.shutdown().await;
