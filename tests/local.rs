@@ -18,7 +18,7 @@ use handoff::accounts;
 use handoff::config::ControlGroup;
 use handoff::identity::Identity;
 use support::inproc::*;
-use support::{require_root, Lan, BIN};
+use support::{handoff, require_root, Lan, BIN};
 
 /// An unprivileged user with its primary group (Debian's `nobody`, `nogroup`).
 const NOBODY: (u32, u32) = (65_534, 65_534);
@@ -326,6 +326,42 @@ fn under_umask_000_the_socket_is_never_open_to_others() {
 
 fn chown(path: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+/// A state_dir that is a symlink another user owns is refused with status 78: whoever owns the
+/// link (and can write where it lives) can point it elsewhere at any time, so even a link to a
+/// directory of the right owner and mode could hand them the key later. A link made by root or
+/// by the user running handoff is followed as before.
+#[test]
+fn a_state_dir_symlink_owned_by_another_user_is_refused_with_78() {
+    if !require_root("state_dir symlink") || !users_exist("state_dir symlink") {
+        return;
+    }
+    let mut lan = Lan::new("stlink", &["h"]);
+    let state = lan.path("h");
+    let target = lan.path("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&target, &state).unwrap();
+    std::os::unix::fs::lchown(&state, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+    let config = lan.daemon_config("h", "");
+    let child = lan.spawn("h", &["daemon", "--config", &config], "d");
+    let code = lan.wait(child, Duration::from_secs(20));
+    let log = lan.log("d");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("state_dir") && log.contains("symlink") && log.contains("nobody"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "{log}");
+    let out = handoff(&["id", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+
+    // The same link made by root is followed.
+    std::os::unix::fs::lchown(&state, Some(0), Some(0)).unwrap();
+    let out = handoff(&["id", "--state-dir", state.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(target.join("identity.key").exists());
 }
 
 /// Every problem with a file the config names stops the daemon and the server with status 78,
