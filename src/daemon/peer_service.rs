@@ -265,9 +265,9 @@ pub(crate) async fn serve(daemon: Daemon) {
                             "handoff_handshakes_failed_total",
                             Some(("reason", "timeout")),
                         );
-                        d.log_limited(
-                            "peer_handshake_timeout",
-                            format_args!("peer handshake timed out after {timeout:?}"),
+                        d.over_limit(
+                            "handshake_timeout_secs",
+                            format_args!("dropped a peer handshake after {timeout:?}"),
                         );
                         return;
                     }
