@@ -570,6 +570,40 @@ impl Captured {
     }
 }
 
+/// A publisher sends pushes as fast as it likes; the terminal logs one "push received" line
+/// per interval at info, with the count held back, not one per push.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_of_pushes_logs_a_bounded_number_of_lines() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // Every task of this test runs on this thread (current-thread runtime).
+    let _logs = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    let mut pushes = b.subscribe();
+    for i in 0..20 {
+        let body = format!(r#"{{"uri":"https://media.example/{i}","title":"burst {i}"}}"#);
+        let path = format!("/v1/terminals/{}/push", b.id());
+        let (status, body) = http(http_addr, "POST", &path, Some(&token), body.as_bytes()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for i in 0..20 {
+        assert_eq!(next_push(&mut pushes).await.title, format!("burst {i}"));
+    }
+    let lines = captured.lines_with("push received");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
 /// Issue 11.8: 10,519 "refused follow" lines in 30 s came from one host. Each line remote input
 /// can trigger is now logged at most once per interval, with the count held back.
 #[tokio::test(flavor = "current_thread")]
