@@ -698,9 +698,9 @@ impl Daemon {
         // the count held back), every one at debug.
         let from = record.from.as_deref().unwrap_or("publisher");
         if let Some(suppressed) = self.shared.guards.log.check("push_received") {
-            info!(from, title = %record.title, offset = record.offset, suppressed, "push received");
+            info!(from = %from, title = %record.title, offset = record.offset, suppressed, "push received");
         } else {
-            debug!(from, title = %record.title, offset = record.offset, "push received");
+            debug!(from = %from, title = %record.title, offset = record.offset, "push received");
         }
         self.shared
             .metrics
