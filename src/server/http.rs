@@ -734,6 +734,32 @@ async fn set_session(
 mod tests {
     use super::*;
 
+    /// Only hyper's own empty error answers are rewritten; the API's answers pass unchanged.
+    #[test]
+    fn only_empty_error_answers_get_a_json_body() {
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = String::from_utf8(with_json_error(head, 16384).unwrap()).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{answer}"
+        );
+        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
+        assert!(head.ends_with("\r\ndate: x"), "{answer}");
+        let error: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(error["error"].as_str().unwrap().contains("16384"), "{body}");
+        for untouched in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"{\"error\":\"x\"}",
+        ] {
+            assert!(with_json_error(untouched, 16384).is_none(), "{untouched:?}");
+        }
+    }
+
     #[test]
     fn the_busy_answer_is_well_formed() {
         let text = std::str::from_utf8(TOO_MANY).unwrap();
