@@ -3,6 +3,7 @@
 //!
 //! - `state_dir` must be a directory owned by the user running handoff and not writable by
 //!   group or others: a directory another user created or can write could hand them the key.
+//!   A symlink to it is followed only if that user or root owns the link.
 //! - Every write of a file in it goes through [`write_private_file`]: a fresh temporary file
 //!   (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600), fsynced, renamed over the target. A link
 //!   planted where the temporary file goes is never followed; temporary files a crash left
@@ -51,6 +52,15 @@ pub enum FileError {
         me: String,
     },
     #[error(
+        "state_dir {path} is a symlink owned by {owner}: that user could point it elsewhere at \
+         any time; name the directory itself in the config, or have {me} or root own the link"
+    )]
+    ForeignLink {
+        path: PathBuf,
+        owner: String,
+        me: String,
+    },
+    #[error(
         "state_dir {path} is writable by group or others (mode {mode:o}); run `chmod go-w {path}`"
     )]
     Writable { path: PathBuf, mode: u32 },
@@ -91,9 +101,20 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), FileError> {
     Ok(())
 }
 
-/// Checks an existing state directory: a directory (a symlink to one is fine), owned by this
-/// process's user, not writable by group or others. A missing one passes (it will be created).
+/// Checks an existing state directory: a directory owned by this process's user, not writable
+/// by group or others. It may be a symlink to one only if the link is owned by that user or
+/// root (another owner could repoint it). A missing one passes (it will be created).
 pub fn check_state_dir(dir: &Path) -> Result<(), FileError> {
+    let me = accounts::euid();
+    if let Ok(link) = fs::symlink_metadata(dir) {
+        if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
+            return Err(FileError::ForeignLink {
+                path: dir.to_path_buf(),
+                owner: accounts::describe_user(link.uid()),
+                me: accounts::describe_user(me),
+            });
+        }
+    }
     let meta = match fs::metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -110,7 +131,6 @@ pub fn check_state_dir(dir: &Path) -> Result<(), FileError> {
             path: dir.to_path_buf(),
         });
     }
-    let me = accounts::euid();
     if meta.uid() != me {
         return Err(FileError::ForeignOwner {
             path: dir.to_path_buf(),

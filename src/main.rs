@@ -157,6 +157,7 @@ async fn run(
             config.check_files()?;
             logs.set_level(&config.log_level);
             let mut signals = Signals::new()?;
+            service::raise_open_files_limit(service::OPEN_FILES_SPARE, "the daemon");
             let daemon = Daemon::start(config, DaemonOptions::default())
                 .await
                 .map_err(|e| CliError {
@@ -192,6 +193,14 @@ async fn run(
             config.check_files()?;
             logs.set_level(&config.log_level);
             let mut signals = Signals::new()?;
+            if config.http.is_some() {
+                service::raise_open_files_limit(
+                    config.limits.http_max_connections as u64 + service::OPEN_FILES_SPARE,
+                    "[limits] http_max_connections",
+                );
+            } else {
+                service::raise_open_files_limit(service::OPEN_FILES_SPARE, "the server");
+            }
             let identity = Identity::load_or_create(&config.state_dir).map_err(|e| CliError {
                 code: e.exit_code(),
                 message: e.to_string(),

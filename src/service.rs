@@ -4,6 +4,9 @@
 //! they serve (endpoint bound, mDNS registered, store open, HTTP bound), `STOPPING=1` when
 //! shutdown begins, `RELOADING=1` then `READY=1` around a SIGHUP reload, and `WATCHDOG=1` at half the `WatchdogSec` interval when one is set. Without
 //! `NOTIFY_SOCKET` every call does nothing.
+//!
+//! Started by hand, a process gets the shell's soft limit on open files (often 1024, as low as
+//! the HTTP API's default connection cap): [`raise_open_files_limit`] raises it to the hard limit.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -65,4 +68,54 @@ pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
             tokio::time::sleep(interval).await;
         }
     }))
+}
+
+/// Open files a daemon or server may need besides its HTTP connections: sockets, the store, the
+/// control clients, hooks, the files it reads and writes.
+pub const OPEN_FILES_SPARE: u64 = 256;
+
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit, and warns when even
+/// that leaves fewer than `needed` descriptors for what `needs` names: outside systemd the soft
+/// limit is often 1024, and accepting would fail (EMFILE) before a connection cap that high is
+/// reached. Returns the soft limit now in force (`None` if it cannot be read).
+pub fn raise_open_files_limit(needed: u64, needs: &str) -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("cannot read the open files limit: {e}");
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given, which lives for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!(
+                from = limit.rlim_cur,
+                to = raised.rlim_cur,
+                "raised the open files limit"
+            );
+            limit.rlim_cur = raised.rlim_cur;
+        } else {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("cannot raise the open files limit: {e}");
+        }
+    }
+    let now = limit.rlim_cur;
+    if now != libc::RLIM_INFINITY && now < needed {
+        tracing::warn!(
+            limit = now,
+            needed,
+            "the open files limit (RLIMIT_NOFILE, hard limit included) is below what {needs} \
+             may use: new connections may fail with \"too many open files\" before the cap; \
+             raise it (LimitNOFILE= under systemd, ulimit -n) or lower the cap"
+        );
+    }
+    Some(now)
 }

@@ -930,3 +930,46 @@ fn half_open_handshakes_do_not_lock_terminals_out_of_the_server() {
         lan.log("srv")
     );
 }
+
+/// A client that sends its handshake and never answers (a deaf socket on loopback) holds a
+/// pending handshake at the daemon only until `[limits] handshake_timeout_secs`: then it is
+/// dropped, counted as that limit's hit and as a failed handshake. In process, no namespace.
+#[tokio::test]
+async fn a_silent_clients_handshake_is_dropped_at_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::inproc::terminal(dir.path(), "a", None, vec![]);
+    config.limits.handshake_timeout = Duration::from_secs(1);
+    let a = support::inproc::start(config).await;
+    let endpoint = deaf_endpoint(IpAddr::from([127, 0, 0, 1]));
+    let mallory = Identity::generate().unwrap();
+    let client = tls::client_config(&mallory, a.id(), LIMITS).unwrap();
+    let connecting = endpoint
+        .connect_with(client, a.quic_addr(), tls::SERVER_NAME)
+        .unwrap();
+    let handshake = tokio::spawn(connecting);
+    let metrics = a.metrics();
+    let hits = || {
+        metrics.get(
+            "handoff_limit_hits_total",
+            Some(("limit", "handshake_timeout_secs")),
+        )
+    };
+    tokio::time::timeout(support::inproc::WAIT, async {
+        while hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the silent handshake is dropped");
+    assert_eq!(hits(), 1);
+    assert_eq!(
+        metrics.get(
+            "handoff_handshakes_failed_total",
+            Some(("reason", "timeout"))
+        ),
+        1
+    );
+    assert_eq!(metrics.get("handoff_connections_total", None), 0);
+    handshake.abort();
+    a.shutdown().await;
+}

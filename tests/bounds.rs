@@ -573,6 +573,40 @@ impl Captured {
     }
 }
 
+/// A publisher sends pushes as fast as it likes; the terminal logs one "push received" line
+/// per interval at info, with the count held back, not one per push.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_of_pushes_logs_a_bounded_number_of_lines() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // Every task of this test runs on this thread (current-thread runtime).
+    let _logs = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", Some(&server), vec![])).await;
+    wait_connected(&b).await;
+    let mut pushes = b.subscribe();
+    for i in 0..20 {
+        let body = format!(r#"{{"uri":"https://media.example/{i}","title":"burst {i}"}}"#);
+        let path = format!("/v1/terminals/{}/push", b.id());
+        let (status, body) = http(http_addr, "POST", &path, Some(&token), body.as_bytes()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for i in 0..20 {
+        assert_eq!(next_push(&mut pushes).await.title, format!("burst {i}"));
+    }
+    let lines = captured.lines_with("push received");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
 /// Issue 11.8: 10,519 "refused follow" lines in 30 s came from one host. Each line remote input
 /// can trigger is now logged at most once per interval, with the count held back.
 #[tokio::test(flavor = "current_thread")]
@@ -754,6 +788,7 @@ async fn oversized_request_headers_are_refused() {
         "200 KiB of headers were answered: {}",
         text.lines().next().unwrap_or("(nothing)")
     );
+    assert_json_error(&text, "http_max_header_bytes");
     // Counted once the connection's task ends, which may be just after the close.
     let hits = || {
         server.metrics().get(
@@ -767,6 +802,50 @@ async fn oversized_request_headers_are_refused() {
     }
     assert_eq!(hits(), 1);
     // Ordinary requests are served.
+    let (status, body) = http(addr, "GET", "/healthz", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    server.shutdown().await;
+}
+
+/// Asserts that a whole HTTP answer has a JSON body `{"error": "..."}` (with a matching
+/// content-type and length) whose message mentions `needle`.
+fn assert_json_error(answer: &str, needle: &str) {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head: {answer}"));
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("\r\ncontent-type: application/json\r\n"),
+        "{answer}"
+    );
+    assert!(
+        head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+        "{answer}"
+    );
+    let error = json(body)["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(needle), "{answer}");
+}
+
+/// Requests the HTTP library refuses before they reach the API (a malformed request line or
+/// header, an overlong URI) are answered in JSON too, like every other error.
+#[tokio::test]
+async fn malformed_requests_are_answered_400_in_json() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = start_server_with_limits(dir.path(), |_| {}).await;
+    let addr = server.http_addr().unwrap();
+    for request in [
+        "GET /healthz HTTP/1.1\r\nhost x\r\n\r\n",
+        "G@T /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        "GET /healthz HTTP/9.9\r\nhost: x\r\n\r\n",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = stream.write_all(request.as_bytes()).await;
+        let answer = closed_by_server(stream).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400"), "{request:?}: {text}");
+        assert_json_error(&text, "malformed");
+    }
     let (status, body) = http(addr, "GET", "/healthz", None, b"").await;
     assert_eq!(status, 200, "{body}");
     server.shutdown().await;
@@ -1058,4 +1137,97 @@ async fn interface_info_naming_a_thousand_server_addresses_is_refused() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Issue 11.3, end to end: the server's own sweep forgets strangers. With `idle_terminal`
+/// shortened (the sweep runs at least five times per idle period), a terminal that came once,
+/// set a session and left is forgotten — the publish API no longer knows it — while a terminal
+/// still connected and two that left but are linked (as first and second) stay known.
+#[tokio::test]
+async fn the_sweep_forgets_strangers_but_not_connected_or_linked_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.idle_terminal = Duration::from_secs(2);
+    })
+    .await;
+    let http_addr = server.http_addr().unwrap();
+    let hello = RequestBody::Hello { cursor: None };
+    let connect = |me: Identity| {
+        let server = &server;
+        let hello = hello.clone();
+        async move {
+            let conn = raw_connect(&me, server.id(), server.local_addr()).await;
+            let answer = handoff::net::request(&conn, hello).await.unwrap();
+            assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+            (me, conn)
+        }
+    };
+    let (stranger, stranger_conn) = connect(Identity::generate().unwrap()).await;
+    let answer = handoff::net::request(
+        &stranger_conn,
+        RequestBody::SetSession(Some(session("passing-by"))),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(answer, ResponseBody::SessionStored), "{answer:?}");
+    let (first, first_conn) = connect(Identity::generate().unwrap()).await;
+    let (second, second_conn) = connect(Identity::generate().unwrap()).await;
+    let now = handoff::net::unix_now();
+    let ticket = wire::Ticket {
+        first: first.id(),
+        second: second.id(),
+        server: server.id(),
+        issued_at: now,
+        not_after: now + 600,
+        nonce: rand::random(),
+    }
+    .sign(&first);
+    let follow = RequestBody::Follow(wire::InfoRequest {
+        first: first.id(),
+        second: second.id(),
+        ticket,
+    });
+    let answer = handoff::net::request(&second_conn, follow).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+    let (connected, _connected_conn) = connect(Identity::generate().unwrap()).await;
+    for conn in [&stranger_conn, &first_conn, &second_conn] {
+        conn.close(0u32.into(), b"gone");
+    }
+
+    let publish = |id: handoff::identity::TerminalId| {
+        let token = token.clone();
+        async move {
+            http(
+                http_addr,
+                "POST",
+                &format!("/v1/terminals/{id}/push"),
+                Some(&token),
+                br#"{"uri":"https://media.example/a","title":"a"}"#,
+            )
+            .await
+        }
+    };
+    // Forgotten once it has been idle for two seconds and a sweep ran.
+    tokio::time::timeout(6 * WAIT, async {
+        while publish(stranger.id()).await.0 != 404 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the sweep forgets the stranger");
+    assert_eq!(
+        server
+            .metrics()
+            .get("handoff_terminals_expired_total", None),
+        1
+    );
+    for (who, id) in [
+        ("connected", connected.id()),
+        ("first", first.id()),
+        ("second", second.id()),
+    ] {
+        let (status, body) = publish(id).await;
+        assert_eq!(status, 200, "{who}: {body}");
+    }
+    server.shutdown().await;
 }

@@ -715,3 +715,71 @@ fn a_closed_pipe_ends_a_command_quietly() {
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
     assert!(err.is_empty(), "{err}");
 }
+
+/// Started with a low soft limit on open files (as from a shell: often 1024, as low as the
+/// default `http_max_connections`), the server raises it to the hard limit, and warns when even
+/// that is short of what the HTTP connection cap may use.
+#[test]
+fn the_server_raises_its_open_files_limit_and_warns_when_it_is_short() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("publish.token");
+    std::fs::write(&token, "test-token-0123456789").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            dir.path().join("state").display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["server", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 200,
+                rlim_max: 900,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let up = support::wait_for(std::time::Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("server listening").then_some(())
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    // SAFETY: kill of the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(up.is_some(), "the server did not start: {text}");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[3..5], ["900", "900"], "{limits}");
+    let warning = text
+        .lines()
+        .find(|l| l.contains("open files limit"))
+        .unwrap_or_else(|| panic!("no warning: {text}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("http_max_connections"),
+        "{warning}"
+    );
+}

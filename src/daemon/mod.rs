@@ -699,12 +699,14 @@ impl Daemon {
                 .inc("handoff_pushes_duplicate_total", None);
             return;
         }
-        info!(
-            from = %record.from.as_deref().unwrap_or("publisher"),
-            title = %record.title,
-            offset = record.offset,
-            "push received"
-        );
+        // Pushes come as fast as a publisher sends them: one line per interval at info (with
+        // the count held back), every one at debug.
+        let from = record.from.as_deref().unwrap_or("publisher");
+        if let Some(suppressed) = self.shared.guards.log.check("push_received") {
+            info!(from = %from, title = %record.title, offset = record.offset, suppressed, "push received");
+        } else {
+            debug!(from = %from, title = %record.title, offset = record.offset, "push received");
+        }
         self.shared
             .metrics
             .inc("handoff_pushes_received_total", None);

@@ -265,9 +265,9 @@ pub(crate) async fn serve(daemon: Daemon) {
                             "handoff_handshakes_failed_total",
                             Some(("reason", "timeout")),
                         );
-                        d.log_limited(
-                            "peer_handshake_timeout",
-                            format_args!("peer handshake timed out after {timeout:?}"),
+                        d.over_limit(
+                            "handshake_timeout_secs",
+                            format_args!("dropped a peer handshake after {timeout:?}"),
                         );
                         return;
                     }
@@ -459,12 +459,12 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
         nonce,
     }
     .sign(&shared.identity);
-    // Every one to a trusted peer (bounded by its request rate); to others (`accept = "any"`)
-    // at most one line per interval.
-    if shared.trust.is_trusted(&peer) {
-        info!(peer = %peer.short(), "gave interface info");
-    } else if let Some(suppressed) = shared.guards.log.check("gave_interface_info") {
+    // One line per interval at info (with the count held back), trusted peers' included: each
+    // may ask at its request rate. Every one at debug.
+    if let Some(suppressed) = shared.guards.log.check("gave_interface_info") {
         info!(peer = %peer.short(), suppressed, "gave interface info");
+    } else {
+        debug!(peer = %peer.short(), "gave interface info");
     }
     shared.metrics.inc("handoff_interface_info_total", None);
     ResponseBody::InterfaceInfo(Box::new(InterfaceInfo {

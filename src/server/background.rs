@@ -3,8 +3,16 @@
 
 use super::*;
 
-/// How often expired items, links and nonces are swept from the store.
+/// How often expired items, links and nonces are swept from the store (more often when
+/// `[limits] idle_terminal_secs` is short: see [`sweep_every`]).
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// The sweep's period: [`SWEEP_EVERY`], or a fifth of `idle_terminal` if that is shorter, so a
+/// connected terminal is marked seen several times per idle period whatever it is. (Validated
+/// configurations have `idle_terminal` of at least 300 s, so this is a minute; tests shorten it.)
+fn sweep_every(idle_terminal: Duration) -> Duration {
+    SWEEP_EVERY.min(idle_terminal / 5)
+}
 
 /// Raises the `latest` of terminals another node appended for, and wakes their writers.
 pub(super) async fn apply_wakes(server: Server, mut rx: mpsc::Receiver<Vec<cluster::Wake>>) {
@@ -101,10 +109,11 @@ pub(super) async fn watch_epoch(server: Server) {
 /// idle for `[limits] idle_terminal_secs`: the terminals connected to this node are marked seen
 /// first, so only those neither connected (to any node) nor linked go.
 pub(super) async fn sweep(server: Server) {
+    let every = sweep_every(server.shared.limits.idle_terminal);
     loop {
         tokio::select! {
             _ = server.shared.cancel.cancelled() => return,
-            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
         }
         let now = unix_now();
         let connected: Vec<(std::net::IpAddr, TerminalId)> = server

@@ -1,8 +1,9 @@
 //! The server's HTTP API (DESIGN §8): content backends publish with a bearer token; `/healthz`
 //! and `/metrics` (Prometheus text) need none. Bodies are JSON, capped at 64 KiB (a batch at
 //! 1 MiB); errors are `{"error": "..."}` with a 4xx/5xx status, every one of them (404 and 405
-//! included). A publish is answered 2xx only once the push is durably stored; a batch answers
-//! each push on its own.
+//! included, and the 400 and 431 the HTTP library answers itself: see [`JsonParseErrors`]). A
+//! publish is answered 2xx only once the push is durably stored; a batch answers each push on
+//! its own.
 //!
 //! Bounds (`[limits] http_*`): headers must arrive within a timeout (also on an idle
 //! keep-alive connection) and fit a size (else 431), and a body must arrive within another; at most `http_max_connections` are held,
@@ -277,6 +278,11 @@ async fn serve_connection(
         .header_read_timeout(limits.http_header_timeout)
         // Checked in config to be within what the library accepts.
         .max_buf_size(limits.http_max_header_bytes);
+    let tcp = JsonParseErrors {
+        io: tcp,
+        max_header_bytes: limits.http_max_header_bytes,
+        rewritten: None,
+    };
     let connection = builder.serve_connection(TokioIo::new(tcp), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
@@ -301,6 +307,124 @@ async fn serve_connection(
             let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
         }
     }
+}
+
+/// An HTTP connection's stream that gives the HTTP library's own error answers a JSON body.
+///
+/// hyper answers a request it cannot parse itself (400 for a malformed request line or header,
+/// 414, 431 for headers over `http_max_header_bytes`), with an empty body and no hook to change
+/// it. Those are the only answers with an error status and `content-length: 0` (the API's own
+/// errors all carry `{"error": ...}`), and each is a head written alone: it is recognized as it
+/// is written and sent with a JSON body instead.
+struct JsonParseErrors<T> {
+    io: T,
+    max_header_bytes: usize,
+    /// The rewritten answer being sent, and how many of its bytes are out.
+    rewritten: Option<(Vec<u8>, usize)>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for JsonParseErrors<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for JsonParseErrors<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.rewritten.is_none() {
+            this.rewritten = with_json_error(buf, this.max_header_bytes).map(|b| (b, 0));
+        }
+        let Some((bytes, sent)) = this.rewritten.as_mut() else {
+            return std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        };
+        // Until all of the rewritten answer is out, hyper is told nothing of `buf` was.
+        while *sent < bytes.len() {
+            match std::task::ready!(std::pin::Pin::new(&mut this.io).poll_write(cx, &bytes[*sent..]))
+            {
+                Ok(0) => return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => *sent += n,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+        this.rewritten = None;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut written = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(head), None) = (written.next(), written.next()) {
+            if self.rewritten.is_some() || with_json_error(head, self.max_header_bytes).is_some() {
+                return self.poll_write(cx, head);
+            }
+        }
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// If `written` is a whole answer head with an error status and `content-length: 0` (one of
+/// hyper's own answers to a request it could not parse), the same answer with a JSON body.
+fn with_json_error(written: &[u8], max_header_bytes: usize) -> Option<Vec<u8>> {
+    let head = std::str::from_utf8(written.strip_suffix(b"\r\n\r\n")?).ok()?;
+    let status: u16 = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let empty = |line: &str| line.eq_ignore_ascii_case("content-length: 0");
+    if !(400..600).contains(&status) || !head.split("\r\n").any(empty) {
+        return None;
+    }
+    let message = match status {
+        400 => "malformed request: bad request line, header or version".to_string(),
+        431 => format!(
+            "request headers over {max_header_bytes} bytes ([limits] http_max_header_bytes)"
+        ),
+        _ => StatusCode::from_u16(status)
+            .ok()?
+            .canonical_reason()?
+            .to_lowercase(),
+    };
+    let body = json!({ "error": message }).to_string();
+    let mut answer = String::with_capacity(written.len() + body.len() + 64);
+    for line in head.split("\r\n") {
+        if empty(line) {
+            answer.push_str("content-type: application/json\r\n");
+            answer.push_str(&format!("content-length: {}\r\n", body.len()));
+        } else {
+            answer.push_str(line);
+            answer.push_str("\r\n");
+        }
+    }
+    answer.push_str("\r\n");
+    answer.push_str(&body);
+    Some(answer.into_bytes())
 }
 
 /// Gives every error response a JSON body `{"error": "..."}`: axum's own (an unknown method,
@@ -609,6 +733,32 @@ async fn set_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only hyper's own empty error answers are rewritten; the API's answers pass unchanged.
+    #[test]
+    fn only_empty_error_answers_get_a_json_body() {
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = String::from_utf8(with_json_error(head, 16384).unwrap()).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{answer}"
+        );
+        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
+        assert!(head.ends_with("\r\ndate: x"), "{answer}");
+        let error: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(error["error"].as_str().unwrap().contains("16384"), "{body}");
+        for untouched in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"{\"error\":\"x\"}",
+        ] {
+            assert!(with_json_error(untouched, 16384).is_none(), "{untouched:?}");
+        }
+    }
 
     #[test]
     fn the_busy_answer_is_well_formed() {

@@ -127,7 +127,7 @@ mod tests {
     fn advert_names_lose_their_bidi_characters() {
         let idt = id().to_string();
         let advert =
-            Advert::parse([("v", "2"), ("id", idt.as_str()), ("name", "tv\u{202E}vt")]).unwrap();
+            Advert::parse([("v", "3"), ("id", idt.as_str()), ("name", "tv\u{202E}vt")]).unwrap();
         assert_eq!(advert.name, "tvvt");
     }
 }
