@@ -1151,7 +1151,10 @@ async fn the_sweep_forgets_strangers_but_not_connected_or_linked_terminals() {
     })
     .await;
     let http_addr = server.http_addr().unwrap();
-    let hello = RequestBody::Hello { cursor: None };
+    let hello = RequestBody::Hello {
+        cursor: None,
+        streams: Vec::new(),
+    };
     let connect = |me: Identity| {
         let server = &server;
         let hello = hello.clone();
