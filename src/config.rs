@@ -1129,9 +1129,9 @@ pub struct ServerLimits {
     /// hold `known_terminals_per_source` keys, each with its own per-terminal rate).
     pub requests_per_sec_per_source: u32,
     /// Bytes per second that sessions from one source network (an IPv4 address, an IPv6 /64)
-    /// may have stored: a change costs its size once and once per follower, a follow the
-    /// session it copies, a resync the sessions it copies (each at most this much, so any one
-    /// fits). Bounds what a host's keys following one another can make the store write.
+    /// may have stored: a change costs its size twice (the session and the one push its
+    /// followers read), a follow the session it copies, a resync the sessions it copies (each
+    /// at most this much, so any one fits). Bounds what a host's keys can make the store write.
     pub session_bytes_per_sec_per_source: u32,
     /// How long the store keeps a terminal that is neither connected nor linked (its
     /// known-terminal entry and its session).
