@@ -160,11 +160,14 @@ pub enum Command {
     /// Bridge this desktop's media players (MPRIS on the session bus) and the daemon: share
     /// what plays as the session, open what followed terminals push. Runs in the foreground.
     Player {
-        /// A daemon config: its `[player]` section and its `control_socket`.
-        #[arg(long, value_name = "FILE", env = "HANDOFF_CONFIG")]
+        /// A daemon config: its `[player]` section and its `control_socket` [default:
+        /// $HANDOFF_CONFIG if set].
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// The daemon's control socket (instead of the config's).
-        #[arg(long, value_name = "PATH", env = "HANDOFF_SOCKET")]
+        /// The daemon's control socket, instead of the config's [default: --config's
+        /// control_socket, else $HANDOFF_SOCKET, else $HANDOFF_CONFIG's control_socket, else
+        /// /run/handoff/control.sock].
+        #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
     },
     /// Run a server and two terminals on loopback and show a real handoff.
@@ -465,15 +468,29 @@ pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `handoff player`'s settings: `[player]` of `config` (defaults without one) and the control
-/// socket: `socket`, else the config's, else the default.
+/// The environment variable naming `handoff player`'s config when `--config` does not.
+pub const CONFIG_ENV: &str = "HANDOFF_CONFIG";
+
+/// `handoff player`'s settings: `[player]` of the config (`--config`, else `$HANDOFF_CONFIG`;
+/// defaults without one) and the control socket. A flag the user typed wins over the
+/// environment, as for the other commands: `--socket`, else the typed `--config`'s, else
+/// `$HANDOFF_SOCKET`, else the `$HANDOFF_CONFIG` file's, else the default. The variables are read
+/// here rather than by clap, which cannot tell a typed flag from one taken from the environment.
 pub fn player_setup(
     config: Option<&Path>,
     socket: Option<PathBuf>,
 ) -> Result<(config::PlayerConfig, PathBuf), CliError> {
-    let daemon = config.map(DaemonConfig::load).transpose()?;
+    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let typed = config.is_some();
+    let config = config
+        .map(Path::to_path_buf)
+        .or_else(|| from_env(CONFIG_ENV).map(PathBuf::from));
+    let daemon = config.as_deref().map(DaemonConfig::load).transpose()?;
+    let of_config = || daemon.as_ref().map(|d| d.control_socket.clone());
     let socket = socket
-        .or_else(|| daemon.as_ref().map(|d| d.control_socket.clone()))
+        .or_else(|| if typed { of_config() } else { None })
+        .or_else(|| from_env(SOCKET_ENV).map(PathBuf::from))
+        .or_else(of_config)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     Ok((daemon.map(|d| d.player).unwrap_or_default(), socket))
 }
