@@ -496,7 +496,9 @@ pub fn player_setup(
 }
 
 /// `handoff config check`: the config itself, then the files it names (state_dir, key and
-/// token files), as the program would find them when run as this user.
+/// token files), as the program would find them when run as this user. A state_dir another
+/// user owns is a note, not an error: the check is usually run by root for a service whose own
+/// user owns it (the program refuses such a directory when it starts).
 pub fn check_config(path: &Path, kind: Option<KindArg>, reload: bool) -> Result<(), CliError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
@@ -507,38 +509,49 @@ pub fn check_config(path: &Path, kind: Option<KindArg>, reload: bool) -> Result<
         Some(KindArg::Server) => Some(ConfigKind::Server),
         None => config::guess_kind(&text),
     };
-    let daemon = || -> Result<(), ConfigError> {
+    let daemon = || -> Result<Vec<String>, ConfigError> {
         let config = DaemonConfig::from_toml(path, &text)?;
         if reload {
-            return Ok(());
+            return Ok(vec![]);
         }
-        config.check_files()
+        config.check_files_as_admin()
     };
-    let server = || -> Result<(), ConfigError> {
+    let server = || -> Result<Vec<String>, ConfigError> {
         let config = ServerConfig::from_toml(path, &text)?;
         if reload {
-            return Ok(());
+            return Ok(vec![]);
         }
-        config.check_files()
+        config.check_files_as_admin()
     };
     let shown = path.display();
-    match kind {
+    let notes = match kind {
         Some(ConfigKind::Daemon) => {
-            daemon()?;
+            let notes = daemon()?;
             println!("{shown}: ok (daemon config)");
+            notes
         }
         Some(ConfigKind::Server) => {
-            server()?;
+            let notes = server()?;
             println!("{shown}: ok (server config)");
+            notes
         }
         // Its keys do not tell: it is fine if it is fine for either program.
         None => match (daemon(), server()) {
-            (Ok(()), Ok(())) => println!(
-                "{shown}: ok (valid as a daemon or a server config; \
-                 --kind daemon|server checks it as one)"
-            ),
-            (Ok(()), Err(_)) => println!("{shown}: ok (daemon config)"),
-            (Err(_), Ok(())) => println!("{shown}: ok (server config)"),
+            (Ok(notes), Ok(_)) => {
+                println!(
+                    "{shown}: ok (valid as a daemon or a server config; \
+                     --kind daemon|server checks it as one)"
+                );
+                notes
+            }
+            (Ok(notes), Err(_)) => {
+                println!("{shown}: ok (daemon config)");
+                notes
+            }
+            (Err(_), Ok(notes)) => {
+                println!("{shown}: ok (server config)");
+                notes
+            }
             // The same complaint either way (a syntax error, a bad shared key).
             (Err(d), Err(s)) if d.to_string() == s.to_string() => return Err(d.into()),
             (Err(d), Err(s)) => {
@@ -552,6 +565,9 @@ pub fn check_config(path: &Path, kind: Option<KindArg>, reload: bool) -> Result<
                 })
             }
         },
+    };
+    for note in notes {
+        eprintln!("note: {note}");
     }
     Ok(())
 }

@@ -715,3 +715,82 @@ fn a_closed_pipe_ends_a_command_quietly() {
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
     assert!(err.is_empty(), "{err}");
 }
+
+/// `handoff config check` run by root on a service's config after a `DynamicUser=` unit's first
+/// start: the state directory belongs to the service's transient user. The check passes with a
+/// note naming that owner (the other checks still apply); the daemon and the server themselves,
+/// run by anyone but that owner, still refuse the directory with 78.
+#[test]
+fn config_check_notes_a_state_dir_another_user_owns_and_the_programs_refuse_it() {
+    if !support::require_root("config_check_notes_a_state_dir_another_user_owns") {
+        return;
+    }
+    // A uid in systemd's DynamicUser= range, with no account.
+    const DYNAMIC: u32 = 61_999;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    support::id_of(&state);
+    for path in [state.clone(), state.join("identity.key")] {
+        std::os::unix::fs::chown(&path, Some(DYNAMIC), Some(DYNAMIC)).unwrap();
+    }
+    let token = dir.path().join("publish.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, PermissionsExt::from_mode(0o600)).unwrap();
+    // Loopback only, should the check ever let a program start.
+    let daemon = dir.path().join("daemon.toml");
+    std::fs::write(
+        &daemon,
+        format!(
+            "state_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"lo\"]\n\
+             [quic]\nlisten = \"127.0.0.1:0\"\n",
+            state.display(),
+            dir.path().join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let server = dir.path().join("server.toml");
+    std::fs::write(
+        &server,
+        format!(
+            "state_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[http]\n\
+             listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            state.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    for (kind, config) in [("daemon", &daemon), ("server", &server)] {
+        let config = config.to_str().unwrap();
+        let out = handoff(&["config", "check", "--kind", kind, "--config", config]);
+        assert!(out.status.success(), "{kind}: {}", shown(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("ok ({kind} config)")),
+            "{}",
+            shown(&out)
+        );
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("note: state_dir") && err.contains(&format!("uid {DYNAMIC}")),
+            "{kind}: {}",
+            shown(&out)
+        );
+        let out = handoff(&[kind, "--config", config]);
+        assert_eq!(out.status.code(), Some(78), "{kind}: {}", shown(&out));
+        assert!(
+            stderr(&out).contains(&format!("is owned by uid {DYNAMIC}")),
+            "{kind}: {}",
+            shown(&out)
+        );
+    }
+    // Another user's directory is still checked: writable by others, or a key readable by
+    // others, fails the check.
+    std::fs::set_permissions(state.join("identity.key"), PermissionsExt::from_mode(0o644)).unwrap();
+    let out = handoff(&["config", "check", "--config", daemon.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", shown(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", shown(&out));
+    std::fs::set_permissions(state.join("identity.key"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&state, PermissionsExt::from_mode(0o777)).unwrap();
+    let out = handoff(&["config", "check", "--config", daemon.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", shown(&out));
+    assert!(stderr(&out).contains("chmod go-w"), "{}", shown(&out));
+}
