@@ -51,6 +51,27 @@ async fn handoff_as(user: (u32, u32), args: &[&str]) -> Output {
     command.output().await.expect("run handoff")
 }
 
+/// `handoff ARGS` run as `user` (uid, gid) with exactly the supplementary `groups`, through
+/// setpriv (std's `Command::uid` clears them, and `pre_exec` runs too late to set them).
+async fn handoff_with_groups(user: (u32, u32), groups: &[u32], args: &[&str]) -> Output {
+    let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+    let mut command = tokio::process::Command::new("setpriv");
+    command
+        .arg(format!("--reuid={}", user.0))
+        .arg(format!("--regid={}", user.1));
+    if groups.is_empty() {
+        command.arg("--clear-groups");
+    } else {
+        command.arg(format!("--groups={}", groups.join(",")));
+    }
+    command
+        .arg("--")
+        .arg(BIN)
+        .args(args)
+        .env_remove("HANDOFF_SOCKET");
+    command.output().await.expect("run setpriv")
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -105,6 +126,61 @@ async fn a_member_of_the_control_group_drives_the_daemon_and_others_are_told_why
             && err.contains("root")
             && !err.contains("is `handoff daemon` running"),
         "{err}"
+    );
+    daemon.shutdown().await;
+}
+
+/// A desktop user is in the control group as a supplementary group (`usermod -aG handoff
+/// alice`), never as their primary one: `daemon` (primary group `daemon`) with `nogroup` among
+/// its supplementary groups, as a login session would give it, drives the daemon; the same user
+/// without it is refused.
+#[tokio::test]
+async fn a_caller_in_the_control_group_as_a_supplementary_group_drives_the_daemon() {
+    let test = "control group as a supplementary group";
+    if !require_root(test) || !users_exist(test) {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test} needs setpriv (util-linux)"
+        );
+        eprintln!("SKIPPED {test}: needs setpriv (util-linux)");
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+    let out = handoff_with_groups(
+        OTHER,
+        &[NOBODY.1],
+        &["status", "--json", "--socket", &socket],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&daemon.id().to_string()));
+    let stranger = Identity::generate().unwrap().id().to_string();
+    let out = handoff_with_groups(
+        OTHER,
+        &[NOBODY.1],
+        &["trust", &stranger, "--socket", &socket],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.trusted().len(), 1);
+
+    let out = handoff_with_groups(OTHER, &[], &["status", "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied on "),
+        "{}",
+        text(&out)
     );
     daemon.shutdown().await;
 }
