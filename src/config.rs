@@ -1512,10 +1512,30 @@ mod tests {
         ServerConfig::from_toml(Path::new("test.toml"), text)
     }
 
+    /// The shipped daemon.toml, whose `[control] group` is the `handoff` group the package
+    /// creates, pointed at this process's own group so that it loads on any machine.
+    fn shipped_daemon() -> DaemonConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/daemon.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = "\ngroup = \"handoff\"\n";
+        assert_eq!(
+            text.matches(line).count(),
+            1,
+            "the example names group handoff"
+        );
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let mine = crate::accounts::group_name(gid).unwrap();
+        let text = text.replace(line, &format!("\ngroup = \"{mine}\"\n"));
+        let d = DaemonConfig::from_toml(&path, &text).unwrap();
+        assert_eq!(d.control_group.as_ref().map(|g| g.gid), Some(gid));
+        d
+    }
+
     #[test]
     fn shipped_examples_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let d = DaemonConfig::load(&root.join("daemon.toml")).unwrap();
+        let d = shipped_daemon();
         assert_eq!(d.accept, AcceptPolicy::Trusted);
         assert!(d.server.is_some());
         // The example documents every limit with its default.
@@ -1837,10 +1857,7 @@ mod tests {
 
     #[test]
     fn player_section_is_validated() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let p = DaemonConfig::load(&root.join("daemon.toml"))
-            .unwrap()
-            .player;
+        let p = shipped_daemon().player;
         assert_eq!(p.drive, ["mpv", "vlc"]);
         assert_eq!(p.command, ["mpv", "--idle=yes", "--force-window=yes"]);
         assert_eq!(p.position_poll, Duration::from_secs(5));
