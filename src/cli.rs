@@ -864,8 +864,14 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 }
                 println!("peers:   {}", s.peers);
                 println!("follows: {}", s.follows.len());
+                let now = crate::net::unix_now();
                 for follow in &s.follows {
-                    println!("  {} until {}", &follow.id[..10], follow.until);
+                    println!(
+                        "  {} until {} (in {} s)",
+                        &follow.id[..10],
+                        follow.until,
+                        follow.until.saturating_sub(now)
+                    );
                 }
                 if !s.pair_requests.is_empty() {
                     println!("pairing requests (run `handoff pair ID` to accept):");

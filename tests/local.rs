@@ -68,7 +68,8 @@ async fn handoff_with_groups(user: (u32, u32), groups: &[u32], args: &[&str]) ->
         .arg("--")
         .arg(BIN)
         .args(args)
-        .env_remove("HANDOFF_SOCKET");
+        .env_remove("HANDOFF_SOCKET")
+        .kill_on_drop(true);
     command.output().await.expect("run setpriv")
 }
 
@@ -125,6 +126,14 @@ async fn a_member_of_the_control_group_drives_the_daemon_and_others_are_told_why
         err.starts_with("error: permission denied on ")
             && err.contains("root")
             && !err.contains("is `handoff daemon` running"),
+        "{err}"
+    );
+    // Word for word as systemd/README.md quotes it ("Desktop users").
+    assert!(
+        err.trim_end().ends_with(
+            "control.sock: you cannot reach its directory; you need to be in the daemon's \
+             [control] group or root"
+        ),
         "{err}"
     );
     daemon.shutdown().await;
@@ -392,6 +401,76 @@ fn file_problems_stop_daemon_and_server_with_78() {
         log.contains("chmod 600") && !log.contains("s3cret"),
         "{log}"
     );
+    // A token path that cannot be read as a file (a directory, mode 0700).
+    std::fs::remove_file(&token).unwrap();
+    std::fs::create_dir(&token).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s4");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("http.token_file") && log.contains("cannot read token file"),
+        "{log}"
+    );
+}
+
+/// A token file the server's user cannot read (root's, mode 0600, the server run as `nobody`):
+/// `config check` and the server itself exit 78 naming the key, before anything is bound.
+#[tokio::test]
+async fn an_unreadable_token_file_exits_78() {
+    let test = "an unreadable token file";
+    if !require_root(test) || !users_exist(test) {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test} needs setpriv (util-linux)"
+        );
+        eprintln!("SKIPPED {test}: needs setpriv (util-linux)");
+        return;
+    }
+    let dir = open_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    chown(&state, NOBODY.0, NOBODY.1);
+    let token = dir.path().join("publish.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Loopback only, should the server ever start.
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[http]\n\
+             listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            state.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let out = handoff_with_groups(NOBODY, &[], &["config", "check", "--config", config]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http.token_file") && err.contains("Permission denied"),
+        "{}",
+        text(&out)
+    );
+    let server = tokio::time::timeout(
+        Duration::from_secs(60),
+        handoff_with_groups(NOBODY, &[], &["server", "--config", config]),
+    )
+    .await
+    .expect("the server exits at once");
+    assert_eq!(server.status.code(), Some(78), "{}", text(&server));
+    assert!(
+        String::from_utf8_lossy(&server.stderr).contains("http.token_file"),
+        "{}",
+        text(&server)
+    );
+    assert!(!text(&server).contains("s3cret"));
 }
 
 /// systemd's credentials: a `DynamicUser=` server cannot read the root-only token file, so the
