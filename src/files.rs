@@ -94,20 +94,34 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), FileError> {
 /// Checks an existing state directory: a directory (a symlink to one is fine), owned by this
 /// process's user, not writable by group or others. A missing one passes (it will be created).
 pub fn check_state_dir(dir: &Path) -> Result<(), FileError> {
-    match check_state_dir_of_any_owner(dir)? {
-        None => Ok(()),
-        Some(owner) => Err(FileError::ForeignOwner {
+    let Some(meta) = state_dir_metadata(dir)? else {
+        return Ok(());
+    };
+    // The owner first: another user's directory is refused whatever its mode.
+    let me = accounts::euid();
+    if meta.uid() != me {
+        return Err(FileError::ForeignOwner {
             path: dir.to_path_buf(),
-            owner: accounts::describe_user(owner),
-            me: accounts::describe_user(accounts::euid()),
-        }),
+            owner: accounts::describe_user(meta.uid()),
+            me: accounts::describe_user(me),
+        });
     }
+    check_state_dir_mode(dir, &meta)
 }
 
 /// [`check_state_dir`] for someone checking a config on behalf of another user (`handoff config
 /// check` run as root for a service's config): the same checks, except that an owner other than
 /// this process's user is returned (its uid) instead of refused.
 pub fn check_state_dir_of_any_owner(dir: &Path) -> Result<Option<u32>, FileError> {
+    let Some(meta) = state_dir_metadata(dir)? else {
+        return Ok(None);
+    };
+    check_state_dir_mode(dir, &meta)?;
+    Ok((meta.uid() != accounts::euid()).then_some(meta.uid()))
+}
+
+/// The state directory's metadata: `None` if it is missing, an error if it is not a directory.
+fn state_dir_metadata(dir: &Path) -> Result<Option<fs::Metadata>, FileError> {
     let meta = match fs::metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -124,6 +138,10 @@ pub fn check_state_dir_of_any_owner(dir: &Path) -> Result<Option<u32>, FileError
             path: dir.to_path_buf(),
         });
     }
+    Ok(Some(meta))
+}
+
+fn check_state_dir_mode(dir: &Path, meta: &fs::Metadata) -> Result<(), FileError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(FileError::Writable {
@@ -131,7 +149,7 @@ pub fn check_state_dir_of_any_owner(dir: &Path) -> Result<Option<u32>, FileError
             mode,
         });
     }
-    Ok((meta.uid() != accounts::euid()).then_some(meta.uid()))
+    Ok(())
 }
 
 /// Checks that a private file (a key) is not accessible by group or others. Returns whether it
