@@ -72,6 +72,40 @@ pub fn describe_user(uid: u32) -> String {
     }
 }
 
+/// The supplementary groups of the process at the other end of the Unix socket `fd`, as they
+/// were when it connected (`SO_PEERGROUPS`): the groups its login gave it, which the peer
+/// credentials' single gid leaves out. `None` if the kernel cannot tell.
+pub fn peer_groups(fd: std::os::fd::RawFd) -> Option<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `groups` has room for `len` bytes; the kernel writes at most that many and sets
+        // `len` to the size it wrote (or, with ERANGE, the size it needs).
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = usize::try_from(len).unwrap_or(0) / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count.min(groups.len()));
+            return Some(groups);
+        }
+        let grow = std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE)
+            && count > groups.len()
+            && count <= 65_536;
+        if !grow {
+            return None;
+        }
+        groups.resize(count, 0);
+    }
+}
+
 /// Whether user `uid` (whose process runs with primary group `gid`) belongs to group `group`:
 /// as its primary group, or as a supplementary group in the group database.
 pub fn is_member(uid: u32, gid: u32, group: u32) -> bool {

@@ -160,11 +160,14 @@ pub enum Command {
     /// Bridge this desktop's media players (MPRIS on the session bus) and the daemon: share
     /// what plays as the session, open what followed terminals push. Runs in the foreground.
     Player {
-        /// A daemon config: its `[player]` section and its `control_socket`.
-        #[arg(long, value_name = "FILE", env = "HANDOFF_CONFIG")]
+        /// A daemon config: its `[player]` section and its `control_socket` [default:
+        /// $HANDOFF_CONFIG if set].
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// The daemon's control socket (instead of the config's).
-        #[arg(long, value_name = "PATH", env = "HANDOFF_SOCKET")]
+        /// The daemon's control socket, instead of the config's [default: --config's
+        /// control_socket, else $HANDOFF_SOCKET, else $HANDOFF_CONFIG's control_socket, else
+        /// /run/handoff/control.sock].
+        #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
     },
     /// Run a server and two terminals on loopback and show a real handoff.
@@ -465,21 +468,37 @@ pub fn print_id(state_dir: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `handoff player`'s settings: `[player]` of `config` (defaults without one) and the control
-/// socket: `socket`, else the config's, else the default.
+/// The environment variable naming `handoff player`'s config when `--config` does not.
+pub const CONFIG_ENV: &str = "HANDOFF_CONFIG";
+
+/// `handoff player`'s settings: `[player]` of the config (`--config`, else `$HANDOFF_CONFIG`;
+/// defaults without one) and the control socket. A flag the user typed wins over the
+/// environment, as for the other commands: `--socket`, else the typed `--config`'s, else
+/// `$HANDOFF_SOCKET`, else the `$HANDOFF_CONFIG` file's, else the default. The variables are read
+/// here rather than by clap, which cannot tell a typed flag from one taken from the environment.
 pub fn player_setup(
     config: Option<&Path>,
     socket: Option<PathBuf>,
 ) -> Result<(config::PlayerConfig, PathBuf), CliError> {
-    let daemon = config.map(DaemonConfig::load).transpose()?;
+    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let typed = config.is_some();
+    let config = config
+        .map(Path::to_path_buf)
+        .or_else(|| from_env(CONFIG_ENV).map(PathBuf::from));
+    let daemon = config.as_deref().map(DaemonConfig::load).transpose()?;
+    let of_config = || daemon.as_ref().map(|d| d.control_socket.clone());
     let socket = socket
-        .or_else(|| daemon.as_ref().map(|d| d.control_socket.clone()))
+        .or_else(|| if typed { of_config() } else { None })
+        .or_else(|| from_env(SOCKET_ENV).map(PathBuf::from))
+        .or_else(of_config)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     Ok((daemon.map(|d| d.player).unwrap_or_default(), socket))
 }
 
 /// `handoff config check`: the config itself, then the files it names (state_dir, key and
-/// token files), as the program would find them when run as this user.
+/// token files), as the program would find them when run as this user. A state_dir another
+/// user owns is a note, not an error: the check is usually run by root for a service whose own
+/// user owns it (the program refuses such a directory when it starts).
 pub fn check_config(path: &Path, kind: Option<KindArg>, reload: bool) -> Result<(), CliError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
@@ -490,38 +509,49 @@ pub fn check_config(path: &Path, kind: Option<KindArg>, reload: bool) -> Result<
         Some(KindArg::Server) => Some(ConfigKind::Server),
         None => config::guess_kind(&text),
     };
-    let daemon = || -> Result<(), ConfigError> {
+    let daemon = || -> Result<Vec<String>, ConfigError> {
         let config = DaemonConfig::from_toml(path, &text)?;
         if reload {
-            return Ok(());
+            return Ok(vec![]);
         }
-        config.check_files()
+        config.check_files_as_admin()
     };
-    let server = || -> Result<(), ConfigError> {
+    let server = || -> Result<Vec<String>, ConfigError> {
         let config = ServerConfig::from_toml(path, &text)?;
         if reload {
-            return Ok(());
+            return Ok(vec![]);
         }
-        config.check_files()
+        config.check_files_as_admin()
     };
     let shown = path.display();
-    match kind {
+    let notes = match kind {
         Some(ConfigKind::Daemon) => {
-            daemon()?;
+            let notes = daemon()?;
             println!("{shown}: ok (daemon config)");
+            notes
         }
         Some(ConfigKind::Server) => {
-            server()?;
+            let notes = server()?;
             println!("{shown}: ok (server config)");
+            notes
         }
         // Its keys do not tell: it is fine if it is fine for either program.
         None => match (daemon(), server()) {
-            (Ok(()), Ok(())) => println!(
-                "{shown}: ok (valid as a daemon or a server config; \
-                 --kind daemon|server checks it as one)"
-            ),
-            (Ok(()), Err(_)) => println!("{shown}: ok (daemon config)"),
-            (Err(_), Ok(())) => println!("{shown}: ok (server config)"),
+            (Ok(notes), Ok(_)) => {
+                println!(
+                    "{shown}: ok (valid as a daemon or a server config; \
+                     --kind daemon|server checks it as one)"
+                );
+                notes
+            }
+            (Ok(notes), Err(_)) => {
+                println!("{shown}: ok (daemon config)");
+                notes
+            }
+            (Err(_), Ok(notes)) => {
+                println!("{shown}: ok (server config)");
+                notes
+            }
             // The same complaint either way (a syntax error, a bad shared key).
             (Err(d), Err(s)) if d.to_string() == s.to_string() => return Err(d.into()),
             (Err(d), Err(s)) => {
@@ -535,6 +565,9 @@ pub fn check_config(path: &Path, kind: Option<KindArg>, reload: bool) -> Result<
                 })
             }
         },
+    };
+    for note in notes {
+        eprintln!("note: {note}");
     }
     Ok(())
 }
@@ -831,8 +864,14 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 }
                 println!("peers:   {}", s.peers);
                 println!("follows: {}", s.follows.len());
+                let now = crate::net::unix_now();
                 for follow in &s.follows {
-                    println!("  {} until {}", &follow.id[..10], follow.until);
+                    println!(
+                        "  {} until {} (in {} s)",
+                        &follow.id[..10],
+                        follow.until,
+                        follow.until.saturating_sub(now)
+                    );
                 }
                 if !s.pair_requests.is_empty() {
                     println!("pairing requests (run `handoff pair ID` to accept):");

@@ -671,6 +671,12 @@ impl DaemonConfig {
     pub fn check_files(&self) -> Result<(), ConfigError> {
         check_state_files(&self.state_dir)
     }
+
+    /// What `handoff config check` reports: [`Self::check_files`]'s problems, except that a
+    /// state_dir another user owns is a note (returned) rather than an error.
+    pub fn check_files_as_admin(&self) -> Result<Vec<String>, ConfigError> {
+        check_state_files_as_admin(&self.state_dir)
+    }
 }
 
 /// `state_dir` and the key file in it, as [`crate::identity::Identity::load_or_create`] will
@@ -680,6 +686,29 @@ fn check_state_files(state_dir: &Path) -> Result<(), ConfigError> {
     crate::files::check_private_file(&state_dir.join(crate::identity::KEY_FILE), "key file")
         .map_err(file_problem("state_dir"))?;
     Ok(())
+}
+
+/// [`check_state_files`] for whoever checks a service's config (root, for a `DynamicUser=`
+/// unit whose state_dir its transient user owns after the first start): another owner is a
+/// note naming it, since only the program at start can tell whether it runs as that owner.
+fn check_state_files_as_admin(state_dir: &Path) -> Result<Vec<String>, ConfigError> {
+    let owner =
+        crate::files::check_state_dir_of_any_owner(state_dir).map_err(file_problem("state_dir"))?;
+    crate::files::check_private_file(&state_dir.join(crate::identity::KEY_FILE), "key file")
+        .map_err(file_problem("state_dir"))?;
+    Ok(owner
+        .map(|uid| {
+            format!(
+                "state_dir {} is owned by {}, not by {} who runs this check: only that user may \
+                 run handoff with this config (a DynamicUser= service's state directory is its \
+                 transient user's; run as anyone else, the program refuses it and exits 78)",
+                state_dir.display(),
+                crate::accounts::describe_user(uid),
+                crate::accounts::describe_user(crate::accounts::euid())
+            )
+        })
+        .into_iter()
+        .collect())
 }
 
 fn default_name() -> String {
@@ -1393,6 +1422,18 @@ impl ServerConfig {
     /// systemd's credentials directory when it holds the file's base name).
     pub fn check_files(&self) -> Result<(), ConfigError> {
         check_state_files(&self.state_dir)?;
+        self.check_token_file()
+    }
+
+    /// What `handoff config check` reports: [`Self::check_files`]'s problems, except that a
+    /// state_dir another user owns is a note (returned) rather than an error.
+    pub fn check_files_as_admin(&self) -> Result<Vec<String>, ConfigError> {
+        let notes = check_state_files_as_admin(&self.state_dir)?;
+        self.check_token_file()?;
+        Ok(notes)
+    }
+
+    fn check_token_file(&self) -> Result<(), ConfigError> {
         if let Some(token_file) = self.http.as_ref().and_then(|h| h.token_file.as_deref()) {
             crate::files::read_secret(token_file, "token file")
                 .map_err(file_problem("http.token_file"))?;
@@ -1471,10 +1512,30 @@ mod tests {
         ServerConfig::from_toml(Path::new("test.toml"), text)
     }
 
+    /// The shipped daemon.toml, whose `[control] group` is the `handoff` group the package
+    /// creates, pointed at this process's own group so that it loads on any machine.
+    fn shipped_daemon() -> DaemonConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/daemon.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = "\ngroup = \"handoff\"\n";
+        assert_eq!(
+            text.matches(line).count(),
+            1,
+            "the example names group handoff"
+        );
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let mine = crate::accounts::group_name(gid).unwrap();
+        let text = text.replace(line, &format!("\ngroup = \"{mine}\"\n"));
+        let d = DaemonConfig::from_toml(&path, &text).unwrap();
+        assert_eq!(d.control_group.as_ref().map(|g| g.gid), Some(gid));
+        d
+    }
+
     #[test]
     fn shipped_examples_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let d = DaemonConfig::load(&root.join("daemon.toml")).unwrap();
+        let d = shipped_daemon();
         assert_eq!(d.accept, AcceptPolicy::Trusted);
         assert!(d.server.is_some());
         // The example documents every limit with its default.
@@ -1824,10 +1885,7 @@ mod tests {
 
     #[test]
     fn player_section_is_validated() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let p = DaemonConfig::load(&root.join("daemon.toml"))
-            .unwrap()
-            .player;
+        let p = shipped_daemon().player;
         assert_eq!(p.drive, ["mpv", "vlc"]);
         assert_eq!(p.command, ["mpv", "--idle=yes", "--force-window=yes"]);
         assert_eq!(p.position_poll, Duration::from_secs(5));

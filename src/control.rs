@@ -216,7 +216,8 @@ pub struct StatusRecord {
     pub inbox: usize,
     pub session: Option<Session>,
     pub uptime_secs: u64,
-    /// Peers followed automatically, with their link's end.
+    /// Every live link to a followed peer (made by a pull or by following automatically),
+    /// with the Unix time it lasts until.
     pub follows: Vec<FollowRecord>,
     /// Peers that asked to pair in the last 30 s without this terminal's user starting it.
     pub pair_requests: Vec<String>,

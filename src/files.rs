@@ -105,6 +105,35 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), FileError> {
 /// by group or others. It may be a symlink to one only if the link is owned by that user or
 /// root (another owner could repoint it). A missing one passes (it will be created).
 pub fn check_state_dir(dir: &Path) -> Result<(), FileError> {
+    let Some(meta) = state_dir_metadata(dir)? else {
+        return Ok(());
+    };
+    // The owner first: another user's directory is refused whatever its mode.
+    let me = accounts::euid();
+    if meta.uid() != me {
+        return Err(FileError::ForeignOwner {
+            path: dir.to_path_buf(),
+            owner: accounts::describe_user(meta.uid()),
+            me: accounts::describe_user(me),
+        });
+    }
+    check_state_dir_mode(dir, &meta)
+}
+
+/// [`check_state_dir`] for someone checking a config on behalf of another user (`handoff config
+/// check` run as root for a service's config): the same checks, except that an owner other than
+/// this process's user is returned (its uid) instead of refused.
+pub fn check_state_dir_of_any_owner(dir: &Path) -> Result<Option<u32>, FileError> {
+    let Some(meta) = state_dir_metadata(dir)? else {
+        return Ok(None);
+    };
+    check_state_dir_mode(dir, &meta)?;
+    Ok((meta.uid() != accounts::euid()).then_some(meta.uid()))
+}
+
+/// The state directory's metadata: `None` if it is missing, an error if it is not a directory
+/// or a symlink owned by another user than this process's or root (who could repoint it).
+fn state_dir_metadata(dir: &Path) -> Result<Option<fs::Metadata>, FileError> {
     let me = accounts::euid();
     if let Ok(link) = fs::symlink_metadata(dir) {
         if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
@@ -117,7 +146,7 @@ pub fn check_state_dir(dir: &Path) -> Result<(), FileError> {
     }
     let meta = match fs::metadata(dir) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(FileError::Inspect {
                 what: "state_dir",
@@ -131,13 +160,10 @@ pub fn check_state_dir(dir: &Path) -> Result<(), FileError> {
             path: dir.to_path_buf(),
         });
     }
-    if meta.uid() != me {
-        return Err(FileError::ForeignOwner {
-            path: dir.to_path_buf(),
-            owner: accounts::describe_user(meta.uid()),
-            me: accounts::describe_user(me),
-        });
-    }
+    Ok(Some(meta))
+}
+
+fn check_state_dir_mode(dir: &Path, meta: &fs::Metadata) -> Result<(), FileError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(FileError::Writable {

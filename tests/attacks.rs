@@ -664,6 +664,108 @@ fn pairing_through_the_cli_trusts_both_ways() {
     assert_eq!(trusted("b")[0]["id"], a_id.as_str());
 }
 
+/// Issue 12.12: either side may start. Here the terminal with the LARGER key starts `handoff
+/// pair` first (it is the responder, and invites the other): the smaller side's `status` lists
+/// the request, in plain text and in JSON, and when its user pairs too both trust each other.
+#[test]
+fn pairing_started_by_the_larger_key_side_is_listed_and_completes() {
+    if !require_root("pairing started by the larger key side") {
+        return;
+    }
+    let mut lan = Lan::new("pl", &["a", "b"]);
+    lan.start_daemon("a", "");
+    lan.start_daemon("b", "");
+    let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
+    let b_id = lan.status("b")["id"].as_str().unwrap().to_string();
+    lan.wait_for_peer("a", &b_id);
+    lan.wait_for_peer("b", &a_id);
+    let a_smaller = a_id.parse::<TerminalId>().unwrap() < b_id.parse::<TerminalId>().unwrap();
+    let (small, large) = if a_smaller { ("a", "b") } else { ("b", "a") };
+    let (small_id, large_id) = if a_smaller {
+        (&a_id, &b_id)
+    } else {
+        (&b_id, &a_id)
+    };
+    let trusted =
+        |on: &str| json_lines(&handoff(&["trusted", "--json", "--socket", &lan.socket(on)]).stdout);
+    // The larger side's user starts alone.
+    let socket = lan.socket(large);
+    let first = std::thread::spawn(move || handoff(&["pair", small, "--yes", "--socket", &socket]));
+    // (Generous: other tests may load the machine; the attempt itself lasts 30 s.)
+    wait_for(Duration::from_secs(25), || {
+        lan.status(small)["pair_requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == large_id.as_str())
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the smaller side never listed the request\n{}",
+            lan.log(small)
+        )
+    });
+    let text = handoff(&["status", "--socket", &lan.socket(small)]);
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    let listed = text
+        .lines()
+        .skip_while(|l| !l.starts_with("pairing requests"))
+        .any(|l| l.trim() == large_id.as_str());
+    assert!(
+        listed,
+        "plain-text status does not list the request:\n{text}"
+    );
+    assert!(
+        trusted(small).is_empty(),
+        "an unsolicited request changed trust"
+    );
+    // The smaller side's user pairs too (within the 30 s): both finish with one code.
+    let second = handoff(&["pair", large, "--yes", "--socket", &lan.socket(small)]);
+    let first = first.join().unwrap();
+    for out in [&first, &second] {
+        assert!(
+            out.status.success(),
+            "{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lan.log("a"),
+            lan.log("b")
+        );
+    }
+    let code = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("Pairing code:"))
+            .map(str::to_string)
+    };
+    assert!(code(&first).is_some());
+    assert_eq!(
+        code(&first),
+        code(&second),
+        "the two terminals showed different codes"
+    );
+    let on_small = trusted(small);
+    assert_eq!(on_small.len(), 1);
+    assert_eq!(on_small[0]["id"], large_id.as_str());
+    let on_large = trusted(large);
+    assert_eq!(on_large.len(), 1);
+    assert_eq!(on_large[0]["id"], small_id.as_str());
+    // The request is answered: no longer listed.
+    assert!(
+        !lan.status(small)["pair_requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == large_id.as_str()),
+        "the answered request is still listed"
+    );
+}
+
 /// A raw terminal's transport: accepts the server's push stream, keeps the connection alive.
 const HOLDING: TransportLimits = TransportLimits {
     max_bidi_streams: 4,

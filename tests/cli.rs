@@ -34,20 +34,47 @@ fn id_is_stable_base32() {
     );
 }
 
+/// The shipped configs pass `config check`. daemon.toml names the control socket's group
+/// `handoff`, which the package creates: where this machine has no such group the check says
+/// so by key, and the file is checked with this process's own group instead.
 #[test]
 fn shipped_configs_check_ok() {
     let root = env!("CARGO_MANIFEST_DIR");
     // The server's token as systemd would pass it (`LoadCredential=publish.token:...`).
     let credentials = tempfile::tempdir().unwrap();
     std::fs::write(credentials.path().join("publish.token"), "t0ken\n").unwrap();
-    for (file, kind) in [("daemon.toml", "daemon"), ("server.toml", "server")] {
+    let daemon = format!("{root}/config/daemon.toml");
+    let text = std::fs::read_to_string(&daemon).unwrap();
+    let line = "\ngroup = \"handoff\"\n";
+    assert_eq!(
+        text.matches(line).count(),
+        1,
+        "daemon.toml names group handoff"
+    );
+    let daemon = if handoff::accounts::group_id("handoff").is_some() {
+        daemon
+    } else {
+        let out = handoff(&["config", "check", "--config", &daemon]);
+        assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("control.group") && stderr(&out).contains("\"handoff\""),
+            "{}",
+            stderr(&out)
+        );
+        // SAFETY: getegid has no preconditions.
+        let mine = handoff::accounts::group_name(unsafe { libc::getegid() }).unwrap();
+        let copy = credentials.path().join("daemon.toml");
+        std::fs::write(
+            &copy,
+            text.replace(line, &format!("\ngroup = \"{mine}\"\n")),
+        )
+        .unwrap();
+        copy.to_str().unwrap().to_string()
+    };
+    let server = format!("{root}/config/server.toml");
+    for (file, kind) in [(daemon, "daemon"), (server, "server")] {
         let out = std::process::Command::new(BIN)
-            .args([
-                "config",
-                "check",
-                "--config",
-                &format!("{root}/config/{file}"),
-            ])
+            .args(["config", "check", "--config", &file])
             .env("CREDENTIALS_DIRECTORY", credentials.path())
             .output()
             .unwrap();
@@ -782,4 +809,153 @@ fn the_server_raises_its_open_files_limit_and_warns_when_it_is_short() {
         warning.contains("WARN") && warning.contains("http_max_connections"),
         "{warning}"
     );
+}
+
+/// `handoff config check` run by root on a service's config after a `DynamicUser=` unit's first
+/// start: the state directory belongs to the service's transient user. The check passes with a
+/// note naming that owner (the other checks still apply); the daemon and the server themselves,
+/// run by anyone but that owner, still refuse the directory with 78.
+#[test]
+fn config_check_notes_a_state_dir_another_user_owns_and_the_programs_refuse_it() {
+    if !support::require_root("config_check_notes_a_state_dir_another_user_owns") {
+        return;
+    }
+    // A uid in systemd's DynamicUser= range, with no account.
+    const DYNAMIC: u32 = 61_999;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    support::id_of(&state);
+    for path in [state.clone(), state.join("identity.key")] {
+        std::os::unix::fs::chown(&path, Some(DYNAMIC), Some(DYNAMIC)).unwrap();
+    }
+    let token = dir.path().join("publish.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, PermissionsExt::from_mode(0o600)).unwrap();
+    // Loopback only, should the check ever let a program start.
+    let daemon = dir.path().join("daemon.toml");
+    std::fs::write(
+        &daemon,
+        format!(
+            "state_dir = \"{}\"\ncontrol_socket = \"{}\"\n[discovery]\ninterfaces = [\"lo\"]\n\
+             [quic]\nlisten = \"127.0.0.1:0\"\n",
+            state.display(),
+            dir.path().join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let server = dir.path().join("server.toml");
+    std::fs::write(
+        &server,
+        format!(
+            "state_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[http]\n\
+             listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            state.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    for (kind, config) in [("daemon", &daemon), ("server", &server)] {
+        let config = config.to_str().unwrap();
+        let out = handoff(&["config", "check", "--kind", kind, "--config", config]);
+        assert!(out.status.success(), "{kind}: {}", shown(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("ok ({kind} config)")),
+            "{}",
+            shown(&out)
+        );
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("note: state_dir") && err.contains(&format!("uid {DYNAMIC}")),
+            "{kind}: {}",
+            shown(&out)
+        );
+        let out = handoff(&[kind, "--config", config]);
+        assert_eq!(out.status.code(), Some(78), "{kind}: {}", shown(&out));
+        assert!(
+            stderr(&out).contains(&format!("is owned by uid {DYNAMIC}")),
+            "{kind}: {}",
+            shown(&out)
+        );
+    }
+    // Another user's directory is still checked: writable by others, or a key readable by
+    // others, fails the check.
+    std::fs::set_permissions(state.join("identity.key"), PermissionsExt::from_mode(0o644)).unwrap();
+    let out = handoff(&["config", "check", "--config", daemon.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", shown(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", shown(&out));
+    std::fs::set_permissions(state.join("identity.key"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&state, PermissionsExt::from_mode(0o777)).unwrap();
+    let out = handoff(&["config", "check", "--config", daemon.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", shown(&out));
+    assert!(stderr(&out).contains("chmod go-w"), "{}", shown(&out));
+}
+
+/// Plain-text `status` shows what `--json` has: a live link after a pull, with its expiry (Unix
+/// time and seconds left), and a pairing request this terminal's user did not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_status_shows_follows_with_expiry_and_pending_pairings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let b_id = handoff::identity::Identity::load_or_create(&dir.path().join("b"))
+        .unwrap()
+        .id();
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b_id])).await;
+    let (b, socket) = start_at(dir.path(), "b").await;
+    let socket = socket.to_str().unwrap();
+    wait_connected(&a).await;
+    assert!(a.set_session(Some(session("film")), WAIT).await);
+    introduce(&b, "a", a.id(), a.quic_addr());
+    let out = handoff_env(&["pull", "a", "--socket", socket], None).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    let before = handoff::net::unix_now();
+    let out = handoff_env(&["status", "--socket", socket], None).await;
+    assert!(out.status.success(), "{}", shown(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("follows:"));
+    assert_eq!(lines.next(), Some("follows: 1"), "{text}");
+    let link = lines.next().unwrap_or_default();
+    let a_short = &a.id().to_string()[..10];
+    let until: u64 = link
+        .trim()
+        .strip_prefix(&format!("{a_short} until "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no link to a with its expiry:\n{text}"));
+    assert!(until > before, "{text}");
+    assert!(
+        link.trim_end().ends_with(" s)") && link.contains("(in "),
+        "{text}"
+    );
+    assert!(!text.contains("pairing requests"), "{text}");
+
+    // A asks B to pair, B's user has not: B lists the request.
+    let asking = a.clone();
+    introduce(&a, "b", b.id(), b.quic_addr());
+    let pairing = tokio::spawn(async move { asking.pair("b").await });
+    let a_full = a.id().to_string();
+    // (Generous: the request is made at once, but the machine may be loaded.)
+    let listed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let out = handoff_env(&["status", "--socket", socket], None).await;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let listed = text
+                .lines()
+                .skip_while(|l| !l.starts_with("pairing requests"))
+                .any(|l| l.trim() == a_full);
+            if listed {
+                return text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("B's plain-text status lists A's pairing request");
+    assert!(
+        listed.contains("pairing requests (run `handoff pair ID` to accept):"),
+        "{listed}"
+    );
+    pairing.abort();
+    b.shutdown().await;
+    a.shutdown().await;
+    server.shutdown().await;
 }

@@ -51,6 +51,28 @@ async fn handoff_as(user: (u32, u32), args: &[&str]) -> Output {
     command.output().await.expect("run handoff")
 }
 
+/// `handoff ARGS` run as `user` (uid, gid) with exactly the supplementary `groups`, through
+/// setpriv (std's `Command::uid` clears them, and `pre_exec` runs too late to set them).
+async fn handoff_with_groups(user: (u32, u32), groups: &[u32], args: &[&str]) -> Output {
+    let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+    let mut command = tokio::process::Command::new("setpriv");
+    command
+        .arg(format!("--reuid={}", user.0))
+        .arg(format!("--regid={}", user.1));
+    if groups.is_empty() {
+        command.arg("--clear-groups");
+    } else {
+        command.arg(format!("--groups={}", groups.join(",")));
+    }
+    command
+        .arg("--")
+        .arg(BIN)
+        .args(args)
+        .env_remove("HANDOFF_SOCKET")
+        .kill_on_drop(true);
+    command.output().await.expect("run setpriv")
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -105,6 +127,69 @@ async fn a_member_of_the_control_group_drives_the_daemon_and_others_are_told_why
             && err.contains("root")
             && !err.contains("is `handoff daemon` running"),
         "{err}"
+    );
+    // Word for word as systemd/README.md quotes it ("Desktop users").
+    assert!(
+        err.trim_end().ends_with(
+            "control.sock: you cannot reach its directory; you need to be in the daemon's \
+             [control] group or root"
+        ),
+        "{err}"
+    );
+    daemon.shutdown().await;
+}
+
+/// A desktop user is in the control group as a supplementary group (`usermod -aG handoff
+/// alice`), never as their primary one: `daemon` (primary group `daemon`) with `nogroup` among
+/// its supplementary groups, as a login session would give it, drives the daemon; the same user
+/// without it is refused.
+#[tokio::test]
+async fn a_caller_in_the_control_group_as_a_supplementary_group_drives_the_daemon() {
+    let test = "control group as a supplementary group";
+    if !require_root(test) || !users_exist(test) {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test} needs setpriv (util-linux)"
+        );
+        eprintln!("SKIPPED {test}: needs setpriv (util-linux)");
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+    let out = handoff_with_groups(
+        OTHER,
+        &[NOBODY.1],
+        &["status", "--json", "--socket", &socket],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&daemon.id().to_string()));
+    let stranger = Identity::generate().unwrap().id().to_string();
+    let out = handoff_with_groups(
+        OTHER,
+        &[NOBODY.1],
+        &["trust", &stranger, "--socket", &socket],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.trusted().len(), 1);
+
+    let out = handoff_with_groups(OTHER, &[], &["status", "--socket", &socket]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied on "),
+        "{}",
+        text(&out)
     );
     daemon.shutdown().await;
 }
@@ -427,6 +512,76 @@ fn file_problems_stop_daemon_and_server_with_78() {
         log.contains("chmod 600") && !log.contains("s3cret"),
         "{log}"
     );
+    // A token path that cannot be read as a file (a directory, mode 0700).
+    std::fs::remove_file(&token).unwrap();
+    std::fs::create_dir(&token).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, log) = run(&mut lan, &["server", "--config", &config], "s4");
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("http.token_file") && log.contains("cannot read token file"),
+        "{log}"
+    );
+}
+
+/// A token file the server's user cannot read (root's, mode 0600, the server run as `nobody`):
+/// `config check` and the server itself exit 78 naming the key, before anything is bound.
+#[tokio::test]
+async fn an_unreadable_token_file_exits_78() {
+    let test = "an unreadable token file";
+    if !require_root(test) || !users_exist(test) {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{test} needs setpriv (util-linux)"
+        );
+        eprintln!("SKIPPED {test}: needs setpriv (util-linux)");
+        return;
+    }
+    let dir = open_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    chown(&state, NOBODY.0, NOBODY.1);
+    let token = dir.path().join("publish.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Loopback only, should the server ever start.
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[http]\n\
+             listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            state.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let out = handoff_with_groups(NOBODY, &[], &["config", "check", "--config", config]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http.token_file") && err.contains("Permission denied"),
+        "{}",
+        text(&out)
+    );
+    let server = tokio::time::timeout(
+        Duration::from_secs(60),
+        handoff_with_groups(NOBODY, &[], &["server", "--config", config]),
+    )
+    .await
+    .expect("the server exits at once");
+    assert_eq!(server.status.code(), Some(78), "{}", text(&server));
+    assert!(
+        String::from_utf8_lossy(&server.stderr).contains("http.token_file"),
+        "{}",
+        text(&server)
+    );
+    assert!(!text(&server).contains("s3cret"));
 }
 
 /// systemd's credentials: a `DynamicUser=` server cannot read the root-only token file, so the

@@ -1016,3 +1016,87 @@ fn a_bad_player_key_exits_78_naming_it_and_a_missing_bus_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Issue 12.10 for `handoff player`: the environment is a default, not a flag. A typed
+/// `--config` names the daemon (its `control_socket`) although `HANDOFF_SOCKET` names another
+/// socket; with no flag `HANDOFF_SOCKET` wins over `HANDOFF_CONFIG`'s socket, and
+/// `HANDOFF_CONFIG` alone is used. Which socket the bridge dials is seen by listening on both.
+#[test]
+fn a_typed_config_wins_over_handoff_socket_in_the_environment_for_the_player() {
+    use std::os::unix::net::UnixListener;
+    let test = "a_typed_config_wins_over_handoff_socket_in_the_environment_for_the_player";
+    if require_players(test).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bus = PrivateBus::start(dir.path(), "p");
+    let configured = dir.path().join("configured.sock");
+    let from_env = dir.path().join("from-env.sock");
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!("control_socket = \"{}\"\n", configured.display()),
+    )
+    .unwrap();
+    let listen = |path: &Path| {
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        listener
+    };
+    let (configured_l, from_env_l) = (listen(&configured), listen(&from_env));
+    // Runs the bridge with `args` and `env` until it dials one of the two sockets: which one.
+    let dialled = |args: &[&str], env: &[(&str, &Path)]| -> &'static str {
+        let mut command = Command::new(support::BIN);
+        command
+            .arg("player")
+            .args(args)
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .env_remove("HANDOFF_SOCKET")
+            .env_remove("HANDOFF_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let bridge = Proc(command.spawn().expect("start handoff player"));
+        let which = support::wait_for(LONG, || {
+            if configured_l.accept().is_ok() {
+                Some("configured")
+            } else if from_env_l.accept().is_ok() {
+                Some("from-env")
+            } else {
+                None
+            }
+        })
+        .expect("the bridge dialled neither socket");
+        drop(bridge);
+        // Whatever else it dialled before it was stopped is not this case's answer.
+        while configured_l.accept().is_ok() || from_env_l.accept().is_ok() {}
+        which
+    };
+    let config = config.as_path();
+    assert_eq!(
+        dialled(
+            &["--config", config.to_str().unwrap()],
+            &[("HANDOFF_SOCKET", &from_env)]
+        ),
+        "configured",
+        "HANDOFF_SOCKET in the environment beat a typed --config"
+    );
+    assert_eq!(
+        dialled(
+            &[],
+            &[("HANDOFF_CONFIG", config), ("HANDOFF_SOCKET", &from_env)]
+        ),
+        "from-env"
+    );
+    assert_eq!(dialled(&[], &[("HANDOFF_CONFIG", config)]), "configured");
+    assert_eq!(
+        dialled(
+            &["--socket", from_env.to_str().unwrap()],
+            &[("HANDOFF_CONFIG", config)]
+        ),
+        "from-env"
+    );
+}

@@ -1,5 +1,6 @@
 //! The daemon's side of the control socket (protocol in [`crate::control`]).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -235,10 +236,15 @@ async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Resu
     }
     if let Some(group) = group {
         let wanted = group.gid;
-        // The group database may be remote (NSS): off the runtime's threads.
-        let member = tokio::task::spawn_blocking(move || accounts::is_member(uid, gid, wanted))
-            .await
-            .unwrap_or(false);
+        // The caller's own process groups first (a member's login gives it the group as a
+        // supplementary one), then the group database, which may be remote (NSS): off the
+        // runtime's threads.
+        let in_process = accounts::peer_groups(stream.as_raw_fd())
+            .is_some_and(|groups| groups.contains(&wanted));
+        let member = in_process
+            || tokio::task::spawn_blocking(move || accounts::is_member(uid, gid, wanted))
+                .await
+                .unwrap_or(false);
         if member {
             return Ok(());
         }
