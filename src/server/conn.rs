@@ -136,16 +136,17 @@ impl Outbox {
     }
 
     /// Starts sending `owner`'s stream from `since` (a follow), or moves a stream already
-    /// known up to `since` (a new link never reads what was streamed before it), and has the
-    /// task read it.
-    pub(super) fn follow_stream(&self, owner: TerminalId, since: u64) {
+    /// known up to `since` (a new link never reads what was streamed before it). `end`: where
+    /// the stream ended when the link began, if known (a new link); else the task reads the
+    /// stream to learn it.
+    pub(super) fn follow_stream(&self, owner: TerminalId, since: u64, end: Option<u64>) {
         self.streams()
             .entry(owner)
-            .and_modify(|s| {
-                s.next = s.next.max(since);
-                s.latest = UNREAD;
-            })
-            .or_insert_with(|| StreamState::from(since));
+            .and_modify(|s| s.next = s.next.max(since))
+            .or_insert_with(|| StreamState {
+                latest: end.unwrap_or(UNREAD),
+                ..StreamState::from(since)
+            });
         self.wake.notify_one();
     }
 

@@ -166,15 +166,15 @@ impl Server {
         let first = request.first;
         // The link begins at the stream's end (a live link keeps where it began), so the
         // follower never reads what was streamed before it followed.
-        let (known, session, since) = self
+        let (known, session, since, new_link) = self
             .shared
             .store
             .read(move |b| {
-                let since = match b.link_since(&first, &second, now)? {
-                    Some(since) => since,
-                    None => b.log(&store::stream_key(&first), 0, 0, now)?.next,
+                let (since, new_link) = match b.link_since(&first, &second, now)? {
+                    Some(since) => (since, false),
+                    None => (b.log(&store::stream_key(&first), 0, 0, now)?.next, true),
                 };
-                Ok((b.known(&first)?, b.session(&first)?, since))
+                Ok((b.known(&first)?, b.session(&first)?, since, new_link))
             })
             .await?;
         if !known {
@@ -221,8 +221,10 @@ impl Server {
                 if let (Some(offset), Some(push)) = (offset, push) {
                     self.announce(vec![(second, push.stored(offset, now))], accepted);
                 }
+                // A new link's connection knows where the stream ended (nothing to read until
+                // the next change); a renewed one keeps its place.
                 if let Some(slot) = self.conns().get(&second) {
-                    slot.outbox.follow_stream(first, since);
+                    slot.outbox.follow_stream(first, since, new_link.then_some(since));
                 }
             }
             Outcome::Fresh(None) => {
