@@ -7,7 +7,10 @@
 //! A link is recorded before its `Follow` request goes out (the server may push the peer's
 //! session before its answer arrives), for as long as the ticket and this terminal's lease allow;
 //! pushes are accepted until [`GRACE`] after that, for clocks that differ. The record is kept in
-//! `state_dir/links.json`, so pushes for a live link still arrive after a restart.
+//! `state_dir/links.json`, so pushes for a live link still arrive after a restart. A renewal
+//! that moves a link's end by less than half of [`GRACE`] is not written again (pulling the
+//! same peer again costs no fsync): after a restart such a link is accepted until at least half
+//! of [`GRACE`] past its latest end.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,10 +34,17 @@ struct Record {
     until: u64,
 }
 
+/// A link's end, and the end `links.json` holds for it (0: not written yet).
+#[derive(Debug, Clone, Copy)]
+struct End {
+    until: u64,
+    saved: u64,
+}
+
 #[derive(Debug)]
 pub struct Links {
     path: PathBuf,
-    map: Mutex<BTreeMap<(ServerId, TerminalId), u64>>,
+    map: Mutex<BTreeMap<(ServerId, TerminalId), End>>,
 }
 
 impl Links {
@@ -48,7 +58,13 @@ impl Links {
                 Ok(records) => {
                     for r in records {
                         if let (Ok(server), Ok(peer)) = (r.server.parse(), r.peer.parse()) {
-                            map.insert((server, peer), r.until);
+                            map.insert(
+                                (server, peer),
+                                End {
+                                    until: r.until,
+                                    saved: r.until,
+                                },
+                            );
                         }
                     }
                 }
@@ -68,14 +84,18 @@ impl Links {
     pub fn record(&self, server: ServerId, peer: TerminalId, until: u64, now: u64) {
         let records: Vec<Record> = {
             let mut map = self.lock();
-            let entry = map.entry((server, peer)).or_insert(until);
-            *entry = (*entry).max(until);
-            map.retain(|_, until| until.saturating_add(GRACE) >= now);
+            let entry = map.entry((server, peer)).or_insert(End { until, saved: 0 });
+            entry.until = entry.until.max(until);
+            if entry.saved != 0 && entry.until <= entry.saved.saturating_add(GRACE / 2) {
+                return;
+            }
+            map.retain(|_, end| end.until.saturating_add(GRACE) >= now);
+            map.values_mut().for_each(|end| end.saved = end.until);
             map.iter()
-                .map(|((server, peer), until)| Record {
+                .map(|((server, peer), end)| Record {
                     server: server.to_string(),
                     peer: peer.to_string(),
-                    until: *until,
+                    until: end.until,
                 })
                 .collect()
         };
@@ -92,10 +112,10 @@ impl Links {
     pub fn allows(&self, server: &ServerId, peer: &TerminalId, now: u64) -> bool {
         self.lock()
             .get(&(*server, *peer))
-            .is_some_and(|until| until.saturating_add(GRACE) >= now)
+            .is_some_and(|end| end.until.saturating_add(GRACE) >= now)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(ServerId, TerminalId), u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(ServerId, TerminalId), End>> {
         // Every update completes under the lock; a poisoned map is still consistent.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -133,6 +153,35 @@ mod tests {
         // Expired links are dropped at the next record.
         reopened.record(s2, c, 9000, 5000);
         assert!(!Links::open(dir.path()).allows(&s1, &a, 0));
+    }
+
+    /// Renewing a link by less than half the grace writes nothing (a warm pull costs no
+    /// fsync); the file then still covers the link's latest end, the half grace included.
+    /// A longer renewal, or a new link, is written.
+    #[test]
+    fn small_renewals_are_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, c) = (
+            ServerId::from_bytes([1; 32]),
+            TerminalId::from_bytes([3; 32]),
+            TerminalId::from_bytes([4; 32]),
+        );
+        let file = dir.path().join(LINKS_FILE);
+        let links = Links::open(dir.path());
+        links.record(s, a, 2000, 1000);
+        let written = std::fs::read(&file).unwrap();
+        links.record(s, a, 2000 + GRACE / 2, 1000);
+        assert_eq!(std::fs::read(&file).unwrap(), written, "not written again");
+        assert!(
+            links.allows(&s, &a, 2000 + GRACE / 2 + GRACE),
+            "in memory: the new end"
+        );
+        let reopened = Links::open(dir.path());
+        assert!(reopened.allows(&s, &a, 2000 + GRACE / 2 + GRACE / 2));
+        links.record(s, a, 2001 + GRACE / 2, 1000);
+        assert!(Links::open(dir.path()).allows(&s, &a, 2001 + GRACE / 2 + GRACE));
+        links.record(s, c, 3000, 1000);
+        assert!(Links::open(dir.path()).allows(&s, &c, 3000));
     }
 
     #[test]

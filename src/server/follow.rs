@@ -224,7 +224,8 @@ impl Server {
                 // A new link's connection knows where the stream ended (nothing to read until
                 // the next change); a renewed one keeps its place.
                 if let Some(slot) = self.conns().get(&second) {
-                    slot.outbox.follow_stream(first, since, new_link.then_some(since));
+                    slot.outbox
+                        .follow_stream(first, since, new_link.then_some(since));
                 }
             }
             Outcome::Fresh(None) => {
