@@ -1,6 +1,7 @@
 //! Nothing acknowledged is lost (issue 4), on a namespace LAN with the real binary: the server is
-//! killed with SIGKILL while a publisher pushes, and a terminal's link is cut while pushes are
-//! published; afterwards the terminal's inbox holds every acknowledged push, once, in order.
+//! killed with SIGKILL while a publisher pushes (to the terminal, or to the followers of a
+//! terminal it follows: its stream), and a terminal's link is cut while pushes are published;
+//! afterwards the terminal's inbox holds every acknowledged push, once, in order.
 
 mod support;
 
@@ -14,7 +15,11 @@ const TOKEN: &str = "durability-test-token";
 
 /// A server (embedded store, HTTP API on its address) and terminal b attached to it.
 fn deployment(tag: &str) -> (Lan, usize, String) {
-    let mut lan = Lan::new(tag, &["srv", "b", "pub"]);
+    deployment_on(tag, &["srv", "b", "pub"])
+}
+
+fn deployment_on(tag: &str, hosts: &[&str]) -> (Lan, usize, String) {
+    let mut lan = Lan::new(tag, hosts);
     let server_id = id_of(&lan.path("srv"));
     let extra = lan.http_server_toml("srv", TOKEN);
     let config = lan.server_config("srv", &extra);
@@ -56,8 +61,17 @@ fn publisher(
     count: usize,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<usize>> {
+    publish_to(lan, format!("/v1/terminals/{to}/push"), count, stop)
+}
+
+/// [`publisher`] to any push path.
+fn publish_to(
+    lan: &Lan,
+    path: String,
+    count: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<usize>> {
     let addr = format!("{}:47780", lan.host("srv").ip);
-    let path = format!("/v1/terminals/{to}/push");
     lan.spawn_in("pub", move || {
         let mut acknowledged = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -155,6 +169,82 @@ fn a_server_killed_mid_stream_loses_no_acknowledged_push() {
     check_inbox(&lan, &acknowledged);
     eprintln!(
         "{} of 3000 pushes acknowledged across the kill; all delivered once, in order",
+        acknowledged.len()
+    );
+}
+
+/// Restarts the server killed as process `server` (same config, same store).
+fn restart_server(lan: &mut Lan, server: usize) {
+    lan.signal(server, libc::SIGKILL);
+    assert_eq!(
+        lan.wait(server, Duration::from_secs(5)),
+        None,
+        "killed by a signal, no exit code"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let config = lan.path("srv.toml").to_str().unwrap().to_string();
+    lan.spawn("srv", &["server", "--config", &config], "srv2");
+    assert!(
+        wait_for(Duration::from_secs(10), || lan
+            .log("srv2")
+            .contains("server listening")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        lan.log("srv2")
+    );
+}
+
+/// Pushes to A's followers are stored once, in A's stream, and B reads that stream from its
+/// own cursor: across a SIGKILL of the server B still gets every acknowledged one, once, in
+/// order, resuming from the stream cursor its inbox kept.
+#[test]
+fn a_server_killed_mid_fan_out_loses_no_acknowledged_push_to_followers() {
+    if !require_root("durability: SIGKILL of the server during a fan-out") {
+        return;
+    }
+    let (mut lan, server, b_id) = deployment_on("cf", &["srv", "a", "b", "pub"]);
+    let server_id = id_of(&lan.path("srv"));
+    lan.start_daemon(
+        "a",
+        &format!(
+            "{}[trust]\npeers = [\"{b_id}\"]\n",
+            lan.server_section("srv", &server_id)
+        ),
+    );
+    let a_id = lan.status("a")["id"].as_str().unwrap().to_string();
+    lan.wait_for_peer("b", &a_id);
+    // A shows nothing (its inbox entries would not be numbers): the pull links and says so.
+    let out = handoff(&["pull", &a_id, "--json", "--socket", &lan.socket("b")]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("linked to"),
+        "pull: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lan.log("b")
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = format!("/v1/terminals/{a_id}/followers/push");
+    let publishing = publish_to(&lan, path, 2000, stop.clone());
+    wait_for(Duration::from_secs(30), || {
+        (inbox_numbers(&lan).len() >= 200).then_some(())
+    })
+    .expect("pushes to followers flow");
+    restart_server(&mut lan, server);
+    let acknowledged = publishing.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        acknowledged.len() > 500 && acknowledged.len() < 2000,
+        "{} of 2000 pushes acknowledged: the kill must interrupt publishing, not stop it",
+        acknowledged.len()
+    );
+    check_inbox(&lan, &acknowledged);
+    assert!(
+        lan.log("b").matches("connected to server").count() >= 2,
+        "b reconnected\n{}",
+        lan.log("b")
+    );
+    eprintln!(
+        "{} of 2000 pushes to followers acknowledged across the kill; all delivered once, in order",
         acknowledged.len()
     );
 }
