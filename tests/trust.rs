@@ -120,7 +120,7 @@ async fn revoke_while_the_server_is_down(
     wait_disconnected(&a).await;
     let (untrusted, revoked) = a.untrust(b.id()).await.unwrap();
     assert!(untrusted.changed);
-    assert_eq!(revoked, None, "the server is unreachable");
+    assert_eq!(revoked.removed(), None, "the server is unreachable");
 
     let server = server_on(dir, addr, store).await;
     wait_connected(&a).await;
@@ -185,7 +185,7 @@ async fn untrust_makes_hoarded_tickets_useless_also_after_a_server_restart() {
 
     let (untrusted, revoked) = a.untrust(b.id()).await.unwrap();
     assert!(untrusted.changed);
-    assert_eq!(revoked, Some(true), "the live link ended");
+    assert_eq!(revoked.removed(), Some(true), "the live link ended");
     assert_refused(follow(&b_srv, spare.clone()).await, "revoked");
 
     // The revocation is kept by the store: a restarted server still refuses the spare.
@@ -515,4 +515,58 @@ async fn a_proven_name_with_bidi_characters_is_shown_clean() {
     assert!(err.to_string().contains("tvvt"), "{err}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A revocation the server refuses (here: past `[limits] revocations_per_terminal`) is not
+/// silent: `handoff untrust` warns that tickets issued before stay valid there until they
+/// expire, and names the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_server_refuses_is_reported_to_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server_config =
+        ServerConfig::with_defaults(dir.path().join("server"), loopback(), StoreKind::Embedded);
+    server_config.limits.revocations_per_terminal = 1;
+    let server = Server::start(
+        Identity::load_or_create(&server_config.state_dir).unwrap(),
+        &server_config,
+    )
+    .await
+    .unwrap();
+    let (p1, p2) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    let config = terminal(dir.path(), "a", Some(&server), vec![]);
+    let a = start(config.clone()).await;
+    wait_connected(&a).await;
+    let call = |request| {
+        let socket = config.control_socket.clone();
+        async move {
+            handoff::control::call(&socket, &request, WAIT)
+                .await
+                .unwrap()
+        }
+    };
+    for p in [&p1, &p2] {
+        let trusted = call(handoff::control::ControlRequest::Trust {
+            id: p.id().to_string(),
+        })
+        .await;
+        assert!(trusted.ok, "{trusted:?}");
+    }
+    let first = call(handoff::control::ControlRequest::Untrust {
+        id: p1.id().to_string(),
+    })
+    .await;
+    assert!(first.ok && first.warning.is_none(), "{first:?}");
+    let second = call(handoff::control::ControlRequest::Untrust {
+        id: p2.id().to_string(),
+    })
+    .await;
+    assert!(second.ok, "untrusted here all the same: {second:?}");
+    assert_eq!(second.changed, Some(true));
+    let warning = second.warning.expect("a warning that the server refused");
+    assert!(
+        warning.contains("refused the revocation") && warning.contains("revocations_per_terminal"),
+        "{warning}"
+    );
+    a.shutdown().await;
+    server.shutdown().await;
 }

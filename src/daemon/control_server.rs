@@ -460,17 +460,28 @@ async fn handle(daemon: &Daemon, request: ControlRequest) -> Reply {
         },
         ControlRequest::Untrust { id } => match daemon.resolve_id(&id) {
             Ok(id) => match daemon.untrust(id).await {
-                Ok((untrusted, revoked)) => Reply {
-                    changed: Some(untrusted.changed),
-                    revoked,
-                    warning: untrusted.in_config.then(|| {
+                Ok((untrusted, revoked)) => {
+                    let config = untrusted.in_config.then(|| {
                         format!(
                             "the config file still lists {id} in [trust] peers; it stays revoked \
                              until `handoff trust {id}` (remove it from the config too)"
                         )
-                    }),
-                    ..Reply::ok()
-                },
+                    });
+                    let refused = match &revoked {
+                        crate::daemon::ServerRevocation::Refused(why) => Some(format!(
+                            "the server refused the revocation: {why}; tickets issued to it \
+                             before now stay valid there until they expire"
+                        )),
+                        _ => None,
+                    };
+                    let warnings: Vec<String> = config.into_iter().chain(refused).collect();
+                    Reply {
+                        changed: Some(untrusted.changed),
+                        revoked: revoked.removed(),
+                        warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
+                        ..Reply::ok()
+                    }
+                }
                 Err(e) => Reply::error(e.to_string()),
             },
             Err(e) => Reply::error(e.to_string()),

@@ -192,6 +192,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What the home server did with a revocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerRevocation {
+    /// It ended the link (`removed`: there was one) and refuses older tickets.
+    Done { removed: bool },
+    /// It refused (its message: over `revocations_per_terminal`, a clock too far ahead): the
+    /// link may have ended, but older tickets are not refused there.
+    Refused(String),
+    /// No answer (it is sent again when the connection comes back).
+    Unreachable,
+    /// This terminal has no server.
+    NoServer,
+}
+
+impl ServerRevocation {
+    /// `Some(removed)` when the server confirmed.
+    pub fn removed(&self) -> Option<bool> {
+        match self {
+            Self::Done { removed } => Some(*removed),
+            _ => None,
+        }
+    }
+}
+
 impl Daemon {
     /// Starts every part of the daemon: identity, QUIC endpoint, server link, discovery and the
     /// control socket. Returns once all are bound and registered.
@@ -519,7 +543,7 @@ impl Daemon {
     pub async fn untrust(
         &self,
         id: TerminalId,
-    ) -> Result<(crate::trust::Untrusted, Option<bool>), TrustError> {
+    ) -> Result<(crate::trust::Untrusted, ServerRevocation), TrustError> {
         if id == self.id() {
             return Err(TrustError::Myself(id));
         }
@@ -533,30 +557,39 @@ impl Daemon {
     }
 
     /// Asks the home server to end `id`'s link to this terminal at once and refuse the tickets
-    /// issued it at or before `at`. `None`: no server, or it could not be reached.
-    pub(crate) async fn revoke_at_server(&self, id: TerminalId, at: u64) -> Option<bool> {
-        let home = self.shared.home.clone()?;
+    /// issued it at or before `at`.
+    pub(crate) async fn revoke_at_server(&self, id: TerminalId, at: u64) -> ServerRevocation {
+        let Some(home) = self.shared.home.clone() else {
+            return ServerRevocation::NoServer;
+        };
         match tokio::time::timeout(
             Duration::from_secs(2),
             home.request(self, wire::RequestBody::Revoke { second: id, at }),
         )
         .await
         {
-            Ok(Ok(wire::ResponseBody::Revoked { removed })) => Some(removed),
+            Ok(Ok(wire::ResponseBody::Revoked { removed })) => ServerRevocation::Done { removed },
+            Ok(Ok(wire::ResponseBody::Refused(refusal))) => {
+                warn!(
+                    "the server refused the revocation of {}: {refusal}",
+                    id.short()
+                );
+                ServerRevocation::Refused(refusal.to_string())
+            }
             Ok(Ok(other)) => {
                 warn!("server answered Revoke with {other:?}");
-                None
+                ServerRevocation::Unreachable
             }
             Ok(Err(e)) => {
                 warn!("could not revoke {}'s link at the server: {e}", id.short());
-                None
+                ServerRevocation::Unreachable
             }
             Err(_) => {
                 warn!(
                     "the server did not answer the revocation of {} in time",
                     id.short()
                 );
-                None
+                ServerRevocation::Unreachable
             }
         }
     }
