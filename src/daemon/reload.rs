@@ -70,7 +70,7 @@ impl Daemon {
                         }
                     };
                     let revoked = daemon.revoke_at_server(id, at).await;
-                    info!(peer = %id.short(), ?revoked, "no longer trusted after reload");
+                    info!(peer = %id.short(), revoked = ?revoked.removed(), "no longer trusted after reload");
                 },
                 tracing::info_span!("revoke"),
             );
