@@ -877,22 +877,7 @@ async fn session_fan_out_is_budgeted_per_source() {
     for _ in 0..8 {
         let second = Identity::generate().unwrap();
         let c = raw_connect(&second, server.id(), server.local_addr()).await;
-        let now = handoff::net::unix_now();
-        let ticket = wire::Ticket {
-            first: first.id(),
-            second: second.id(),
-            server: server.id(),
-            issued_at: now,
-            not_after: now + 600,
-            nonce: rand::random(),
-        }
-        .sign(&first);
-        let follow = RequestBody::Follow(wire::InfoRequest {
-            first: first.id(),
-            second: second.id(),
-            ticket,
-        });
-        let answer = handoff::net::request(&c, follow).await.unwrap();
+        let answer = follow_with_ticket(&c, &first, second.id(), &server).await;
         assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
         followers.push(c);
     }
@@ -969,22 +954,7 @@ async fn resyncs_are_budgeted_per_source_too() {
         let set = RequestBody::SetSession(Some(session.clone()));
         let answer = handoff::net::request(&conn, set).await.unwrap();
         assert_eq!(answer, ResponseBody::SessionStored);
-        let now = handoff::net::unix_now();
-        let ticket = wire::Ticket {
-            first: first.id(),
-            second: second.id(),
-            server: server.id(),
-            issued_at: now,
-            not_after: now + 600,
-            nonce: rand::random(),
-        }
-        .sign(&first);
-        let follow = RequestBody::Follow(wire::InfoRequest {
-            first: first.id(),
-            second: second.id(),
-            ticket,
-        });
-        let answer = handoff::net::request(&c, follow).await.unwrap();
+        let answer = follow_with_ticket(&c, &first, second.id(), &server).await;
         assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
     }
     c.close(0u32.into(), b"done");
@@ -1175,22 +1145,7 @@ async fn the_sweep_forgets_strangers_but_not_connected_or_linked_terminals() {
     assert!(matches!(answer, ResponseBody::SessionStored), "{answer:?}");
     let (first, first_conn) = connect(Identity::generate().unwrap()).await;
     let (second, second_conn) = connect(Identity::generate().unwrap()).await;
-    let now = handoff::net::unix_now();
-    let ticket = wire::Ticket {
-        first: first.id(),
-        second: second.id(),
-        server: server.id(),
-        issued_at: now,
-        not_after: now + 600,
-        nonce: rand::random(),
-    }
-    .sign(&first);
-    let follow = RequestBody::Follow(wire::InfoRequest {
-        first: first.id(),
-        second: second.id(),
-        ticket,
-    });
-    let answer = handoff::net::request(&second_conn, follow).await.unwrap();
+    let answer = follow_with_ticket(&second_conn, &first, second.id(), &server).await;
     assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
     let (connected, _connected_conn) = connect(Identity::generate().unwrap()).await;
     for conn in [&stranger_conn, &first_conn, &second_conn] {

@@ -524,21 +524,7 @@ impl RawTerminal {
 
     /// Follows `first`, with a ticket `first` signed.
     async fn follow(&self, me: &Identity, first: &Identity, server: &Server) {
-        let ticket = Ticket {
-            first: first.id(),
-            second: me.id(),
-            server: server.id(),
-            issued_at: unix_now(),
-            not_after: unix_now() + 600,
-            nonce: rand::random(),
-        }
-        .sign(first);
-        let follow = RequestBody::Follow(InfoRequest {
-            first: first.id(),
-            second: me.id(),
-            ticket,
-        });
-        let answer = net::request(&self.conn, follow).await.unwrap();
+        let answer = follow_with_ticket(&self.conn, first, me.id(), server).await;
         assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
     }
 

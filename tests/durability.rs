@@ -137,24 +137,7 @@ fn a_server_killed_mid_stream_loses_no_acknowledged_push() {
         (inbox_numbers(&lan).len() >= 300).then_some(())
     })
     .expect("pushes flow");
-    lan.signal(server, libc::SIGKILL);
-    assert_eq!(
-        lan.wait(server, Duration::from_secs(5)),
-        None,
-        "killed by a signal, no exit code"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let config = lan.path("srv.toml").to_str().unwrap().to_string();
-    lan.spawn("srv", &["server", "--config", &config], "srv2");
-    assert!(
-        wait_for(Duration::from_secs(10), || lan
-            .log("srv2")
-            .contains("server listening")
-            .then_some(()))
-        .is_some(),
-        "{}",
-        lan.log("srv2")
-    );
+    kill_and_restart_server(&mut lan, server);
     let acknowledged = publishing.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     assert!(
@@ -173,8 +156,9 @@ fn a_server_killed_mid_stream_loses_no_acknowledged_push() {
     );
 }
 
-/// Restarts the server killed as process `server` (same config, same store).
-fn restart_server(lan: &mut Lan, server: usize) {
+/// Kills the server (process `server`) with SIGKILL and starts it again: same config, same
+/// store, its log in `srv2`.
+fn kill_and_restart_server(lan: &mut Lan, server: usize) {
     lan.signal(server, libc::SIGKILL);
     assert_eq!(
         lan.wait(server, Duration::from_secs(5)),
@@ -229,7 +213,7 @@ fn a_server_killed_mid_fan_out_loses_no_acknowledged_push_to_followers() {
         (inbox_numbers(&lan).len() >= 200).then_some(())
     })
     .expect("pushes to followers flow");
-    restart_server(&mut lan, server);
+    kill_and_restart_server(&mut lan, server);
     let acknowledged = publishing.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     assert!(

@@ -171,3 +171,29 @@ pub async fn wait_connected(daemon: &Daemon) {
     .await
     .expect("connected to the server");
 }
+
+/// `second`, connected as `conn`, follows `first` at `server` with a fresh ten-minute ticket
+/// `first` signed; returns the server's answer.
+pub async fn follow_with_ticket(
+    conn: &quinn::Connection,
+    first: &Identity,
+    second: TerminalId,
+    server: &Server,
+) -> handoff::wire::ResponseBody {
+    let now = handoff::net::unix_now();
+    let ticket = handoff::wire::Ticket {
+        first: first.id(),
+        second,
+        server: server.id(),
+        issued_at: now,
+        not_after: now + 600,
+        nonce: rand::random(),
+    }
+    .sign(first);
+    let follow = handoff::wire::RequestBody::Follow(handoff::wire::InfoRequest {
+        first: first.id(),
+        second,
+        ticket,
+    });
+    handoff::net::request(conn, follow).await.unwrap()
+}
