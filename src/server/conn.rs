@@ -353,13 +353,8 @@ pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: 
             }, if push.as_ref().is_some_and(|p| !p.acks.ended) => {
                 if let Some(next) = read {
                     server.shared.metrics.inc("handoff_pushes_acked_total", None);
-                    let s = server.clone();
-                    // Acks only ever raise the acknowledged offset, so their order is free.
-                    server.shared.tasks.spawn(async move {
-                        if let Err(e) = s.shared.store.write_one(Op::Ack { to: id, next }).await {
-                            limited!(s, "store", warn!("store: {e}"));
-                        }
-                    }.in_current_span());
+                    // Held by the store and applied with a later commit: no fsync of its own.
+                    server.shared.store.ack(id, next);
                 }
             }
         }

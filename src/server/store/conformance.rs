@@ -482,6 +482,46 @@ pub async fn concurrent_appends_through_the_actor(store: Store) {
     assert_eq!(read.items.len(), 1024);
 }
 
+/// Acknowledgements through the actor wait for no commit of their own, yet a read after them
+/// sees them, the highest wins, and a write sharing their commit gets its own outcome.
+pub async fn acks_through_the_actor_are_held_then_applied(store: Store) {
+    for t in ["a", "b", "c", "d"] {
+        let op = Op::Append {
+            to: id(1),
+            push: push(t, None, 60),
+            now: NOW,
+        };
+        store.write_one(op).await.unwrap();
+    }
+    store.ack(id(1), 2);
+    store.ack(id(2), 7);
+    // Joins the commit of this append, which still gets its own offset.
+    let op = Op::Append {
+        to: id(1),
+        push: push("e", None, 60),
+        now: NOW,
+    };
+    assert!(matches!(
+        store.write_one(op).await.unwrap(),
+        Outcome::Offset(4)
+    ));
+    let read = store.read(|b| b.log(&id(1), 0, 100, NOW)).await.unwrap();
+    assert_eq!(read.acked, 2);
+    assert_eq!(
+        read.items
+            .iter()
+            .map(|p| p.item.title.as_str())
+            .collect::<Vec<_>>(),
+        ["c", "d", "e"]
+    );
+    // Held ones are applied before a read, the highest of them kept.
+    store.ack(id(1), 4);
+    store.ack(id(1), 3);
+    let read = store.read(|b| b.log(&id(1), 0, 100, NOW)).await.unwrap();
+    assert_eq!(read.acked, 4);
+    assert_eq!(read.items.len(), 1);
+}
+
 /// Instantiates the suite for one backend. `$make` gives `Some((guard, backend))`, the guard
 /// living as long as the test, or `None` to skip (a backend whose server is not installed).
 /// A link records where in the first terminal's stream it began, for as long as it lives:
@@ -646,6 +686,11 @@ macro_rules! conformance_tests {
             async fn concurrent_appends_through_the_actor() {
                 let Some((_guard, b)) = $make else { return };
                 super::concurrent_appends_through_the_actor(Store::start(b)).await;
+            }
+            #[tokio::test]
+            async fn acks_through_the_actor_are_held_then_applied() {
+                let Some((_guard, b)) = $make else { return };
+                super::acks_through_the_actor_are_held_then_applied(Store::start(b)).await;
             }
         }
     };
@@ -968,4 +1013,94 @@ fn redis_sweep_leaves_only_live_state() {
     assert!(b.followers(&id(1), NOW).unwrap().is_empty());
     // The nonce was forgotten with its ticket; offsets go on.
     assert_eq!(append(b.as_mut(), id(1), push("again", None, 10)), 1);
+}
+
+/// A backend that counts the acknowledgements applied to it, for the store thread's ticker.
+struct CountingAcks {
+    inner: MemoryBackend,
+    acks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Backend for CountingAcks {
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+    fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        let acks = ops.iter().filter(|op| matches!(op, Op::Ack { .. })).count();
+        self.acks.fetch_add(acks, Ordering::SeqCst);
+        self.inner.apply_each(ops)
+    }
+    fn known(&self, id: &TerminalId) -> Result<bool, StoreError> {
+        self.inner.known(id)
+    }
+    fn seen(&self, id: &TerminalId) -> Result<Option<u64>, StoreError> {
+        self.inner.seen(id)
+    }
+    fn session(&self, id: &TerminalId) -> Result<Option<Session>, StoreError> {
+        self.inner.session(id)
+    }
+    fn followers(
+        &self,
+        first: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+        self.inner.followers(first, now)
+    }
+    fn following(
+        &self,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Vec<(TerminalId, u64)>, StoreError> {
+        self.inner.following(second, now)
+    }
+    fn link_since(
+        &self,
+        first: &TerminalId,
+        second: &TerminalId,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.link_since(first, second, now)
+    }
+    fn log(
+        &self,
+        to: &TerminalId,
+        from: u64,
+        limit: usize,
+        now: u64,
+    ) -> Result<LogRead, StoreError> {
+        self.inner.log(to, from, limit, now)
+    }
+}
+
+/// With no write or read to carry them, held acknowledgements are applied by the ticker within
+/// about [`ACK_FLUSH`]; and those still held when the last handle goes are applied then.
+#[tokio::test]
+async fn held_acks_are_applied_without_a_write_to_carry_them() {
+    let acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = Store::start(Box::new(CountingAcks {
+        inner: MemoryBackend::new(),
+        acks: acks.clone(),
+    }));
+    store.ack(id(1), 1);
+    let deadline = std::time::Instant::now() + ACK_FLUSH * 20;
+    while acks.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ticker never applied a held acknowledgement"
+        );
+        tokio::time::sleep(ACK_FLUSH / 5).await;
+    }
+    assert_eq!(acks.load(Ordering::SeqCst), 1);
+
+    // The last handle dropped with one held: applied before the thread ends.
+    store.ack(id(2), 1);
+    drop(store);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while acks.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an acknowledgement held at the end was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

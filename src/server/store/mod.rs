@@ -16,6 +16,12 @@
 //! ([`Op::check`]), and an op that still fails in the backend fails alone: the writes sharing
 //! its commit are applied without it ([`Backend::apply_each`]).
 //!
+//! A terminal's acknowledgements are not worth an fsync each: losing one only means its pushes
+//! are sent again, and the terminal's inbox drops what it already has. [`Store::ack`] hands one
+//! to the store thread without waiting; acknowledgements are kept there, one per terminal (the
+//! highest), and applied with the next commit of writes, before the next read, at close, or at
+//! the latest [`ACK_FLUSH`] after they came.
+//!
 //! The epoch can change while the store runs: a Redis backend notices when Redis lost its data
 //! and starts a new epoch, and [`Store::epoch`] follows it after every batch.
 
@@ -26,9 +32,9 @@ mod redis;
 #[cfg(test)]
 mod conformance;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +52,8 @@ pub use redis::RedisBackend;
 const QUEUE: usize = 65_536;
 /// Most write operations applied in one commit.
 const MAX_BATCH: usize = 4096;
+/// Longest an acknowledgement waits in the store thread for a commit to join.
+pub const ACK_FLUSH: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -412,6 +420,13 @@ enum Msg {
         reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
     },
     Read(ReadFn),
+    /// A terminal acknowledged its log up to `next` (see [`Store::ack`]).
+    Ack {
+        to: TerminalId,
+        next: u64,
+    },
+    /// Apply the acknowledgements held (sent by the store's ticker).
+    FlushAcks,
     /// Finish the queue before this, drop the backend, confirm.
     Close(oneshot::Sender<()>),
 }
@@ -430,10 +445,30 @@ impl Store {
         let epoch = Arc::new(AtomicU64::new(backend.epoch()));
         let (tx, rx) = mpsc::channel(QUEUE);
         let thread_epoch = epoch.clone();
+        let acks_held = Arc::new(AtomicBool::new(false));
+        let held = acks_held.clone();
         std::thread::Builder::new()
             .name("handoff-store".into())
-            .spawn(move || run(backend, rx, &thread_epoch))
+            .spawn(move || run(backend, rx, &thread_epoch, &held))
             .unwrap_or_else(|e| panic!("cannot start the store thread: {e}"));
+        // Flushes held acknowledgements when no write comes to carry them. It sleeps while
+        // none are held, and ends once the store thread has (its sends fail).
+        let ticker = tx.downgrade();
+        std::thread::Builder::new()
+            .name("handoff-store-acks".into())
+            .spawn(move || loop {
+                std::thread::sleep(ACK_FLUSH);
+                let Some(tx) = ticker.upgrade() else {
+                    return;
+                };
+                if acks_held.load(Ordering::Acquire) && tx.try_send(Msg::FlushAcks).is_err() {
+                    // A full queue will commit soon and carry the acknowledgements along.
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+            })
+            .unwrap_or_else(|e| panic!("cannot start the store's acknowledgement ticker: {e}"));
         Self { tx, epoch }
     }
 
@@ -514,6 +549,22 @@ impl Store {
         self.write(vec![op]).await?.pop().ok_or(StoreError::Stopped)
     }
 
+    /// Records that `to` has received its log up to `next`, without waiting: the store applies
+    /// it (trims the log, raises the acknowledged offset) with a later commit, at the latest
+    /// [`ACK_FLUSH`] from now. One lost in a crash only means pushes sent again. Never blocks:
+    /// when the queue is full, a task delivers it.
+    pub fn ack(&self, to: TerminalId, next: u64) {
+        match self.tx.try_send(Msg::Ack { to, next }) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(msg).await;
+                });
+            }
+        }
+    }
+
     /// Applies everything queued, then closes the backend (releasing its file). Later calls
     /// fail with [`StoreError::Stopped`].
     pub async fn close(&self) {
@@ -540,25 +591,47 @@ impl Store {
     }
 }
 
-/// The store thread: applies queued writes as one batch (one commit). Reads are answered as they
-/// come, also while a batch is being gathered: a read sees every write its caller has seen
-/// complete, and never holds a batch back.
-fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &AtomicU64) {
+/// The store thread: applies queued writes as one batch (one commit), with the acknowledgements
+/// held. Reads are answered as they come, also while a batch is being gathered: a read sees
+/// every write its caller has seen complete, and every acknowledgement sent before it, and never
+/// holds a batch back.
+fn run(
+    mut backend: Box<dyn Backend>,
+    mut rx: mpsc::Receiver<Msg>,
+    epoch: &AtomicU64,
+    acks_held: &AtomicBool,
+) {
+    let mut acks: HashMap<TerminalId, u64> = HashMap::new();
     loop {
         let Some(first) = rx.blocking_recv() else {
+            // Every handle is gone: keep what was acknowledged.
+            if !acks.is_empty() {
+                apply_acks(backend.as_mut(), &mut acks, epoch);
+            }
             return;
         };
         let mut ops_all = Vec::new();
         let mut replies = Vec::new();
         let mut close = None;
+        let mut flush = false;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Read(job) => job(backend.as_ref()),
+                Msg::Read(job) => {
+                    if !acks.is_empty() {
+                        apply_acks(backend.as_mut(), &mut acks, epoch);
+                    }
+                    job(backend.as_ref())
+                }
                 Msg::Write { ops, reply } => {
                     replies.push((reply, ops.len()));
                     ops_all.extend(ops);
                 }
+                Msg::Ack { to, next } => {
+                    let held = acks.entry(to).or_insert(next);
+                    *held = (*held).max(next);
+                }
+                Msg::FlushAcks => flush = true,
                 Msg::Close(reply) => {
                     close = Some(reply);
                     break;
@@ -569,6 +642,16 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &Atomi
             }
         }
         if !replies.is_empty() {
+            // The held acknowledgements join this commit; their outcomes are nobody's.
+            let held = acks.len();
+            if held > 0 {
+                let mut with_acks: Vec<Op> = acks
+                    .drain()
+                    .map(|(to, next)| Op::Ack { to, next })
+                    .collect();
+                with_acks.append(&mut ops_all);
+                ops_all = with_acks;
+            }
             let applied = backend.apply_each(&ops_all);
             // Before the replies go out, so a caller that saw its write done sees the epoch
             // the write was made in.
@@ -576,7 +659,7 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &Atomi
             match applied {
                 Ok(results) => {
                     // Each write gets its own ops' results: it fails if one of them failed.
-                    let mut results = results.into_iter();
+                    let mut results = results.into_iter().skip(held);
                     for (reply, n) in replies {
                         let mine: Vec<_> = results.by_ref().take(n).collect();
                         let _ = reply.send(mine.into_iter().collect());
@@ -588,13 +671,29 @@ fn run(mut backend: Box<dyn Backend>, mut rx: mpsc::Receiver<Msg>, epoch: &Atomi
                     }
                 }
             }
+        } else if (flush || close.is_some()) && !acks.is_empty() {
+            apply_acks(backend.as_mut(), &mut acks, epoch);
         }
+        acks_held.store(!acks.is_empty(), Ordering::Release);
         if let Some(reply) = close {
             drop(backend);
             let _ = reply.send(());
             return;
         }
     }
+}
+
+/// Applies the acknowledgements held, in a commit of their own.
+fn apply_acks(backend: &mut dyn Backend, acks: &mut HashMap<TerminalId, u64>, epoch: &AtomicU64) {
+    let ops: Vec<Op> = acks
+        .drain()
+        .map(|(to, next)| Op::Ack { to, next })
+        .collect();
+    // Nobody waits for these: a failure only means the pushes are sent again.
+    if let Err(e) = backend.apply_each(&ops) {
+        tracing::debug!("store: acknowledgements not applied: {e}");
+    }
+    epoch.store(backend.epoch(), Ordering::Release);
 }
 
 /// The key under which the stream of `owner` is kept: a log like a terminal's, whose key no
