@@ -179,6 +179,54 @@ async fn request_inner(
     Ok(response.body)
 }
 
+/// Asks for `bytes` of receive and send buffer on `socket`: past `net.core.rmem_max` and
+/// `wmem_max` where the process may (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else up to them.
+/// Returns the receive buffer granted, as the kernel counts it (it doubles what is set, for
+/// its bookkeeping).
+pub fn grow_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |option: libc::c_int| {
+        // SAFETY: `fd` is an open socket owned by `socket` for the whole call, and the option
+        // value is a c_int whose size is passed with it.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set(force) {
+            set(plain);
+        }
+    }
+    let mut granted: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above; `granted` and `len` outlive the call and `len` is its size.
+    let ok = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_mut(&mut granted).cast(),
+            &mut len,
+        ) == 0
+    };
+    if ok {
+        usize::try_from(granted).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// Current time in Unix seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -194,18 +242,43 @@ pub fn bind_endpoint(
     config: quinn::ServerConfig,
     listen: std::net::SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {
-    bind_endpoint_with(quinn::EndpointConfig::default(), config, listen)
+    bind_endpoint_with(quinn::EndpointConfig::default(), config, listen, None)
 }
 
+/// The UDP receive and send buffers a content server asks for. When a restarted server's
+/// terminals all come back, thousands of handshake packets arrive at once; those beyond the
+/// socket's receive buffer are dropped by the kernel, and each drop costs a terminal a
+/// retransmission timeout (a third of a second, doubling) or a failed dial. Linux's default
+/// (`net.core.rmem_default`, 208 KiB) holds fewer than a hundred such packets.
+pub const SERVER_UDP_BUFFER: usize = 8 << 20;
+
+/// Below this granted receive buffer a server warns: its socket drops packets under a burst of
+/// returning terminals.
+const UDP_BUFFER_WARN: usize = 2 << 20;
+
 /// Like [`bind_endpoint`], with an endpoint configuration (the content server's keeps its
-/// stateless reset key across restarts).
+/// stateless reset key across restarts) and, if given, the size of the socket's receive and
+/// send buffers to ask for ([`grow_udp_buffers`]).
 pub fn bind_endpoint_with(
     endpoint: quinn::EndpointConfig,
     config: quinn::ServerConfig,
     listen: std::net::SocketAddr,
+    buffers: Option<usize>,
 ) -> std::io::Result<quinn::Endpoint> {
     let bind = |addr: std::net::SocketAddr| {
         let socket = std::net::UdpSocket::bind(addr)?;
+        if let Some(bytes) = buffers {
+            let granted = grow_udp_buffers(&socket, bytes);
+            if granted < bytes.min(UDP_BUFFER_WARN) {
+                tracing::warn!(
+                    "the UDP receive buffer is {} KiB (asked for {} KiB): a burst of returning \
+                     terminals will see packets dropped; raise net.core.rmem_max (sysctl) to \
+                     at least {bytes}",
+                    granted / 1024,
+                    bytes / 1024
+                );
+            }
+        }
         quinn::Endpoint::new(
             endpoint.clone(),
             Some(config.clone()),
@@ -220,5 +293,31 @@ pub fn bind_endpoint_with(
             bind(v4)
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The buffer is raised past the kernel's default: to what was asked when the process may
+    /// force it (root), else as far as `net.core.rmem_max` lets it.
+    #[test]
+    fn udp_buffers_grow_as_far_as_allowed() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let asked = 4 << 20;
+        let granted = grow_udp_buffers(&socket, asked);
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        // The kernel reports twice what it was set to.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let expected = if root { asked } else { asked.min(rmem_max) };
+        assert!(
+            granted >= 2 * expected,
+            "asked for {asked}, granted {granted} (rmem_max {rmem_max}, root {root})"
+        );
     }
 }

@@ -761,6 +761,7 @@ mod tests {
                 endpoint_config(&server),
                 server_config(&server, serve).unwrap(),
                 addr,
+                None,
             )
         };
         let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -156,13 +156,16 @@ impl Server {
         // A restarted server resets the connections it lost, so their terminals come back at
         // once (see `tls::endpoint_config`).
         let endpoint_config = tls::endpoint_config(&identity);
-        let endpoint =
-            crate::net::bind_endpoint_with(endpoint_config, server_config, config.listen).map_err(
-                |source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                },
-            )?;
+        let endpoint = crate::net::bind_endpoint_with(
+            endpoint_config,
+            server_config,
+            config.listen,
+            Some(crate::net::SERVER_UDP_BUFFER),
+        )
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let server = Server {
             shared: Arc::new(Shared {
                 identity,
