@@ -351,10 +351,9 @@ pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: 
                     None => std::future::pending().await,
                 }
             }, if push.as_ref().is_some_and(|p| !p.acks.ended) => {
-                if let Some(next) = read {
+                if let (Some(next), Some(p)) = (read, push.as_mut()) {
                     server.shared.metrics.inc("handoff_pushes_acked_total", None);
-                    // Held by the store and applied with a later commit: no fsync of its own.
-                    server.shared.store.ack(id, next);
+                    p.hand_ack_to_store(&server, id, next);
                 }
             }
         }

@@ -14,6 +14,8 @@ pub(super) struct PushStream {
     pub(super) acks: AckReader,
     /// The next offset to send.
     pub(super) next: u64,
+    /// The highest acknowledgement handed to the store.
+    acked: u64,
 }
 
 impl PushStream {
@@ -22,6 +24,19 @@ impl PushStream {
             send,
             acks: AckReader::new(recv),
             next: start,
+            acked: 0,
+        }
+    }
+
+    /// Hands the terminal's acknowledgement to the store (held there, applied with a later
+    /// commit). Only one that moves forward, and never past what was sent: a terminal that
+    /// sends acknowledgements by the thousand, or for offsets it never got, costs the store at
+    /// most one message per push it received. When the store's queue is full it is skipped;
+    /// the next one carries it.
+    pub(super) fn hand_ack_to_store(&mut self, server: &Server, id: TerminalId, next: u64) {
+        let next = next.min(self.next);
+        if next > self.acked && server.shared.store.ack(id, next) {
+            self.acked = next;
         }
     }
 

@@ -552,16 +552,13 @@ impl Store {
     /// Records that `to` has received its log up to `next`, without waiting: the store applies
     /// it (trims the log, raises the acknowledged offset) with a later commit, at the latest
     /// [`ACK_FLUSH`] from now. One lost in a crash only means pushes sent again. Never blocks:
-    /// when the queue is full, a task delivers it.
-    pub fn ack(&self, to: TerminalId, next: u64) {
+    /// `false` when the queue is full and the acknowledgement was not taken (a later, higher one
+    /// carries it).
+    pub fn ack(&self, to: TerminalId, next: u64) -> bool {
         match self.tx.try_send(Msg::Ack { to, next }) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(msg).await;
-                });
-            }
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => false,
         }
     }
 
