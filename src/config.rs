@@ -920,6 +920,7 @@ struct RawServerLimits {
     http_max_header_bytes: Option<usize>,
     http_header_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
+    push_stall_secs: Option<u64>,
 }
 
 /// Where the server keeps its state.
@@ -1181,6 +1182,9 @@ pub struct ServerLimits {
     pub http_header_timeout: Duration,
     /// Longest wait for a request's body.
     pub http_body_timeout: Duration,
+    /// Longest a terminal may leave its push stream unread while pushes wait for it; then its
+    /// connection is closed (it reconnects and resumes where it left off).
+    pub push_stall: Duration,
 }
 
 /// The bounds of `limits.http_max_header_bytes` (the HTTP library needs at least 8 KiB).
@@ -1211,6 +1215,7 @@ impl Default for ServerLimits {
             http_max_header_bytes: 16 * 1024,
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
+            push_stall: Duration::from_secs(30),
         }
     }
 }
@@ -1387,6 +1392,12 @@ impl ServerConfig {
                 raw.limits
                     .http_body_timeout_secs
                     .unwrap_or(defaults.http_body_timeout.as_secs()),
+            )?),
+            push_stall: Duration::from_secs(at_least_one(
+                "limits.push_stall_secs",
+                raw.limits
+                    .push_stall_secs
+                    .unwrap_or(defaults.push_stall.as_secs()),
             )?),
         };
         if limits.idle_terminal < MIN_IDLE_TERMINAL {
@@ -1780,6 +1791,7 @@ mod tests {
                 "[limits]\nhttp_body_timeout_secs = 0",
                 "limits.http_body_timeout_secs",
             ),
+            ("[limits]\npush_stall_secs = 0", "limits.push_stall_secs"),
         ] {
             match server(text) {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),

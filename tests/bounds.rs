@@ -1189,3 +1189,142 @@ async fn the_sweep_forgets_strangers_but_not_connected_or_linked_terminals() {
     }
     server.shutdown().await;
 }
+
+/// A raw terminal connection that keeps itself alive (as an attacker's would) whether or not
+/// it reads anything.
+async fn connect_keeping_alive(
+    identity: &Identity,
+    server: &handoff::server::Server,
+) -> quinn::Connection {
+    let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    let transport = TransportLimits {
+        keep_alive: Some(Duration::from_millis(500)),
+        ..limits()
+    };
+    let config = tls::client_config(identity, server.id(), transport).unwrap();
+    endpoint
+        .connect_with(config, server.local_addr(), tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// The second terminal of a fresh link on `server`: connected (kept alive, never reading its
+/// push stream), said hello and following the first. Returns the first, the second and its
+/// connection.
+async fn a_follower_that_reads_nothing(
+    server: &handoff::server::Server,
+) -> (Identity, Identity, quinn::Connection) {
+    let first = Identity::generate().unwrap();
+    let a = raw_connect(&first, server.id(), server.local_addr()).await;
+    handoff::net::request(&a, HELLO).await.unwrap();
+    let second = Identity::generate().unwrap();
+    let b = connect_keeping_alive(&second, server).await;
+    let answer = handoff::net::request(&b, HELLO).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    let answer = follow_with_ticket(&b, &first, second.id(), server).await;
+    assert!(matches!(answer, ResponseBody::Linked { .. }), "{answer:?}");
+    (first, second, b)
+}
+
+const HELLO: RequestBody = RequestBody::Hello {
+    cursor: None,
+    streams: Vec::new(),
+};
+
+/// Publishes `each` pushes of 60 KB to `second` and as many to `first`'s followers.
+async fn publish_big(
+    server: &handoff::server::Server,
+    token: &str,
+    first: &Identity,
+    second: &Identity,
+    each: usize,
+) {
+    let push = publication_of(60_000);
+    for _ in 0..each {
+        for to in [
+            format!("/v1/terminals/{}/push", second.id()),
+            format!("/v1/terminals/{}/followers/push", first.id()),
+        ] {
+            let addr = server.http_addr().unwrap();
+            let (status, body) = http(addr, "POST", &to, Some(token), push.as_bytes()).await;
+            assert_eq!(status, 200, "{to}: {body}");
+        }
+    }
+}
+
+/// A terminal that stops reading its push stream, its connection kept alive, while pushes for
+/// it pile up: the server held every one in the connection's fast paths (1,024 items of up to
+/// 64 KiB, for its own log and for each stream it follows) for as long as the connection
+/// lived: 14 MB for the 15 MB below. Now a connection's fast paths hold at most 256 KiB; the
+/// rest waits only in the store, where it is anyway.
+#[tokio::test]
+async fn a_terminal_that_stops_reading_costs_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.push_stall = Duration::from_secs(600);
+    })
+    .await;
+    let (first, second, b) = a_follower_that_reads_nothing(&server).await;
+    publish_big(&server, &token, &first, &second, 128).await;
+    let held = server.queued_push_bytes();
+    assert!(b.close_reason().is_none(), "still connected");
+    assert!(
+        held <= 256 * 1024,
+        "{held} bytes held for a terminal that reads nothing"
+    );
+    server.shutdown().await;
+}
+
+/// ... and such a terminal is let go after `[limits] push_stall_secs`: its connection closed,
+/// so that it holds no task and no memory of the server's for longer. Nothing is lost: back,
+/// and reading, it gets every push, in order.
+#[tokio::test]
+async fn a_terminal_that_stops_reading_is_let_go_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.push_stall = Duration::from_secs(2);
+    })
+    .await;
+    let (first, second, b) = a_follower_that_reads_nothing(&server).await;
+    const EACH: usize = 64;
+    publish_big(&server, &token, &first, &second, EACH).await;
+    let reason = tokio::time::timeout(3 * WAIT, b.closed())
+        .await
+        .expect("a terminal that reads nothing is let go");
+    assert!(reason.to_string().contains("not read for 2 s"), "{reason}");
+    assert_eq!(
+        server.metrics().get(
+            "handoff_limit_hits_total",
+            Some(("limit", "push_stall_secs"))
+        ),
+        1
+    );
+
+    let b = raw_connect(&second, server.id(), server.local_addr()).await;
+    let answer = handoff::net::request(&b, HELLO).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    let (_send, mut recv) = tokio::time::timeout(WAIT, b.accept_bi())
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut own, mut streamed) = (0, 0);
+    while own < EACH || streamed < EACH {
+        let frame: ServerPush = read_frame(&mut recv, WAIT, wire::MAX_FRAME)
+            .await
+            .unwrap()
+            .expect("the push stream goes on");
+        match frame {
+            ServerPush::Item(item) => {
+                assert_eq!(item.offset, own as u64, "in order, none missing");
+                own += 1;
+            }
+            ServerPush::Stream { owner, item } => {
+                assert_eq!(owner, first.id());
+                assert_eq!(item.offset, streamed as u64, "in order, none missing");
+                streamed += 1;
+            }
+        }
+    }
+    server.shutdown().await;
+}

@@ -7,6 +7,13 @@ use super::*;
 /// Items queued per connection on the fast path; past that the writer reads the log instead.
 pub(super) const FAST_PATH: usize = 1024;
 
+/// Bytes one connection's fast paths may hold (its own pushes and the items of the streams it
+/// follows, queued or being sent); past that, new items wait only in the store, where they
+/// are anyway, and the task reads them when it gets there. With `[limits] push_stall_secs`,
+/// this bounds what a terminal that stops reading costs the server (with its transport's
+/// send window).
+pub(super) const FAST_PATH_BYTES: usize = 256 * 1024;
+
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a terminal may have in flight towards the server on one stream, and on all of them.
@@ -61,8 +68,33 @@ pub(super) struct StreamState {
     pub(super) next: u64,
     /// One past the newest offset known appended; [`UNREAD`] until the stream was read.
     pub(super) latest: u64,
-    /// Fresh items as announced, at most [`FAST_PATH`]; past that the task reads the stream.
+    /// Fresh items as announced, at most [`FAST_PATH`] (and the connection's
+    /// [`FAST_PATH_BYTES`]); past that the task reads the stream.
     pub(super) fast: FastItems,
+}
+
+impl SharedItem {
+    /// What one connection's queue entry for this item holds (the frame is shared by every
+    /// follower's connection, but each is charged for it: a connection's bound is its own).
+    pub(super) fn held(&self) -> usize {
+        std::mem::size_of::<(Arc<SharedItem>, Instant)>() + self.frame.len()
+    }
+}
+
+/// What a queued push holds, its heap included (roughly: strings by length, map entries by
+/// a fixed overhead each).
+pub(super) fn held(push: &StoredPush) -> usize {
+    let item = &push.item;
+    std::mem::size_of::<(StoredPush, Instant)>()
+        + item.uri.len()
+        + item.title.len()
+        + item.body.as_ref().map_or(0, String::len)
+        + item
+            .meta
+            .iter()
+            .map(|(k, v)| 64 + k.len() + v.len())
+            .sum::<usize>()
+        + push.collapse_key.as_ref().map_or(0, String::len)
 }
 
 /// Stream items handed to a connection, each with the instant it was accepted.
@@ -95,13 +127,17 @@ pub(super) struct ConnSlot {
 /// What the connection's task shares with those who push to its terminal, in one allocation.
 pub(super) struct Outbox {
     /// Fresh pushes with the instant they were accepted (for the delivery latency histogram),
-    /// at most [`FAST_PATH`]; past that the task reads the log instead. The task takes the
+    /// at most [`FAST_PATH`] (and [`FAST_PATH_BYTES`] with the streams'); past that the task
+    /// reads the log instead. The task takes the
     /// whole queue at once, so an idle connection holds no buffer here.
     pub(super) fast: Mutex<VecDeque<(StoredPush, Instant)>>,
     /// One past the newest offset appended for this terminal.
     pub(super) latest: AtomicU64,
     /// Wakes the connection's task: new pushes, or the terminal said hello.
     pub(super) wake: Notify,
+    /// Bytes held by items in the fast paths (this one and the streams'), queued or taken by
+    /// the task and not yet sent.
+    pub(super) queued: AtomicUsize,
     /// Set by the first `Hello`.
     pub(super) hello_said: std::sync::atomic::AtomicBool,
     /// Where the push stream starts; [`NOT_STARTED`] until the hello is answered.
@@ -120,10 +156,25 @@ impl Outbox {
             fast: Mutex::new(VecDeque::new()),
             latest: AtomicU64::new(0),
             wake: Notify::new(),
+            queued: AtomicUsize::new(0),
             hello_said: std::sync::atomic::AtomicBool::new(false),
             start: AtomicU64::new(NOT_STARTED),
             streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts `bytes` more held in the fast paths, if they fit in [`FAST_PATH_BYTES`].
+    pub(super) fn reserve(&self, bytes: usize) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held + bytes).filter(|&held| held <= FAST_PATH_BYTES)
+            })
+            .is_ok()
+    }
+
+    /// Counts `bytes` as no longer held (sent, or dropped).
+    pub(super) fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     pub(super) fn take_fast(&self) -> VecDeque<(StoredPush, Instant)> {
@@ -152,7 +203,9 @@ impl Outbox {
 
     /// Stops sending `owner`'s stream (the link was revoked).
     pub(super) fn drop_stream(&self, owner: &TerminalId) {
-        self.streams().remove(owner);
+        if let Some(stream) = self.streams().remove(owner) {
+            self.release(stream.fast.iter().map(|(item, _)| item.held()).sum());
+        }
     }
 }
 
@@ -315,8 +368,8 @@ pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: 
     let mut push: Option<PushStream> = None;
     loop {
         if let Some(p) = push.as_mut() {
-            if p.send_pending(&server, &conn, id, &outbox).await.is_err()
-                || p.send_streams(&server, &conn, id, &outbox).await.is_err()
+            if p.send_pending(&server, id, &outbox).await.is_err()
+                || p.send_streams(&server, id, &outbox).await.is_err()
             {
                 break;
             }
@@ -337,7 +390,7 @@ pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: 
                 let start = outbox.start.load(Ordering::Acquire);
                 if push.is_none() && start != NOT_STARTED {
                     match conn.open_bi().await {
-                        Ok((send, recv)) => push = Some(PushStream::new(send, recv, start)),
+                        Ok((send, recv)) => push = Some(PushStream::new(conn.clone(), send, recv, start)),
                         Err(e) => {
                             debug!("cannot open the push stream: {e}");
                             break;
@@ -435,12 +488,19 @@ pub(super) async fn serve_request(
                     // The connection's task sends the log from `start` up to at least its end,
                     // then each followed stream from where it starts to its end.
                     outbox.latest.fetch_max(end.max(start), Ordering::AcqRel);
-                    {
+                    let replaced: usize = {
                         let mut known = outbox.streams();
-                        for (owner, start) in streams {
-                            known.insert(owner, StreamState::from(start));
-                        }
-                    }
+                        streams
+                            .into_iter()
+                            .filter_map(|(owner, start)| {
+                                known.insert(owner, StreamState::from(start))
+                            })
+                            .flat_map(|old| old.fast)
+                            .map(|(item, _)| item.held())
+                            .sum()
+                    };
+                    // Items queued by a follow before the hello are read again from its start.
+                    outbox.release(replaced);
                     outbox.start.store(start, Ordering::Release);
                     outbox.wake.notify_one();
                     ResponseBody::Welcome {

@@ -485,11 +485,18 @@ async fn healthz(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    let text = app.server.metrics().render(&[(
-        "handoff_connected_terminals",
-        "terminals connected now",
-        app.server.connected() as f64,
-    )]);
+    let text = app.server.metrics().render(&[
+        (
+            "handoff_connected_terminals",
+            "terminals connected now",
+            app.server.connected() as f64,
+        ),
+        (
+            "handoff_push_queued_bytes",
+            "bytes of pushes held for connected terminals, not yet sent",
+            app.server.queued_push_bytes() as f64,
+        ),
+    ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

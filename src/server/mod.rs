@@ -31,7 +31,7 @@ pub mod strangers;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -270,6 +270,15 @@ impl Server {
     /// Terminals connected now.
     pub fn connected(&self) -> usize {
         self.conns().len()
+    }
+
+    /// Bytes held in the connections' fast paths now: pushes and stream items on their way to
+    /// terminals, queued or being sent (not counting what the transport holds).
+    pub fn queued_push_bytes(&self) -> usize {
+        self.conns()
+            .values()
+            .map(|slot| slot.outbox.queued.load(Ordering::Acquire))
+            .sum()
     }
 
     /// The server's counters (for `/metrics` and tests).

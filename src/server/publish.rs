@@ -55,7 +55,7 @@ impl Server {
             // Otherwise it takes the item from the queue and never needs the store.
             {
                 let mut fast = outbox.fast.lock().unwrap_or_else(|e| e.into_inner());
-                if fast.len() < FAST_PATH {
+                if fast.len() < FAST_PATH && outbox.reserve(conn::held(&push)) {
                     fast.push_back((push, accepted));
                 }
             }
@@ -104,7 +104,7 @@ impl Server {
                 if stream.latest != UNREAD {
                     stream.latest = stream.latest.max(offset + 1);
                 }
-                if stream.fast.len() < FAST_PATH {
+                if stream.fast.len() < FAST_PATH && slot.outbox.reserve(item.held()) {
                     stream.fast.push_back((item.clone(), accepted));
                 }
             } else {

@@ -10,6 +10,7 @@ pub(super) const PAGE: usize = 256;
 /// The push stream of one connection: `id`'s log in order from its start, then every new item;
 /// the terminal's acknowledgements come back on it.
 pub(super) struct PushStream {
+    conn: quinn::Connection,
     pub(super) send: quinn::SendStream,
     pub(super) acks: AckReader,
     /// The next offset to send.
@@ -19,8 +20,14 @@ pub(super) struct PushStream {
 }
 
 impl PushStream {
-    pub(super) fn new(send: quinn::SendStream, recv: quinn::RecvStream, start: u64) -> Self {
+    pub(super) fn new(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        start: u64,
+    ) -> Self {
         Self {
+            conn,
             send,
             acks: AckReader::new(recv),
             next: start,
@@ -45,7 +52,6 @@ impl PushStream {
     pub(super) async fn send_pending(
         &mut self,
         server: &Server,
-        conn: &quinn::Connection,
         id: TerminalId,
         outbox: &Outbox,
     ) -> Result<(), ()> {
@@ -59,6 +65,7 @@ impl PushStream {
                         .metrics
                         .observe("handoff_push_delivery_seconds", accepted.elapsed());
                 }
+                outbox.release(conn::held(&push));
             }
             let latest = outbox.latest.load(Ordering::Acquire);
             if self.next >= latest {
@@ -74,7 +81,8 @@ impl PushStream {
                 Ok(read) => read,
                 Err(e) => {
                     limited!(server, "store", warn!("store: {e}"));
-                    conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                    self.conn
+                        .close(varint(ErrorCode::Busy), b"store unavailable");
                     return Err(());
                 }
             };
@@ -95,7 +103,6 @@ impl PushStream {
     pub(super) async fn send_streams(
         &mut self,
         server: &Server,
-        conn: &quinn::Connection,
         id: TerminalId,
         outbox: &Outbox,
     ) -> Result<(), ()> {
@@ -121,6 +128,7 @@ impl PushStream {
                             .metrics
                             .observe("handoff_push_delivery_seconds", accepted.elapsed());
                     }
+                    outbox.release(item.held());
                 }
                 let mut end = None;
                 if next < latest {
@@ -140,7 +148,8 @@ impl PushStream {
                         Ok(read) => read,
                         Err(e) => {
                             limited!(server, "store", warn!("store: {e}"));
-                            conn.close(varint(ErrorCode::Busy), b"store unavailable");
+                            self.conn
+                                .close(varint(ErrorCode::Busy), b"store unavailable");
                             return Err(());
                         }
                     };
@@ -176,14 +185,32 @@ impl PushStream {
         }
     }
 
+    /// Sends one frame. A terminal that leaves its push stream unread for `[limits]
+    /// push_stall_secs` is let go: its connection is closed (it reconnects and resumes where
+    /// it left off), so it holds neither the connection's task nor its fast paths.
     async fn send_frame(&mut self, server: &Server, frame: bytes::Bytes) -> Result<(), ()> {
-        match self.send.write_chunk(frame).await {
-            Ok(()) => {
+        let stall = server.shared.limits.push_stall;
+        match tokio::time::timeout(stall, self.send.write_chunk(frame)).await {
+            Ok(Ok(())) => {
                 server.shared.metrics.inc("handoff_pushes_sent_total", None);
                 Ok(())
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 debug!("push stream failed: {e}");
+                Err(())
+            }
+            Err(_) => {
+                server.over_limit(
+                    "push_stall_secs",
+                    format_args!(
+                        "push stream of {} not read for {} s; connection closed",
+                        self.conn.remote_address(),
+                        stall.as_secs()
+                    ),
+                );
+                let reason = format!("push stream not read for {} s", stall.as_secs());
+                self.conn
+                    .close(varint(ErrorCode::Timeout), reason.as_bytes());
                 Err(())
             }
         }
