@@ -570,3 +570,38 @@ async fn a_revocation_the_server_refuses_is_reported_to_the_user() {
     a.shutdown().await;
     server.shutdown().await;
 }
+
+/// A peer names the content server of others, by its real ID, at an address where nothing
+/// answers (its interface info is its own word). The second terminal pulled from it, failed to
+/// reach the server, and kept that address for the server's ID: every later pull through the
+/// same server, from honest peers that named its real address, failed too, until a restart.
+/// Now the addresses come from each pull's interface info (the one last reached first), and
+/// the honest pull works.
+#[tokio::test]
+async fn a_peer_naming_a_server_at_a_false_address_cannot_block_later_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b.id()])).await;
+    wait_connected(&a).await;
+    // Nothing answers here: a socket that reads nothing.
+    let hole = std::net::UdpSocket::bind(loopback()).unwrap();
+    let mut liar = terminal(dir.path(), "liar", None, vec![b.id()]);
+    liar.server = Some(handoff::config::ServerRef {
+        id: server.id(),
+        addrs: vec![hole.local_addr().unwrap().to_string()],
+    });
+    let liar = start(liar).await;
+    introduce(&b, "liar", liar.id(), liar.quic_addr());
+    introduce(&b, "a", a.id(), a.quic_addr());
+
+    let lied = b.pull("liar", WAIT).await;
+    assert!(lied.is_err(), "{lied:?}");
+    assert!(a.set_session(Some(session("honest")), WAIT).await);
+    let pulled = b.pull("a", WAIT).await.expect("an honest pull works");
+    assert_eq!(pulled.push.unwrap().title, "honest");
+    for d in [a, b, liar] {
+        d.shutdown().await;
+    }
+    server.shutdown().await;
+}

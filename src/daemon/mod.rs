@@ -807,10 +807,14 @@ impl Daemon {
                 return home.clone();
             }
         }
-        lock(&self.shared.links)
+        let link = lock(&self.shared.links)
             .entry(server.id)
             .or_insert_with(|| Arc::new(ServerLink::new(server.clone(), false)))
-            .clone()
+            .clone();
+        // Each peer names the server's addresses in its own words; the latest are tried (after
+        // the one last reached), so a peer that lied about them blocks no later pull.
+        link.learn_addrs(&server.addrs);
+        link
     }
 
     /// A client configuration pinning `expected`; built once per key.

@@ -10,6 +10,7 @@
 //! failed attempt: the terminals of a server that restarts lose it at the same instant, and
 //! without the jitter they would come back at the same instants too, in waves.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,8 +89,13 @@ pub enum LinkError {
 }
 
 pub(crate) struct ServerLink {
+    /// The server, with the addresses configured (home link) or first learned.
     pub server: ServerInfo,
     home: bool,
+    /// Where a dial tries: the address the last connection was made at first, then those of
+    /// the latest interface info that named this server (a peer's own word: one that names
+    /// the server at a false address must not keep later pulls from reaching it).
+    dial_at: std::sync::Mutex<DialAt>,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     connected: AtomicBool,
     /// Unix seconds until which a non-home link is wanted (the latest follow's lease).
@@ -99,9 +105,19 @@ pub(crate) struct ServerLink {
     pub synced: watch::Sender<u64>,
 }
 
+/// Where a link dials (see [`ServerLink::learn_addrs`]).
+struct DialAt {
+    reached: Option<SocketAddr>,
+    addrs: Vec<String>,
+}
+
 impl ServerLink {
     pub fn new(server: ServerInfo, home: bool) -> Self {
         Self {
+            dial_at: std::sync::Mutex::new(DialAt {
+                reached: None,
+                addrs: server.addrs.clone(),
+            }),
             server,
             home,
             conn: tokio::sync::Mutex::new(None),
@@ -110,6 +126,19 @@ impl ServerLink {
             keeper_running: AtomicBool::new(false),
             synced: watch::Sender::new(0),
         }
+    }
+
+    /// The addresses of the latest interface info naming this server: tried after the one
+    /// last reached. A home link keeps its configured ones.
+    pub fn learn_addrs(&self, addrs: &[String]) {
+        if !self.home {
+            self.dial_at().addrs = addrs.to_vec();
+        }
+    }
+
+    fn dial_at(&self) -> std::sync::MutexGuard<'_, DialAt> {
+        // Every update leaves it consistent; a poisoned lock is still usable.
+        self.dial_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_connected(&self) -> bool {
@@ -179,7 +208,12 @@ impl ServerLink {
             .dial_config(self.server.id)
             .map_err(|e| unreachable(e.to_string()))?;
         let mut errors = Vec::new();
-        for addr in &self.server.addrs {
+        let (reached, addrs) = {
+            let at = self.dial_at();
+            (at.reached, at.addrs.clone())
+        };
+        let mut tried = Vec::new();
+        for addr in reached.map(|a| a.to_string()).into_iter().chain(addrs) {
             let resolved = match tokio::net::lookup_host(addr.as_str()).await {
                 Ok(list) => list.collect::<Vec<_>>(),
                 Err(e) => {
@@ -188,6 +222,10 @@ impl ServerLink {
                 }
             };
             for sockaddr in resolved {
+                if tried.contains(&sockaddr) {
+                    continue;
+                }
+                tried.push(sockaddr);
                 let connecting =
                     match daemon
                         .shared
@@ -201,7 +239,10 @@ impl ServerLink {
                         }
                     };
                 match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Ok(conn)) => {
+                        self.dial_at().reached = Some(sockaddr);
+                        return Ok(conn);
+                    }
                     Ok(Err(e)) => errors.push(format!("{sockaddr}: {}", explain_connect_error(&e))),
                     Err(_) => {
                         errors.push(format!("{sockaddr}: no answer within {CONNECT_TIMEOUT:?}"))
