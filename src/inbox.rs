@@ -475,12 +475,13 @@ fn newest_within(sizes: impl DoubleEndedIterator<Item = u64>, limits: InboxLimit
 fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
     let file = File::open(path)?;
     let mut out = Vec::new();
-    for line in BufReader::new(file).lines() {
+    // Split on bytes: a line torn inside a character is not UTF-8, and must not stop the read.
+    for line in BufReader::new(file).split(b'\n') {
         let line = line?;
         // A torn or foreign line is skipped rather than hiding everything after it.
-        if let Ok(cursor) = serde_json::from_str::<CursorLine>(&line) {
+        if let Ok(cursor) = serde_json::from_slice::<CursorLine>(&line) {
             out.push(Line::Cursor(cursor));
-        } else if let Ok(entry) = serde_json::from_str::<Entry>(&line) {
+        } else if let Ok(entry) = serde_json::from_slice::<Entry>(&line) {
             out.push(Line::Entry(entry, line.len() as u64 + 1));
         }
     }
@@ -592,6 +593,41 @@ mod tests {
         assert_eq!(inbox.cursor(&server), Some(Cursor { epoch: 8, next: 1 }));
         let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
         assert_eq!(titles, ["a", "b", "c"]);
+    }
+
+    /// A crash mid-write can tear a line inside a character (the JSON is UTF-8, titles need
+    /// not be ASCII): that line is skipped like any torn line, and the inbox opens.
+    #[test]
+    fn a_line_torn_inside_a_character_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), LIMITS).unwrap();
+        let server = ServerId::from_bytes([1; 32]);
+        assert!(
+            inbox
+                .append(&server, None, 7, &record(0, "café"))
+                .unwrap()
+                .fresh
+        );
+        drop(inbox);
+        let line = serde_json::to_vec(&record(1, "crème")).unwrap();
+        let cut = line.windows(2).position(|w| w == "è".as_bytes()).unwrap() + 1;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(INBOX_FILE))
+            .unwrap()
+            .write_all(&line[..cut])
+            .unwrap();
+        let inbox = Inbox::open(dir.path(), LIMITS).expect("opens past a torn character");
+        let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
+        assert_eq!(titles, ["café"]);
+        assert!(
+            inbox
+                .append(&server, None, 7, &record(1, "crème"))
+                .unwrap()
+                .fresh
+        );
+        let titles: Vec<String> = inbox.list().unwrap().into_iter().map(|r| r.title).collect();
+        assert_eq!(titles, ["café", "crème"]);
     }
 
     /// Each followed terminal's stream has a cursor of its own, apart from the terminal's own
