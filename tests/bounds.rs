@@ -549,6 +549,44 @@ async fn one_network_gets_a_bounded_number_of_terminals() {
     server.shutdown().await;
 }
 
+/// The count of terminals per network is this node's memory and starts empty: after a
+/// restart, strangers from a terminal's network took the quota before it came back, and the
+/// terminal the server had served for days was refused. A terminal the store knows adds no
+/// state, so it is admitted whatever the count.
+#[tokio::test]
+async fn a_known_terminal_is_admitted_after_a_restart_whoever_took_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let quota = |l: &mut handoff::config::ServerLimits| l.known_terminals_per_source = 2;
+    let (server, _token) = start_server_with_limits(dir.path(), quota).await;
+    let hello = RequestBody::Hello {
+        cursor: None,
+        streams: Vec::new(),
+    };
+    let known = Identity::generate().unwrap();
+    let conn = raw_connect(&known, server.id(), server.local_addr()).await;
+    let answer = handoff::net::request(&conn, hello.clone()).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    conn.close(0u32.into(), b"done");
+    server.shutdown().await;
+    drop(server);
+
+    let (server, _token) = start_server_with_limits(dir.path(), quota).await;
+    for _ in 0..2 {
+        let stranger = Identity::generate().unwrap();
+        let conn = raw_connect(&stranger, server.id(), server.local_addr()).await;
+        let answer = handoff::net::request(&conn, hello.clone()).await.unwrap();
+        assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    }
+    let conn = raw_connect(&known, server.id(), server.local_addr()).await;
+    let answer = handoff::net::request(&conn, hello).await;
+    assert!(
+        matches!(answer, Ok(ResponseBody::Welcome { .. })),
+        "{answer:?}: {:?}",
+        conn.close_reason()
+    );
+    server.shutdown().await;
+}
+
 /// Log lines captured from this thread's tracing events.
 #[derive(Clone, Default)]
 struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

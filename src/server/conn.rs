@@ -311,10 +311,27 @@ pub(super) async fn accept(server: Server) {
 }
 
 pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: TerminalId) {
-    // Before anything about a new terminal is stored: is its network over its quota?
+    let (store, idle, now) = (
+        &server.shared.store,
+        server.shared.limits.idle_terminal,
+        unix_now(),
+    );
+    let seen = match store.read(move |b| b.seen(&id)).await {
+        Ok(seen) => seen,
+        Err(e) => {
+            limited!(server, "store", warn!("store: {e}"));
+            conn.close(varint(ErrorCode::Busy), b"store unavailable");
+            return;
+        }
+    };
+    // Before anything about a new terminal is stored: is its network over its quota? One the
+    // store knows adds no state, and is admitted whatever the count (this node's memory, which
+    // strangers may have filled since it started); it is counted if there is room.
+    let known = seen.is_some_and(|seen| now.saturating_sub(seen) < idle.as_secs());
     let ip = conn.remote_address().ip().to_canonical();
     let source = source_key(ip);
-    if let Err(refused) = server.shared.strangers.admit(ip, id, Instant::now()) {
+    let admitted = server.shared.strangers.admit(ip, id, Instant::now());
+    if let Err(refused) = admitted.or_else(|refused| if known { Ok(()) } else { Err(refused) }) {
         let limit = match refused {
             strangers::Refused::Quota => "known_terminals_per_source",
             strangers::Refused::Full => "known_terminals_tracked",
@@ -326,8 +343,7 @@ pub(super) async fn serve_terminal(server: Server, conn: quinn::Connection, id: 
         );
         return;
     }
-    let idle = server.shared.limits.idle_terminal;
-    if let Err(e) = register(&server.shared.store, idle, id, unix_now()).await {
+    if let Err(e) = register(store, idle, id, seen, now).await {
         limited!(server, "store", warn!("store: {e}"));
         conn.close(varint(ErrorCode::Busy), b"store unavailable");
         return;
@@ -526,14 +542,15 @@ pub(super) async fn serve_request(
 /// whether it wrote. A returning terminal seen within half of `[limits] idle_terminal_secs` is
 /// left as it is: the sweep marks connected terminals seen every minute, long before idle expiry
 /// could take it, so a reconnect storm reads the store but commits (and fsyncs) nothing.
+/// `seen`: when the store last saw it (Unix seconds), as read before.
 pub(super) async fn register(
     store: &Store,
     idle_terminal: Duration,
     id: TerminalId,
+    seen: Option<u64>,
     now: u64,
 ) -> Result<bool, StoreError> {
     let recent = idle_terminal.as_secs() / 2;
-    let seen = store.read(move |b| b.seen(&id)).await?;
     if seen.is_some_and(|seen| now.saturating_sub(seen) < recent) {
         return Ok(false);
     }

@@ -335,11 +335,16 @@ mod tests {
         let id = TerminalId::from_bytes([7; 32]);
         let idle = Duration::from_secs(1000);
         let now = 1_000_000;
-        assert!(register(&store, idle, id, now).await.unwrap(), "new");
+        let seen = || store.read(move |b| b.seen(&id));
+        assert!(register(&store, idle, id, None, now).await.unwrap(), "new");
         assert!(store.read(move |b| b.known(&id)).await.unwrap());
-        assert!(!register(&store, idle, id, now + 1).await.unwrap());
-        assert!(!register(&store, idle, id, now + 499).await.unwrap());
-        assert!(register(&store, idle, id, now + 500).await.unwrap(), "away");
+        let at = seen().await.unwrap();
+        assert!(!register(&store, idle, id, at, now + 1).await.unwrap());
+        assert!(!register(&store, idle, id, at, now + 499).await.unwrap());
+        assert!(
+            register(&store, idle, id, at, now + 500).await.unwrap(),
+            "away"
+        );
         let seen = store.read(move |b| b.seen(&id)).await.unwrap();
         assert_eq!(seen, Some(now + 500));
         store.close().await;

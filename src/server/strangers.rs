@@ -5,9 +5,13 @@
 //! `[limits] idle_terminal_secs`, the time after which the store forgets an idle terminal; a
 //! new ID past that is refused before anything about it is stored.
 //!
+//! One host may hold a whole IPv6 /48 (a common allocation), 65,536 /64s: the /64s of one /48
+//! share [`PER_48`] quotas, so that no one /48 can fill the table.
+//!
 //! The table is this node's memory: it starts empty at each start, and in a cluster each node
 //! keeps its own. It holds at most [`MAX_TRACKED`] IDs; when full of live entries, new IDs are
-//! refused until some age out.
+//! refused until some age out. A terminal the store already knows is admitted without it (the
+//! caller checks): it adds no state.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +19,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::identity::TerminalId;
+
+/// How many quotas of `known_terminals_per_source` the /64s of one IPv6 /48 share.
+pub const PER_48: usize = 16;
 
 /// Most terminal IDs tracked over all sources (about 100 bytes each).
 pub const MAX_TRACKED: usize = 1 << 20;
@@ -24,6 +31,16 @@ pub const MAX_TRACKED: usize = 1 << 20;
 pub enum Source {
     V4([u8; 4]),
     V6([u8; 8]),
+}
+
+impl Source {
+    /// The /48 an IPv6 source is in.
+    fn wide(&self) -> Option<[u8; 6]> {
+        match self {
+            Source::V4(_) => None,
+            Source::V6(prefix) => prefix.first_chunk().copied(),
+        }
+    }
 }
 
 impl From<IpAddr> for Source {
@@ -60,7 +77,38 @@ pub struct KnownPerSource {
 #[derive(Debug, Default)]
 struct State {
     sources: HashMap<Source, HashMap<TerminalId, Instant>>,
+    /// IDs tracked per IPv6 /48, over its /64s.
+    wide: HashMap<[u8; 6], usize>,
     tracked: usize,
+}
+
+impl State {
+    /// Counts `n` IDs of `source` as no longer tracked.
+    fn forget(&mut self, source: &Source, n: usize) {
+        self.tracked -= n;
+        if let Some(wide) = source.wide() {
+            if let Some(count) = self.wide.get_mut(&wide) {
+                *count -= n;
+                if *count == 0 {
+                    self.wide.remove(&wide);
+                }
+            }
+        }
+    }
+
+    /// Drops the IDs not seen within `window` (all sources).
+    fn prune_all(&mut self, now: Instant, window: Duration) {
+        let mut forgotten = Vec::new();
+        self.sources.retain(|source, ids| {
+            let before = ids.len();
+            ids.retain(|_, seen| now.saturating_duration_since(*seen) < window);
+            forgotten.push((*source, before - ids.len()));
+            !ids.is_empty()
+        });
+        for (source, n) in forgotten.into_iter().filter(|(_, n)| *n > 0) {
+            self.forget(&source, n);
+        }
+    }
 }
 
 impl KnownPerSource {
@@ -78,31 +126,42 @@ impl KnownPerSource {
     }
 
     /// Admits `id` connecting from `ip` at `now`: it was seen from that source within the
-    /// window (refreshed), or the source is under its quota (recorded).
+    /// window (refreshed), or the source (and its /48) is under its quota (recorded).
     pub fn admit(&self, ip: IpAddr, id: TerminalId, now: Instant) -> Result<(), Refused> {
         let source = Source::from(ip);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let State { sources, tracked } = &mut *state;
-        if let Some(ids) = sources.get_mut(&source) {
+        if let Some(ids) = state.sources.get_mut(&source) {
             if let Some(seen) = ids.get_mut(&id) {
                 *seen = now;
                 return Ok(());
             }
             let before = ids.len();
             ids.retain(|_, seen| now.saturating_duration_since(*seen) < self.window);
-            *tracked -= before - ids.len();
-            if ids.len() >= self.quota {
+            let (gone, left) = (before - ids.len(), ids.len());
+            state.forget(&source, gone);
+            if left >= self.quota {
                 return Err(Refused::Quota);
             }
         }
-        if *tracked >= self.max_tracked {
-            Self::prune_all(sources, tracked, now, self.window);
-            if *tracked >= self.max_tracked {
+        if let Some(wide) = source.wide() {
+            if state.wide.get(&wide).copied().unwrap_or(0) >= self.quota * PER_48 {
+                state.prune_all(now, self.window);
+                if state.wide.get(&wide).copied().unwrap_or(0) >= self.quota * PER_48 {
+                    return Err(Refused::Quota);
+                }
+            }
+        }
+        if state.tracked >= self.max_tracked {
+            state.prune_all(now, self.window);
+            if state.tracked >= self.max_tracked {
                 return Err(Refused::Full);
             }
         }
-        sources.entry(source).or_default().insert(id, now);
-        *tracked += 1;
+        state.sources.entry(source).or_default().insert(id, now);
+        state.tracked += 1;
+        if let Some(wide) = source.wide() {
+            *state.wide.entry(wide).or_default() += 1;
+        }
         Ok(())
     }
 
@@ -118,22 +177,7 @@ impl KnownPerSource {
                 *at = now;
             }
         }
-        let State { sources, tracked } = &mut *state;
-        Self::prune_all(sources, tracked, now, self.window);
-    }
-
-    fn prune_all(
-        sources: &mut HashMap<Source, HashMap<TerminalId, Instant>>,
-        tracked: &mut usize,
-        now: Instant,
-        window: Duration,
-    ) {
-        sources.retain(|_, ids| {
-            let before = ids.len();
-            ids.retain(|_, seen| now.saturating_duration_since(*seen) < window);
-            *tracked -= before - ids.len();
-            !ids.is_empty()
-        });
+        state.prune_all(now, self.window);
     }
 }
 
@@ -185,6 +229,30 @@ mod tests {
         let mapped: IpAddr = "::ffff:198.51.100.7".parse().unwrap();
         assert_eq!(t.admit(v4, id(3), now), Ok(()));
         assert_eq!(t.admit(mapped, id(4), now), Err(Refused::Quota));
+    }
+
+    /// A host with an IPv6 /48 (a common allocation) holds 65,536 /64s, each a source with its
+    /// own quota: enough to fill the whole table, after which every new terminal anywhere was
+    /// refused for `idle_terminal_secs`. A /48 shares [`PER_48`] quotas.
+    #[test]
+    fn one_ipv6_48_cannot_fill_the_table() {
+        let t = KnownPerSource::with_capacity(2, Duration::from_secs(100), 200);
+        let now = Instant::now();
+        let mut admitted = 0;
+        for n in 0..100u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 1, n, 0, 0, 0, 1]);
+            for k in 0..2u8 {
+                let mut bytes = [0; 32];
+                bytes[..2].copy_from_slice(&n.to_be_bytes());
+                bytes[2] = k;
+                if t.admit(ip, TerminalId::from_bytes(bytes), now).is_ok() {
+                    admitted += 1;
+                }
+            }
+        }
+        assert_eq!(admitted, 2 * PER_48, "one /48's share");
+        let elsewhere = IpAddr::from([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1]);
+        assert_eq!(t.admit(elsewhere, id(1), now), Ok(()), "room for others");
     }
 
     #[test]
