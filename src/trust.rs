@@ -76,6 +76,10 @@ pub struct TrustStore {
     config: Mutex<(AcceptPolicy, BTreeSet<TerminalId>)>,
     state: Mutex<Persisted>,
     path: PathBuf,
+    /// The latest issue time of any ticket given out since start: a revocation is dated no
+    /// earlier, so that tickets issued while the clock was ahead (before it was stepped back)
+    /// are refused too.
+    latest_issued: std::sync::atomic::AtomicU64,
 }
 
 fn now() -> u64 {
@@ -115,6 +119,7 @@ impl TrustStore {
             config: Mutex::new((policy, from_config.iter().copied().collect())),
             state: Mutex::new(state),
             path,
+            latest_issued: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -203,7 +208,9 @@ impl TrustStore {
         let mut state = self.lock();
         let before = (state.added.clone(), state.revoked.clone());
         state.added.remove(&id);
-        let at = now().max(state.revoked.get(&id).map_or(0, |r| r.at));
+        let at = self
+            .revocation_time()
+            .max(state.revoked.get(&id).map_or(0, |r| r.at));
         state.revoked.insert(id, Revocation { at, active: true });
         if let Err(e) = self.persist(&state) {
             (state.added, state.revoked) = before;
@@ -222,7 +229,7 @@ impl TrustStore {
     pub fn note_dropped(&self, id: TerminalId) -> Result<u64, TrustError> {
         let mut state = self.lock();
         let before = state.revoked.get(&id).copied();
-        let at = now().max(before.map_or(0, |r| r.at));
+        let at = self.revocation_time().max(before.map_or(0, |r| r.at));
         let active = before.is_some_and(|r| r.active);
         state.revoked.insert(id, Revocation { at, active });
         if let Err(e) = self.persist(&state) {
@@ -239,6 +246,24 @@ impl TrustStore {
     /// the server never mistakes it for one issued before.
     pub fn ticket_floor(&self, id: &TerminalId) -> u64 {
         self.lock().revoked.get(id).map_or(0, |r| r.at + 1)
+    }
+
+    /// The issue time of a new ticket for `id`: now, and after its last revocation. Recorded,
+    /// so that a later revocation is dated no earlier whatever the clock does meanwhile.
+    pub fn issue_time(&self, id: &TerminalId) -> u64 {
+        let at = now().max(self.ticket_floor(id));
+        self.latest_issued
+            .fetch_max(at, std::sync::atomic::Ordering::AcqRel);
+        at
+    }
+
+    /// When a revocation made now is dated: now, or the latest ticket's issue time if the
+    /// clock has since gone back.
+    fn revocation_time(&self) -> u64 {
+        now().max(
+            self.latest_issued
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
     }
 
     /// Revocations the server must still hear of (their tickets may not have expired): sent
@@ -344,6 +369,28 @@ mod tests {
         let any = TrustStore::open(dir.path(), AcceptPolicy::Any, &[]).unwrap();
         assert!(any.accepts(&c));
         assert!(!any.is_trusted(&c));
+    }
+
+    /// Tickets issued while the clock was ahead carry that time; once the clock is stepped
+    /// back, a revocation dated by it alone would come before them, and the server would keep
+    /// taking them. It is dated no earlier than the latest ticket issued.
+    #[test]
+    fn a_revocation_is_dated_after_every_ticket_issued_even_if_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = TerminalId::from_bytes([2; 32]);
+        let c = TerminalId::from_bytes([3; 32]);
+        let store = TrustStore::open(dir.path(), AcceptPolicy::Trusted, &[b, c]).unwrap();
+        let issued = store.issue_time(&b);
+        assert!(issued >= now());
+        // As issue_time records it with a clock two minutes ahead (stepped back since).
+        let ahead = now() + 120;
+        store
+            .latest_issued
+            .fetch_max(ahead, std::sync::atomic::Ordering::AcqRel);
+        let revoked = store.untrust(b).unwrap();
+        assert!(revoked.at >= ahead, "{} < {ahead}", revoked.at);
+        assert!(store.ticket_floor(&b) > ahead);
+        assert!(store.note_dropped(c).unwrap() >= ahead);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::{lock, Daemon};
 use crate::identity::TerminalId;
 use crate::limits::{source_key, SourceGuard};
-use crate::net::{read_frame, refuse_stream, unix_now, varint, write_frame, READ_TIMEOUT};
+use crate::net::{read_frame, refuse_stream, varint, write_frame, READ_TIMEOUT};
 use crate::tls::{peer_id, peer_name};
 use crate::wire::{
     ErrorCode, InterfaceInfo, Refusal, RefusalReason, Request, RequestBody, Response, ResponseBody,
@@ -449,7 +449,7 @@ fn interface_info(daemon: &Daemon, peer: TerminalId) -> ResponseBody {
     rand::rng().fill_bytes(&mut nonce);
     // Dated after any revocation of this peer, so the server never takes it for a ticket
     // issued before one.
-    let issued_at = unix_now().max(shared.trust.ticket_floor(&peer));
+    let issued_at = shared.trust.issue_time(&peer);
     let ticket = Ticket {
         first: daemon.id(),
         second: peer,
