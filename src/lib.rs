@@ -41,6 +41,7 @@ pub mod discovery;
 pub mod doctor;
 pub mod files;
 pub mod hook;
+pub(crate) mod http_conns;
 pub mod identity;
 pub mod inbox;
 pub mod isolate;

@@ -720,3 +720,37 @@ async fn a_flood_of_pushes_is_bounded_in_the_hook_queue_and_the_inbox() {
     assert!(a.metrics().get("handoff_inbox_dropped_total", None) > 0);
     a.shutdown().await;
 }
+
+/// The daemon's metrics listener (`[metrics] listen`) held every connection anyone opened, for
+/// as long as they kept it, each a file descriptor of the daemon's (which also opens its inbox
+/// and answers its control socket). It now holds at most 64, dropping the one that has waited
+/// longest for a request for a new one, and gives each 10 s to send its request: a scrape still
+/// gets through past a crowd of half-sent requests.
+#[tokio::test]
+async fn the_metrics_listener_holds_a_bounded_number_of_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.metrics_listen = Some(loopback());
+    let a = start(config).await;
+    let addr: std::net::SocketAddr = a.status().await.metrics.unwrap().parse().unwrap();
+    let mut crowd = Vec::new();
+    for _ in 0..100 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        crowd.push(tcp);
+    }
+    // The oldest 36 are let go at once.
+    let mut closed = 0;
+    for tcp in crowd.iter_mut().take(36) {
+        let mut buf = [0; 64];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 36, "connections past 64 are dropped");
+    let (status, body) = http(addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("handoff_peers"), "{body}");
+    a.shutdown().await;
+}

@@ -1,14 +1,30 @@
 //! The daemon's optional Prometheus listener (`[metrics] listen`): `GET /metrics` only, no token,
-//! so it belongs on loopback or a management network.
+//! so it belongs on loopback or a management network. Bounded like the server's API: at most
+//! [`MAX_CONNECTIONS`] held (the longest-waiting dropped for a new one), headers within
+//! [`HEADER_TIMEOUT`].
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use tracing::{info, warn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
 
 use super::{lock, Daemon, DaemonError};
+use crate::http_conns::{Connections, TOO_MANY};
+
+/// Connections held at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Longest wait for a request's headers (also on an idle keep-alive connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of request line and headers (the HTTP library's least).
+const MAX_HEADER_BYTES: usize = 8 * 1024;
 
 /// Binds the listener and serves it until shutdown. Returns the bound address.
 pub(crate) async fn start(
@@ -23,20 +39,87 @@ pub(crate) async fn start(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(daemon.clone());
-    let cancel = daemon.shared.cancel.clone();
     daemon.spawn(
-        async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await
-            {
-                warn!("metrics listener failed: {e}");
-            }
-        },
+        accept(daemon.clone(), listener, app),
         tracing::info_span!("metrics"),
     );
     info!(addr = %bound, "metrics listening");
     Ok(bound)
+}
+
+/// Accepts connections until shutdown: at most [`MAX_CONNECTIONS`], the one that has waited
+/// longest for a request dropped for a new one; each has [`HEADER_TIMEOUT`] to send a request.
+async fn accept(daemon: Daemon, listener: tokio::net::TcpListener, app: Router) {
+    let conns = Arc::new(Connections::default());
+    let cancel = daemon.shared.cancel.clone();
+    loop {
+        let tcp = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait a little rather than spin.
+                    debug!("metrics accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let limit = Some(("limit", "metrics_connections"));
+        match conns.make_room(MAX_CONNECTIONS) {
+            Ok(false) => {}
+            Ok(true) => daemon.shared.metrics.inc("handoff_limit_hits_total", limit),
+            Err(()) => {
+                daemon.shared.metrics.inc("handoff_limit_hits_total", limit);
+                let _ = tcp.try_write(TOO_MANY);
+                continue;
+            }
+        }
+        let (id, evict) = conns.insert();
+        let (app, conns, cancel) = (app.clone(), conns.clone(), cancel.clone());
+        daemon.spawn(
+            async move {
+                serve_connection(tcp, app, &conns, id, evict, cancel).await;
+                conns.remove(id);
+            },
+            tracing::Span::current(),
+        );
+    }
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    app: Router,
+    conns: &Arc<Connections>,
+    id: u64,
+    evict: CancellationToken,
+    cancel: CancellationToken,
+) {
+    let inner = TowerToHyperService::new(app);
+    let tracked = conns.clone();
+    let service = hyper::service::service_fn(move |request| {
+        tracked.set_waiting(id, false);
+        let answer = hyper::service::Service::call(&inner, request);
+        let tracked = tracked.clone();
+        async move {
+            let response = answer.await;
+            tracked.set_waiting(id, true);
+            response
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::select! {
+        served = connection => if let Err(e) = served {
+            debug!("metrics connection: {e}");
+        },
+        _ = evict.cancelled() => {}
+        _ = cancel.cancelled() => {}
+    }
 }
 
 async fn metrics(State(daemon): State<Daemon>) -> impl IntoResponse {

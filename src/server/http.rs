@@ -10,13 +10,11 @@
 //! and at the cap a new connection takes the place of the one that has waited longest for a
 //! request, so half-sent requests cannot lock out `/healthz` or a publisher.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
@@ -34,6 +32,7 @@ use tracing::{debug, info, warn};
 use super::store::StoreError;
 use super::{Publication, PublishError, Server};
 use crate::config::HttpConfig;
+use crate::http_conns::{Connections, TOO_MANY};
 use crate::identity::TerminalId;
 use crate::wire::Session;
 
@@ -136,74 +135,6 @@ pub async fn serve(server: Server, config: &HttpConfig) -> Result<SocketAddr, Ht
     info!(%addr, "http api listening");
     Ok(addr)
 }
-
-/// The HTTP connections held, each with the instant it started waiting for a request (`None`
-/// while it is being answered).
-#[derive(Default)]
-struct Connections {
-    next: AtomicU64,
-    held: Mutex<HashMap<u64, Held>>,
-}
-
-struct Held {
-    waiting_since: Option<Instant>,
-    evict: CancellationToken,
-}
-
-impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes room for one more under `cap`: evicts the connection that has waited longest for
-    /// a request. `false` if every held connection is being answered.
-    fn make_room(&self, cap: usize) -> Result<bool, ()> {
-        let held = self.lock();
-        // Evicted connections stay listed until their task ends; they no longer count.
-        if held.len() < cap || held.values().filter(|h| !h.evict.is_cancelled()).count() < cap {
-            return Ok(false);
-        }
-        let oldest = held
-            .values()
-            .filter(|h| !h.evict.is_cancelled())
-            .filter_map(|h| h.waiting_since.map(|since| (since, &h.evict)))
-            .min_by_key(|(since, _)| *since);
-        match oldest {
-            Some((_, evict)) => {
-                evict.cancel();
-                Ok(true)
-            }
-            None => Err(()),
-        }
-    }
-
-    fn insert(&self) -> (u64, CancellationToken) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let evict = CancellationToken::new();
-        self.lock().insert(
-            id,
-            Held {
-                waiting_since: Some(Instant::now()),
-                evict: evict.clone(),
-            },
-        );
-        (id, evict)
-    }
-
-    fn set_waiting(&self, id: u64, waiting: bool) {
-        if let Some(held) = self.lock().get_mut(&id) {
-            held.waiting_since = waiting.then(Instant::now);
-        }
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().remove(&id);
-    }
-}
-
-/// What a connection gets when the cap is reached and every held connection is busy.
-const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-content-length: 43\r\nconnection: close\r\n\r\n{\"error\":\"too many connections; try again\"}";
 
 /// Accepts HTTP connections until the server shuts down, within `[limits] http_*`.
 async fn accept(
