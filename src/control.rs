@@ -287,10 +287,13 @@ impl Reply {
         }
     }
 
+    /// A failure. Its message may quote remote text (a peer's refusal, a server's reason for
+    /// closing, an address a peer named): it is cleaned of control characters here, once for
+    /// every command.
     pub fn error(message: impl Into<String>) -> Self {
         Self {
             ok: false,
-            error: Some(message.into()),
+            error: Some(crate::text::clean_lines(message.into())),
             ..Self::default()
         }
     }

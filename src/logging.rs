@@ -58,7 +58,8 @@ fn stderr_dev_ino() -> Option<(u64, u64)> {
 /// journal, every line of it with the error priority (a message may keep several lines, e.g.
 /// TOML's pointer at a mistake).
 pub fn fatal_error(message: &str, journal: bool) -> String {
-    let text = format!("error: {message}");
+    // It may quote remote text (a daemon's reply, a peer's words): no control characters.
+    let text = crate::text::clean_lines(format!("error: {message}"));
     let prefix = if journal {
         priority_prefix(&Level::ERROR)
     } else {

@@ -26,9 +26,28 @@ pub fn clean(text: String) -> String {
     }
 }
 
+/// `text` without control and bidi characters, but for line breaks and tabs: for messages of
+/// several lines (an error quoting a config file) that may hold remote text.
+pub fn clean_lines(text: String) -> String {
+    let unsafe_here = |c: char| c != '\n' && c != '\t' && is_unsafe(c);
+    if text.chars().any(unsafe_here) {
+        text.chars().filter(|c| !unsafe_here(*c)).collect()
+    } else {
+        text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_lines_keeps_line_breaks_and_tabs() {
+        assert_eq!(
+            clean_lines("a\u{1b}]0;t\u{7}b\r\n\tc\u{202E}d".into()),
+            "a]0;tb\n\tcd"
+        );
+    }
 
     #[test]
     fn control_and_bidi_characters_are_removed() {

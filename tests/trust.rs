@@ -605,3 +605,175 @@ async fn a_peer_naming_a_server_at_a_false_address_cannot_block_later_pulls() {
     }
     server.shutdown().await;
 }
+
+/// A server that refused a follow kept the second terminal's connection open for good (the
+/// daemon keeps its connections alive), and could push on it whatever it liked for as long as
+/// it liked: the user saw the pull fail, and pushes kept arriving. Now a link no follow wants
+/// is closed at once.
+#[tokio::test]
+async fn a_server_that_refused_a_follow_keeps_no_connection_to_push_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // The server takes links of at most a minute; A's tickets ask for ten: refused.
+    let mut config =
+        ServerConfig::with_defaults(dir.path().join("server"), loopback(), StoreKind::Embedded);
+    config.limits.max_lease = Duration::from_secs(60);
+    let server = Server::start(
+        Identity::load_or_create(&config.state_dir).unwrap(),
+        &config,
+    )
+    .await
+    .unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let mut a = terminal(dir.path(), "a", Some(&server), vec![b.id()]);
+    a.lease = Duration::from_secs(600);
+    let a = start(a).await;
+    wait_connected(&a).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+
+    let refused = b.pull("a", WAIT).await;
+    assert!(refused.is_err(), "{refused:?}");
+    tokio::time::timeout(WAIT, async {
+        while server.connected() > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("B no longer connected to a server it follows nobody on");
+    a.shutdown().await;
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A server this terminal is not attached to is there for the terminals it follows on it:
+/// their sessions, and publishers' pushes to their followers, come on their streams. A
+/// publisher's push to this terminal itself came through too, from any server it had
+/// followed someone on; it is no longer delivered (counted as not followed).
+#[tokio::test]
+async fn only_the_home_server_delivers_a_publishers_own_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_http(dir.path(), loopback()).await;
+    let http_addr = server.http_addr().unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let a = start(terminal(dir.path(), "a", Some(&server), vec![b.id()])).await;
+    wait_connected(&a).await;
+    introduce(&b, "a", a.id(), a.quic_addr());
+    assert!(a.set_session(Some(session("film")), WAIT).await);
+    let mut pushes = b.subscribe();
+    b.pull("a", WAIT).await.unwrap();
+    assert_eq!(pushes.recv().await.unwrap().title, "film");
+
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/push", b.id()),
+        Some(&token),
+        br#"{"uri":"https://ads.example/","title":"not yours to send"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(
+        http_addr,
+        "POST",
+        &format!("/v1/terminals/{}/followers/push", a.id()),
+        Some(&token),
+        br#"{"uri":"https://media.example/next","title":"to a's followers"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Sent after the other on the same push stream: when it is here, the other was dropped.
+    let next = tokio::time::timeout(WAIT, pushes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.title, "to a's followers");
+    assert_eq!(
+        b.metrics().get("handoff_pushes_not_followed_total", None),
+        1
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A peer that answers every interface-info request with `info(second)`.
+async fn scripted_peer(
+    key: Identity,
+    info: impl Fn(TerminalId) -> wire::InterfaceInfo + Send + Sync + 'static,
+) -> SocketAddr {
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&key, SERVE).unwrap(), loopback()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let info = Arc::new(info);
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let Some(second) = tls::peer_id(&conn) else {
+                continue;
+            };
+            let info = info.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let Ok(Some(request)) =
+                        net::read_frame::<Request>(&mut recv, net::READ_TIMEOUT, wire::MAX_FRAME)
+                            .await
+                    else {
+                        continue;
+                    };
+                    let response = Response {
+                        id: request.id,
+                        body: ResponseBody::InterfaceInfo(Box::new(info(second))),
+                    };
+                    let _ = net::write_frame(&mut send, &response).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Error messages carry a peer's own words: a server address it names, a reason it gives for
+/// closing. Such text reached the user's terminal with its control characters (an escape
+/// sequence can set the window title, write the clipboard, hide text). A server address with
+/// control characters is now refused as bad interface info, and error messages shown to the
+/// user are cleaned.
+#[tokio::test]
+async fn a_peers_words_in_an_error_reach_the_user_without_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let liar_dir = dir.path().join("liar");
+    let liar = Identity::load_or_create(&liar_dir).unwrap();
+    let liar_id = liar.id();
+    let signer = Identity::load_or_create(&liar_dir).unwrap();
+    let addr = scripted_peer(liar, move |second| {
+        let server = Identity::generate().unwrap().id();
+        let now = unix_now();
+        wire::InterfaceInfo {
+            server: wire::ServerInfo {
+                id: server,
+                addrs: vec!["\u{1b}]0;owned\u{7}\u{1b}[2J:1".into()],
+            },
+            first: signer.id(),
+            session: None,
+            ticket: Ticket {
+                first: signer.id(),
+                second,
+                server,
+                issued_at: now,
+                not_after: now + 60,
+                nonce: rand::random(),
+            }
+            .sign(&signer),
+        }
+    })
+    .await;
+    introduce(&b, "liar", liar_id, addr);
+    let error = b
+        .pull(&liar_id.to_string(), WAIT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!error.chars().any(char::is_control), "{error:?}");
+    assert!(error.contains("server address"), "{error}");
+    b.shutdown().await;
+}

@@ -53,6 +53,8 @@ const PUSH_BUFFER: usize = 256;
 /// Hook processes running at once; further pushes wait for a slot, up to
 /// `[limits] max_hook_queue` of them.
 const HOOK_SLOTS: usize = 8;
+/// Links to servers other than our own kept in the map before unused ones are dropped.
+const MAX_LINKS: usize = 256;
 
 /// Connections the daemon opens (to peers and servers): servers may open push streams.
 /// The idle timeout is what notices a server node that died without closing (then the link
@@ -807,10 +809,18 @@ impl Daemon {
                 return home.clone();
             }
         }
-        let link = lock(&self.shared.links)
-            .entry(server.id)
-            .or_insert_with(|| Arc::new(ServerLink::new(server.clone(), false)))
-            .clone();
+        let link = {
+            let mut links = lock(&self.shared.links);
+            // Peers name servers of their choosing: links nothing holds any more are dropped
+            // before the map grows past a bound.
+            if links.len() >= MAX_LINKS && !links.contains_key(&server.id) {
+                links.retain(|_, link| !link.unused());
+            }
+            links
+                .entry(server.id)
+                .or_insert_with(|| Arc::new(ServerLink::new(server.clone(), false)))
+                .clone()
+        };
         // Each peer names the server's addresses in its own words; the latest are tried (after
         // the one last reached), so a peer that lied about them blocks no later pull.
         link.learn_addrs(&server.addrs);

@@ -5,18 +5,20 @@
 //! (pinning that server's ID), and wait for the first push of the peer's session.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
-use super::server_link::{explain_connect_error, is_key_mismatch, LinkError};
+use super::server_link::{explain_connect_error, is_key_mismatch, LinkError, ServerLink};
 use super::{lock, Daemon};
 use crate::control::{PullTiming, PushRecord};
 use crate::net::{self, unix_now, varint, RequestError};
 use crate::peer::{FindError, Peer};
+use crate::text;
 use crate::tls::{peer_name, SERVER_NAME};
-use crate::wire::{ErrorCode, InfoRequest, Refusal, RequestBody, ResponseBody};
+use crate::wire::{ErrorCode, InfoRequest, InterfaceInfo, Refusal, RequestBody, ResponseBody};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a dial waits for one address before also trying the next.
@@ -194,14 +196,17 @@ impl Daemon {
         } else if info.server.addrs.is_empty() {
             Some("it names no server address")
         } else if info.server.addrs.len() > MAX_SERVER_ADDRS
-            || info
-                .server
-                .addrs
-                .iter()
-                .any(|a| a.len() > MAX_SERVER_ADDR_LEN)
+            || info.server.addrs.iter().any(|a| {
+                a.len() > MAX_SERVER_ADDR_LEN
+                    || a.chars().any(|c| c.is_whitespace() || text::is_unsafe(c))
+            })
         {
-            // Each is resolved and dialed in turn: a peer must not make us try thousands.
-            Some("it names more than 8 server addresses, or one longer than 255 bytes")
+            // Each is resolved and dialed in turn: a peer must not make us try thousands. And
+            // each may be shown in an error: no control characters.
+            Some(
+                "it names more than 8 server addresses, or a server address longer than 255 \
+                 bytes or with spaces or control characters",
+            )
         } else {
             None
         };
@@ -215,6 +220,32 @@ impl Daemon {
         info!(peer = %peer.id.short(), server = %info.server.id.short(), "got interface info");
 
         let link = self.link_for(&info.server);
+        let linked = self.follow_on(&link, peer, &info).await;
+        if linked.is_err() {
+            // A server that refused (or answered nonsense) gets no connection kept open to
+            // push on, unless another follow there still wants it.
+            link.release_if_unwanted().await;
+        }
+        let (until, has_session) = linked?;
+        info!(peer = %peer.id.short(), until, "following");
+        self.shared.metrics.inc("handoff_links_total", None);
+        Ok(LinkOutcome {
+            until,
+            has_session,
+            interface_info_ms,
+            linked_ms: ms(started.elapsed()),
+        })
+    }
+
+    /// Asks `link`'s server to let this terminal follow `peer` with the ticket in `info`;
+    /// returns the link's end and whether the peer shows something.
+    async fn follow_on(
+        &self,
+        link: &Arc<ServerLink>,
+        peer: &Peer,
+        info: &InterfaceInfo,
+    ) -> Result<(u64, bool), PullError> {
+        let (me, ticket) = (self.id(), &info.ticket.ticket);
         // Before the request: the server may push the peer's session before it answers.
         let now = unix_now();
         self.shared.followed.record(
@@ -257,14 +288,7 @@ impl Daemon {
             .entry(peer.id)
             .and_modify(|u| *u = (*u).max(until))
             .or_insert(until);
-        info!(peer = %peer.id.short(), until, "following");
-        self.shared.metrics.inc("handoff_links_total", None);
-        Ok(LinkOutcome {
-            until,
-            has_session,
-            interface_info_ms,
-            linked_ms: ms(started.elapsed()),
-        })
+        Ok((until, has_session))
     }
 
     /// Dials a peer pinning its ID (see [`Daemon::dial`]). When no address answers, the peer

@@ -263,6 +263,29 @@ impl ServerLink {
         Ok(net::request(&conn, body).await?)
     }
 
+    /// Closes the connection of a link no follow wants (one the server refused, say), so that
+    /// server has no connection to push on. Not the home link, nor one a live follow keeps.
+    pub async fn release_if_unwanted(&self) {
+        if self.home
+            || self.keeper_running.load(Ordering::Acquire)
+            || self.wanted_until.load(Ordering::Relaxed) > unix_now()
+        {
+            return;
+        }
+        if let Some(conn) = self.conn.lock().await.take() {
+            conn.close(varint(ErrorCode::Closed), b"not following");
+        }
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether nothing holds this link: not home, no follow keeps it, no connection.
+    pub fn unused(&self) -> bool {
+        !self.home
+            && !self.keeper_running.load(Ordering::Acquire)
+            && self.wanted_until.load(Ordering::Relaxed) <= unix_now()
+            && !self.is_connected()
+    }
+
     /// Keeps a non-home link up until `until` (Unix seconds), reconnecting if it drops.
     pub fn keep_until(self: &Arc<Self>, daemon: &Daemon, until: u64) {
         self.wanted_until.fetch_max(until, Ordering::Relaxed);
@@ -284,7 +307,8 @@ pub(crate) fn is_key_mismatch(e: &quinn::ConnectionError) -> bool {
 
 /// Explains a failed handshake in words a user can act on.
 pub(crate) fn explain_connect_error(e: &quinn::ConnectionError) -> String {
-    let text = e.to_string();
+    // A close's reason is the other side's own text.
+    let text = crate::text::clean(e.to_string());
     if is_key_mismatch(e) {
         "the endpoint does not hold the expected key (wrong id, or an impersonator)".into()
     } else {
@@ -464,6 +488,13 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                             {
                                 not_followed(&daemon, &server, &from, item.offset);
                             }
+                            // A publisher's own push: only from the server this terminal is
+                            // attached to. Another server is there for the terminals followed
+                            // on it, whose sessions and publishers' pushes come on their
+                            // streams.
+                            None if !is_home(&daemon, &server) => {
+                                not_from_home(&daemon, &server, item.offset);
+                            }
                             _ => daemon.deliver(server, None, epoch, item).await,
                         }
                         acked.send_replace(next);
@@ -542,6 +573,31 @@ fn not_followed(
             "server {} pushed a session of {}, which this terminal does not follow there; not delivered",
             server.short(),
             from.short()
+        );
+    }
+}
+
+fn is_home(daemon: &Daemon, server: &ServerId) -> bool {
+    daemon
+        .shared
+        .home
+        .as_ref()
+        .is_some_and(|home| home.server.id == *server)
+}
+
+/// Counts and reports (at most once per interval) a publisher's push from a server this
+/// terminal is not attached to.
+fn not_from_home(daemon: &Daemon, server: &ServerId, offset: u64) {
+    daemon
+        .shared
+        .metrics
+        .inc("handoff_pushes_not_followed_total", None);
+    if let Some(suppressed) = daemon.shared.guards.log.check("not_followed_push") {
+        warn!(
+            offset,
+            suppressed,
+            "server {} pushed a publisher's push, but this terminal is not attached to it; not delivered",
+            server.short(),
         );
     }
 }
