@@ -140,18 +140,21 @@ pub fn links_expire_and_can_be_revoked(b: &mut dyn Backend) {
             second: id(2),
             until: NOW + 100,
             since: 0,
+            unless_revoked: None,
         },
         Op::Link {
             first: id(1),
             second: id(3),
             until: NOW + 10,
             since: 0,
+            unless_revoked: None,
         },
         Op::Link {
             first: id(4),
             second: id(2),
             until: NOW + 100,
             since: 0,
+            unless_revoked: None,
         },
     ])
     .unwrap();
@@ -168,6 +171,7 @@ pub fn links_expire_and_can_be_revoked(b: &mut dyn Backend) {
         second: id(3),
         until: NOW + 500,
         since: 0,
+        unless_revoked: None,
     }])
     .unwrap();
     assert!(b
@@ -314,6 +318,38 @@ pub fn revocations_refuse_older_tickets(b: &mut dyn Backend) {
     assert_eq!(follow(b, NOW + 4, 6, NOW + 50), Outcome::Revoked);
 }
 
+/// A backend may make a follow in steps (Redis: the nonce, checked against revocations, then the
+/// link). A revocation that lands between the two must still win: the link step checks it again,
+/// in the same step as the link, and makes none (the revocation had already ended any link).
+pub fn a_revocation_between_a_follows_steps_wins(b: &mut dyn Backend) {
+    let follow = Op::Follow {
+        first: id(1),
+        second: id(2),
+        issued_at: NOW,
+        nonce: [1; 16],
+        not_after: NOW + 60,
+        until: NOW + 60,
+        since: 0,
+        now: NOW,
+        capacity: 10,
+        push: None,
+    };
+    let (use_nonce, link, _) = super::follow_parts(&follow).unwrap();
+    assert_eq!(b.apply(&[use_nonce]).unwrap(), [Outcome::Fresh(Some(true))]);
+    let revoke = Op::Revoke {
+        first: id(1),
+        second: id(2),
+        at: NOW,
+        keep_until: NOW + 100,
+        capacity: 10,
+        now: NOW,
+    };
+    assert_eq!(b.apply(&[revoke]).unwrap(), [Outcome::Removed(false)]);
+    assert_eq!(b.apply(&[link]).unwrap(), [Outcome::Revoked]);
+    assert!(b.followers(&id(1), NOW + 1).unwrap().is_empty());
+    assert_eq!(b.link_since(&id(1), &id(2), NOW + 1).unwrap(), None);
+}
+
 /// Each revocation names a second of the first terminal's choosing, so one first terminal keeps
 /// at most `capacity` live ones: past that a new second is refused (its link still ends), while
 /// re-sending one kept, another first terminal's, and one after the old expired still work.
@@ -336,6 +372,7 @@ pub fn revocations_are_bounded_per_first_terminal(b: &mut dyn Backend) {
         second: id(4),
         until: NOW + 60,
         since: 0,
+        unless_revoked: None,
     };
     b.apply(&[link]).unwrap();
     assert_eq!(revoke(b, 1, 4, NOW + 2), Outcome::Full);
@@ -532,6 +569,7 @@ pub fn links_remember_where_they_began_in_the_stream(b: &mut dyn Backend) {
         second: id(second),
         until,
         since,
+        unless_revoked: None,
     };
     b.apply(&[
         link(2, NOW + 100, 5),
@@ -663,6 +701,11 @@ macro_rules! conformance_tests {
                 super::revocations_refuse_older_tickets(b.as_mut());
             }
             #[test]
+            fn a_revocation_between_a_follows_steps_wins() {
+                let Some((_guard, mut b)) = $make else { return };
+                super::a_revocation_between_a_follows_steps_wins(b.as_mut());
+            }
+            #[test]
             fn revocations_are_bounded_per_first_terminal() {
                 let Some((_guard, mut b)) = $make else { return };
                 super::revocations_are_bounded_per_first_terminal(b.as_mut());
@@ -734,6 +777,7 @@ fn embedded_store_survives_reopening_with_its_epoch() {
                 second: id(1),
                 until: NOW + 60,
                 since: 0,
+                unless_revoked: None,
             },
         ])
         .unwrap();
@@ -888,6 +932,7 @@ fn redis_key_layout() {
             second: id(2),
             until: NOW + 100,
             since: 0,
+            unless_revoked: None,
         },
         Op::UseNonce {
             first: id(1),
@@ -978,6 +1023,7 @@ fn redis_sweep_leaves_only_live_state() {
             second: id(2),
             until: NOW + 10,
             since: 0,
+            unless_revoked: None,
         },
         Op::UseNonce {
             first: id(1),

@@ -416,7 +416,19 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             second,
             until,
             since,
+            unless_revoked,
         } => {
+            if let Some(issued) = unless_revoked {
+                let revoked = txn
+                    .open_table(REVOKED)
+                    .map_err(err)?
+                    .get((first.as_bytes(), second.as_bytes()))
+                    .map_err(err)?
+                    .map(|v| v.value().0);
+                if revoked.is_some_and(|at| at >= *issued) {
+                    return Ok(Outcome::Revoked);
+                }
+            }
             txn.open_table(LINKS)
                 .map_err(err)?
                 .insert((first.as_bytes(), second.as_bytes()), *until)

@@ -202,7 +202,12 @@ impl MemoryBackend {
                 second,
                 until,
                 since,
+                unless_revoked,
             } => {
+                let revoked = self.revoked.get(&(*first, *second)).map(|(at, _)| *at);
+                if unless_revoked.is_some_and(|issued| revoked.is_some_and(|at| at >= issued)) {
+                    return Outcome::Revoked;
+                }
                 self.links.insert((*first, *second), (*until, *since));
                 Outcome::Done
             }

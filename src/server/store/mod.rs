@@ -206,11 +206,16 @@ pub enum Op {
     },
     /// Links `second` to `first` until `until`; `since` is where in `first`'s stream the
     /// link begins (the stream's end when the link was made, kept when a live link is renewed).
+    /// With `unless_revoked` (a follow's ticket's issue time), no link is made if `first`
+    /// revoked `second`'s tickets issued at or before it ([`Outcome::Revoked`]): checked in the
+    /// same step as the link, so that a backend that makes a follow in steps (the nonce, then
+    /// the link) never links after a revocation that came between them.
     Link {
         first: TerminalId,
         second: TerminalId,
         until: u64,
         since: u64,
+        unless_revoked: Option<u64>,
     },
     Unlink {
         first: TerminalId,
@@ -308,6 +313,7 @@ pub(crate) fn follow_parts(op: &Op) -> Option<(Op, Op, Option<Op>)> {
         second: *second,
         until: *until,
         since: *since,
+        unless_revoked: Some(*issued_at),
     };
     let append = push.clone().map(|push| Op::Append {
         to: *second,

@@ -119,6 +119,7 @@ pub fn idle_strangers_expire(b: &mut dyn Backend) {
         second: id(2),
         until: NOW + 1000,
         since: 0,
+        unless_revoked: None,
     });
     b.apply(&ops).unwrap();
     assert_eq!(append(b, id(1), push("kept", None, 5000)), 0);

@@ -415,19 +415,38 @@ impl Backend for RedisBackend {
                         continue;
                     }
                 }
-                let rest: Vec<Op> = std::iter::once(link).chain(append).collect();
-                let mut done = vec![None; rest.len()];
+                // The link checks the revocation again (one may have come since the nonce's
+                // check); the session is copied only once it holds.
+                let mut linked = [None];
                 apply_run(
                     conn,
                     &self.scripts,
                     &shown,
                     &mut self.epoch,
-                    &rest,
-                    &mut done,
+                    std::slice::from_ref(&link),
+                    &mut linked,
                 )?;
-                out[i] = Some(match (done.first(), done.get(1)) {
-                    (Some(Some(Err(e))), _) | (_, Some(Some(Err(e)))) => Err(e.clone()),
-                    (_, Some(Some(Ok(Outcome::Offset(o))))) => Ok(Outcome::Followed(Some(*o))),
+                match linked[0].take() {
+                    Some(Ok(Outcome::Done)) => {}
+                    other => {
+                        out[i] = other;
+                        continue;
+                    }
+                }
+                let mut done = [None];
+                if let Some(append) = append {
+                    apply_run(
+                        conn,
+                        &self.scripts,
+                        &shown,
+                        &mut self.epoch,
+                        std::slice::from_ref(&append),
+                        &mut done,
+                    )?;
+                }
+                out[i] = Some(match done[0].take() {
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(Outcome::Offset(o))) => Ok(Outcome::Followed(Some(o))),
                     _ => Ok(Outcome::Followed(None)),
                 });
             }

@@ -8,6 +8,7 @@ const APPEND: &str = include_str!("lua/append.lua");
 const ACK: &str = include_str!("lua/ack.lua");
 const USE_NONCE: &str = include_str!("lua/use_nonce.lua");
 const REVOKE: &str = include_str!("lua/revoke.lua");
+const LINK: &str = include_str!("lua/link.lua");
 const SWEEP_LOG: &str = include_str!("lua/sweep_log.lua");
 const SWEEP_DEADLINES: &str = include_str!("lua/sweep_deadlines.lua");
 const EXPIRE_IDLE: &str = include_str!("lua/expire_idle.lua");
@@ -22,6 +23,8 @@ pub(super) struct Scripts {
     pub use_nonce: Script,
     /// Records a revocation (the time only grows) and keeps it as long as it matters.
     pub revoke: Script,
+    /// Links a second terminal on the first's side, unless revoked meanwhile.
+    pub link: Script,
     /// Drops a log's expired items and stale collapse entries.
     pub sweep_log: Script,
     /// Drops the due members of a links or nonces set (and a followers set's `since` entries).
@@ -38,6 +41,7 @@ impl Scripts {
             ack: with_helpers(ACK),
             use_nonce: with_helpers(USE_NONCE),
             revoke: with_helpers(REVOKE),
+            link: with_helpers(LINK),
             sweep_log: with_helpers(SWEEP_LOG),
             sweep_deadlines: with_helpers(SWEEP_DEADLINES),
             expire_idle: with_helpers(EXPIRE_IDLE),
@@ -51,6 +55,7 @@ impl Scripts {
             &self.ack,
             &self.use_nonce,
             &self.revoke,
+            &self.link,
             &self.sweep_log,
             &self.sweep_deadlines,
             &self.expire_idle,

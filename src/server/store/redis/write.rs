@@ -18,6 +18,7 @@ use crate::wire;
 #[derive(Clone, Copy)]
 enum Reply {
     Done,
+    Linked,
     Removed,
     Fresh,
     Offset,
@@ -82,35 +83,36 @@ fn queue(
             second,
             until,
             since,
+            unless_revoked,
         } => {
-            // Two single-slot writes: first's followers (and where the link began in first's
-            // stream), then second's following.
+            // Two single-slot writes: first's followers and where the link began in first's
+            // stream (with the revocation check, in one script), then second's following (if
+            // the first refused, an entry there names no link: every read checks first's side).
             let ttl = until.saturating_sub(now).saturating_add(GRACE);
-            let since_key = key(first, "since");
-            pipe.cmd("HSET")
-                .arg(&since_key)
+            let followers = key(first, "followers");
+            let keys = [&followers, &key(first, "since"), &key(first, "revoked")];
+            evalsha(pipe, &scripts.link, &keys.map(String::as_str))
                 .arg(second.to_string())
-                .arg(since);
-            pipe.cmd("EXPIRE").arg(&since_key).arg(ttl).arg("NX");
-            pipe.cmd("EXPIRE").arg(&since_key).arg(ttl).arg("GT");
-            for (set, member) in [
-                (key(first, "followers"), second),
-                (key(second, "following"), first),
-            ] {
-                pipe.cmd("ZADD")
-                    .arg(&set)
-                    .arg(until)
-                    .arg(member.to_string());
-                // NX gives a new key its TTL, GT extends an existing one.
-                pipe.cmd("EXPIRE").arg(&set).arg(ttl).arg("NX");
-                pipe.cmd("EXPIRE").arg(&set).arg(ttl).arg("GT");
+                .arg(until)
+                .arg(since)
+                .arg(ttl)
+                .arg(unless_revoked.map_or(-1, |at| i64::try_from(at).unwrap_or(i64::MAX)));
+            let following = key(second, "following");
+            pipe.cmd("ZADD")
+                .arg(&following)
+                .arg(until)
+                .arg(first.to_string());
+            // NX gives a new key its TTL, GT extends an existing one.
+            pipe.cmd("EXPIRE").arg(&following).arg(ttl).arg("NX");
+            pipe.cmd("EXPIRE").arg(&following).arg(ttl).arg("GT");
+            for set in [&followers, &following] {
                 pipe.cmd("ZADD")
                     .arg(SWEEP_KEY)
                     .arg("LT")
                     .arg(until)
-                    .arg(&set);
+                    .arg(set);
             }
-            Reply::Done
+            Reply::Linked
         }
         Op::Unlink { first, second } => {
             pipe.cmd("ZREM")
@@ -246,6 +248,8 @@ fn outcome(reply: Reply, value: &Value) -> Result<Attempt, Failure> {
         (Reply::Fresh, Some(0)) => Outcome::Fresh(Some(false)),
         (Reply::Fresh, Some(-1)) => Outcome::Fresh(None),
         (Reply::Fresh, Some(-2)) => Outcome::Revoked,
+        (Reply::Linked, Some(1)) => Outcome::Done,
+        (Reply::Linked, Some(-2)) => Outcome::Revoked,
         (Reply::Offset, Some(-1)) => return Ok(Attempt::Retry),
         (Reply::Offset, Some(n)) if n >= 0 => Outcome::Offset(n as u64),
         _ => return Err(unexpected("the operation", value)),
