@@ -754,3 +754,88 @@ async fn the_metrics_listener_holds_a_bounded_number_of_connections() {
     assert!(body.contains("handoff_peers"), "{body}");
     a.shutdown().await;
 }
+
+/// The control socket held 64 connections for everyone together, and a member of the control
+/// group could take them all (64 `handoff watch`es, or connections sending nothing): the
+/// owner's own CLI, and `handoff player`, were then dropped without a word. A member now holds
+/// at most 8, and is told so past that; the owner always gets in.
+#[tokio::test]
+async fn a_member_of_the_control_group_cannot_lock_the_owner_out() {
+    if !require_root("control lockout") || !users_exist("control lockout") {
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    let daemon = start(config.clone()).await;
+    let socket = config.control_socket.to_str().unwrap().to_string();
+    let mut watchers: Vec<std::process::Child> = (0..70)
+        .map(|_| {
+            Command::new(BIN)
+                .args(["watch", "--socket", &socket])
+                .uid(NOBODY.0)
+                .gid(NOBODY.1)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // All but 8 are told why they cannot stay.
+    let deadline = std::time::Instant::now() + 3 * WAIT;
+    let mut refused = Vec::new();
+    while refused.len() < 62 && std::time::Instant::now() < deadline {
+        for child in watchers.iter_mut() {
+            if !refused.contains(&child.id()) && child.try_wait().unwrap().is_some() {
+                refused.push(child.id());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut told = 0;
+    for child in watchers.iter_mut() {
+        if refused.contains(&child.id()) {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(err.contains("too many control connections"), "{err}");
+            told += 1;
+        }
+    }
+    assert_eq!(told, 62, "8 watchers stay, the rest are refused");
+    // The owner (root here) gets in, and so does the member's next call after a watcher ends.
+    let reply = handoff::control::call(
+        &config.control_socket,
+        &handoff::control::ControlRequest::Status,
+        WAIT,
+    )
+    .await
+    .expect("the owner is served");
+    assert!(reply.ok, "{reply:?}");
+    for child in watchers.iter_mut() {
+        if !refused.contains(&child.id()) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+    let out = handoff_as(NOBODY, &["status", "--socket", &socket]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    // A watcher that only shut down its sending side (`socat` once its input ended) watches on.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"{\"cmd\":\"watch\"}\n").await.unwrap();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let ok = lines.next_line().await.unwrap().unwrap();
+    assert!(ok.contains("\"ok\":true"), "{ok}");
+    write.shutdown().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await;
+    assert!(
+        next.is_err(),
+        "the daemon ended a half-closed watch: {next:?}"
+    );
+    daemon.shutdown().await;
+}

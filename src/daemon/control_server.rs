@@ -20,6 +20,60 @@ use crate::wire::Session;
 
 /// Control connections held at once.
 const MAX_CLIENTS: usize = 64;
+/// Of those, what one user other than root and the daemon's own (a member of the control
+/// group) may hold, and what all such users may hold together: the rest are kept for root and
+/// the daemon's user, so that no member can lock the owner out.
+const MAX_PER_MEMBER: usize = 8;
+const MAX_MEMBERS: usize = 48;
+
+/// Who is calling: root or the daemon's own user, or a member of `[control] group`.
+enum Caller {
+    Owner,
+    Member(u32),
+}
+
+/// Connections held by control-group members, per user.
+#[derive(Default)]
+struct Members(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// A member's connection slot; given back when dropped.
+struct MemberSlot {
+    members: Arc<Members>,
+    uid: u32,
+}
+
+impl Members {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `uid`, unless it holds [`MAX_PER_MEMBER`] or members hold [`MAX_MEMBERS`].
+    fn admit(self: &Arc<Self>, uid: u32) -> Option<MemberSlot> {
+        let mut held = self.lock();
+        if held.values().sum::<usize>() >= MAX_MEMBERS
+            || held.get(&uid).is_some_and(|n| *n >= MAX_PER_MEMBER)
+        {
+            return None;
+        }
+        *held.entry(uid).or_default() += 1;
+        Some(MemberSlot {
+            members: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for MemberSlot {
+    fn drop(&mut self) {
+        let mut held = self.members.lock();
+        if let Some(n) = held.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
 /// How long `session set` waits for the server to confirm.
 const SYNC_WAIT: Duration = Duration::from_secs(3);
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,13 +280,13 @@ fn group_error(group: &ControlGroup, e: &std::io::Error) -> String {
 /// Whether the process at the other end of `stream` may use the socket: root, the daemon's own
 /// user, or (with `[control] group`) a member of that group. The socket's mode already keeps
 /// others out; this holds even if the mode was loosened by hand.
-async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Result<(), String> {
+async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Result<Caller, String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
     let (uid, gid) = (cred.uid(), cred.gid());
     if uid == 0 || uid == accounts::euid() {
-        return Ok(());
+        return Ok(Caller::Owner);
     }
     if let Some(group) = group {
         let wanted = group.gid;
@@ -246,7 +300,7 @@ async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Resu
                 .await
                 .unwrap_or(false);
         if member {
-            return Ok(());
+            return Ok(Caller::Member(uid));
         }
         return Err(format!(
             "permission denied: {} is not root, the daemon's user or a member of group {}",
@@ -261,9 +315,20 @@ async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Resu
     ))
 }
 
+/// Serves the control socket: at most [`MAX_CLIENTS`] connections (a new one waits in the
+/// socket's queue for a slot), members of the control group at most [`MAX_PER_MEMBER`] each
+/// and [`MAX_MEMBERS`] together.
 pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let members = Arc::new(Members::default());
     loop {
+        let permit = tokio::select! {
+            _ = daemon.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
         let stream = tokio::select! {
             _ = daemon.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -275,19 +340,30 @@ pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!("refusing control client: at the limit");
-            continue;
-        };
-        let d = daemon.clone();
+        let (d, members) = (daemon.clone(), members.clone());
         daemon.spawn(
             async move {
                 let _permit = permit;
                 let group = d.shared.config.control_group.clone();
-                if let Err(reason) = peer_allowed(&stream, group.as_ref()).await {
-                    refuse(&d, stream, reason).await;
-                    return;
-                }
+                let _member = match peer_allowed(&stream, group.as_ref()).await {
+                    Ok(Caller::Owner) => None,
+                    Ok(Caller::Member(uid)) => match members.admit(uid) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            let reason = format!(
+                                "too many control connections: {} may hold {MAX_PER_MEMBER}, \
+                                 and members of the control group {MAX_MEMBERS} together",
+                                accounts::describe_user(uid)
+                            );
+                            refuse(&d, stream, "control_connections", reason).await;
+                            return;
+                        }
+                    },
+                    Err(reason) => {
+                        refuse(&d, stream, "control_credentials", reason).await;
+                        return;
+                    }
+                };
                 if let Err(e) = serve_client(d, stream).await {
                     debug!("control client: {e}");
                 }
@@ -299,12 +375,12 @@ pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
 
 /// Tells a client it may not use the socket, counts it and logs it (rate-limited: local users
 /// could otherwise fill the log).
-async fn refuse(daemon: &Daemon, stream: UnixStream, reason: String) {
-    daemon.shared.metrics.inc(
-        "handoff_refusals_total",
-        Some(("reason", "control_credentials")),
-    );
-    if let Some(suppressed) = daemon.shared.guards.log.check("control_credentials") {
+async fn refuse(daemon: &Daemon, stream: UnixStream, kind: &'static str, reason: String) {
+    daemon
+        .shared
+        .metrics
+        .inc("handoff_refusals_total", Some(("reason", kind)));
+    if let Some(suppressed) = daemon.shared.guards.log.check(kind) {
         warn!(suppressed, "refused a control connection: {reason}");
     }
     let (read, mut write) = stream.into_split();
@@ -350,7 +426,7 @@ async fn serve_client(daemon: Daemon, stream: UnixStream) -> std::io::Result<()>
             }
         };
         if request == ControlRequest::Watch {
-            return watch(daemon, write).await;
+            return watch(daemon, reader, write).await;
         }
         let reply = handle(&daemon, request).await;
         send(&mut write, &reply).await?;
@@ -366,12 +442,32 @@ async fn send<T: serde::Serialize>(
     write.write_all(&line).await
 }
 
-async fn watch(daemon: Daemon, mut write: tokio::net::unix::OwnedWriteHalf) -> std::io::Result<()> {
+/// Sends every push until the client goes. A client that closed its connection gives back its
+/// slot at once, not at the next push (which may be days away); one that only shut down its
+/// sending side (`socat` after its input ended) keeps watching.
+async fn watch(
+    daemon: Daemon,
+    mut reader: BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
     let mut pushes = daemon.subscribe();
     send(&mut write, &Reply::ok()).await?;
+    let mut byte = [0u8; 1];
+    let mut reading = true;
     loop {
         let record = tokio::select! {
             _ = daemon.cancelled() => return Ok(()),
+            read = reader.read(&mut byte), if reading => {
+                // Anything more it sends is ignored; its end is a hang-up or a half close.
+                if matches!(read, Ok(0) | Err(_)) {
+                    let ready = write.as_ref().ready(tokio::io::Interest::WRITABLE).await?;
+                    if ready.is_write_closed() {
+                        return Ok(());
+                    }
+                    reading = false;
+                }
+                continue;
+            }
             r = pushes.recv() => r,
         };
         match record {
