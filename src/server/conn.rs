@@ -630,6 +630,11 @@ impl Server {
                 .read(move |b| {
                     let mut out = Vec::new();
                     for (first, _) in b.following(&id, now)? {
+                        // The first terminal's side decides (an entry on the second's side
+                        // may outlive a link refused or revoked meanwhile).
+                        if b.link_since(&first, &id, now)?.is_none() {
+                            continue;
+                        }
                         if let Some(session) = b.session(&first)? {
                             out.push((first, session));
                         }

@@ -347,6 +347,7 @@ pub fn a_revocation_between_a_follows_steps_wins(b: &mut dyn Backend) {
     assert_eq!(b.apply(&[revoke]).unwrap(), [Outcome::Removed(false)]);
     assert_eq!(b.apply(&[link]).unwrap(), [Outcome::Revoked]);
     assert!(b.followers(&id(1), NOW + 1).unwrap().is_empty());
+    assert!(b.following(&id(2), NOW + 1).unwrap().is_empty());
     assert_eq!(b.link_since(&id(1), &id(2), NOW + 1).unwrap(), None);
 }
 

@@ -377,7 +377,13 @@ impl Backend for RedisBackend {
                 let op = &ops[i];
                 if !matches!(
                     op,
-                    Op::Sweep { .. } | Op::Follow { .. } | Op::ExpireIdle { .. }
+                    Op::Sweep { .. }
+                        | Op::Follow { .. }
+                        | Op::ExpireIdle { .. }
+                        | Op::Link {
+                            unless_revoked: Some(_),
+                            ..
+                        }
                 ) {
                     pending.push(i);
                     continue;
@@ -394,6 +400,16 @@ impl Backend for RedisBackend {
                 if let Op::ExpireIdle { now, seen_before } = op {
                     let n = expire_idle(conn, &self.scripts, *now, *seen_before)?;
                     out[i] = Some(Ok(Outcome::Expired(n)));
+                    continue;
+                }
+                if let Op::Link { .. } = op {
+                    out[i] = Some(link_checked(
+                        conn,
+                        &self.scripts,
+                        &shown,
+                        &mut self.epoch,
+                        op,
+                    )?);
                     continue;
                 }
                 let Some((use_nonce, link, append)) = super::follow_parts(op) else {
@@ -417,19 +433,10 @@ impl Backend for RedisBackend {
                 }
                 // The link checks the revocation again (one may have come since the nonce's
                 // check); the session is copied only once it holds.
-                let mut linked = [None];
-                apply_run(
-                    conn,
-                    &self.scripts,
-                    &shown,
-                    &mut self.epoch,
-                    std::slice::from_ref(&link),
-                    &mut linked,
-                )?;
-                match linked[0].take() {
-                    Some(Ok(Outcome::Done)) => {}
+                match link_checked(conn, &self.scripts, &shown, &mut self.epoch, &link)? {
+                    Ok(Outcome::Done) => {}
                     other => {
-                        out[i] = other;
+                        out[i] = Some(other);
                         continue;
                     }
                 }
@@ -606,4 +613,40 @@ impl Backend for RedisBackend {
             })
         })
     }
+}
+
+/// Applies a link that checks the first terminal's revocations ([`Op::Link`] with
+/// `unless_revoked`). The first terminal's side decides in one script; the second's side goes
+/// in the same pipeline (another slot), so when the first refused it is undone.
+fn link_checked(
+    conn: &mut Connection,
+    scripts: &Scripts,
+    shown: &str,
+    epoch: &mut u64,
+    link: &Op,
+) -> Result<OpResult, Failure> {
+    let mut linked = [None];
+    apply_run(
+        conn,
+        scripts,
+        shown,
+        epoch,
+        std::slice::from_ref(link),
+        &mut linked,
+    )?;
+    let result = linked[0]
+        .take()
+        .unwrap_or_else(|| Err(format!("redis {shown}: the link had no answer")));
+    if let (Ok(Outcome::Revoked), Op::Link { first, second, .. }) = (&result, link) {
+        let unlink = Op::Unlink {
+            first: *first,
+            second: *second,
+        };
+        let mut undone = [None];
+        apply_run(conn, scripts, shown, epoch, &[unlink], &mut undone)?;
+        if let Some(Err(e)) = undone[0].take() {
+            return Ok(Err(e));
+        }
+    }
+    Ok(result)
 }
