@@ -839,3 +839,71 @@ async fn a_member_of_the_control_group_cannot_lock_the_owner_out() {
     );
     daemon.shutdown().await;
 }
+
+/// Not a test on its own: run (as another user) by
+/// `a_flood_of_refused_connections_cannot_lock_the_owner_out`, with
+/// `HANDOFF_TEST_HOLD_SOCKET` set, it opens 300 connections to that control socket, sends
+/// nothing, reads nothing, and holds them for 4 s.
+#[test]
+fn hold_control_connections() {
+    let Ok(socket) = std::env::var("HANDOFF_TEST_HOLD_SOCKET") else {
+        return;
+    };
+    let held: Vec<_> = (0..300)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    println!("held {}", held.len());
+    std::thread::sleep(Duration::from_secs(4));
+}
+
+/// A member of the control group that opens connections faster than they are refused: each
+/// refusal waited up to a second for the caller to finish (so it reads the reason), holding one
+/// of the 64 slots meanwhile, and the accept loop waited for a slot, so the owner's connection
+/// waited behind hundreds of the member's. Now root and the daemon's user are known by their
+/// credentials at once and never wait behind anyone else's checks or refusals.
+#[tokio::test]
+async fn a_flood_of_refused_connections_cannot_lock_the_owner_out() {
+    if !require_root("control flood") || !users_exist("control flood") {
+        return;
+    }
+    let dir = open_dir();
+    let mut config = terminal(dir.path(), "a", None, vec![]);
+    config.control_socket = dir.path().join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    let daemon = start(config.clone()).await;
+    let mut attacker = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "hold_control_connections", "--nocapture"])
+        .env("HANDOFF_TEST_HOLD_SOCKET", &config.control_socket)
+        .uid(NOBODY.0)
+        .gid(NOBODY.1)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        attacker.stdout.take().unwrap(),
+    ));
+    let held = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the attacker connects")
+            .unwrap()
+            .expect("the attacker says how many it holds");
+        if let Some(n) = line.strip_prefix("held ") {
+            break n.parse::<usize>().unwrap();
+        }
+    };
+    assert!(held > 100, "the attacker holds {held}");
+    let reply = handoff::control::call(
+        &config.control_socket,
+        &handoff::control::ControlRequest::Status,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("the owner is served while the flood lasts");
+    assert!(reply.ok, "{reply:?}");
+    assert!(attacker.wait().await.unwrap().success());
+    daemon.shutdown().await;
+}

@@ -25,12 +25,9 @@ const MAX_CLIENTS: usize = 64;
 /// the daemon's user, so that no member can lock the owner out.
 const MAX_PER_MEMBER: usize = 8;
 const MAX_MEMBERS: usize = 48;
-
-/// Who is calling: root or the daemon's own user, or a member of `[control] group`.
-enum Caller {
-    Owner,
-    Member(u32),
-}
+/// Callers other than root and the daemon's user being checked or told why not, at once; past
+/// that a new one is dropped.
+const MAX_CHECKS: usize = 128;
 
 /// Connections held by control-group members, per user.
 #[derive(Default)]
@@ -278,15 +275,15 @@ fn group_error(group: &ControlGroup, e: &std::io::Error) -> String {
 }
 
 /// Whether the process at the other end of `stream` may use the socket: root, the daemon's own
-/// user, or (with `[control] group`) a member of that group. The socket's mode already keeps
-/// others out; this holds even if the mode was loosened by hand.
-async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Result<Caller, String> {
+/// user, or (with `[control] group`) a member of that group; returns its uid. The socket's mode
+/// already keeps others out; this holds even if the mode was loosened by hand.
+async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Result<u32, String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
     let (uid, gid) = (cred.uid(), cred.gid());
     if uid == 0 || uid == accounts::euid() {
-        return Ok(Caller::Owner);
+        return Ok(uid);
     }
     if let Some(group) = group {
         let wanted = group.gid;
@@ -300,7 +297,7 @@ async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Resu
                 .await
                 .unwrap_or(false);
         if member {
-            return Ok(Caller::Member(uid));
+            return Ok(uid);
         }
         return Err(format!(
             "permission denied: {} is not root, the daemon's user or a member of group {}",
@@ -315,20 +312,16 @@ async fn peer_allowed(stream: &UnixStream, group: Option<&ControlGroup>) -> Resu
     ))
 }
 
-/// Serves the control socket: at most [`MAX_CLIENTS`] connections (a new one waits in the
-/// socket's queue for a slot), members of the control group at most [`MAX_PER_MEMBER`] each
-/// and [`MAX_MEMBERS`] together.
+/// Serves the control socket: at most [`MAX_CLIENTS`] connections, of which members of the
+/// control group hold at most [`MAX_PER_MEMBER`] each and [`MAX_MEMBERS`] together. Root and
+/// the daemon's user are known by their credentials at once and wait for a free slot; anyone
+/// else is checked (a group lookup may take a while) and, if refused, told why (which may take
+/// a second) under a bound of its own, [`MAX_CHECKS`], so neither can hold the owner's slots.
 pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let checks = Arc::new(Semaphore::new(MAX_CHECKS));
     let members = Arc::new(Members::default());
     loop {
-        let permit = tokio::select! {
-            _ = daemon.cancelled() => return,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
         let stream = tokio::select! {
             _ = daemon.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -340,30 +333,51 @@ pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
                 }
             },
         };
-        let (d, members) = (daemon.clone(), members.clone());
+        let d = daemon.clone();
+        if is_owner(&stream) {
+            let slots = slots.clone();
+            daemon.spawn(
+                async move {
+                    let Ok(_slot) = slots.acquire_owned().await else {
+                        return;
+                    };
+                    if let Err(e) = serve_client(d, stream).await {
+                        debug!("control client: {e}");
+                    }
+                },
+                tracing::info_span!("control-client"),
+            );
+            continue;
+        }
+        let Ok(check) = checks.clone().try_acquire_owned() else {
+            debug!("dropping a control client: too many being checked");
+            continue;
+        };
+        let (slots, members) = (slots.clone(), members.clone());
         daemon.spawn(
             async move {
-                let _permit = permit;
                 let group = d.shared.config.control_group.clone();
-                let _member = match peer_allowed(&stream, group.as_ref()).await {
-                    Ok(Caller::Owner) => None,
-                    Ok(Caller::Member(uid)) => match members.admit(uid) {
-                        Some(slot) => Some(slot),
-                        None => {
-                            let reason = format!(
-                                "too many control connections: {} may hold {MAX_PER_MEMBER}, \
-                                 and members of the control group {MAX_MEMBERS} together",
-                                accounts::describe_user(uid)
-                            );
-                            refuse(&d, stream, "control_connections", reason).await;
-                            return;
-                        }
-                    },
+                let uid = match peer_allowed(&stream, group.as_ref()).await {
+                    Ok(uid) => uid,
                     Err(reason) => {
                         refuse(&d, stream, "control_credentials", reason).await;
                         return;
                     }
                 };
+                let (member, slot) = match (members.admit(uid), slots.try_acquire_owned()) {
+                    (Some(member), Ok(slot)) => (member, slot),
+                    _ => {
+                        let reason = format!(
+                            "too many control connections: {} may hold {MAX_PER_MEMBER}, and \
+                             members of the control group {MAX_MEMBERS} together",
+                            accounts::describe_user(uid)
+                        );
+                        refuse(&d, stream, "control_connections", reason).await;
+                        return;
+                    }
+                };
+                drop(check);
+                let _held = (member, slot);
                 if let Err(e) = serve_client(d, stream).await {
                     debug!("control client: {e}");
                 }
@@ -371,6 +385,13 @@ pub(crate) async fn serve(daemon: Daemon, listener: UnixListener) {
             tracing::info_span!("control-client"),
         );
     }
+}
+
+/// Whether the caller is root or the daemon's own user (its credentials say so at once).
+fn is_owner(stream: &UnixStream) -> bool {
+    stream
+        .peer_cred()
+        .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == accounts::euid())
 }
 
 /// Tells a client it may not use the socket, counts it and logs it (rate-limited: local users
