@@ -1366,3 +1366,43 @@ async fn a_terminal_that_stops_reading_is_let_go_and_loses_nothing() {
     }
     server.shutdown().await;
 }
+
+/// ... nor after a reconnect with pushes waiting: the connection read a page of 256 items of
+/// the log and held it while the terminal took none of it (up to 16 MiB per connection, for
+/// `push_stall_secs`, again at every reconnect). A page is now cut to 256 KiB.
+#[tokio::test]
+async fn a_terminal_that_comes_back_and_stops_reading_costs_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = start_server_with_limits(dir.path(), |l| {
+        l.push_stall = Duration::from_secs(600);
+    })
+    .await;
+    let (first, second, b) = a_follower_that_reads_nothing(&server).await;
+    b.close(0u32.into(), b"away");
+    tokio::time::timeout(WAIT, async {
+        while server.connected() > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Away: 128 pushes of 60 KB to it and 128 to the first terminal's followers wait in the store.
+    publish_big(&server, &token, &first, &second, 128).await;
+    let b = connect_keeping_alive(&second, &server).await;
+    let answer = handoff::net::request(&b, HELLO).await.unwrap();
+    assert!(matches!(answer, ResponseBody::Welcome { .. }), "{answer:?}");
+    // Back, it reads nothing: once the transport's windows are full, the connection holds what
+    // it read for it.
+    let mut held = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = held.max(server.queued_push_bytes());
+    }
+    assert!(b.close_reason().is_none(), "still connected");
+    assert!(held > 0, "the terminal was sent its backlog");
+    assert!(
+        held <= 256 * 1024 + 65_536,
+        "{held} bytes held for a terminal that reads nothing"
+    );
+    server.shutdown().await;
+}

@@ -172,6 +172,11 @@ impl Outbox {
             .is_ok()
     }
 
+    /// Counts `bytes` more held, whatever the bound (a page read from the store, sent next).
+    pub(super) fn hold(&self, bytes: usize) {
+        self.queued.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     /// Counts `bytes` as no longer held (sent, or dropped).
     pub(super) fn release(&self, bytes: usize) {
         self.queued.fetch_sub(bytes, Ordering::AcqRel);

@@ -7,6 +7,23 @@ use super::*;
 /// Items read from the log at a time when catching up.
 pub(super) const PAGE: usize = 256;
 
+/// A page read from a log, cut to what fits [`FAST_PATH_BYTES`] (at least one item): the
+/// connection holds it while a slow terminal takes it, so it is bounded like the fast paths.
+/// Cut in the store's thread, so what is left out is freed at once.
+fn within_budget(mut read: store::LogRead) -> store::LogRead {
+    let mut bytes = 0;
+    let fits = read
+        .items
+        .iter()
+        .take_while(|push| {
+            bytes += conn::held(push);
+            bytes <= FAST_PATH_BYTES
+        })
+        .count();
+    read.items.truncate(fits.max(1));
+    read
+}
+
 /// The push stream of one connection: `id`'s log in order from its start, then every new item;
 /// the terminal's acknowledgements come back on it.
 pub(super) struct PushStream {
@@ -75,7 +92,7 @@ impl PushStream {
             let read = match server
                 .shared
                 .store
-                .read(move |b| b.log(&id, next, PAGE, now))
+                .read(move |b| Ok(within_budget(b.log(&id, next, PAGE, now)?)))
                 .await
             {
                 Ok(read) => read,
@@ -91,8 +108,11 @@ impl PushStream {
                 self.next = self.next.max(read.next.min(latest));
                 return Ok(());
             }
+            // Held while a slow terminal takes it: counted with the fast paths.
+            outbox.hold(read.items.iter().map(conn::held).sum());
             for push in read.items {
                 self.send(server, &push).await?;
+                outbox.release(conn::held(&push));
             }
         }
     }
@@ -141,7 +161,8 @@ impl PushStream {
                                 return Ok(None);
                             };
                             let key = store::stream_key(&owner);
-                            Ok(Some(b.log(&key, next.max(since), PAGE, now)?))
+                            let read = b.log(&key, next.max(since), PAGE, now)?;
+                            Ok(Some(within_budget(read)))
                         })
                         .await;
                     let read = match read {
@@ -162,7 +183,9 @@ impl PushStream {
                         next = next.max(read.next);
                         end = Some(read.next);
                     }
+                    outbox.hold(read.items.iter().map(conn::held).sum());
                     for push in read.items {
+                        let held = conn::held(&push);
                         let offset = push.item.offset;
                         let frame = wire::encode_frame(&ServerPush::Stream {
                             owner,
@@ -170,6 +193,7 @@ impl PushStream {
                         })
                         .map_err(|e| debug!("cannot encode a stream item: {e}"))?;
                         self.send_frame(server, frame.into()).await?;
+                        outbox.release(held);
                         next = next.max(offset + 1);
                     }
                 }
