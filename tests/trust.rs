@@ -777,3 +777,98 @@ async fn a_peers_words_in_an_error_reach_the_user_without_control_characters() {
     assert!(error.contains("server address"), "{error}");
     b.shutdown().await;
 }
+
+/// A server that answers `first`'s follows after a second and refuses everyone else's at once.
+async fn slow_then_refusing_server(key: Identity, slow: TerminalId) -> SocketAddr {
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&key, SERVE).unwrap(), loopback()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let Ok(Some(request)) = net::read_frame::<Request>(
+                            &mut recv,
+                            net::READ_TIMEOUT,
+                            wire::MAX_FRAME,
+                        )
+                        .await
+                        else {
+                            return;
+                        };
+                        let body = match request.body {
+                            RequestBody::Hello { .. } => ResponseBody::Welcome {
+                                epoch: 1,
+                                start: 0,
+                                window_lost: false,
+                            },
+                            RequestBody::SetSession(_) => ResponseBody::SessionStored,
+                            RequestBody::Revoke { .. } => ResponseBody::Revoked { removed: false },
+                            RequestBody::Follow(info) if info.first == slow => {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                ResponseBody::Linked {
+                                    until: unix_now() + 60,
+                                    has_session: false,
+                                }
+                            }
+                            RequestBody::Follow(_) => ResponseBody::Refused(wire::Refusal {
+                                reason: RefusalReason::BadTicket,
+                                message: "no".into(),
+                            }),
+                            _ => return,
+                        };
+                        let response = Response {
+                            id: request.id,
+                            body,
+                        };
+                        let _ = net::write_frame(&mut send, &response).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A refused follow closes its link's connection only if nothing else wants it: not while
+/// another follow on the same server is still waiting for its answer (it would fail, though
+/// the server may have linked it).
+#[tokio::test]
+async fn a_refused_follow_does_not_close_a_follow_in_progress_on_the_same_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server_key = Identity::load_or_create(&server_dir).unwrap();
+    let b = start(terminal(dir.path(), "b", None, vec![])).await;
+    let slow = start(terminal(dir.path(), "slow", None, vec![b.id()])).await;
+    let addr =
+        slow_then_refusing_server(Identity::load_or_create(&server_dir).unwrap(), slow.id()).await;
+    let at_server = |name: &str| {
+        let mut config = terminal(dir.path(), name, None, vec![b.id()]);
+        config.server = Some(handoff::config::ServerRef {
+            id: server_key.id(),
+            addrs: vec![addr.to_string()],
+        });
+        config
+    };
+    slow.shutdown().await;
+    let slow = start(at_server("slow")).await;
+    let refused = start(at_server("refused")).await;
+    wait_connected(&slow).await;
+    wait_connected(&refused).await;
+    introduce(&b, "slow", slow.id(), slow.quic_addr());
+    introduce(&b, "refused", refused.id(), refused.quic_addr());
+
+    let (linked, other) = tokio::join!(b.pull("slow", WAIT), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.pull("refused", WAIT).await
+    });
+    assert!(other.is_err(), "{other:?}");
+    let linked = linked.expect("the slower follow is linked");
+    assert!(linked.linked_until > unix_now());
+    for d in [b, slow, refused] {
+        d.shutdown().await;
+    }
+}

@@ -46,7 +46,7 @@ use crate::peer::{Change, Peer, PeerTable, TableLimits};
 use crate::tls::{self, TransportLimits};
 use crate::trust::{TrustError, TrustStore};
 use crate::wire::{self, ErrorCode, PushItem, ServerInfo, Session};
-use server_link::ServerLink;
+use server_link::{FollowInFlight, ServerLink};
 
 /// Pushes buffered for slow `watch` subscribers before they are told they lagged.
 const PUSH_BUFFER: usize = 256;
@@ -803,23 +803,26 @@ impl Daemon {
 
     /// The server link for `server`: the home link if it is our own server, else a link kept
     /// while follows on it live.
-    pub(crate) fn link_for(&self, server: &ServerInfo) -> Arc<ServerLink> {
+    /// The server link for `server`, with a follow marked in progress on it: the home link if
+    /// it is our own server, else a link kept while follows on it live.
+    pub(crate) fn link_for(&self, server: &ServerInfo) -> FollowInFlight {
         if let Some(home) = &self.shared.home {
             if home.server.id == server.id {
-                return home.clone();
+                return home.follow_started();
             }
         }
         let link = {
             let mut links = lock(&self.shared.links);
             // Peers name servers of their choosing: links nothing holds any more are dropped
-            // before the map grows past a bound.
+            // before the map grows past a bound. Marked in progress under the same lock, so
+            // the one handed out is never dropped while the follow uses it.
             if links.len() >= MAX_LINKS && !links.contains_key(&server.id) {
                 links.retain(|_, link| !link.unused());
             }
             links
                 .entry(server.id)
                 .or_insert_with(|| Arc::new(ServerLink::new(server.clone(), false)))
-                .clone()
+                .follow_started()
         };
         // Each peer names the server's addresses in its own words; the latest are tried (after
         // the one last reached), so a peer that lied about them blocks no later pull.

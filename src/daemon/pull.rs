@@ -219,8 +219,10 @@ impl Daemon {
         let interface_info_ms = ms(started.elapsed());
         info!(peer = %peer.id.short(), server = %info.server.id.short(), "got interface info");
 
-        let link = self.link_for(&info.server);
+        let in_flight = self.link_for(&info.server);
+        let link = Arc::clone(&in_flight);
         let linked = self.follow_on(&link, peer, &info).await;
+        drop(in_flight);
         if linked.is_err() {
             // A server that refused (or answered nonsense) gets no connection kept open to
             // push on, unless another follow there still wants it.

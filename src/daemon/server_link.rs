@@ -101,8 +101,26 @@ pub(crate) struct ServerLink {
     /// Unix seconds until which a non-home link is wanted (the latest follow's lease).
     wanted_until: AtomicU64,
     keeper_running: AtomicBool,
+    /// Follows in progress on this link (from `link_for` until linked or failed).
+    follows_in_flight: std::sync::atomic::AtomicUsize,
     /// The highest session version the server confirmed (home link only).
     pub synced: watch::Sender<u64>,
+}
+
+/// A follow in progress on a link (see [`ServerLink::follow_started`]).
+pub(crate) struct FollowInFlight(Arc<ServerLink>);
+
+impl std::ops::Deref for FollowInFlight {
+    type Target = Arc<ServerLink>;
+    fn deref(&self) -> &Arc<ServerLink> {
+        &self.0
+    }
+}
+
+impl Drop for FollowInFlight {
+    fn drop(&mut self) {
+        self.0.follows_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Where a link dials (see [`ServerLink::learn_addrs`]).
@@ -124,6 +142,7 @@ impl ServerLink {
             connected: AtomicBool::new(false),
             wanted_until: AtomicU64::new(0),
             keeper_running: AtomicBool::new(false),
+            follows_in_flight: std::sync::atomic::AtomicUsize::new(0),
             synced: watch::Sender::new(0),
         }
     }
@@ -263,27 +282,42 @@ impl ServerLink {
         Ok(net::request(&conn, body).await?)
     }
 
+    /// Marks a follow in progress on this link until the guard is dropped: meanwhile the link
+    /// is neither released nor dropped from the daemon's map.
+    pub fn follow_started(self: &Arc<Self>) -> FollowInFlight {
+        self.follows_in_flight.fetch_add(1, Ordering::AcqRel);
+        FollowInFlight(self.clone())
+    }
+
+    /// Whether no follow wants this link: not home, none in progress, none kept.
+    fn unwanted(&self) -> bool {
+        !self.home
+            && self.follows_in_flight.load(Ordering::Acquire) == 0
+            && !self.keeper_running.load(Ordering::Acquire)
+            && self.wanted_until.load(Ordering::Relaxed) <= unix_now()
+    }
+
     /// Closes the connection of a link no follow wants (one the server refused, say), so that
-    /// server has no connection to push on. Not the home link, nor one a live follow keeps.
+    /// server has no connection to push on. Not the home link, nor one a follow in progress or
+    /// a live follow keeps.
     pub async fn release_if_unwanted(&self) {
-        if self.home
-            || self.keeper_running.load(Ordering::Acquire)
-            || self.wanted_until.load(Ordering::Relaxed) > unix_now()
-        {
+        if !self.unwanted() {
             return;
         }
-        if let Some(conn) = self.conn.lock().await.take() {
+        let mut slot = self.conn.lock().await;
+        // Asked again: a follow may have begun while the lock was awaited.
+        if !self.unwanted() {
+            return;
+        }
+        if let Some(conn) = slot.take() {
             conn.close(varint(ErrorCode::Closed), b"not following");
         }
         self.connected.store(false, Ordering::Relaxed);
     }
 
-    /// Whether nothing holds this link: not home, no follow keeps it, no connection.
+    /// Whether nothing holds this link: no follow wants it and it has no connection.
     pub fn unused(&self) -> bool {
-        !self.home
-            && !self.keeper_running.load(Ordering::Acquire)
-            && self.wanted_until.load(Ordering::Relaxed) <= unix_now()
-            && !self.is_connected()
+        self.unwanted() && !self.is_connected()
     }
 
     /// Keeps a non-home link up until `until` (Unix seconds), reconnecting if it drops.
