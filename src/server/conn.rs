@@ -128,8 +128,8 @@ pub(super) struct ConnSlot {
 pub(super) struct Outbox {
     /// Fresh pushes with the instant they were accepted (for the delivery latency histogram),
     /// at most [`FAST_PATH`] (and [`FAST_PATH_BYTES`] with the streams'); past that the task
-    /// reads the log instead. The task takes the
-    /// whole queue at once, so an idle connection holds no buffer here.
+    /// reads the log instead. The task takes the whole queue at once, so an idle connection
+    /// holds no buffer here.
     pub(super) fast: Mutex<VecDeque<(StoredPush, Instant)>>,
     /// One past the newest offset appended for this terminal.
     pub(super) latest: AtomicU64,
