@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio_util::sync::CancellationToken;
 
 /// The HTTP connections held, each with the instant it started waiting for a request (`None`
@@ -77,3 +79,40 @@ impl Connections {
 pub(crate) const TOO_MANY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 content-length: 43\r\nconnection: close\r\n\r\n{\"error\":\"too many connections; try again\"}";
+
+/// HTTP/1 on `io` with `app`, for connection `id` of `conns`: marked waiting between requests
+/// (so it can be evicted for a new one), headers within `header_timeout` and at most
+/// `max_header_bytes` (at least the library's 8 KiB).
+pub(crate) fn serve_tracked<I>(
+    io: I,
+    app: axum::Router,
+    conns: &Arc<Connections>,
+    id: u64,
+    header_timeout: Duration,
+    max_header_bytes: usize,
+) -> hyper::server::conn::http1::Connection<
+    TokioIo<I>,
+    impl hyper::service::HttpService<hyper::body::Incoming, ResBody = axum::body::Body, Future: Send>
+        + Send,
+>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let inner = TowerToHyperService::new(app);
+    let tracked = conns.clone();
+    let service = hyper::service::service_fn(move |request| {
+        tracked.set_waiting(id, false);
+        let answer = hyper::service::Service::call(&inner, request);
+        let tracked = tracked.clone();
+        async move {
+            let response = answer.await;
+            tracked.set_waiting(id, true);
+            response
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_header_bytes)
+        .serve_connection(TokioIo::new(io), service)
+}

@@ -73,6 +73,17 @@ async fn handoff_with_groups(user: (u32, u32), groups: &[u32], args: &[&str]) ->
     command.output().await.expect("run setpriv")
 }
 
+/// Daemon "a" in `dir`, its control socket in `dir/run`, usable by group `nogroup` (`nobody`'s).
+fn with_control_group(dir: &Path) -> handoff::config::DaemonConfig {
+    let mut config = terminal(dir, "a", None, vec![]);
+    config.control_socket = dir.join("run").join("control.sock");
+    config.control_group = Some(ControlGroup {
+        name: "nogroup".into(),
+        gid: NOBODY.1,
+    });
+    config
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -97,12 +108,7 @@ async fn a_member_of_the_control_group_drives_the_daemon_and_others_are_told_why
         return;
     }
     let dir = open_dir();
-    let mut config = terminal(dir.path(), "a", None, vec![]);
-    config.control_socket = dir.path().join("run").join("control.sock");
-    config.control_group = Some(ControlGroup {
-        name: "nogroup".into(),
-        gid: NOBODY.1,
-    });
+    let config = with_control_group(dir.path());
     let daemon = start(config.clone()).await;
     let socket = config.control_socket.to_str().unwrap().to_string();
 
@@ -158,12 +164,7 @@ async fn a_caller_in_the_control_group_as_a_supplementary_group_drives_the_daemo
         return;
     }
     let dir = open_dir();
-    let mut config = terminal(dir.path(), "a", None, vec![]);
-    config.control_socket = dir.path().join("run").join("control.sock");
-    config.control_group = Some(ControlGroup {
-        name: "nogroup".into(),
-        gid: NOBODY.1,
-    });
+    let config = with_control_group(dir.path());
     let daemon = start(config.clone()).await;
     let socket = config.control_socket.to_str().unwrap().to_string();
     let out = handoff_with_groups(
@@ -765,12 +766,7 @@ async fn a_member_of_the_control_group_cannot_lock_the_owner_out() {
         return;
     }
     let dir = open_dir();
-    let mut config = terminal(dir.path(), "a", None, vec![]);
-    config.control_socket = dir.path().join("run").join("control.sock");
-    config.control_group = Some(ControlGroup {
-        name: "nogroup".into(),
-        gid: NOBODY.1,
-    });
+    let config = with_control_group(dir.path());
     let daemon = start(config.clone()).await;
     let socket = config.control_socket.to_str().unwrap().to_string();
     let mut watchers: Vec<std::process::Child> = (0..70)
@@ -867,12 +863,7 @@ async fn a_flood_of_refused_connections_cannot_lock_the_owner_out() {
         return;
     }
     let dir = open_dir();
-    let mut config = terminal(dir.path(), "a", None, vec![]);
-    config.control_socket = dir.path().join("run").join("control.sock");
-    config.control_group = Some(ControlGroup {
-        name: "nogroup".into(),
-        gid: NOBODY.1,
-    });
+    let config = with_control_group(dir.path());
     let daemon = start(config.clone()).await;
     let mut attacker = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "hold_control_connections", "--nocapture"])

@@ -695,36 +695,47 @@ async fn only_the_home_server_delivers_a_publishers_own_pushes() {
     server.shutdown().await;
 }
 
-/// A peer that answers every interface-info request with `info(second)`.
-async fn scripted_peer(
-    key: Identity,
-    info: impl Fn(TerminalId) -> wire::InterfaceInfo + Send + Sync + 'static,
-) -> SocketAddr {
+/// A QUIC endpoint holding `key` that answers each request (each on its own task) with what
+/// `answer` makes of it, given the caller's ID; `None` answers nothing.
+async fn scripted_endpoint<F, Fut>(key: Identity, answer: F) -> SocketAddr
+where
+    F: Fn(TerminalId, RequestBody) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<ResponseBody>> + Send + 'static,
+{
     let endpoint =
         quinn::Endpoint::server(tls::server_config(&key, SERVE).unwrap(), loopback()).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    let info = Arc::new(info);
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             let Ok(conn) = incoming.await else { continue };
-            let Some(second) = tls::peer_id(&conn) else {
+            let Some(caller) = tls::peer_id(&conn) else {
                 continue;
             };
-            let info = info.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let Ok(Some(request)) =
-                        net::read_frame::<Request>(&mut recv, net::READ_TIMEOUT, wire::MAX_FRAME)
-                            .await
-                    else {
-                        continue;
-                    };
-                    let response = Response {
-                        id: request.id,
-                        body: ResponseBody::InterfaceInfo(Box::new(info(second))),
-                    };
-                    let _ = net::write_frame(&mut send, &response).await;
-                    let _ = send.finish();
+                    let answer = answer.clone();
+                    tokio::spawn(async move {
+                        let Ok(Some(request)) = net::read_frame::<Request>(
+                            &mut recv,
+                            net::READ_TIMEOUT,
+                            wire::MAX_FRAME,
+                        )
+                        .await
+                        else {
+                            return;
+                        };
+                        let Some(body) = answer(caller, request.body).await else {
+                            return;
+                        };
+                        let response = Response {
+                            id: request.id,
+                            body,
+                        };
+                        let _ = net::write_frame(&mut send, &response).await;
+                        let _ = send.finish();
+                    });
                 }
             });
         }
@@ -745,10 +756,10 @@ async fn a_peers_words_in_an_error_reach_the_user_without_control_characters() {
     let liar = Identity::load_or_create(&liar_dir).unwrap();
     let liar_id = liar.id();
     let signer = Identity::load_or_create(&liar_dir).unwrap();
-    let addr = scripted_peer(liar, move |second| {
+    let addr = scripted_endpoint(liar, move |second, _| {
         let server = Identity::generate().unwrap().id();
         let now = unix_now();
-        wire::InterfaceInfo {
+        let info = wire::InterfaceInfo {
             server: wire::ServerInfo {
                 id: server,
                 addrs: vec!["\u{1b}]0;owned\u{7}\u{1b}[2J:1".into()],
@@ -764,7 +775,8 @@ async fn a_peers_words_in_an_error_reach_the_user_without_control_characters() {
                 nonce: rand::random(),
             }
             .sign(&signer),
-        }
+        };
+        std::future::ready(Some(ResponseBody::InterfaceInfo(Box::new(info))))
     })
     .await;
     introduce(&b, "liar", liar_id, addr);
@@ -778,59 +790,32 @@ async fn a_peers_words_in_an_error_reach_the_user_without_control_characters() {
     b.shutdown().await;
 }
 
-/// A server that answers `first`'s follows after a second and refuses everyone else's at once.
+/// A server that answers `slow`'s follows after a second and refuses everyone else's at once.
 async fn slow_then_refusing_server(key: Identity, slow: TerminalId) -> SocketAddr {
-    let endpoint =
-        quinn::Endpoint::server(tls::server_config(&key, SERVE).unwrap(), loopback()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
-            let Ok(conn) = incoming.await else { continue };
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let Ok(Some(request)) = net::read_frame::<Request>(
-                            &mut recv,
-                            net::READ_TIMEOUT,
-                            wire::MAX_FRAME,
-                        )
-                        .await
-                        else {
-                            return;
-                        };
-                        let body = match request.body {
-                            RequestBody::Hello { .. } => ResponseBody::Welcome {
-                                epoch: 1,
-                                start: 0,
-                                window_lost: false,
-                            },
-                            RequestBody::SetSession(_) => ResponseBody::SessionStored,
-                            RequestBody::Revoke { .. } => ResponseBody::Revoked { removed: false },
-                            RequestBody::Follow(info) if info.first == slow => {
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                ResponseBody::Linked {
-                                    until: unix_now() + 60,
-                                    has_session: false,
-                                }
-                            }
-                            RequestBody::Follow(_) => ResponseBody::Refused(wire::Refusal {
-                                reason: RefusalReason::BadTicket,
-                                message: "no".into(),
-                            }),
-                            _ => return,
-                        };
-                        let response = Response {
-                            id: request.id,
-                            body,
-                        };
-                        let _ = net::write_frame(&mut send, &response).await;
-                        let _ = send.finish();
-                    });
+    scripted_endpoint(key, move |_, body| async move {
+        Some(match body {
+            RequestBody::Hello { .. } => ResponseBody::Welcome {
+                epoch: 1,
+                start: 0,
+                window_lost: false,
+            },
+            RequestBody::SetSession(_) => ResponseBody::SessionStored,
+            RequestBody::Revoke { .. } => ResponseBody::Revoked { removed: false },
+            RequestBody::Follow(info) if info.first == slow => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                ResponseBody::Linked {
+                    until: unix_now() + 60,
+                    has_session: false,
                 }
-            });
-        }
-    });
-    addr
+            }
+            RequestBody::Follow(_) => ResponseBody::Refused(wire::Refusal {
+                reason: RefusalReason::BadTicket,
+                message: "no".into(),
+            }),
+            _ => return None,
+        })
+    })
+    .await
 }
 
 /// A refused follow closes its link's connection only if nothing else wants it: not while

@@ -11,13 +11,11 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{lock, Daemon, DaemonError};
-use crate::http_conns::{Connections, TOO_MANY};
+use crate::http_conns::{serve_tracked, Connections, TOO_MANY};
 
 /// Connections held at once.
 const MAX_CONNECTIONS: usize = 64;
@@ -95,24 +93,7 @@ async fn serve_connection(
     evict: CancellationToken,
     cancel: CancellationToken,
 ) {
-    let inner = TowerToHyperService::new(app);
-    let tracked = conns.clone();
-    let service = hyper::service::service_fn(move |request| {
-        tracked.set_waiting(id, false);
-        let answer = hyper::service::Service::call(&inner, request);
-        let tracked = tracked.clone();
-        async move {
-            let response = answer.await;
-            tracked.set_waiting(id, true);
-            response
-        }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    let connection = serve_tracked(tcp, app, conns, id, HEADER_TIMEOUT, MAX_HEADER_BYTES);
     tokio::select! {
         served = connection => if let Err(e) = served {
             debug!("metrics connection: {e}");

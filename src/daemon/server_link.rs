@@ -520,14 +520,14 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                             Some(from)
                                 if !daemon.shared.followed.allows(&server, &from, unix_now()) =>
                             {
-                                not_followed(&daemon, &server, &from, item.offset);
+                                not_followed(&daemon, &server, Some(&from), item.offset);
                             }
                             // A publisher's own push: only from the server this terminal is
                             // attached to. Another server is there for the terminals followed
                             // on it, whose sessions and publishers' pushes come on their
                             // streams.
                             None if !is_home(&daemon, &server) => {
-                                not_from_home(&daemon, &server, item.offset);
+                                not_followed(&daemon, &server, None, item.offset);
                             }
                             _ => daemon.deliver(server, None, epoch, item).await,
                         }
@@ -548,7 +548,7 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
                         if !daemon.shared.followed.allows(&server, &owner, unix_now())
                             || item.from.is_some_and(|from| from != owner)
                         {
-                            not_followed(&daemon, &server, &owner, item.offset);
+                            not_followed(&daemon, &server, Some(&owner), item.offset);
                         } else {
                             daemon.deliver(server, Some(owner), epoch, item).await;
                         }
@@ -588,12 +588,14 @@ async fn read_pushes(daemon: Daemon, conn: quinn::Connection, server: ServerId, 
     }
 }
 
-/// Counts and reports (at most once per interval) a push naming a peer this terminal does not
-/// follow at that server: it is acknowledged (so it never stalls the stream) but not delivered.
+/// Counts and reports (at most once per interval) a push this terminal does not take from that
+/// server: one naming a peer it does not follow there (`from`), or a publisher's push from a
+/// server it is not attached to (`None`). It is acknowledged (so it never stalls the stream)
+/// but not delivered.
 fn not_followed(
     daemon: &Daemon,
     server: &ServerId,
-    from: &crate::identity::TerminalId,
+    from: Option<&crate::identity::TerminalId>,
     offset: u64,
 ) {
     daemon
@@ -601,12 +603,18 @@ fn not_followed(
         .metrics
         .inc("handoff_pushes_not_followed_total", None);
     if let Some(suppressed) = daemon.shared.guards.log.check("not_followed_push") {
+        let what = match from {
+            Some(from) => format!(
+                "a session of {}, which this terminal does not follow there",
+                from.short()
+            ),
+            None => "a publisher's push, but this terminal is not attached to it".into(),
+        };
         warn!(
             offset,
             suppressed,
-            "server {} pushed a session of {}, which this terminal does not follow there; not delivered",
-            server.short(),
-            from.short()
+            "server {} pushed {what}; not delivered",
+            server.short()
         );
     }
 }
@@ -617,23 +625,6 @@ fn is_home(daemon: &Daemon, server: &ServerId) -> bool {
         .home
         .as_ref()
         .is_some_and(|home| home.server.id == *server)
-}
-
-/// Counts and reports (at most once per interval) a publisher's push from a server this
-/// terminal is not attached to.
-fn not_from_home(daemon: &Daemon, server: &ServerId, offset: u64) {
-    daemon
-        .shared
-        .metrics
-        .inc("handoff_pushes_not_followed_total", None);
-    if let Some(suppressed) = daemon.shared.guards.log.check("not_followed_push") {
-        warn!(
-            offset,
-            suppressed,
-            "server {} pushed a publisher's push, but this terminal is not attached to it; not delivered",
-            server.short(),
-        );
-    }
 }
 
 /// Counts and reports (at most once per interval) a push item that does not decode.

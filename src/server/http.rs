@@ -23,8 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::store::StoreError;
 use super::{Publication, PublishError, Server};
 use crate::config::HttpConfig;
-use crate::http_conns::{Connections, TOO_MANY};
+use crate::http_conns::{serve_tracked, Connections, TOO_MANY};
 use crate::identity::TerminalId;
 use crate::wire::Session;
 
@@ -191,30 +189,20 @@ async fn serve_connection(
     evict: CancellationToken,
 ) {
     let limits = server.shared.limits;
-    let inner = TowerToHyperService::new(app);
-    let tracked = conns.clone();
-    let service = hyper::service::service_fn(move |request| {
-        tracked.set_waiting(id, false);
-        let answer = hyper::service::Service::call(&inner, request);
-        let tracked = tracked.clone();
-        async move {
-            let response = answer.await;
-            tracked.set_waiting(id, true);
-            response
-        }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.http_header_timeout)
-        // Checked in config to be within what the library accepts.
-        .max_buf_size(limits.http_max_header_bytes);
     let tcp = JsonParseErrors {
         io: tcp,
         max_header_bytes: limits.http_max_header_bytes,
         rewritten: None,
     };
-    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    // The header limit is checked in config to be within what the library accepts.
+    let connection = serve_tracked(
+        tcp,
+        app,
+        conns,
+        id,
+        limits.http_header_timeout,
+        limits.http_max_header_bytes,
+    );
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         served = connection.as_mut() => match served {

@@ -344,6 +344,22 @@ impl<'txn> AppendTables<'txn> {
     }
 }
 
+/// Whether `first` revoked `second`'s tickets issued at or before `issued`.
+fn revoked_since(
+    txn: &WriteTransaction,
+    first: &TerminalId,
+    second: &TerminalId,
+    issued: u64,
+) -> Result<bool, StoreError> {
+    let revoked = txn
+        .open_table(REVOKED)
+        .map_err(err)?
+        .get((first.as_bytes(), second.as_bytes()))
+        .map_err(err)?
+        .map(|v| v.value().0);
+    Ok(revoked.is_some_and(|at| at >= issued))
+}
+
 fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
     Ok(match op {
         Op::Follow { .. } => {
@@ -419,13 +435,7 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             unless_revoked,
         } => {
             if let Some(issued) = unless_revoked {
-                let revoked = txn
-                    .open_table(REVOKED)
-                    .map_err(err)?
-                    .get((first.as_bytes(), second.as_bytes()))
-                    .map_err(err)?
-                    .map(|v| v.value().0);
-                if revoked.is_some_and(|at| at >= *issued) {
+                if revoked_since(txn, first, second, *issued)? {
                     return Ok(Outcome::Revoked);
                 }
             }
@@ -512,13 +522,7 @@ fn apply_one(txn: &WriteTransaction, op: &Op) -> Result<Outcome, StoreError> {
             now,
             capacity,
         } => {
-            let revoked = txn
-                .open_table(REVOKED)
-                .map_err(err)?
-                .get((first.as_bytes(), second.as_bytes()))
-                .map_err(err)?
-                .map(|v| v.value().0);
-            if revoked.is_some_and(|at| at >= *issued_at) {
+            if revoked_since(txn, first, second, *issued_at)? {
                 return Ok(Outcome::Revoked);
             }
             let mut t = txn.open_table(NONCES).map_err(err)?;

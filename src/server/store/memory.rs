@@ -40,6 +40,13 @@ impl MemoryBackend {
             logs: HashMap::new(),
         }
     }
+
+    /// Whether `first` revoked `second`'s tickets issued at or before `issued`.
+    fn revoked_since(&self, first: &TerminalId, second: &TerminalId, issued: u64) -> bool {
+        self.revoked
+            .get(&(*first, *second))
+            .is_some_and(|(at, _)| *at >= issued)
+    }
 }
 
 impl Default for MemoryBackend {
@@ -204,8 +211,7 @@ impl MemoryBackend {
                 since,
                 unless_revoked,
             } => {
-                let revoked = self.revoked.get(&(*first, *second)).map(|(at, _)| *at);
-                if unless_revoked.is_some_and(|issued| revoked.is_some_and(|at| at >= issued)) {
+                if unless_revoked.is_some_and(|issued| self.revoked_since(first, second, issued)) {
                     return Outcome::Revoked;
                 }
                 self.links.insert((*first, *second), (*until, *since));
@@ -244,11 +250,7 @@ impl MemoryBackend {
                 now,
                 capacity,
             } => {
-                if self
-                    .revoked
-                    .get(&(*first, *second))
-                    .is_some_and(|(at, _)| *at >= *issued_at)
-                {
+                if self.revoked_since(first, second, *issued_at) {
                     return Outcome::Revoked;
                 }
                 self.nonces.set_capacity(*capacity);
